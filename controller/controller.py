@@ -1,0 +1,89 @@
+"""The controller: one Ray actor, the single writer of cluster state. Workers push load snapshots to it;
+it marks silent workers dead, pushes the cluster snapshot to every front door on a timer (no per-request
+round trip), keeps the request log, and serves the admin gRPC API."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from controller.registry import InstanceRegistry
+from controller.request_log import RequestLog
+from protocol.config import ClusterConfig
+from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestEvent, RequestRecord
+
+log = logging.getLogger(__name__)
+_PUSH_DEADLINE_S = 2.0
+
+
+class Controller:
+    def __init__(self, config: dict[str, Any], namespace: str) -> None:
+        self.config = ClusterConfig.model_validate(config)
+        self._namespace = namespace
+        self.registry = InstanceRegistry(self.config.controller.heartbeat_timeout_s)
+        self.requests = RequestLog(self.config.controller.request_history)
+        self._frontdoors: dict[str, dict[str, str]] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._admin: Any = None
+        self.admin_port = 0
+
+    async def start(self) -> int:
+        """Start the admin server and the snapshot loop; return the admin port."""
+        from controller.admin_service import start_admin_server
+
+        self._admin, self.admin_port = await start_admin_server(
+            self, self.config.frontdoor.host, self.config.controller.admin_port)
+        self._tasks.append(asyncio.create_task(self._snapshot_loop()))
+        return self.admin_port
+
+    async def report(self, snapshot: InstanceSnapshot) -> None:
+        self.registry.report(snapshot, time.monotonic())
+
+    def forget(self, instance_id: str) -> None:
+        self.registry.remove(instance_id)
+
+    def subscribe(self, actor_name: str, http_address: str, grpc_address: str) -> ClusterSnapshot:
+        self._frontdoors[actor_name] = {"http": http_address, "grpc": grpc_address}
+        return self.cluster_snapshot()
+
+    def cluster_snapshot(self) -> ClusterSnapshot:
+        return self.registry.snapshot(time.time())
+
+    def frontdoor_addresses(self) -> dict[str, dict[str, str]]:
+        return dict(self._frontdoors)
+
+    def record_events(self, events: list[tuple[RequestEvent, int, int]]) -> None:
+        for event, prompt_tokens, output_tokens in events:
+            self.requests.apply(event, prompt_tokens, output_tokens)
+
+    def list_requests(self, state: str = "", limit: int = 100, request_id: str = "") -> list[RequestRecord]:
+        if request_id:
+            record = self.requests.get(request_id)
+            return [record] if record is not None else []
+        return self.requests.list(state, limit)
+
+    def ping(self) -> str:
+        return "ok"
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        if self._admin is not None:
+            await self._admin.stop(grace=1.0)
+
+    async def _snapshot_loop(self) -> None:
+        import ray
+
+        while True:
+            await asyncio.sleep(self.config.controller.snapshot_interval_s)
+            for dead in self.registry.expire(time.monotonic()):
+                log.warning("instance %s stopped reporting: marked DEAD", dead)
+            snapshot = self.cluster_snapshot()
+            for name in list(self._frontdoors):
+                try:
+                    handle = ray.get_actor(name, namespace=self._namespace)
+                    handle.update_snapshot.remote(snapshot)
+                except ValueError:  # that front door is gone
+                    self._frontdoors.pop(name, None)

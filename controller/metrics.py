@@ -1,0 +1,79 @@
+"""The front door's Prometheus metrics (names prefixed ``pdflow_``). Latencies are observed per request;
+per-instance figures (queues, KV usage, decode tokens/s, KV transfer counters) are read from the latest
+cluster snapshot at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
+
+from protocol.snapshots import ClusterSnapshot
+
+_LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+_TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
+
+
+class FrontDoorMetrics:
+    def __init__(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.ttft = Histogram("pdflow_time_to_first_token_seconds", "Time to first token.",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.tpot = Histogram("pdflow_time_per_output_token_seconds",
+                              "Mean time per output token after the first, per request.",
+                              buckets=_TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("pdflow_e2e_request_latency_seconds", "Request latency, arrival to last token.",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+        self.prefill_seconds = Histogram("pdflow_prefill_seconds", "Prefill worker time per request.",
+                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.requests = Counter("pdflow_requests", "Finished requests by outcome.", ["outcome"], registry=r)
+        self.prompt_tokens = Counter("pdflow_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
+        self.generation_tokens = Counter("pdflow_generation_tokens", "Tokens streamed to clients.", registry=r)
+        self.in_flight = Gauge("pdflow_requests_in_flight", "Requests in this front door by lifecycle state.",
+                               ["state"], registry=r)
+        r.register(_SnapshotCollector(snapshot))
+
+    def exposition(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+class _SnapshotCollector(Collector):
+    def __init__(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
+        self._snapshot = snapshot
+
+    def collect(self) -> Iterator[Metric]:
+        labels = ["instance", "role"]
+        gauges = {
+            "running": GaugeMetricFamily("pdflow_instance_requests_running", "Requests running.", labels=labels),
+            "waiting": GaugeMetricFamily("pdflow_instance_requests_waiting", "Requests queued.", labels=labels),
+            "kv": GaugeMetricFamily("pdflow_instance_kv_usage_ratio", "KV cache blocks in use, 0-1.",
+                                    labels=labels),
+            "blocks": GaugeMetricFamily("pdflow_instance_kv_blocks_total", "KV cache blocks.", labels=labels),
+            "tps": GaugeMetricFamily("pdflow_instance_decode_tokens_per_second", "Decode tokens/s.",
+                                     labels=labels),
+            "up": GaugeMetricFamily("pdflow_instance_up", "1 if the instance takes requests.", labels=labels),
+        }
+        transfer_bytes = CounterMetricFamily("pdflow_kv_transfer_bytes", "KV bytes received over the "
+                                             "connector.", labels=labels)
+        transfer_seconds = CounterMetricFamily("pdflow_kv_transfer_seconds", "Seconds spent in KV transfers.",
+                                               labels=labels)
+        transfers = CounterMetricFamily("pdflow_kv_transfers", "KV transfers by outcome.",
+                                        labels=[*labels, "outcome"])
+        for inst in self._snapshot().instances:
+            lv = [inst.instance_id, inst.role.value]
+            gauges["running"].add_metric(lv, inst.num_running)
+            gauges["waiting"].add_metric(lv, inst.num_waiting)
+            gauges["kv"].add_metric(lv, inst.kv_usage)
+            gauges["blocks"].add_metric(lv, inst.kv_blocks_total)
+            gauges["tps"].add_metric(lv, inst.decode_tps)
+            gauges["up"].add_metric(lv, 1.0 if inst.state.schedulable else 0.0)
+            transfer_bytes.add_metric(lv, inst.transfer.bytes)
+            transfer_seconds.add_metric(lv, inst.transfer.seconds)
+            transfers.add_metric([*lv, "success"], inst.transfer.transfers)
+            transfers.add_metric([*lv, "failed"], inst.transfer.failed)
+        yield from gauges.values()
+        yield from (transfer_bytes, transfer_seconds, transfers)

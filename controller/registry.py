@@ -1,0 +1,50 @@
+"""The instance registry: the controller's one copy of what each worker last reported. A worker silent for
+longer than the heartbeat timeout is marked DEAD and drops out of dispatch. Time is passed in."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, InstanceState
+
+
+class InstanceRegistry:
+    def __init__(self, heartbeat_timeout_s: float) -> None:
+        self._timeout = heartbeat_timeout_s
+        self._instances: dict[str, InstanceSnapshot] = {}
+        self._heard_at: dict[str, float] = {}
+        self._cordoned: set[str] = set()
+        self._version = 0
+
+    def report(self, snapshot: InstanceSnapshot, now: float) -> None:
+        if snapshot.instance_id in self._cordoned and snapshot.state is InstanceState.READY:
+            snapshot = replace(snapshot, state=InstanceState.CORDONED)
+        self._instances[snapshot.instance_id] = snapshot
+        self._heard_at[snapshot.instance_id] = now
+        self._version += 1
+
+    def remove(self, instance_id: str) -> None:
+        self._instances.pop(instance_id, None)
+        self._heard_at.pop(instance_id, None)
+        self._version += 1
+
+    def mark_dead(self, instance_id: str) -> None:
+        current = self._instances.get(instance_id)
+        if current is not None and current.state is not InstanceState.DEAD:
+            self._instances[instance_id] = replace(current, state=InstanceState.DEAD)
+            self._version += 1
+
+    def expire(self, now: float) -> list[str]:
+        """Mark every instance not heard from within the timeout DEAD; return the ones newly marked."""
+        newly = [iid for iid, heard in self._heard_at.items()
+                 if now - heard > self._timeout and self._instances[iid].state is not InstanceState.DEAD]
+        for iid in newly:
+            self.mark_dead(iid)
+        return newly
+
+    def seconds_since_report(self, instance_id: str, now: float) -> float:
+        return now - self._heard_at.get(instance_id, now)
+
+    def snapshot(self, now: float) -> ClusterSnapshot:
+        instances = tuple(sorted(self._instances.values(), key=lambda i: (i.role.value, i.instance_id)))
+        return ClusterSnapshot(version=self._version, instances=instances, taken_at=now)

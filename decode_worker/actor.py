@@ -1,0 +1,26 @@
+"""The decode worker actor. Shares the engine host and the worker base with the prefill worker."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from prefill_worker.worker import EngineWorker
+from protocol.ids import RequestId
+from protocol.messages import DecodeRequest, SamplingSpec, TokenChunk
+from protocol.snapshots import Role
+
+
+class DecodeWorker(EngineWorker):
+    role = Role.DECODE
+
+    async def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+        """Ray streaming generator: pull the prompt's KV, stream the tokens after token one. Cancelling the
+        generator (``ray.cancel``) aborts the request in vLLM and frees its blocks."""
+        async for chunk in self.engine.decode(request):
+            yield chunk
+
+    async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...],
+                       sampling: SamplingSpec) -> AsyncIterator[TokenChunk]:
+        """Colocated path (prefill here too), for short prompts and for reference runs."""
+        async for chunk in self.engine.generate(RequestId(request_id), prompt_token_ids, sampling):
+            yield chunk

@@ -1,0 +1,189 @@
+"""A local pdflow cluster on one machine: a Ray head in this process, the controller, the prefill and
+decode workers and one front door, all as Ray actors. ``pdctl up`` and the end-to-end tests use it."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.config import ClusterConfig
+from protocol.snapshots import Role
+
+NAMESPACE = "pdflow"
+CONTROLLER_NAME = "pdflow-controller"
+FRONTDOOR_NAME = "pdflow-frontdoor-0"
+
+# Process-wide defaults for a laptop cluster: keep every socket on loopback, no telemetry, quiet NIXL, no
+# model hub. An explicit setting in the environment wins.
+ENV_DEFAULTS = {
+    "HF_HUB_OFFLINE": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+    "RAY_AUTH_MODE": "disabled",
+    "RAY_DEDUP_LOGS": "0",
+    "UCX_NET_DEVICES": "lo",
+    "NIXL_LOG_LEVEL": "WARN",
+    "VLLM_NIXL_SIDE_CHANNEL_HOST": "127.0.0.1",
+    "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+    "VLLM_LOGGING_LEVEL": "WARNING",
+    "TOKENIZERS_PARALLELISM": "false",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def apply_env_defaults(cache_dir: Path) -> None:
+    for key, value in ENV_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
+
+
+@dataclass
+class ClusterHandle:
+    config: ClusterConfig
+    model_path: Path
+    http_url: str = ""
+    grpc_address: str = ""
+    admin_address: str = ""
+    actors: dict[str, Any] = field(default_factory=dict)
+
+    def workers(self, role: Role) -> dict[str, Any]:
+        return {name: a for name, a in self.actors.items() if name.startswith(f"pdflow-{role.value}-")}
+
+
+class LocalCluster:
+    def __init__(self, config: ClusterConfig, model_path: Path, *, log_to_driver: bool = False) -> None:
+        self.config = config
+        self.model_path = model_path
+        self._log_to_driver = log_to_driver
+        self.handle = ClusterHandle(config, model_path)
+
+    def start(self, say: Callable[[str], None] = lambda _: None) -> ClusterHandle:
+        """Start Ray, the controller, the workers (in parallel) and the front door. Raises on any failure,
+        after stopping whatever had started."""
+        import ray
+
+        from pdctl.model_cache import default_cache_dir
+
+        apply_env_defaults(default_cache_dir().parents[1])
+        try:
+            say("starting Ray")
+            if not ray.is_initialized():
+                ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=self._log_to_driver,
+                         object_store_memory=256 * 1024**2, num_cpus=os.cpu_count() or 2,
+                         _node_ip_address="127.0.0.1")
+            self._start_controller()
+            self._start_workers(say)
+            self._start_frontdoor()
+        except BaseException:
+            self.stop()
+            raise
+        return self.handle
+
+    def _start_controller(self) -> None:
+        import ray
+
+        from controller.controller import Controller
+
+        cfg = self.config.model_copy(deep=True)
+        if cfg.controller.admin_port == 0:
+            cfg.controller.admin_port = free_port()
+        actor = ray.remote(Controller).options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=1000).remote(
+            cfg.model_dump(mode="json"), NAMESPACE)
+        port = ray.get(actor.start.remote(), timeout=60)
+        self.handle.actors[CONTROLLER_NAME] = actor
+        self.handle.admin_address = f"{cfg.frontdoor.host}:{port}"
+
+    def add_worker(self, role: Role, index: int) -> tuple[str, Any]:
+        """Create one worker actor (not yet started)."""
+        import ray
+
+        from decode_worker.actor import DecodeWorker
+        from prefill_worker.actor import PrefillWorker
+
+        cls = PrefillWorker if role is Role.PREFILL else DecodeWorker
+        instance_id = f"{role.value}-{index}"
+        name = f"pdflow-{instance_id}"
+        engine = self.config.engine
+        base = self.config.worker.nixl_base_port
+        env = {
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(base + index * 2 + (role is Role.DECODE) if base else free_port()),
+            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))),
+            "OMP_NUM_THREADS": str(engine.cpu_threads),
+        }
+        actor = ray.remote(cls).options(
+            name=name, num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env},
+        ).remote(instance_id, name, str(self.model_path), self.config.model_dump(mode="json"),
+                 CONTROLLER_NAME, NAMESPACE)
+        self.handle.actors[name] = actor
+        return name, actor
+
+    def _start_workers(self, say: Callable[[str], None]) -> None:
+        import ray
+
+        started = []
+        for role, pool in ((Role.PREFILL, self.config.prefill), (Role.DECODE, self.config.decode)):
+            for index in range(pool.replicas):
+                name, actor = self.add_worker(role, index)
+                started.append((name, actor.start.remote()))
+        if not started:
+            return
+        say(f"starting {len(started)} vLLM engine(s): " + ", ".join(n for n, _ in started))
+        t0 = time.monotonic()
+        ray.get([ref for _, ref in started], timeout=self.config.worker.start_timeout_s)
+        say(f"engines ready in {time.monotonic() - t0:.0f}s")
+
+    def _start_frontdoor(self) -> None:
+        import ray
+
+        from controller.frontdoor import FrontDoor
+
+        actor = ray.remote(FrontDoor).options(name=FRONTDOOR_NAME, num_cpus=0, max_concurrency=1000).remote(
+            self.config.model_dump(mode="json"), str(self.model_path), NAMESPACE, CONTROLLER_NAME,
+            FRONTDOOR_NAME)
+        addresses = ray.get(actor.start.remote(), timeout=120)
+        self.handle.actors[FRONTDOOR_NAME] = actor
+        self.handle.http_url = addresses["http"]
+        self.handle.grpc_address = addresses["grpc"]
+
+    def wait_until_serving(self, timeout_s: float = 30.0) -> None:
+        """Block until the front door's snapshot shows every configured worker alive."""
+        import ray
+
+        fd = self.handle.actors[FRONTDOOR_NAME]
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            health = ray.get(fd.health.remote(), timeout=10)
+            if (health["prefill_workers"] >= self.config.prefill.replicas
+                    and health["decode_workers"] >= self.config.decode.replicas):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"cluster not serving after {timeout_s:.0f}s: {health}")
+
+    def stop(self) -> None:
+        """Stop every actor (engines first, so their subprocesses exit), then Ray. Idempotent."""
+        import ray
+
+        if not ray.is_initialized():
+            return
+        refs = [a.shutdown.remote() for a in self.handle.actors.values()]
+        try:
+            ray.get(refs, timeout=30)
+        except Exception:  # a dead actor cannot shut down; it is killed below either way
+            pass
+        for actor in self.handle.actors.values():
+            try:
+                ray.kill(actor)
+            except Exception:  # already gone
+                pass
+        self.handle.actors.clear()
+        ray.shutdown()

@@ -1,0 +1,186 @@
+"""The vLLM engine host: one in-process ``AsyncLLM`` (token ids in, token ids out) behind the
+``protocol.engine.ServingEngine`` contract. Role-agnostic: the prefill worker calls ``prefill``, the decode
+worker ``decode``; both may call ``generate`` (colocated). vLLM is imported only in ``start`` so that
+importing this module stays cheap."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from protocol.config import EngineConfig
+from protocol.engine import EngineLoad
+from protocol.errors import WorkerFailed
+from protocol.ids import RequestId
+from protocol.messages import DecodeRequest, FinishReason, PrefillRequest, PrefillResult, SamplingSpec, TokenChunk
+from protocol.snapshots import TransferCounters
+from prefill_worker.engine_stats import EngineStats
+
+log = logging.getLogger(__name__)
+
+CONNECTOR_MODULE = "kv_transfer.vllm_connector"
+CONNECTOR_CLASS = "PdflowNixlConnector"
+
+
+class VllmEngine:
+    """Hosts one vLLM ``AsyncLLM``. Create inside the process that serves it (a Ray actor): vLLM spawns its
+    engine core as a subprocess of this one."""
+
+    def __init__(self, model_path: Path, config: EngineConfig, *, engine_id: str) -> None:
+        self._model_path = model_path
+        self._config = config
+        self._engine_id = engine_id
+        self._llm: Any = None
+        self._stats = EngineStats()
+        self._live: set[str] = set()
+
+    async def start(self) -> None:
+        from vllm.config import KVTransferConfig
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        cfg = self._config
+        kv_transfer = KVTransferConfig(
+            kv_connector=CONNECTOR_CLASS,
+            kv_connector_module_path=CONNECTOR_MODULE,
+            kv_role="kv_both",
+            kv_buffer_device=cfg.device,
+            engine_id=self._engine_id,
+            kv_connector_extra_config={"kv_lease_duration": cfg.kv_lease_seconds},
+        )
+        args = AsyncEngineArgs(
+            model=str(self._model_path),
+            tokenizer=str(self._model_path),
+            dtype=cfg.dtype,
+            max_model_len=cfg.max_model_len,
+            max_num_seqs=cfg.max_num_seqs,
+            enforce_eager=cfg.enforce_eager,
+            kv_transfer_config=kv_transfer,
+            disable_log_stats=False,
+            enable_log_requests=False,
+        )
+        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory])
+        total = self._llm.vllm_config.cache_config.num_gpu_blocks or 0
+        self._stats.set_total_blocks(int(total))
+        log.info("engine %s ready: %d KV blocks", self._engine_id, total)
+
+    @property
+    def block_size(self) -> int:
+        return int(self._llm.vllm_config.cache_config.block_size)
+
+    async def prefill(self, request: PrefillRequest) -> PrefillResult:
+        started = time.monotonic()
+        kv_params = {"do_remote_decode": True} if request.hand_off else None
+        params = self._sampling_params(request.sampling, max_tokens=1, kv_transfer_params=kv_params)
+        last = None
+        async for out in self._run(request.request_id, request.prompt_token_ids, params):
+            last = out
+        if last is None or not last.outputs or not last.outputs[0].token_ids:
+            raise WorkerFailed(f"prefill of {request.request_id} produced no token")
+        first = int(last.outputs[0].token_ids[-1])
+        # vLLM says "stop" when token one is EOS or a stop token; otherwise decoding goes on unless the
+        # client asked for one token only.
+        finish: FinishReason | None = None
+        if last.outputs[0].finish_reason == "stop":
+            finish = FinishReason.STOP
+        elif request.sampling.max_tokens <= 1:
+            finish = FinishReason.LENGTH
+        return PrefillResult(
+            request_id=request.request_id,
+            first_token_id=first,
+            finish_reason=finish,
+            kv_handle=last.kv_transfer_params if request.hand_off else None,
+            prefill_seconds=time.monotonic() - started,
+        )
+
+    async def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+        if request.kv_handle is None:
+            raise WorkerFailed(f"decode of {request.request_id} has no KV handle")
+        kv_params = dict(request.kv_handle)
+        kv_params["do_remote_prefill"] = True
+        kv_params["do_remote_decode"] = False
+        # The prefill worker computed the prompt's KV only; the first token is computed here, then decoding
+        # goes on. The connector loads exactly this many tokens (see kv_transfer.vllm_connector).
+        kv_params["pdflow_remote_tokens"] = len(request.prompt_token_ids)
+        params = self._sampling_params(
+            request.sampling, max_tokens=request.sampling.max_tokens - 1, kv_transfer_params=kv_params)
+        prompt = (*request.prompt_token_ids, request.first_token_id)
+        first_chunk = True
+        async for out in self._run(request.request_id, prompt, params):
+            chunk = _chunk(request.request_id, out)
+            if first_chunk:
+                chunk = TokenChunk(chunk.request_id, chunk.token_ids, chunk.finish_reason,
+                                   num_external_tokens=out.num_cached_tokens)
+                first_chunk = False
+            yield chunk
+
+    async def generate(
+        self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
+    ) -> AsyncIterator[TokenChunk]:
+        params = self._sampling_params(sampling, max_tokens=sampling.max_tokens, kv_transfer_params=None)
+        async for out in self._run(request_id, prompt_token_ids, params):
+            yield _chunk(request_id, out)
+
+    async def abort(self, request_id: RequestId) -> None:
+        if self._llm is not None and request_id in self._live:
+            await self._llm.abort(request_id)
+
+    def load(self) -> EngineLoad:
+        return self._stats.load()
+
+    def transfer_counters(self) -> TransferCounters:
+        return self._stats.load().transfer
+
+    async def shutdown(self) -> None:
+        if self._llm is not None:
+            llm, self._llm = self._llm, None
+            llm.shutdown()
+
+    async def _run(self, request_id: str, prompt: tuple[int, ...], params: Any) -> AsyncIterator[Any]:
+        """One vLLM request; the request is aborted in vLLM if the caller stops iterating early."""
+        if self._llm is None:
+            raise WorkerFailed("engine is not started")
+        self._live.add(request_id)
+        finished = False
+        try:
+            async for out in self._llm.generate({"prompt_token_ids": list(prompt)}, params, request_id):
+                finished = out.finished
+                yield out
+        finally:
+            self._live.discard(request_id)
+            if not finished and self._llm is not None:
+                await asyncio.shield(self._llm.abort(request_id))
+
+    def _sampling_params(
+        self, spec: SamplingSpec, *, max_tokens: int, kv_transfer_params: dict[str, Any] | None
+    ) -> Any:
+        from vllm.sampling_params import RequestOutputKind, SamplingParams
+
+        extra = {"kv_transfer_params": kv_transfer_params} if kv_transfer_params is not None else None
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=spec.temperature,
+            top_p=spec.top_p,
+            top_k=spec.top_k if spec.top_k > 0 else 0,
+            seed=spec.seed,
+            stop_token_ids=list(spec.stop_token_ids),
+            ignore_eos=spec.ignore_eos,
+            output_kind=RequestOutputKind.DELTA,
+            detokenize=False,
+            extra_args=extra,
+        )
+
+
+def _chunk(request_id: RequestId, out: Any) -> TokenChunk:
+    completion = out.outputs[0] if out.outputs else None
+    token_ids = tuple(int(t) for t in completion.token_ids) if completion is not None else ()
+    finish: FinishReason | None = None
+    if out.finished:
+        reason = completion.finish_reason if completion is not None else None
+        finish = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
+                  "abort": FinishReason.ABORT}.get(str(reason), FinishReason.ERROR)
+    return TokenChunk(request_id=request_id, token_ids=token_ids, finish_reason=finish)

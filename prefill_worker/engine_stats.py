@@ -1,0 +1,95 @@
+"""Load figures of one vLLM engine, gathered through vLLM's stat-logger hook. vLLM calls ``record`` from
+its output loop in this process after each engine step; ``load()`` reads the latest figures without
+blocking."""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+from protocol.engine import EngineLoad
+from protocol.snapshots import TransferCounters
+
+_RATE_WINDOW_S = 2.0
+
+
+class EngineStats:
+    def __init__(self) -> None:
+        self._total_blocks = 0
+        self._usage = 0.0
+        self._running = 0
+        self._waiting = 0
+        self._gen_events: deque[tuple[float, int]] = deque()
+        self._prompt_events: deque[tuple[float, int]] = deque()
+        self._transfers = 0
+        self._failed = 0
+        self._bytes = 0
+        self._seconds = 0.0
+        self._external_tokens = 0
+
+    def set_total_blocks(self, total: int) -> None:
+        self._total_blocks = total
+
+    def logger_factory(self, vllm_config: Any, engine_index: int = 0) -> Any:
+        """A ``StatLoggerFactory`` for ``AsyncLLM``: the logger it makes writes into this object."""
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        stats = self
+
+        class _Logger(StatLoggerBase):
+            def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
+                pass
+
+            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
+                       engine_idx: int = 0) -> None:
+                stats.record(scheduler_stats, iteration_stats)
+
+            def log_engine_initialized(self) -> None:
+                pass
+
+        return _Logger(vllm_config, engine_index)
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any) -> None:
+        now = time.monotonic()
+        if scheduler_stats is not None:
+            self._running = int(scheduler_stats.num_running_reqs)
+            self._waiting = int(scheduler_stats.num_waiting_reqs + scheduler_stats.num_skipped_waiting_reqs)
+            self._usage = float(scheduler_stats.kv_cache_usage)
+            self._add_connector_stats(scheduler_stats.kv_connector_stats)
+        if iteration_stats is not None:
+            if iteration_stats.num_generation_tokens:
+                self._gen_events.append((now, int(iteration_stats.num_generation_tokens)))
+            prompt = iteration_stats.prompt_token_stats
+            if prompt.computed:
+                self._prompt_events.append((now, int(prompt.computed)))
+            self._external_tokens += int(prompt.external_kv_transfer)
+
+    def _add_connector_stats(self, data: dict[str, Any] | None) -> None:
+        if not data:
+            return
+        self._transfers += len(data.get("transfer_duration", ()))
+        self._seconds += float(sum(data.get("transfer_duration", ())))
+        self._bytes += int(sum(data.get("bytes_transferred", ())))
+        self._failed += sum(len(data.get(k, ())) for k in (
+            "num_failed_transfers", "num_failed_handshakes", "num_failed_notifications"))
+
+    def load(self) -> EngineLoad:
+        now = time.monotonic()
+        return EngineLoad(
+            num_running=self._running,
+            num_waiting=self._waiting,
+            kv_blocks_used=round(self._usage * self._total_blocks),
+            kv_blocks_total=self._total_blocks,
+            decode_tps=_rate(self._gen_events, now),
+            prompt_tps=_rate(self._prompt_events, now),
+            transfer=TransferCounters(
+                transfers=self._transfers, failed=self._failed, bytes=self._bytes, seconds=self._seconds,
+                external_tokens=self._external_tokens),
+        )
+
+
+def _rate(events: deque[tuple[float, int]], now: float) -> float:
+    while events and now - events[0][0] > _RATE_WINDOW_S:
+        events.popleft()
+    return sum(n for _, n in events) / _RATE_WINDOW_S

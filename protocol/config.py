@@ -1,0 +1,109 @@
+"""Configuration: one pydantic model per component, composed into ``ClusterConfig``. The YAML file, the
+``PDFLOW__SECTION__FIELD`` environment overrides, ``pdctl up``'s flags and the Helm values schema all come
+from these models."""
+
+from __future__ import annotations
+
+import enum
+import os
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class KVConnectorKind(enum.StrEnum):
+    NIXL = "nixl"  # vLLM's NixlConnector (pull over NIXL/UCX), wrapped so decode continues after token one
+
+
+class DispatchPolicyKind(enum.StrEnum):
+    LEAST_LOADED = "least_loaded"  # Llumnix freeness
+    ROUND_ROBIN = "round_robin"
+
+
+class ModelConfig(_Section):
+    name: str = Field("SmolLM2-135M-Instruct", description="Model name served at /v1/models.")
+    path: Path | None = Field(
+        None, description="Hugging Face model directory; empty means the embedded SmolLM2 (converted once).")
+
+
+class EngineConfig(_Section):
+    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output tokens).")
+    kv_cache_gib: float = Field(0.5, gt=0, description="KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    max_num_seqs: int = Field(32, ge=1, description="Most requests one engine runs at once.")
+    enforce_eager: bool = Field(True, description="Skip graph capture (needed on CPU).")
+    dtype: str = Field("bfloat16", description="Weights and KV dtype.")
+    cpu_threads: int = Field(1, ge=1, description="OMP threads per engine on CPU.")
+    kv_connector: KVConnectorKind = Field(KVConnectorKind.NIXL, description="How KV moves prefill → decode.")
+    kv_lease_seconds: int = Field(
+        12, ge=6, description="How long a prefill worker holds KV that no decode worker has pulled.")
+    device: str = Field("cpu", description="'cpu' (vllm-cpu) or 'cuda' (vllm on GPUs).")
+
+
+class PoolConfig(_Section):
+    replicas: int = Field(1, ge=0, description="Workers in this pool.")
+
+
+class WorkerConfig(_Section):
+    report_interval_s: float = Field(0.25, gt=0, description="How often a worker pushes its load snapshot.")
+    nixl_base_port: int = Field(
+        0, ge=0, description="First NIXL side-channel port; 0 picks free ports.")
+    start_timeout_s: float = Field(300.0, gt=0, description="Deadline for an engine to start.")
+
+
+class ControllerConfig(_Section):
+    heartbeat_timeout_s: float = Field(3.0, gt=0, description="A worker silent this long is marked dead.")
+    snapshot_interval_s: float = Field(0.2, gt=0, description="How often snapshots go to the front doors.")
+    admin_port: int = Field(50052, ge=0, description="gRPC pdflow.v1.Admin port (0: a free port).")
+    request_history: int = Field(10000, ge=10, description="Finished requests kept for ListRequests.")
+
+
+class FrontDoorConfig(_Section):
+    host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers bind.")
+    http_port: int = Field(8000, ge=0, description="OpenAI-compatible HTTP port (0: a free port).")
+    grpc_port: int = Field(50051, ge=0, description="gRPC pdflow.v1.Router port (0: a free port).")
+    dispatch: DispatchPolicyKind = Field(DispatchPolicyKind.LEAST_LOADED, description="Dispatch policy.")
+    prefill_timeout_s: float = Field(120.0, gt=0, description="Deadline for a prefill (queueing included).")
+    token_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the next token from decode.")
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when the client gives none.")
+
+
+class ClusterConfig(_Section):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    prefill: PoolConfig = Field(default_factory=PoolConfig)
+    decode: PoolConfig = Field(default_factory=PoolConfig)
+    worker: WorkerConfig = Field(default_factory=WorkerConfig)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    frontdoor: FrontDoorConfig = Field(default_factory=FrontDoorConfig)
+
+    @classmethod
+    def load(cls, path: Path | None = None, overrides: dict[str, Any] | None = None,
+             environ: dict[str, str] | None = None) -> ClusterConfig:
+        """File, then ``PDFLOW__SECTION__FIELD`` environment variables, then ``overrides`` (dotted keys)."""
+        data: dict[str, Any] = {}
+        if path is not None:
+            loaded = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(loaded, dict):
+                raise ValueError(f"{path}: expected a mapping at the top level")
+            data = loaded
+        env = os.environ if environ is None else environ
+        for key, value in env.items():
+            if key.startswith("PDFLOW__"):
+                _set_dotted(data, key[len("PDFLOW__"):].lower().replace("__", "."), value)
+        for key, value in (overrides or {}).items():
+            _set_dotted(data, key, value)
+        return cls.model_validate(data)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = data
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = value

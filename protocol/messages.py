@@ -1,0 +1,81 @@
+"""Messages between the front door and the workers. Frozen dataclasses: they cross Ray as pickles and are
+never mutated after creation. Token ids only: text lives in the front door."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.ids import RequestId
+
+
+class FinishReason(enum.StrEnum):
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+@dataclass(frozen=True, slots=True)
+class SamplingSpec:
+    """What the client asked of sampling. ``seed`` is always set by the front door so that the prefill and
+    the decode worker sample the same way."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillRequest:
+    request_id: RequestId
+    prompt_token_ids: tuple[int, ...]
+    sampling: SamplingSpec
+    # False when the prefill's single token is known to end the request (max_tokens == 1): the prefill
+    # worker then frees its blocks at once instead of holding them for a decode worker.
+    hand_off: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class PrefillResult:
+    request_id: RequestId
+    first_token_id: int
+    # None when decoding should go on; otherwise the request ended on the prefill worker.
+    finish_reason: FinishReason | None
+    # Opaque to everyone but the KV connector: where the decode worker pulls the prompt's KV from.
+    kv_handle: dict[str, Any] | None
+    prefill_seconds: float
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRequest:
+    """Continue a prefilled request. The decode worker admits ``prompt_token_ids + [first_token_id]``, loads
+    the prompt's KV through ``kv_handle`` instead of recomputing it, and streams tokens after the first."""
+
+    request_id: RequestId
+    prompt_token_ids: tuple[int, ...]
+    first_token_id: int
+    sampling: SamplingSpec
+    kv_handle: dict[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenChunk:
+    """New tokens of one request, in order. The last chunk has ``finish_reason`` set."""
+
+    request_id: RequestId
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason | None = None
+    # Prompt tokens whose KV the engine did not compute itself (loaded over the KV connector or found in its
+    # prefix cache); set on the first chunk of a decode.
+    num_external_tokens: int | None = None
+    detail: dict[str, Any] = field(default_factory=dict)

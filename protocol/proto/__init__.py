@@ -1,0 +1,1 @@
+"""gRPC contracts (``*.proto``) and the stubs generated from them by ``make protos``."""

