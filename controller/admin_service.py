@@ -19,20 +19,36 @@ if TYPE_CHECKING:
 def instance_message(inst: InstanceSnapshot, seconds_since_report: float) -> admin_pb2.Instance:
     t = inst.transfer
     return admin_pb2.Instance(
-        instance_id=inst.instance_id, role=inst.role.value, state=inst.state.value,
-        num_running=inst.num_running, num_waiting=inst.num_waiting, kv_blocks_used=inst.kv_blocks_used,
-        kv_blocks_total=inst.kv_blocks_total, decode_tps=inst.decode_tps, prompt_tps=inst.prompt_tps,
-        transfer=admin_pb2.TransferCounters(transfers=t.transfers, failed=t.failed, bytes=t.bytes,
-                                            seconds=t.seconds, external_tokens=t.external_tokens),
-        seconds_since_report=seconds_since_report)
+        instance_id=inst.instance_id,
+        role=inst.role.value,
+        state=inst.state.value,
+        num_running=inst.num_running,
+        num_waiting=inst.num_waiting,
+        kv_blocks_used=inst.kv_blocks_used,
+        kv_blocks_total=inst.kv_blocks_total,
+        decode_tps=inst.decode_tps,
+        prompt_tps=inst.prompt_tps,
+        transfer=admin_pb2.TransferCounters(
+            transfers=t.transfers,
+            failed=t.failed,
+            bytes=t.bytes,
+            seconds=t.seconds,
+            external_tokens=t.external_tokens,
+        ),
+        seconds_since_report=seconds_since_report,
+    )
 
 
 def request_message(record: RequestRecord) -> admin_pb2.RequestInfo:
     return admin_pb2.RequestInfo(
-        request_id=record.request_id, state=record.state.value,
-        prefill_instance=record.prefill_instance or "", decode_instance=record.decode_instance or "",
-        prompt_tokens=record.prompt_tokens, output_tokens=record.output_tokens,
-        events=[admin_pb2.RequestEvent(state=e.state.value, at=e.at, detail=e.detail) for e in record.events])
+        request_id=record.request_id,
+        state=record.state.value,
+        prefill_instance=record.prefill_instance or "",
+        decode_instance=record.decode_instance or "",
+        prompt_tokens=record.prompt_tokens,
+        output_tokens=record.output_tokens,
+        events=[admin_pb2.RequestEvent(state=e.state.value, at=e.at, detail=e.detail) for e in record.events],
+    )
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
@@ -41,27 +57,38 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
 
     def _instances(self, role: str = "") -> list[admin_pb2.Instance]:
         now = time.monotonic()
-        return [instance_message(i, self._c.registry.seconds_since_report(i.instance_id, now))
-                for i in self._c.cluster_snapshot().instances if not role or i.role.value == role]
+        return [
+            instance_message(i, self._c.registry.seconds_since_report(i.instance_id, now))
+            for i in self._c.cluster_snapshot().instances
+            if not role or i.role.value == role
+        ]
 
-    async def GetClusterStatus(self, request: admin_pb2.ClusterStatusRequest,
-                               context: grpc.aio.ServicerContext) -> admin_pb2.ClusterStatus:
+    async def GetClusterStatus(
+        self, request: admin_pb2.ClusterStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ClusterStatus:
         doors = list(self._c.frontdoor_addresses().values())
         return admin_pb2.ClusterStatus(
-            model=self._c.config.model.name, instances=self._instances(),
+            model=self._c.config.model.name,
+            instances=self._instances(),
             requests_by_state=self._c.requests.counts(),
-            http_address=doors[0]["http"] if doors else "", grpc_address=doors[0]["grpc"] if doors else "",
-            snapshot_version=self._c.cluster_snapshot().version)
+            http_address=doors[0]["http"] if doors else "",
+            grpc_address=doors[0]["grpc"] if doors else "",
+            snapshot_version=self._c.cluster_snapshot().version,
+        )
 
-    async def ListInstances(self, request: admin_pb2.ListInstancesRequest,
-                            context: grpc.aio.ServicerContext) -> admin_pb2.ListInstancesResponse:
+    async def ListInstances(
+        self, request: admin_pb2.ListInstancesRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListInstancesResponse:
         if request.role not in ("", "prefill", "decode"):
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                                f"role must be 'prefill', 'decode' or empty, not {request.role!r}")
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"role must be 'prefill', 'decode' or empty, not {request.role!r}",
+            )
         return admin_pb2.ListInstancesResponse(instances=self._instances(request.role))
 
-    async def ListRequests(self, request: admin_pb2.ListRequestsRequest,
-                           context: grpc.aio.ServicerContext) -> admin_pb2.ListRequestsResponse:
+    async def ListRequests(
+        self, request: admin_pb2.ListRequestsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListRequestsResponse:
         try:
             records = self._c.list_requests(request.state, request.limit or 100, request.request_id)
         except ValueError:
@@ -74,8 +101,11 @@ async def start_admin_server(controller: Controller, host: str, port: int) -> tu
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    service_names = (admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name, reflection.SERVICE_NAME,
-                     health.SERVICE_NAME)
+    service_names = (
+        admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name,
+        reflection.SERVICE_NAME,
+        health.SERVICE_NAME,
+    )
     reflection.enable_server_reflection(service_names, server)
     bound = server.add_insecure_port(f"{host}:{port}")
     await server.start()

@@ -34,7 +34,8 @@ class Controller:
         from controller.admin_service import start_admin_server
 
         self._admin, self.admin_port = await start_admin_server(
-            self, self.config.frontdoor.host, self.config.controller.admin_port)
+            self, self.config.frontdoor.host, self.config.controller.admin_port
+        )
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
         return self.admin_port
 

@@ -18,8 +18,9 @@ _EVENT_FLUSH_S = 0.1
 
 
 class FrontDoor:
-    def __init__(self, config: dict[str, Any], model_path: str, namespace: str, controller_name: str,
-                 actor_name: str) -> None:
+    def __init__(
+        self, config: dict[str, Any], model_path: str, namespace: str, controller_name: str, actor_name: str
+    ) -> None:
         self.config = ClusterConfig.model_validate(config)
         self._model_path = model_path
         self._namespace = namespace
@@ -45,13 +46,26 @@ class FrontDoor:
 
         fd = self.config.frontdoor
         tokenizer = ModelTokenizer(self._model_path)
-        textgen = TextGenerator(self.router, tokenizer, model_name=self.config.model.name,
-                                max_model_len=self.config.engine.max_model_len,
-                                default_max_tokens=fd.default_max_tokens)
-        app = build_http_app(textgen, model_name=self.config.model.name, metrics_text=self._metrics_text,
-                             health=self.health)
-        self._http = uvicorn.Server(uvicorn.Config(app, host=fd.host, port=fd.http_port, log_level="warning",
-                                                   lifespan="off", timeout_graceful_shutdown=2))
+        textgen = TextGenerator(
+            self.router,
+            tokenizer,
+            model_name=self.config.model.name,
+            max_model_len=self.config.engine.max_model_len,
+            default_max_tokens=fd.default_max_tokens,
+        )
+        app = build_http_app(
+            textgen, model_name=self.config.model.name, metrics_text=self._metrics_text, health=self.health
+        )
+        self._http = uvicorn.Server(
+            uvicorn.Config(
+                app,
+                host=fd.host,
+                port=fd.http_port,
+                log_level="warning",
+                lifespan="off",
+                timeout_graceful_shutdown=2,
+            )
+        )
         self._tasks.append(asyncio.create_task(self._http.serve()))
         while not self._http.started:
             if self._tasks[0].done():
@@ -62,8 +76,9 @@ class FrontDoor:
         self._grpc, grpc_port = await start_grpc_server(textgen, fd.host, fd.grpc_port)
         self.addresses = {"http": f"http://{fd.host}:{http_port}", "grpc": f"{fd.host}:{grpc_port}"}
         controller = ray.get_actor(self._controller_name, namespace=self._namespace)
-        snapshot = await asyncio.wait_for(
-            controller.subscribe.remote(self._actor_name, self.addresses["http"], self.addresses["grpc"]), 10)
+        snapshot: ClusterSnapshot = await asyncio.wait_for(
+            controller.subscribe.remote(self._actor_name, self.addresses["http"], self.addresses["grpc"]), 10
+        )
         self.router.update_snapshot(snapshot)
         self._tasks.append(asyncio.create_task(self._flush_loop()))
         return self.addresses
@@ -74,8 +89,12 @@ class FrontDoor:
     def health(self) -> dict[str, Any]:
         snap = self.router.snapshot
         prefill, decode = len(snap.live(Role.PREFILL)), len(snap.live(Role.DECODE))
-        return {"ok": prefill > 0 and decode > 0, "prefill_workers": prefill, "decode_workers": decode,
-                "snapshot_version": snap.version}
+        return {
+            "ok": prefill > 0 and decode > 0,
+            "prefill_workers": prefill,
+            "decode_workers": decode,
+            "snapshot_version": snap.version,
+        }
 
     def _metrics_text(self) -> tuple[bytes, str]:
         for state, count in self.router.in_flight().items():

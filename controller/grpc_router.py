@@ -30,8 +30,7 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     def __init__(self, textgen: TextGenerator) -> None:
         self._textgen = textgen
 
-    async def Generate(self, request: router_pb2.GenerateRequest,
-                       context: grpc.aio.ServicerContext) -> None:
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as an async generator so that the finally below closes the
         # generation deterministically, also when the call is cancelled while a write is pending.
         request_id = RequestId(request.request_id or new_request_id())
@@ -49,8 +48,9 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
             if deltas is not None:
                 await deltas.aclose()
 
-    async def Abort(self, request: router_pb2.AbortRequest,
-                    context: grpc.aio.ServicerContext) -> router_pb2.AbortResponse:
+    async def Abort(
+        self, request: router_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.AbortResponse:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
         found = await self._textgen.abort(RequestId(request.request_id))
@@ -65,8 +65,9 @@ def _text_request(request: router_pb2.GenerateRequest, request_id: RequestId, se
     sp = request.sampling
     chat = request.chat.messages
     if sp.max_tokens < 0:
-        raise InvalidRequest(f"max_tokens must be at least 1 (or 0 for the default); got {sp.max_tokens}.",
-                             param="max_tokens")
+        raise InvalidRequest(
+            f"max_tokens must be at least 1 (or 0 for the default); got {sp.max_tokens}.", param="max_tokens"
+        )
     return TextRequest(
         model=request.model or served,
         request_id=request_id,
@@ -89,9 +90,13 @@ def _response(request_id: RequestId, delta: TextDelta) -> router_pb2.GenerateRes
     if delta.finish_reason is not None:
         response.finish_reason = delta.finish_reason.value
     if delta.usage is not None:
-        response.usage.CopyFrom(router_pb2.Usage(prompt_tokens=delta.usage.prompt_tokens,
-                                                 completion_tokens=delta.usage.completion_tokens,
-                                                 total_tokens=delta.usage.total_tokens))
+        response.usage.CopyFrom(
+            router_pb2.Usage(
+                prompt_tokens=delta.usage.prompt_tokens,
+                completion_tokens=delta.usage.completion_tokens,
+                total_tokens=delta.usage.total_tokens,
+            )
+        )
     return response
 
 
@@ -105,7 +110,8 @@ async def start_grpc_server(textgen: TextGenerator, host: str, port: int) -> tup
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server)
+        server,
+    )
     bound = server.add_insecure_port(f"{host}:{port}")
     if bound == 0:
         raise OSError(f"cannot bind the gRPC Router server to {host}:{port}")

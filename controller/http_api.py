@@ -82,14 +82,21 @@ class ChatBody(_SamplingBody):
     response_format: dict[str, Any] | None = None
 
 
-_UNION_FIELDS = {"prompt": "a string, a list of one string, or a list of token ids",
-                 "stop": "a string or a list of strings",
-                 "content": "a string or a list of text parts"}
+_UNION_FIELDS = {
+    "prompt": "a string, a list of one string, or a list of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of text parts",
+}
 
 
-def build_http_app(textgen: TextGenerator, *, model_name: str, metrics_text: Callable[[], tuple[bytes, str]],
-                   health: Callable[[], dict[str, Any]],
-                   wall_clock: Callable[[], float] = time.time) -> FastAPI:
+def build_http_app(
+    textgen: TextGenerator,
+    *,
+    model_name: str,
+    metrics_text: Callable[[], tuple[bytes, str]],
+    health: Callable[[], dict[str, Any]],
+    wall_clock: Callable[[], float] = time.time,
+) -> FastAPI:
     """The FastAPI app of one front door. ``metrics_text()`` returns (Prometheus exposition bytes, content
     type); ``health()`` returns a JSON-able dict whose ``ok`` says whether this front door can serve (200)
     or not (503). Both are called on every scrape/probe from the event loop and must not block."""
@@ -102,8 +109,9 @@ def build_http_app(textgen: TextGenerator, *, model_name: str, metrics_text: Cal
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        body = _error_body(f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error",
-                           None, None)
+        body = _error_body(
+            f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error", None, None
+        )
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
@@ -127,8 +135,13 @@ def build_http_app(textgen: TextGenerator, *, model_name: str, metrics_text: Cal
         return Response(body, media_type=content_type)
 
     def model_card() -> dict[str, Any]:
-        return {"id": model_name, "object": "model", "created": started, "owned_by": "pdflow",
-                "max_model_len": textgen.max_model_len}
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "pdflow",
+            "max_model_len": textgen.max_model_len,
+        }
 
     @app.get("/v1/models")
     async def _models() -> dict[str, Any]:
@@ -137,8 +150,9 @@ def build_http_app(textgen: TextGenerator, *, model_name: str, metrics_text: Cal
     @app.get("/v1/models/{model_id:path}")
     async def _model(model_id: str) -> dict[str, Any]:
         if model_id != model_name:
-            raise ModelNotFound(f"The model '{model_id}' does not exist; this server serves '{model_name}'.",
-                                param="model")
+            raise ModelNotFound(
+                f"The model '{model_id}' does not exist; this server serves '{model_name}'.", param="model"
+            )
         return model_card()
 
     @app.post("/v1/completions")
@@ -158,14 +172,28 @@ def build_http_app(textgen: TextGenerator, *, model_name: str, metrics_text: Cal
     return app
 
 
-async def _serve(request: Request, textgen: TextGenerator, body: CompletionBody | ChatBody,
-                 prompt: dict[str, Any], render: _Render) -> Response:
+async def _serve(
+    request: Request,
+    textgen: TextGenerator,
+    body: CompletionBody | ChatBody,
+    prompt: dict[str, Any],
+    render: _Render,
+) -> Response:
     max_tokens = body.max_completion_tokens if isinstance(body, ChatBody) else None
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
-    req = TextRequest(model=body.model, request_id=render.request_id, **prompt,
-                      max_tokens=max_tokens if max_tokens is not None else body.max_tokens,
-                      temperature=body.temperature, top_p=body.top_p, top_k=body.top_k, seed=body.seed,
-                      stop=stop, ignore_eos=body.ignore_eos, priority=body.priority)
+    req = TextRequest(
+        model=body.model,
+        request_id=render.request_id,
+        **prompt,
+        max_tokens=max_tokens if max_tokens is not None else body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=stop,
+        ignore_eos=body.ignore_eos,
+        priority=body.priority,
+    )
     deltas = textgen.stream(req)
     headers = {"X-Request-Id": str(render.request_id)}
     try:
@@ -174,10 +202,10 @@ async def _serve(request: Request, textgen: TextGenerator, body: CompletionBody 
             return JSONResponse(render.whole(*result), headers=headers)
         # The first delta before the 200: validation errors and an empty pool still get their own status.
         first = await _unless_disconnected(request.receive, _first(deltas))
-    except _ClientGone:
-        return Response(status_code=CLIENT_CLOSED_REQUEST)
-    except BaseException:
-        await deltas.aclose()
+    except BaseException as exc:
+        await deltas.aclose()  # aborts the request unless it already ended
+        if isinstance(exc, _ClientGone):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         raise
     return _EventStream(_sse_events(first, deltas, render), headers=headers)
 
@@ -194,8 +222,9 @@ async def _collect(deltas: AsyncIterator[TextDelta]) -> tuple[str, str | None, U
     return "".join(text), last.finish_reason if last else None, last.usage if last else None
 
 
-async def _sse_events(first: TextDelta, deltas: AsyncGenerator[TextDelta, None],
-                      render: _Render) -> AsyncGenerator[bytes, None]:
+async def _sse_events(
+    first: TextDelta, deltas: AsyncGenerator[TextDelta, None], render: _Render
+) -> AsyncGenerator[bytes, None]:
     try:
         for event in render.opening():
             yield _sse(event)
@@ -213,8 +242,13 @@ async def _sse_events(first: TextDelta, deltas: AsyncGenerator[TextDelta, None],
         yield _sse({"error": _error_fields(err)})
     except Exception as exc:
         log.exception("unexpected error while streaming %s", render.request_id)
-        yield _sse({"error": _error_body(f"Internal server error: {type(exc).__name__}", "internal_error",
-                                         None, None)["error"]})
+        yield _sse(
+            {
+                "error": _error_body(
+                    f"Internal server error: {type(exc).__name__}", "internal_error", None, None
+                )["error"]
+            }
+        )
     finally:
         await deltas.aclose()
     yield b"data: [DONE]\n\n"
@@ -227,8 +261,12 @@ def _sse(event: dict[str, Any]) -> bytes:
 class _Render:
     """OpenAI response objects of one request (text completion or chat)."""
 
-    def __init__(self, kind: Literal["text_completion", "chat"], body: CompletionBody | ChatBody,
-                 wall_clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        kind: Literal["text_completion", "chat"],
+        body: CompletionBody | ChatBody,
+        wall_clock: Callable[[], float],
+    ) -> None:
         self.kind = kind
         self.request_id = new_request_id()
         self.id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{self.request_id}"
@@ -276,8 +314,11 @@ class _Render:
 
 
 def _usage(usage: Usage) -> dict[str, int]:
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.total_tokens}
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
 
 
 class _EventStream(StreamingResponse):
@@ -285,8 +326,9 @@ class _EventStream(StreamingResponse):
     (seen by a receive() watcher rather than starlette's anyio cancel scope) and on any error."""
 
     def __init__(self, events: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
-        super().__init__(events, headers={**headers, "Cache-Control": "no-cache"},
-                         media_type="text/event-stream")
+        super().__init__(
+            events, headers={**headers, "Cache-Control": "no-cache"}, media_type="text/event-stream"
+        )
         self._events = events
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -336,8 +378,9 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}. The API expects "
-                             "a JSON object.") from exc
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {exc}. The API expects a JSON object."
+        ) from exc
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object, not {type(data).__name__}.")
     try:
@@ -355,7 +398,7 @@ def _validation_to_invalid(errors: Any) -> InvalidRequest:
         param = ".".join(path)
         return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
     if field is not None:
-        param = ".".join(path[:path.index(field) + 1])
+        param = ".".join(path[: path.index(field) + 1])
         return InvalidRequest(f"Invalid type for '{param}': expected {_UNION_FIELDS[field]}.", param=param)
     param = ".".join(path)
     return InvalidRequest(f"Invalid value for '{param}': {first['msg']}.", param=param or None)
@@ -369,16 +412,26 @@ def _reject_unsupported(body: CompletionBody | ChatBody) -> None:
         ("logit_bias", bool(body.logit_bias)),
     ]
     if isinstance(body, CompletionBody):
-        unsupported += [("best_of", body.best_of not in (None, 1)), ("logprobs", body.logprobs is not None),
-                        ("echo", bool(body.echo)), ("suffix", bool(body.suffix))]
+        unsupported += [
+            ("best_of", body.best_of not in (None, 1)),
+            ("logprobs", body.logprobs is not None),
+            ("echo", bool(body.echo)),
+            ("suffix", bool(body.suffix)),
+        ]
     else:
         rf = (body.response_format or {}).get("type", "text")
-        unsupported += [("logprobs", bool(body.logprobs)), ("top_logprobs", body.top_logprobs is not None),
-                        ("tools", bool(body.tools)), ("response_format", rf != "text")]
+        unsupported += [
+            ("logprobs", bool(body.logprobs)),
+            ("top_logprobs", body.top_logprobs is not None),
+            ("tools", bool(body.tools)),
+            ("response_format", rf != "text"),
+        ]
     for param, bad in unsupported:
         if bad:
-            raise InvalidRequest(f"'{param}' is not supported by this server"
-                                 f"{' (only n=1)' if param == 'n' else ''}.", param=param)
+            raise InvalidRequest(
+                f"'{param}' is not supported by this server{' (only n=1)' if param == 'n' else ''}.",
+                param=param,
+            )
 
 
 def _completion_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> dict[str, Any]:
@@ -387,8 +440,10 @@ def _completion_prompt(prompt: str | list[str] | list[int] | list[list[int]]) ->
     if not prompt:
         return {"prompt": ""}
     if len(prompt) > 1 and not isinstance(prompt[0], int):
-        raise InvalidRequest("Batched prompts (a list of several prompts) are not supported; send one "
-                             "prompt per request.", param="prompt")
+        raise InvalidRequest(
+            "Batched prompts (a list of several prompts) are not supported; send one prompt per request.",
+            param="prompt",
+        )
     only = prompt[0]
     if isinstance(only, str):
         return {"prompt": only}

@@ -21,20 +21,37 @@ class FrontDoorMetrics:
     def __init__(self, snapshot: Callable[[], ClusterSnapshot]) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.ttft = Histogram("pdflow_time_to_first_token_seconds", "Time to first token.",
-                              buckets=_LATENCY_BUCKETS, registry=r)
-        self.tpot = Histogram("pdflow_time_per_output_token_seconds",
-                              "Mean time per output token after the first, per request.",
-                              buckets=_TPOT_BUCKETS, registry=r)
-        self.e2e = Histogram("pdflow_e2e_request_latency_seconds", "Request latency, arrival to last token.",
-                             buckets=_LATENCY_BUCKETS, registry=r)
-        self.prefill_seconds = Histogram("pdflow_prefill_seconds", "Prefill worker time per request.",
-                                         buckets=_LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "pdflow_time_to_first_token_seconds", "Time to first token.", buckets=_LATENCY_BUCKETS, registry=r
+        )
+        self.tpot = Histogram(
+            "pdflow_time_per_output_token_seconds",
+            "Mean time per output token after the first, per request.",
+            buckets=_TPOT_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            "pdflow_e2e_request_latency_seconds",
+            "Request latency, arrival to last token.",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.prefill_seconds = Histogram(
+            "pdflow_prefill_seconds", "Prefill worker time per request.", buckets=_LATENCY_BUCKETS, registry=r
+        )
         self.requests = Counter("pdflow_requests", "Finished requests by outcome.", ["outcome"], registry=r)
-        self.prompt_tokens = Counter("pdflow_prompt_tokens", "Prompt tokens of admitted requests.", registry=r)
-        self.generation_tokens = Counter("pdflow_generation_tokens", "Tokens streamed to clients.", registry=r)
-        self.in_flight = Gauge("pdflow_requests_in_flight", "Requests in this front door by lifecycle state.",
-                               ["state"], registry=r)
+        self.prompt_tokens = Counter(
+            "pdflow_prompt_tokens", "Prompt tokens of admitted requests.", registry=r
+        )
+        self.generation_tokens = Counter(
+            "pdflow_generation_tokens", "Tokens streamed to clients.", registry=r
+        )
+        self.in_flight = Gauge(
+            "pdflow_requests_in_flight",
+            "Requests in this front door by lifecycle state.",
+            ["state"],
+            registry=r,
+        )
         r.register(_SnapshotCollector(snapshot))
 
     def exposition(self) -> tuple[bytes, str]:
@@ -48,21 +65,30 @@ class _SnapshotCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         labels = ["instance", "role"]
         gauges = {
-            "running": GaugeMetricFamily("pdflow_instance_requests_running", "Requests running.", labels=labels),
-            "waiting": GaugeMetricFamily("pdflow_instance_requests_waiting", "Requests queued.", labels=labels),
-            "kv": GaugeMetricFamily("pdflow_instance_kv_usage_ratio", "KV cache blocks in use, 0-1.",
-                                    labels=labels),
+            "running": GaugeMetricFamily(
+                "pdflow_instance_requests_running", "Requests running.", labels=labels
+            ),
+            "waiting": GaugeMetricFamily(
+                "pdflow_instance_requests_waiting", "Requests queued.", labels=labels
+            ),
+            "kv": GaugeMetricFamily(
+                "pdflow_instance_kv_usage_ratio", "KV cache blocks in use, 0-1.", labels=labels
+            ),
             "blocks": GaugeMetricFamily("pdflow_instance_kv_blocks_total", "KV cache blocks.", labels=labels),
-            "tps": GaugeMetricFamily("pdflow_instance_decode_tokens_per_second", "Decode tokens/s.",
-                                     labels=labels),
+            "tps": GaugeMetricFamily(
+                "pdflow_instance_decode_tokens_per_second", "Decode tokens/s.", labels=labels
+            ),
             "up": GaugeMetricFamily("pdflow_instance_up", "1 if the instance takes requests.", labels=labels),
         }
-        transfer_bytes = CounterMetricFamily("pdflow_kv_transfer_bytes", "KV bytes received over the "
-                                             "connector.", labels=labels)
-        transfer_seconds = CounterMetricFamily("pdflow_kv_transfer_seconds", "Seconds spent in KV transfers.",
-                                               labels=labels)
-        transfers = CounterMetricFamily("pdflow_kv_transfers", "KV transfers by outcome.",
-                                        labels=[*labels, "outcome"])
+        transfer_bytes = CounterMetricFamily(
+            "pdflow_kv_transfer_bytes", "KV bytes received over the connector.", labels=labels
+        )
+        transfer_seconds = CounterMetricFamily(
+            "pdflow_kv_transfer_seconds", "Seconds spent in KV transfers.", labels=labels
+        )
+        transfers = CounterMetricFamily(
+            "pdflow_kv_transfers", "KV transfers by outcome.", labels=[*labels, "outcome"]
+        )
         for inst in self._snapshot().instances:
             lv = [inst.instance_id, inst.role.value]
             gauges["running"].add_metric(lv, inst.num_running)

@@ -36,8 +36,11 @@ class InstanceRegistry:
 
     def expire(self, now: float) -> list[str]:
         """Mark every instance not heard from within the timeout DEAD; return the ones newly marked."""
-        newly = [iid for iid, heard in self._heard_at.items()
-                 if now - heard > self._timeout and self._instances[iid].state is not InstanceState.DEAD]
+        newly = [
+            iid
+            for iid, heard in self._heard_at.items()
+            if now - heard > self._timeout and self._instances[iid].state is not InstanceState.DEAD
+        ]
         for iid in newly:
             self.mark_dead(iid)
         return newly

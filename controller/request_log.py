@@ -14,28 +14,35 @@ class RequestLog:
     def __init__(self, history: int) -> None:
         self._history = history
         self._records: OrderedDict[str, RequestRecord] = OrderedDict()
-        self._finished: int = 0
 
     def apply(self, event: RequestEvent, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
         record = self._records.get(event.request_id)
         if record is None:
-            record = RequestRecord(event.request_id, event.state, event.prefill_instance,
-                                   event.decode_instance, prompt_tokens, output_tokens, (event,))
+            record = RequestRecord(
+                event.request_id,
+                event.state,
+                event.prefill_instance,
+                event.decode_instance,
+                prompt_tokens,
+                output_tokens,
+                (event,),
+            )
         else:
             record = replace(
-                record, state=event.state,
+                record,
+                state=event.state,
                 prefill_instance=event.prefill_instance or record.prefill_instance,
                 decode_instance=event.decode_instance or record.decode_instance,
                 prompt_tokens=prompt_tokens or record.prompt_tokens,
                 output_tokens=output_tokens or record.output_tokens,
-                events=(*record.events, event))
+                events=(*record.events, event),
+            )
         self._records[event.request_id] = record
         self._records.move_to_end(event.request_id)
-        if event.state.is_terminal:
-            self._finished += 1
-            self._trim()
+        self._trim()
 
     def _trim(self) -> None:
+        """Drop the oldest finished records beyond the bound; requests still running are always kept."""
         excess = len(self._records) - self._history
         if excess <= 0:
             return

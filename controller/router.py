@@ -24,13 +24,18 @@ from protocol.snapshots import ClusterSnapshot, RequestEvent
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[RequestEvent, int, int], None]
-_FINAL_STATE = {FinishReason.STOP: RequestState.FINISHED_STOP, FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
-                FinishReason.ABORT: RequestState.FINISHED_ABORTED, FinishReason.ERROR: RequestState.FINISHED_ERROR}
+_FINAL_STATE = {
+    FinishReason.STOP: RequestState.FINISHED_STOP,
+    FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
+    FinishReason.ABORT: RequestState.FINISHED_ABORTED,
+    FinishReason.ERROR: RequestState.FINISHED_ERROR,
+}
 
 
 class RequestRouter:
-    def __init__(self, config: FrontDoorConfig, namespace: str, metrics: FrontDoorMetrics,
-                 events: EventSink) -> None:
+    def __init__(
+        self, config: FrontDoorConfig, namespace: str, metrics: FrontDoorMetrics, events: EventSink
+    ) -> None:
         self._config = config
         self._namespace = namespace
         self._metrics = metrics
@@ -60,8 +65,13 @@ class RequestRouter:
         flight.abort_requested.set()
         return True
 
-    async def generate(self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec,
-                       priority: int = 0) -> AsyncIterator[TokenChunk]:
+    async def generate(
+        self,
+        request_id: RequestId,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingSpec,
+        priority: int = 0,
+    ) -> AsyncIterator[TokenChunk]:
         plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch)
         flight = _Flight(request_id, plan, len(prompt_token_ids), self._events)
         self._active[request_id] = flight
@@ -88,8 +98,9 @@ class RequestRouter:
             flight.finish(outcome)
             self._observe(flight, outcome)
 
-    async def _serve(self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec
-                     ) -> AsyncIterator[TokenChunk]:
+    async def _serve(
+        self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec
+    ) -> AsyncIterator[TokenChunk]:
         import ray
 
         rid = flight.request_id
@@ -99,11 +110,12 @@ class RequestRouter:
         call = prefill_actor.prefill.remote(request)
         try:
             result = await self._until_aborted(flight, call, self._config.prefill_timeout_s)
-        except (asyncio.TimeoutError, TimeoutError):
+        except TimeoutError:
             prefill_actor.abort.remote(rid)
             raise DeadlineExceeded(
                 f"prefill on {flight.plan.prefill.instance_id} took longer than "
-                f"{self._config.prefill_timeout_s:.0f}s") from None
+                f"{self._config.prefill_timeout_s:.0f}s"
+            ) from None
         except _Aborted:
             prefill_actor.abort.remote(rid)
             yield TokenChunk(rid, (), FinishReason.ABORT)
@@ -120,14 +132,21 @@ class RequestRouter:
         async for chunk in self._decode(flight, prompt, sampling, result.first_token_id, result.kv_handle):
             yield chunk
 
-    async def _decode(self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec, first: int,
-                      kv_handle: dict[str, Any] | None) -> AsyncIterator[TokenChunk]:
+    async def _decode(
+        self,
+        flight: _Flight,
+        prompt: tuple[int, ...],
+        sampling: SamplingSpec,
+        first: int,
+        kv_handle: dict[str, Any] | None,
+    ) -> AsyncIterator[TokenChunk]:
         import ray
 
         rid = flight.request_id
         decode_actor = self._actor(flight.plan.decode.actor_name)
         stream = decode_actor.decode.options(num_returns="streaming").remote(
-            DecodeRequest(rid, prompt, first, sampling, kv_handle))
+            DecodeRequest(rid, prompt, first, sampling, kv_handle)
+        )
         finished = False
         try:
             while True:
@@ -135,12 +154,15 @@ class RequestRouter:
                     ref = await self._until_aborted(flight, stream.__anext__(), self._config.token_timeout_s)
                     chunk: TokenChunk = await ref
                 except StopAsyncIteration:
-                    raise WorkerFailed(f"decode worker {flight.plan.decode.instance_id} ended request "
-                                       f"{rid} without a finish reason") from None
-                except (asyncio.TimeoutError, TimeoutError):
+                    raise WorkerFailed(
+                        f"decode worker {flight.plan.decode.instance_id} ended request "
+                        f"{rid} without a finish reason"
+                    ) from None
+                except TimeoutError:
                     raise DeadlineExceeded(
                         f"decode worker {flight.plan.decode.instance_id} sent no token for "
-                        f"{self._config.token_timeout_s:.0f}s") from None
+                        f"{self._config.token_timeout_s:.0f}s"
+                    ) from None
                 except _Aborted:
                     yield TokenChunk(rid, (), FinishReason.ABORT)
                     finished = True
@@ -205,7 +227,9 @@ def _worker_failed(role: str, instance_id: str, err: BaseException) -> WorkerFai
 class _Flight:
     """One request in this front door: its lifecycle state and the figures the metrics need."""
 
-    def __init__(self, request_id: RequestId, plan: DispatchPlan, prompt_tokens: int, events: EventSink) -> None:
+    def __init__(
+        self, request_id: RequestId, plan: DispatchPlan, prompt_tokens: int, events: EventSink
+    ) -> None:
         self.request_id = request_id
         self.plan = plan
         self.prompt_tokens = prompt_tokens
@@ -227,6 +251,12 @@ class _Flight:
             self.move(outcome)
 
     def _emit(self) -> None:
-        event = RequestEvent(self.request_id, self.state, time.time(), self.plan.prefill.instance_id,
-                             self.plan.decode.instance_id, self.detail)
+        event = RequestEvent(
+            self.request_id,
+            self.state,
+            time.time(),
+            self.plan.prefill.instance_id,
+            self.plan.decode.instance_id,
+            self.detail,
+        )
         self._events(event, self.prompt_tokens, self.output_tokens)

@@ -9,7 +9,6 @@ usage. It holds no per-request state outside ``stream``; closing the stream earl
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,8 +26,13 @@ class TokenRouter(Protocol):
     """Routes token ids to the worker pools and streams the generated ids back (written by the dispatch
     layer; the front door's only way to the workers)."""
 
-    def generate(self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec,
-                 priority: int = 0) -> AsyncIterator[TokenChunk]:
+    def generate(
+        self,
+        request_id: RequestId,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingSpec,
+        priority: int = 0,
+    ) -> AsyncIterator[TokenChunk]:
         """Yield the request's ``TokenChunk``s in order; the last one has ``finish_reason`` set.
 
         Raises ``protocol.errors.PdflowError`` subclasses (``PoolEmpty``, ``WorkerFailed``,
@@ -99,24 +103,31 @@ class PreparedRequest:
 class TextGenerator:
     """Validate, tokenize, route, detokenize. One instance per front door, shared by every request."""
 
-    def __init__(self, router: TokenRouter, tokenizer: ModelTokenizer, model_name: str, max_model_len: int,
-                 default_max_tokens: int, *, rng: random.Random | None = None) -> None:
+    def __init__(
+        self,
+        router: TokenRouter,
+        tokenizer: ModelTokenizer,
+        model_name: str,
+        max_model_len: int,
+        default_max_tokens: int,
+    ) -> None:
         self.router = router
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
-        self._rng = rng if rng is not None else random.SystemRandom()
 
     async def abort(self, request_id: RequestId) -> bool:
         return await self.router.abort(request_id)
 
     def prepare(self, req: TextRequest) -> PreparedRequest:
         """Validate and tokenize; raises ``InvalidRequest`` (or ``ModelNotFound``) with an OpenAI-style
-        message and the offending ``param``. Pure apart from drawing a seed when the client gave none."""
+        message and the offending ``param``. Pure."""
         if req.model != self.model_name:
-            raise ModelNotFound(f"The model '{req.model}' does not exist; this server serves "
-                                f"'{self.model_name}'.", param="model")
+            raise ModelNotFound(
+                f"The model '{req.model}' does not exist; this server serves '{self.model_name}'.",
+                param="model",
+            )
         _check_sampling(req)
         prompt_ids, prompt_param = self._prompt_ids(req)
         n_prompt, context = len(prompt_ids), self.max_model_len
@@ -124,7 +135,9 @@ class TextGenerator:
             raise InvalidRequest(
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{n_prompt} tokens in the prompt, which leaves no room for a completion. Please reduce "
-                f"the length of the {prompt_param}.", param=prompt_param)
+                f"the length of the {prompt_param}.",
+                param=prompt_param,
+            )
         if req.max_tokens is None:
             max_tokens = min(self.default_max_tokens, context - n_prompt)
         elif n_prompt + req.max_tokens > context:
@@ -132,7 +145,8 @@ class TextGenerator:
                 f"This model's maximum context length is {context} tokens. However, you requested "
                 f"{n_prompt + req.max_tokens} tokens ({n_prompt} in the {prompt_param}, {req.max_tokens} "
                 f"in the completion). Please reduce the length of the {prompt_param} or completion.",
-                param="max_tokens")
+                param="max_tokens",
+            )
         else:
             max_tokens = req.max_tokens
         sampling = SamplingSpec(
@@ -140,7 +154,7 @@ class TextGenerator:
             temperature=1.0 if req.temperature is None else float(req.temperature),
             top_p=1.0 if req.top_p is None else float(req.top_p),
             top_k=0 if req.top_k is None or req.top_k == -1 else req.top_k,
-            seed=req.seed if req.seed is not None else self._rng.getrandbits(63),
+            seed=req.seed,
             ignore_eos=req.ignore_eos,
         )
         return PreparedRequest(req.request_id, tuple(prompt_ids), sampling, tuple(req.stop), req.priority)
@@ -149,8 +163,9 @@ class TextGenerator:
         """Validate (see ``prepare``), then yield one ``TextDelta`` per router chunk. Router errors propagate
         as they are. Closing this generator early closes the router's iterator, which aborts the request."""
         prepared = self.prepare(req)
-        chunks = self.router.generate(prepared.request_id, prepared.prompt_token_ids, prepared.sampling,
-                                      prepared.priority)
+        chunks = self.router.generate(
+            prepared.request_id, prepared.prompt_token_ids, prepared.sampling, prepared.priority
+        )
         detok = self.tokenizer.detokenizer()
         stops = _StopMatcher(prepared.stop)
         n_generated = 0
@@ -175,22 +190,26 @@ class TextGenerator:
                 if finish is None:
                     yield TextDelta(tuple(taken), "".join(text))
                     continue
+                # Before the last yield: a stop string aborts the request now, not when the caller closes us.
+                await _close(chunks)
                 usage = Usage(len(prepared.prompt_token_ids), n_generated)
                 yield TextDelta(tuple(taken), "".join(text), finish, usage)
                 return
             raise WorkerFailed(
-                f"the token stream of request {prepared.request_id} ended without a finish reason")
+                f"the token stream of request {prepared.request_id} ended without a finish reason"
+            )
         finally:
-            aclose = getattr(chunks, "aclose", None)
-            if aclose is not None:
-                await aclose()
+            await _close(chunks)
 
     def _prompt_ids(self, req: TextRequest) -> tuple[list[int], str]:
         inputs = ("prompt", "messages", "prompt_token_ids")
         given = [name for name in inputs if getattr(req, name) is not None]
         if len(given) != 1:
-            raise InvalidRequest("Exactly one of 'prompt', 'messages' or 'prompt_token_ids' must be given; "
-                                 f"got {', '.join(given) or 'none'}.", param="prompt")
+            raise InvalidRequest(
+                "Exactly one of 'prompt', 'messages' or 'prompt_token_ids' must be given; "
+                f"got {', '.join(given) or 'none'}.",
+                param="prompt",
+            )
         if req.prompt is not None:
             if not req.prompt:
                 raise InvalidRequest("The prompt is empty; give at least one character.", param="prompt")
@@ -205,34 +224,47 @@ class TextGenerator:
             ids = list(req.prompt_token_ids or ())
             param = "prompt"
             if not ids:
-                raise InvalidRequest("The prompt's token id list is empty; give at least one token id.",
-                                     param="prompt")
+                raise InvalidRequest(
+                    "The prompt's token id list is empty; give at least one token id.", param="prompt"
+                )
             vocab = self.tokenizer.vocab_size
             bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab]
             if bad:
-                raise InvalidRequest(f"Token id {bad[0]!r} is out of vocabulary; this model's token ids are "
-                                     f"0 to {vocab - 1}.", param="prompt")
+                raise InvalidRequest(
+                    f"Token id {bad[0]!r} is out of vocabulary; this model's token ids are 0 to {vocab - 1}.",
+                    param="prompt",
+                )
         if not ids:
             raise InvalidRequest(f"The {param} encodes to no tokens.", param=param)
         return ids, param
+
+
+async def _close(chunks: AsyncIterator[TokenChunk]) -> None:
+    """Close the router's iterator: aborts the request unless it already finished; idempotent."""
+    aclose = getattr(chunks, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 def _check_sampling(req: TextRequest) -> None:
     if req.max_tokens is not None and req.max_tokens <= 0:
         raise InvalidRequest(f"max_tokens must be at least 1; got {req.max_tokens}.", param="max_tokens")
     if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
-        raise InvalidRequest(f"temperature must be between 0 and 2; got {req.temperature}.",
-                             param="temperature")
+        raise InvalidRequest(
+            f"temperature must be between 0 and 2; got {req.temperature}.", param="temperature"
+        )
     if req.top_p is not None and not (0.0 < req.top_p <= 1.0 and math.isfinite(req.top_p)):
         raise InvalidRequest(f"top_p must be greater than 0 and at most 1; got {req.top_p}.", param="top_p")
     if req.top_k is not None and req.top_k < -1:
-        raise InvalidRequest(f"top_k must be -1 or 0 (disabled) or a positive number; got {req.top_k}.",
-                             param="top_k")
+        raise InvalidRequest(
+            f"top_k must be -1 or 0 (disabled) or a positive number; got {req.top_k}.", param="top_k"
+        )
     if req.seed is not None and not _INT64_MIN <= req.seed <= _INT64_MAX:
         raise InvalidRequest(f"seed must fit in a signed 64-bit integer; got {req.seed}.", param="seed")
     if len(req.stop) > MAX_STOP_STRINGS:
-        raise InvalidRequest(f"At most {MAX_STOP_STRINGS} stop sequences are supported; got {len(req.stop)}.",
-                             param="stop")
+        raise InvalidRequest(
+            f"At most {MAX_STOP_STRINGS} stop sequences are supported; got {len(req.stop)}.", param="stop"
+        )
     if any(not isinstance(s, str) or not s for s in req.stop):
         raise InvalidRequest("Stop sequences must be non-empty strings.", param="stop")
 
@@ -253,10 +285,10 @@ class _StopMatcher:
         hits = [i for i in (held.find(s) for s in self._stops) if i >= 0]
         if hits:
             self._held = ""
-            return held[:min(hits)], True
+            return held[: min(hits)], True
         keep = self._partial_suffix(held)
-        self._held = held[len(held) - keep:] if keep else ""
-        return held[:len(held) - keep], False
+        self._held = held[len(held) - keep :] if keep else ""
+        return held[: len(held) - keep], False
 
     def finish(self, text: str) -> tuple[str, bool]:
         """``feed`` for the last text of the request; a held partial stop string is plain text after all."""

@@ -59,13 +59,16 @@ class ModelTokenizer:
         if not self.has_chat_template:
             raise InvalidRequest(
                 "This model's tokenizer has no chat template, so chat messages cannot be turned into a "
-                "prompt; use /v1/completions with a plain prompt instead.", param="messages")
+                "prompt; use /v1/completions with a plain prompt instead.",
+                param="messages",
+            )
         normalized = [_normalize_message(i, message) for i, message in enumerate(messages)]
         try:
             text = self._hf.apply_chat_template(normalized, add_generation_prompt=True, tokenize=False)
         except Exception as exc:  # jinja2 errors from the model's template: the messages do not fit it
-            raise InvalidRequest(f"The messages do not fit this model's chat template: {exc}",
-                                 param="messages") from exc
+            raise InvalidRequest(
+                f"The messages do not fit this model's chat template: {exc}", param="messages"
+            ) from exc
         # The template already wrote every special token (BOS included): add none again.
         return list(self._hf.encode(str(text), add_special_tokens=False))
 
@@ -82,8 +85,10 @@ def _normalize_message(index: int, message: Any) -> dict[str, str]:
         raise InvalidRequest(f"{where} must be an object with 'role' and 'content'.", param=where)
     role = message.get("role")
     if not isinstance(role, str) or role not in CHAT_ROLES:
-        raise InvalidRequest(f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}; got {role!r}.",
-                             param=f"{where}.role")
+        raise InvalidRequest(
+            f"{where}.role must be one of {', '.join(sorted(CHAT_ROLES))}; got {role!r}.",
+            param=f"{where}.role",
+        )
     content = message.get("content")
     if isinstance(content, str):
         return {"role": role, "content": content}
@@ -92,12 +97,16 @@ def _normalize_message(index: int, message: Any) -> dict[str, str]:
         for part in content:
             is_text = isinstance(part, Mapping) and part.get("type") == "text"
             if not (is_text and isinstance(part.get("text"), str)):
-                raise InvalidRequest(f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) "
-                                     "are supported.", param=f"{where}.content")
+                raise InvalidRequest(
+                    f"{where}.content: only text parts ({{'type': 'text', 'text': ...}}) are supported.",
+                    param=f"{where}.content",
+                )
             texts.append(part["text"])
         return {"role": role, "content": "".join(texts)}
-    raise InvalidRequest(f"{where}.content must be a string or a list of text parts; got "
-                         f"{type(content).__name__}.", param=f"{where}.content")
+    raise InvalidRequest(
+        f"{where}.content must be a string or a list of text parts; got {type(content).__name__}.",
+        param=f"{where}.content",
+    )
 
 
 class IncrementalDetokenizer:
@@ -138,22 +147,22 @@ class IncrementalDetokenizer:
         emitted = "".join(self._emitted)
         # Always true for byte-level BPE; a tokenizer whose decode rewrites earlier text could differ, and
         # text already sent cannot be taken back.
-        rest = full[len(emitted):] if full.startswith(emitted) else ""
+        rest = full[len(emitted) :] if full.startswith(emitted) else ""
         self._read_offset = self._prefix_offset = len(self._ids)
         if rest:
             self._emitted.append(rest)
         return rest
 
     def _step(self) -> str:
-        prefix_text = self._decode(self._ids[self._prefix_offset:self._read_offset])
-        new_text = self._decode(self._ids[self._prefix_offset:])
+        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
+        new_text = self._decode(self._ids[self._prefix_offset :])
         if len(new_text) <= len(prefix_text) or new_text.endswith(_REPLACEMENT):
             return ""
         if not new_text.startswith(prefix_text):
             return ""  # the window decodes inconsistently: keep holding, flush() settles it
         self._prefix_offset = self._read_offset
         self._read_offset = len(self._ids)
-        return new_text[len(prefix_text):]
+        return new_text[len(prefix_text) :]
 
     def _decode(self, token_ids: list[int]) -> str:
         if not token_ids:

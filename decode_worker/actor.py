@@ -19,8 +19,9 @@ class DecodeWorker(EngineWorker):
         async for chunk in self.engine.decode(request):
             yield chunk
 
-    async def generate(self, request_id: str, prompt_token_ids: tuple[int, ...],
-                       sampling: SamplingSpec) -> AsyncIterator[TokenChunk]:
+    async def generate(
+        self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
+    ) -> AsyncIterator[TokenChunk]:
         """Colocated path (prefill here too), for short prompts and for reference runs."""
         async for chunk in self.engine.generate(RequestId(request_id), prompt_token_ids, sampling):
             yield chunk

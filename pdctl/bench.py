@@ -91,12 +91,17 @@ def latency_stats(values: Sequence[float]) -> LatencyStats:
 
 def meets_slo(record: RequestRecord, slo_ttft_s: float, slo_tpot_s: float) -> bool:
     """A request meets the SLOs when it succeeded, its TTFT and its TPOT (if it has one) are within them."""
-    return (record.ok and record.ttft_s is not None and record.ttft_s <= slo_ttft_s
-            and (record.tpot_s is None or record.tpot_s <= slo_tpot_s))
+    return (
+        record.ok
+        and record.ttft_s is not None
+        and record.ttft_s <= slo_ttft_s
+        and (record.tpot_s is None or record.tpot_s <= slo_tpot_s)
+    )
 
 
-def summarize(records: Sequence[RequestRecord], *, slo_ttft_s: float, slo_tpot_s: float,
-              duration_s: float | None = None) -> BenchSummary:
+def summarize(
+    records: Sequence[RequestRecord], *, slo_ttft_s: float, slo_tpot_s: float, duration_s: float | None = None
+) -> BenchSummary:
     """Summary of a replay. Latencies cover successful requests; SLO attainment counts failures as misses.
     ``duration_s`` defaults to the time from the replay's start to the last request's end."""
     if duration_s is None:
@@ -105,14 +110,19 @@ def summarize(records: Sequence[RequestRecord], *, slo_ttft_s: float, slo_tpot_s
     tokens = sum(r.completion_tokens for r in good)
     met = sum(meets_slo(r, slo_ttft_s, slo_tpot_s) for r in records)
     return BenchSummary(
-        count=len(records), ok=len(good), errors=len(records) - len(good), duration_s=duration_s,
+        count=len(records),
+        ok=len(good),
+        errors=len(records) - len(good),
+        duration_s=duration_s,
         request_throughput=len(good) / duration_s if duration_s > 0 else 0.0,
         output_tokens_per_s=tokens / duration_s if duration_s > 0 else 0.0,
         ttft=latency_stats([r.ttft_s for r in good if r.ttft_s is not None]),
         tpot=latency_stats([r.tpot_s for r in good if r.tpot_s is not None]),
         e2e=latency_stats([r.e2e_s for r in good if r.e2e_s is not None]),
-        slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
-        slo_attainment=met / len(records) if records else None)
+        slo_ttft_s=slo_ttft_s,
+        slo_tpot_s=slo_tpot_s,
+        slo_attainment=met / len(records) if records else None,
+    )
 
 
 def _ms(seconds: float | None) -> str:
@@ -127,8 +137,15 @@ class BenchResult:
     summary: BenchSummary
 
     def to_json(self, *, indent: int | None = 2) -> str:
-        return json.dumps({"base_url": self.base_url, "model": self.model, "summary": asdict(self.summary),
-                           "records": [asdict(r) for r in self.records]}, indent=indent)
+        return json.dumps(
+            {
+                "base_url": self.base_url,
+                "model": self.model,
+                "summary": asdict(self.summary),
+                "records": [asdict(r) for r in self.records],
+            },
+            indent=indent,
+        )
 
     def render_table(self, console: Console) -> None:
         s = self.summary
@@ -140,8 +157,9 @@ class BenchResult:
         overview.add_row("request throughput", f"{s.request_throughput:.2f} req/s")
         overview.add_row("output tokens/s", f"{s.output_tokens_per_s:.1f}")
         attainment = "-" if s.slo_attainment is None else f"{s.slo_attainment:.1%}"
-        overview.add_row(f"SLO attainment (TTFT <= {_ms(s.slo_ttft_s)} ms, TPOT <= {_ms(s.slo_tpot_s)} ms)",
-                         attainment)
+        overview.add_row(
+            f"SLO attainment (TTFT <= {_ms(s.slo_ttft_s)} ms, TPOT <= {_ms(s.slo_tpot_s)} ms)", attainment
+        )
         latency = Table(title="latency (ms, successful requests)")
         for column in ("metric", "mean", "p50", "p90", "p99"):
             latency.add_column(column, justify="left" if column == "metric" else "right")
@@ -149,8 +167,11 @@ class BenchResult:
             latency.add_row(name, _ms(stats.mean), _ms(stats.p50), _ms(stats.p90), _ms(stats.p99))
         console.print(overview)
         console.print(latency)
-        causes = Counter(f"HTTP {r.http_status}: {r.error}" if r.http_status else str(r.error)
-                         for r in self.records if not r.ok)
+        causes = Counter(
+            f"HTTP {r.http_status}: {r.error}" if r.http_status else str(r.error)
+            for r in self.records
+            if not r.ok
+        )
         if causes:
             errors = Table(title="errors")
             errors.add_column("count", justify="right")
@@ -160,8 +181,9 @@ class BenchResult:
             console.print(errors)
 
 
-def synthesize_prompt(num_tokens: int, *, index: int, seed: int = 0,
-                      vocab_size: int = DEFAULT_VOCAB_SIZE) -> list[int]:
+def synthesize_prompt(
+    num_tokens: int, *, index: int, seed: int = 0, vocab_size: int = DEFAULT_VOCAB_SIZE
+) -> list[int]:
     """``num_tokens`` pseudo-random ordinary token ids, the same for the same (seed, index). Random ids share
     no prefix, so prefix caching cannot shorten a prefill the trace asks for."""
     if vocab_size <= FIRST_ORDINARY_TOKEN_ID:
@@ -188,8 +210,9 @@ def _error_message(body: bytes) -> str:
     return str(payload)[:300]
 
 
-async def _send(client: httpx.AsyncClient, body: dict[str, Any], timeout_s: float,
-                clock: asyncio.AbstractEventLoop) -> tuple[float | None, float, int, int | None, str | None]:
+async def _send(
+    client: httpx.AsyncClient, body: dict[str, Any], timeout_s: float, clock: asyncio.AbstractEventLoop
+) -> tuple[float | None, float, int, int | None, str | None]:
     """Stream one completion: (ttft, e2e, completion tokens, HTTP status, error). The deadline covers the
     whole stream."""
     sent = clock.time()
@@ -204,7 +227,7 @@ async def _send(client: httpx.AsyncClient, body: dict[str, Any], timeout_s: floa
             async for line in response.aiter_lines():
                 if not line.startswith("data:"):
                     continue
-                data = line[len("data:"):].strip()
+                data = line[len("data:") :].strip()
                 if data == "[DONE]":
                     done = True
                     break
@@ -229,10 +252,19 @@ async def _send(client: httpx.AsyncClient, body: dict[str, Any], timeout_s: floa
     return first - sent, e2e, chunks if usage_tokens is None else usage_tokens, status, None
 
 
-async def run_bench(base_url: str, model: str, requests: Sequence[TraceRequest], *,
-                    tokenizer_vocab_size: int | None, slo_ttft_s: float, slo_tpot_s: float,
-                    concurrency_limit: int | None, progress: bool, request_timeout_s: float,
-                    seed: int = 0) -> BenchResult:
+async def run_bench(
+    base_url: str,
+    model: str,
+    requests: Sequence[TraceRequest],
+    *,
+    tokenizer_vocab_size: int | None,
+    slo_ttft_s: float,
+    slo_tpot_s: float,
+    concurrency_limit: int | None,
+    progress: bool,
+    request_timeout_s: float,
+    seed: int = 0,
+) -> BenchResult:
     """Replay ``requests`` against ``{base_url}/v1/completions`` in real time (arrivals as given; scale them
     when loading the trace) and measure each. ``concurrency_limit`` caps requests in flight (a held request
     is sent late, and its latencies count from the send); ``request_timeout_s`` is each request's deadline.
@@ -244,9 +276,15 @@ async def run_bench(base_url: str, model: str, requests: Sequence[TraceRequest],
     gate = asyncio.Semaphore(concurrency_limit) if concurrency_limit else None
     records: list[RequestRecord] = []
     errors = 0
-    bar = Progress(TextColumn("replaying"), BarColumn(), MofNCompleteColumn(),
-                   TextColumn("errors: {task.fields[errors]}"), TimeElapsedColumn(),
-                   console=Console(stderr=True), disable=not progress)
+    bar = Progress(
+        TextColumn("replaying"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("errors: {task.fields[errors]}"),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        disable=not progress,
+    )
     task_id = bar.add_task("replay", total=len(requests), errors=0)
     # Unlimited connections: waiting for a pooled connection would count as server latency.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -255,8 +293,14 @@ async def run_bench(base_url: str, model: str, requests: Sequence[TraceRequest],
     async def replay(index: int, request: TraceRequest) -> None:
         nonlocal errors
         prompt = synthesize_prompt(request.prompt_tokens, index=index, seed=seed, vocab_size=vocab_size)
-        body = {"model": model, "prompt": prompt, "max_tokens": request.output_tokens, "stream": True,
-                "stream_options": {"include_usage": True}, "ignore_eos": True}
+        body = {
+            "model": model,
+            "prompt": prompt,
+            "max_tokens": request.output_tokens,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "ignore_eos": True,
+        }
         if gate is not None:
             await gate.acquire()
         try:
@@ -266,11 +310,23 @@ async def run_bench(base_url: str, model: str, requests: Sequence[TraceRequest],
             if gate is not None:
                 gate.release()
         tpot = (e2e - ttft) / (tokens - 1) if error is None and ttft is not None and tokens > 1 else None
-        records.append(RequestRecord(
-            index=index, prompt_tokens=request.prompt_tokens, max_tokens=request.output_tokens,
-            scheduled_s=request.arrival_s, sent_s=sent_s, finished_s=clock.time() - start, ok=error is None,
-            completion_tokens=tokens, ttft_s=ttft, tpot_s=tpot, e2e_s=e2e if error is None else None,
-            http_status=status, error=error))
+        records.append(
+            RequestRecord(
+                index=index,
+                prompt_tokens=request.prompt_tokens,
+                max_tokens=request.output_tokens,
+                scheduled_s=request.arrival_s,
+                sent_s=sent_s,
+                finished_s=clock.time() - start,
+                ok=error is None,
+                completion_tokens=tokens,
+                ttft_s=ttft,
+                tpot_s=tpot,
+                e2e_s=e2e if error is None else None,
+                http_status=status,
+                error=error,
+            )
+        )
         errors += error is not None
         bar.update(task_id, advance=1, errors=errors)
 
@@ -286,6 +342,9 @@ async def run_bench(base_url: str, model: str, requests: Sequence[TraceRequest],
                     group.create_task(replay(index, request))
     duration = clock.time() - start
     ordered = tuple(sorted(records, key=lambda r: r.index))
-    return BenchResult(base_url=base_url, model=model, records=ordered,
-                       summary=summarize(ordered, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s,
-                                         duration_s=duration))
+    return BenchResult(
+        base_url=base_url,
+        model=model,
+        records=ordered,
+        summary=summarize(ordered, slo_ttft_s=slo_ttft_s, slo_tpot_s=slo_tpot_s, duration_s=duration),
+    )

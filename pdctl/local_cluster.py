@@ -3,13 +3,14 @@ decode workers and one front door, all as Ray actors. ``pdctl up`` and the end-t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from protocol.config import ClusterConfig
 from protocol.snapshots import Role
@@ -70,17 +71,23 @@ class LocalCluster:
     def start(self, say: Callable[[str], None] = lambda _: None) -> ClusterHandle:
         """Start Ray, the controller, the workers (in parallel) and the front door. Raises on any failure,
         after stopping whatever had started."""
-        import ray
-
         from pdctl.model_cache import default_cache_dir
 
+        # Before Ray is imported: it reads some of these once, at import.
         apply_env_defaults(default_cache_dir().parents[1])
+        import ray
+
         try:
             say("starting Ray")
             if not ray.is_initialized():
-                ray.init(namespace=NAMESPACE, include_dashboard=False, log_to_driver=self._log_to_driver,
-                         object_store_memory=256 * 1024**2, num_cpus=os.cpu_count() or 2,
-                         _node_ip_address="127.0.0.1")
+                ray.init(
+                    namespace=NAMESPACE,
+                    include_dashboard=False,
+                    log_to_driver=self._log_to_driver,
+                    object_store_memory=256 * 1024**2,
+                    num_cpus=os.cpu_count() or 2,
+                    _node_ip_address="127.0.0.1",
+                )
             self._start_controller()
             self._start_workers(say)
             self._start_frontdoor()
@@ -97,9 +104,12 @@ class LocalCluster:
         cfg = self.config.model_copy(deep=True)
         if cfg.controller.admin_port == 0:
             cfg.controller.admin_port = free_port()
-        actor = ray.remote(Controller).options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=1000).remote(
-            cfg.model_dump(mode="json"), NAMESPACE)
-        port = ray.get(actor.start.remote(), timeout=60)
+        actor = (
+            ray.remote(cast(Any, Controller))
+            .options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=1000)
+            .remote(cfg.model_dump(mode="json"), NAMESPACE)
+        )
+        port: int = ray.get(actor.start.remote(), timeout=60)
         self.handle.actors[CONTROLLER_NAME] = actor
         self.handle.admin_address = f"{cfg.frontdoor.host}:{port}"
 
@@ -116,14 +126,29 @@ class LocalCluster:
         engine = self.config.engine
         base = self.config.worker.nixl_base_port
         env = {
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(base + index * 2 + (role is Role.DECODE) if base else free_port()),
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(
+                base + index * 2 + (role is Role.DECODE) if base else free_port()
+            ),
             "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))),
             "OMP_NUM_THREADS": str(engine.cpu_threads),
         }
-        actor = ray.remote(cls).options(
-            name=name, num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env},
-        ).remote(instance_id, name, str(self.model_path), self.config.model_dump(mode="json"),
-                 CONTROLLER_NAME, NAMESPACE)
+        actor = (
+            ray.remote(cls)
+            .options(
+                name=name,
+                num_cpus=0,
+                max_concurrency=1000,
+                runtime_env={"env_vars": env},
+            )
+            .remote(
+                instance_id,
+                name,
+                str(self.model_path),
+                self.config.model_dump(mode="json"),
+                CONTROLLER_NAME,
+                NAMESPACE,
+            )
+        )
         self.handle.actors[name] = actor
         return name, actor
 
@@ -147,10 +172,18 @@ class LocalCluster:
 
         from controller.frontdoor import FrontDoor
 
-        actor = ray.remote(FrontDoor).options(name=FRONTDOOR_NAME, num_cpus=0, max_concurrency=1000).remote(
-            self.config.model_dump(mode="json"), str(self.model_path), NAMESPACE, CONTROLLER_NAME,
-            FRONTDOOR_NAME)
-        addresses = ray.get(actor.start.remote(), timeout=120)
+        actor = (
+            ray.remote(cast(Any, FrontDoor))
+            .options(name=FRONTDOOR_NAME, num_cpus=0, max_concurrency=1000)
+            .remote(
+                self.config.model_dump(mode="json"),
+                str(self.model_path),
+                NAMESPACE,
+                CONTROLLER_NAME,
+                FRONTDOOR_NAME,
+            )
+        )
+        addresses: dict[str, str] = ray.get(actor.start.remote(), timeout=120)
         self.handle.actors[FRONTDOOR_NAME] = actor
         self.handle.http_url = addresses["http"]
         self.handle.grpc_address = addresses["grpc"]
@@ -163,8 +196,10 @@ class LocalCluster:
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             health = ray.get(fd.health.remote(), timeout=10)
-            if (health["prefill_workers"] >= self.config.prefill.replicas
-                    and health["decode_workers"] >= self.config.decode.replicas):
+            if (
+                health["prefill_workers"] >= self.config.prefill.replicas
+                and health["decode_workers"] >= self.config.decode.replicas
+            ):
                 return
             time.sleep(0.1)
         raise TimeoutError(f"cluster not serving after {timeout_s:.0f}s: {health}")
@@ -176,14 +211,11 @@ class LocalCluster:
         if not ray.is_initialized():
             return
         refs = [a.shutdown.remote() for a in self.handle.actors.values()]
-        try:
+        # A dead actor cannot shut down, and an actor already gone cannot be killed: either way it ends.
+        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
             ray.get(refs, timeout=30)
-        except Exception:  # a dead actor cannot shut down; it is killed below either way
-            pass
         for actor in self.handle.actors.values():
-            try:
+            with contextlib.suppress(ValueError, ray.exceptions.RayError):
                 ray.kill(actor)
-            except Exception:  # already gone
-                pass
         self.handle.actors.clear()
         ray.shutdown()

@@ -10,15 +10,22 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+from prefill_worker.engine_stats import EngineStats
 from protocol.config import EngineConfig
 from protocol.engine import EngineLoad
 from protocol.errors import WorkerFailed
 from protocol.ids import RequestId
-from protocol.messages import DecodeRequest, FinishReason, PrefillRequest, PrefillResult, SamplingSpec, TokenChunk
+from protocol.messages import (
+    DecodeRequest,
+    FinishReason,
+    PrefillRequest,
+    PrefillResult,
+    SamplingSpec,
+    TokenChunk,
+)
 from protocol.snapshots import TransferCounters
-from prefill_worker.engine_stats import EngineStats
 
 log = logging.getLogger(__name__)
 
@@ -55,10 +62,15 @@ class VllmEngine:
         args = AsyncEngineArgs(
             model=str(self._model_path),
             tokenizer=str(self._model_path),
-            dtype=cfg.dtype,
+            dtype=cast(Any, cfg.dtype),
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
             enforce_eager=cfg.enforce_eager,
+            # No chunked prefill: vLLM CPU rewinds a seeded request's torch generator after a partial
+            # prefill, which the CPU generator cannot do, and the whole engine dies
+            # ("CPU Generator does not use offset"). Whole prompts per step avoid partial prefills.
+            enable_chunked_prefill=False,
+            max_num_batched_tokens=max(cfg.max_model_len, 2048),
             kv_transfer_config=kv_transfer,
             disable_log_stats=False,
             enable_log_requests=False,
@@ -107,14 +119,19 @@ class VllmEngine:
         # goes on. The connector loads exactly this many tokens (see kv_transfer.vllm_connector).
         kv_params["pdflow_remote_tokens"] = len(request.prompt_token_ids)
         params = self._sampling_params(
-            request.sampling, max_tokens=request.sampling.max_tokens - 1, kv_transfer_params=kv_params)
+            request.sampling, max_tokens=request.sampling.max_tokens - 1, kv_transfer_params=kv_params
+        )
         prompt = (*request.prompt_token_ids, request.first_token_id)
         first_chunk = True
         async for out in self._run(request.request_id, prompt, params):
             chunk = _chunk(request.request_id, out)
             if first_chunk:
-                chunk = TokenChunk(chunk.request_id, chunk.token_ids, chunk.finish_reason,
-                                   num_external_tokens=out.num_cached_tokens)
+                chunk = TokenChunk(
+                    chunk.request_id,
+                    chunk.token_ids,
+                    chunk.finish_reason,
+                    num_external_tokens=out.num_cached_tokens,
+                )
                 first_chunk = False
             yield chunk
 
@@ -131,6 +148,11 @@ class VllmEngine:
 
     def load(self) -> EngineLoad:
         return self._stats.load()
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine core has died; every request on it fails from then on."""
+        return self._llm is not None and bool(self._llm.errored)
 
     def transfer_counters(self) -> TransferCounters:
         return self._stats.load().transfer
@@ -181,6 +203,7 @@ def _chunk(request_id: RequestId, out: Any) -> TokenChunk:
     finish: FinishReason | None = None
     if out.finished:
         reason = completion.finish_reason if completion is not None else None
-        finish = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH,
-                  "abort": FinishReason.ABORT}.get(str(reason), FinishReason.ERROR)
+        finish = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}.get(
+            str(reason), FinishReason.ERROR
+        )
     return TokenChunk(request_id=request_id, token_ids=token_ids, finish_reason=finish)

@@ -41,8 +41,13 @@ class EngineStats:
             def __init__(self, vllm_config: Any, engine_index: int = 0) -> None:
                 pass
 
-            def record(self, scheduler_stats: Any, iteration_stats: Any, mm_cache_stats: Any = None,
-                       engine_idx: int = 0) -> None:
+            def record(
+                self,
+                scheduler_stats: Any,
+                iteration_stats: Any,
+                mm_cache_stats: Any = None,
+                engine_idx: int = 0,
+            ) -> None:
                 stats.record(scheduler_stats, iteration_stats)
 
             def log_engine_initialized(self) -> None:
@@ -71,8 +76,10 @@ class EngineStats:
         self._transfers += len(data.get("transfer_duration", ()))
         self._seconds += float(sum(data.get("transfer_duration", ())))
         self._bytes += int(sum(data.get("bytes_transferred", ())))
-        self._failed += sum(len(data.get(k, ())) for k in (
-            "num_failed_transfers", "num_failed_handshakes", "num_failed_notifications"))
+        self._failed += sum(
+            len(data.get(k, ()))
+            for k in ("num_failed_transfers", "num_failed_handshakes", "num_failed_notifications")
+        )
 
     def load(self) -> EngineLoad:
         now = time.monotonic()
@@ -84,8 +91,12 @@ class EngineStats:
             decode_tps=_rate(self._gen_events, now),
             prompt_tps=_rate(self._prompt_events, now),
             transfer=TransferCounters(
-                transfers=self._transfers, failed=self._failed, bytes=self._bytes, seconds=self._seconds,
-                external_tokens=self._external_tokens),
+                transfers=self._transfers,
+                failed=self._failed,
+                bytes=self._bytes,
+                seconds=self._seconds,
+                external_tokens=self._external_tokens,
+            ),
         )
 
 

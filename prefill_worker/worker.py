@@ -22,8 +22,15 @@ _REPORT_DEADLINE_S = 2.0
 class EngineWorker:
     role: Role
 
-    def __init__(self, instance_id: str, actor_name: str, model_path: str, config: dict[str, Any],
-                 controller_name: str, namespace: str) -> None:
+    def __init__(
+        self,
+        instance_id: str,
+        actor_name: str,
+        model_path: str,
+        config: dict[str, Any],
+        controller_name: str,
+        namespace: str,
+    ) -> None:
         self.instance_id = InstanceId(instance_id)
         self.actor_name = actor_name
         self.config = ClusterConfig.model_validate(config)
@@ -37,16 +44,30 @@ class EngineWorker:
         """Start the engine (tens of seconds on CPU), then begin reporting. Returns once the worker serves."""
         await asyncio.wait_for(self.engine.start(), self.config.worker.start_timeout_s)
         self._state = InstanceState.READY
-        self._report_task = asyncio.create_task(self._report_loop())
-        await self._report_once()
+        if self._controller_name:  # an unregistered engine (a reference run) reports to nobody
+            self._report_task = asyncio.create_task(self._report_loop())
+            await self._report_once()
 
     def snapshot(self) -> InstanceSnapshot:
+        if self.engine.dead and self._state is not InstanceState.DEAD:
+            log.error(
+                "%s: the vLLM engine died; reporting DEAD so that it gets no new work", self.instance_id
+            )
+            self._state = InstanceState.DEAD
         load = self.engine.load()
         return InstanceSnapshot(
-            instance_id=self.instance_id, role=self.role, state=self._state, actor_name=self.actor_name,
-            num_running=load.num_running, num_waiting=load.num_waiting, kv_blocks_used=load.kv_blocks_used,
-            kv_blocks_total=load.kv_blocks_total, decode_tps=load.decode_tps, prompt_tps=load.prompt_tps,
-            transfer=load.transfer, reported_at=time.time(),
+            instance_id=self.instance_id,
+            role=self.role,
+            state=self._state,
+            actor_name=self.actor_name,
+            num_running=load.num_running,
+            num_waiting=load.num_waiting,
+            kv_blocks_used=load.kv_blocks_used,
+            kv_blocks_total=load.kv_blocks_total,
+            decode_tps=load.decode_tps,
+            prompt_tps=load.prompt_tps,
+            transfer=load.transfer,
+            reported_at=time.time(),
         )
 
     async def abort(self, request_id: str) -> None:

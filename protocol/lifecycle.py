@@ -22,8 +22,12 @@ class RequestState(enum.StrEnum):
 
 
 TERMINAL_STATES = frozenset(
-    {RequestState.FINISHED_STOP, RequestState.FINISHED_LENGTH, RequestState.FINISHED_ABORTED,
-     RequestState.FINISHED_ERROR}
+    {
+        RequestState.FINISHED_STOP,
+        RequestState.FINISHED_LENGTH,
+        RequestState.FINISHED_ABORTED,
+        RequestState.FINISHED_ERROR,
+    }
 )
 _ENDINGS = frozenset({RequestState.FINISHED_ABORTED, RequestState.FINISHED_ERROR})
 
@@ -32,10 +36,14 @@ _ENDINGS = frozenset({RequestState.FINISHED_ABORTED, RequestState.FINISHED_ERROR
 TRANSITIONS: dict[RequestState, frozenset[RequestState]] = {
     RequestState.QUEUED: frozenset({RequestState.PREFILLING, RequestState.DECODING}) | _ENDINGS,
     RequestState.PREFILLING: frozenset(
-        {RequestState.TRANSFERRING, RequestState.FINISHED_STOP, RequestState.FINISHED_LENGTH}) | _ENDINGS,
+        {RequestState.TRANSFERRING, RequestState.FINISHED_STOP, RequestState.FINISHED_LENGTH}
+    )
+    | _ENDINGS,
     RequestState.TRANSFERRING: frozenset({RequestState.DECODING}) | _ENDINGS,
     RequestState.DECODING: frozenset(
-        {RequestState.MIGRATING, RequestState.FINISHED_STOP, RequestState.FINISHED_LENGTH}) | _ENDINGS,
+        {RequestState.MIGRATING, RequestState.FINISHED_STOP, RequestState.FINISHED_LENGTH}
+    )
+    | _ENDINGS,
     RequestState.MIGRATING: frozenset({RequestState.DECODING}) | _ENDINGS,
     **{state: frozenset() for state in TERMINAL_STATES},
 }

@@ -19,8 +19,8 @@ class FinishReason(enum.StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class SamplingSpec:
-    """What the client asked of sampling. ``seed`` is always set by the front door so that the prefill and
-    the decode worker sample the same way."""
+    """What the client asked of sampling. The decode worker continues after the prefill's first token
+    rather than sampling it again, so prefill and decode need not share a seed."""
 
     max_tokens: int
     temperature: float = 1.0

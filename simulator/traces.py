@@ -50,11 +50,15 @@ class Trace:
     def describe(self) -> str:
         n = len(self.requests)
         rate = f", {n / self.span_s:.2f} req/s" if self.span_s > 0 else ""
-        text = (f"{self.source.name}: {n} of {self.rows_total} requests from t={self.start_s:g} s, "
-                f"replayed over {self.span_s:.1f} s (time scale {self.time_scale:g}{rate})")
+        text = (
+            f"{self.source.name}: {n} of {self.rows_total} requests from t={self.start_s:g} s, "
+            f"replayed over {self.span_s:.1f} s (time scale {self.time_scale:g}{rate})"
+        )
         if self.clipped:
-            text += (f"; clipped {self.clipped} requests ({self.prompt_clipped} prompts, "
-                     f"{self.output_clipped} outputs)")
+            text += (
+                f"; clipped {self.clipped} requests ({self.prompt_clipped} prompts, "
+                f"{self.output_clipped} outputs)"
+            )
         return text
 
 
@@ -75,8 +79,14 @@ def parse_timestamp(text: str) -> float:
     return seconds
 
 
-def clip_lengths(prompt_tokens: int, output_tokens: int, *, max_prompt_tokens: int | None = None,
-                 max_output_tokens: int | None = None, max_model_len: int | None = None) -> tuple[int, int]:
+def clip_lengths(
+    prompt_tokens: int,
+    output_tokens: int,
+    *,
+    max_prompt_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    max_model_len: int | None = None,
+) -> tuple[int, int]:
     """Shorten a (prompt, output) pair to the limits. Past ``max_model_len`` the prompt gives way first (down
     to one token), then the output, so that the decode work the trace asks for is kept where it fits."""
     prompt = prompt_tokens if max_prompt_tokens is None else min(prompt_tokens, max_prompt_tokens)
@@ -96,8 +106,9 @@ def _read_rows(path: Path) -> list[tuple[float, int, int]]:
         header = next(reader, None)
         if header is None or tuple(cell.strip() for cell in header) != HEADER:
             found = "an empty file" if header is None else ",".join(header)
-            raise TraceFormatError(f"{path}: not an Azure LLM trace: expected header {','.join(HEADER)}, "
-                                   f"found {found}")
+            raise TraceFormatError(
+                f"{path}: not an Azure LLM trace: expected header {','.join(HEADER)}, found {found}"
+            )
         rows = []
         for row in reader:
             if not row:
@@ -115,9 +126,17 @@ def _read_rows(path: Path) -> list[tuple[float, int, int]]:
     return rows
 
 
-def load_trace(path: str | Path, *, start_s: float = 0.0, duration_s: float | None = None,
-               time_scale: float = 1.0, max_requests: int | None = None, max_prompt_tokens: int | None = None,
-               max_output_tokens: int | None = None, max_model_len: int | None = None) -> Trace:
+def load_trace(
+    path: str | Path,
+    *,
+    start_s: float = 0.0,
+    duration_s: float | None = None,
+    time_scale: float = 1.0,
+    max_requests: int | None = None,
+    max_prompt_tokens: int | None = None,
+    max_output_tokens: int | None = None,
+    max_model_len: int | None = None,
+) -> Trace:
     """Load an Azure-format trace.
 
     ``start_s``/``duration_s`` pick the window ``[start_s, start_s + duration_s)`` in trace time (seconds
@@ -134,8 +153,12 @@ def load_trace(path: str | Path, *, start_s: float = 0.0, duration_s: float | No
         raise ValueError(f"duration_s must be > 0, got {duration_s}")
     if time_scale <= 0:
         raise ValueError(f"time_scale must be > 0, got {time_scale}")
-    limits = (("max_requests", max_requests, 1), ("max_prompt_tokens", max_prompt_tokens, 1),
-              ("max_output_tokens", max_output_tokens, 1), ("max_model_len", max_model_len, 2))
+    limits = (
+        ("max_requests", max_requests, 1),
+        ("max_prompt_tokens", max_prompt_tokens, 1),
+        ("max_output_tokens", max_output_tokens, 1),
+        ("max_model_len", max_model_len, 2),
+    )
     for name, value, least in limits:
         if value is not None and value < least:
             raise ValueError(f"{name} must be >= {least}, got {value}")
@@ -151,19 +174,32 @@ def load_trace(path: str | Path, *, start_s: float = 0.0, duration_s: float | No
     if max_requests is not None:
         window = window[:max_requests]
     if not window:
-        raise ValueError(f"{source}: no requests in [{start_s:g}, {end_s:g}) s; the trace spans "
-                         f"{rows[-1][0] - first:.1f} s")
+        raise ValueError(
+            f"{source}: no requests in [{start_s:g}, {end_s:g}) s; the trace spans "
+            f"{rows[-1][0] - first:.1f} s"
+        )
 
     origin = window[0][0]
     requests, prompt_clipped, output_clipped, clipped = [], 0, 0, 0
     for stamp, prompt, output in window:
         new_prompt, new_output = clip_lengths(
-            prompt, output, max_prompt_tokens=max_prompt_tokens, max_output_tokens=max_output_tokens,
-            max_model_len=max_model_len)
+            prompt,
+            output,
+            max_prompt_tokens=max_prompt_tokens,
+            max_output_tokens=max_output_tokens,
+            max_model_len=max_model_len,
+        )
         prompt_clipped += new_prompt < prompt
         output_clipped += new_output < output
         clipped += new_prompt < prompt or new_output < output
         requests.append(TraceRequest((stamp - origin) * time_scale, new_prompt, new_output))
-    return Trace(source=source, requests=tuple(requests), rows_total=len(rows), start_s=start_s,
-                 time_scale=time_scale, prompt_clipped=prompt_clipped, output_clipped=output_clipped,
-                 clipped=clipped)
+    return Trace(
+        source=source,
+        requests=tuple(requests),
+        rows_total=len(rows),
+        start_s=start_s,
+        time_scale=time_scale,
+        prompt_clipped=prompt_clipped,
+        output_clipped=output_clipped,
+        clipped=clipped,
+    )

@@ -9,7 +9,11 @@ from pathlib import Path
 import pytest
 
 from controller.tokenizer import ModelTokenizer
-from pdctl.model_cache import MODEL_NAME, prepare_model
+from pdctl.local_cluster import apply_env_defaults
+from pdctl.model_cache import MODEL_NAME, default_cache_dir, prepare_model
+
+# Loopback-only Ray, no model hub, quiet NIXL: set before any test module imports Ray.
+apply_env_defaults(default_cache_dir().parents[1])
 
 
 @pytest.fixture(scope="session")

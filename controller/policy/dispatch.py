@@ -34,8 +34,9 @@ def freeness(instance: InstanceSnapshot, extra_requests: int = 0) -> float:
     return free / max(batch, 1)
 
 
-def decide(snapshot: ClusterSnapshot, state: DispatchState, kind: DispatchPolicyKind
-           ) -> tuple[DispatchPlan, DispatchState]:
+def decide(
+    snapshot: ClusterSnapshot, state: DispatchState, kind: DispatchPolicyKind
+) -> tuple[DispatchPlan, DispatchState]:
     prefills = sorted(snapshot.live(Role.PREFILL), key=lambda i: i.instance_id)
     decodes = sorted(snapshot.live(Role.DECODE), key=lambda i: i.instance_id)
     if not prefills:
@@ -49,14 +50,18 @@ def decide(snapshot: ClusterSnapshot, state: DispatchState, kind: DispatchPolicy
         decode = decodes[state.next_decode % len(decodes)]
     else:
         placed = dict(state.placed_since_snapshot)
-        prefill = min(prefills, key=lambda i: (i.num_waiting + i.num_running + placed.get(i.instance_id, 0),
-                                               i.instance_id))
+        prefill = min(
+            prefills,
+            key=lambda i: (i.num_waiting + i.num_running + placed.get(i.instance_id, 0), i.instance_id),
+        )
         decode = max(decodes, key=lambda i: (freeness(i, placed.get(i.instance_id, 0)), i.instance_id))
     placed = dict(state.placed_since_snapshot)
     for chosen in (prefill, decode):
         placed[chosen.instance_id] = placed.get(chosen.instance_id, 0) + 1
     new_state = DispatchState(
-        next_prefill=state.next_prefill + 1, next_decode=state.next_decode + 1,
-        placed_since_snapshot=tuple(sorted(placed.items())), snapshot_version=snapshot.version,
+        next_prefill=state.next_prefill + 1,
+        next_decode=state.next_decode + 1,
+        placed_since_snapshot=tuple(sorted(placed.items())),
+        snapshot_version=snapshot.version,
     )
     return DispatchPlan(prefill, decode), new_state

@@ -48,8 +48,17 @@ def _completions_app(bodies: list[dict[str, Any]]) -> FastAPI:
         max_tokens = int(body["max_tokens"])
         if max_tokens > MAX_TOKENS_LIMIT:
             message = f"max_tokens must be at most {MAX_TOKENS_LIMIT}, got {max_tokens}"
-            return JSONResponse(status_code=400, content={"error": {
-                "message": message, "type": "invalid_request_error", "param": "max_tokens", "code": None}})
+            return JSONResponse(
+                status_code=400,
+                content={
+                    "error": {
+                        "message": message,
+                        "type": "invalid_request_error",
+                        "param": "max_tokens",
+                        "code": None,
+                    }
+                },
+            )
 
         async def stream() -> AsyncIterator[str]:
             chunk = {"id": "cmpl-1", "object": "text_completion", "model": body["model"]}
@@ -60,8 +69,11 @@ def _completions_app(bodies: list[dict[str, Any]]) -> FastAPI:
                 yield _sse(chunk | {"choices": [choice], "usage": None})
             if body.get("stream_options", {}).get("include_usage"):
                 prompt_tokens = len(body["prompt"])
-                usage = {"prompt_tokens": prompt_tokens, "completion_tokens": max_tokens,
-                         "total_tokens": prompt_tokens + max_tokens}
+                usage = {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": max_tokens,
+                    "total_tokens": prompt_tokens + max_tokens,
+                }
                 yield _sse(chunk | {"choices": [], "usage": usage})
             yield _sse("[DONE]")
 
@@ -84,16 +96,34 @@ async def server() -> AsyncIterator[StubServer]:
     sock.close()
 
 
-async def _bench(base_url: str, requests: list[TraceRequest], *, concurrency_limit: int | None = None,
-                 request_timeout_s: float = 10.0) -> BenchResult:
-    return await run_bench(base_url, "stub-model", requests, tokenizer_vocab_size=None, slo_ttft_s=0.5,
-                           slo_tpot_s=0.1, concurrency_limit=concurrency_limit, progress=False,
-                           request_timeout_s=request_timeout_s)
+async def _bench(
+    base_url: str,
+    requests: list[TraceRequest],
+    *,
+    concurrency_limit: int | None = None,
+    request_timeout_s: float = 10.0,
+) -> BenchResult:
+    return await run_bench(
+        base_url,
+        "stub-model",
+        requests,
+        tokenizer_vocab_size=None,
+        slo_ttft_s=0.5,
+        slo_tpot_s=0.1,
+        concurrency_limit=concurrency_limit,
+        progress=False,
+        request_timeout_s=request_timeout_s,
+    )
 
 
 async def test_replay_measures_tokens_latencies_and_errors(server: StubServer) -> None:
-    requests = [TraceRequest(0.0, 37, 12), TraceRequest(0.05, 1500, 6), TraceRequest(0.1, 5, 1),
-                TraceRequest(0.15, 300, 1200), TraceRequest(0.2, 64, 20)]
+    requests = [
+        TraceRequest(0.0, 37, 12),
+        TraceRequest(0.05, 1500, 6),
+        TraceRequest(0.1, 5, 1),
+        TraceRequest(0.15, 300, 1200),
+        TraceRequest(0.2, 64, 20),
+    ]
     server.bodies.clear()
     result = await _bench(server.base_url, requests)
 

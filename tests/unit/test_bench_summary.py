@@ -17,12 +17,33 @@ from pdctl.bench import (
 )
 
 
-def _record(index: int, *, ttft: float | None, tpot: float | None, e2e: float | None, tokens: int = 10,
-            ok: bool = True, finished: float = 1.0, status: int | None = 200,
-            error: str | None = None) -> RequestRecord:
-    return RequestRecord(index=index, prompt_tokens=100, max_tokens=tokens, scheduled_s=0.0, sent_s=0.0,
-                         finished_s=finished, ok=ok, completion_tokens=tokens if ok else 0, ttft_s=ttft,
-                         tpot_s=tpot, e2e_s=e2e, http_status=status, error=error)
+def _record(
+    index: int,
+    *,
+    ttft: float | None,
+    tpot: float | None,
+    e2e: float | None,
+    tokens: int = 10,
+    ok: bool = True,
+    finished: float = 1.0,
+    status: int | None = 200,
+    error: str | None = None,
+) -> RequestRecord:
+    return RequestRecord(
+        index=index,
+        prompt_tokens=100,
+        max_tokens=tokens,
+        scheduled_s=0.0,
+        sent_s=0.0,
+        finished_s=finished,
+        ok=ok,
+        completion_tokens=tokens if ok else 0,
+        ttft_s=ttft,
+        tpot_s=tpot,
+        e2e_s=e2e,
+        http_status=status,
+        error=error,
+    )
 
 
 RECORDS = [
@@ -30,8 +51,9 @@ RECORDS = [
     _record(1, ttft=0.3, tpot=0.02, e2e=0.48, finished=2.0),  # TTFT over 0.2
     _record(2, ttft=0.2, tpot=0.06, e2e=0.74, finished=3.0),  # TPOT over 0.05 (TTFT exactly at the SLO)
     _record(3, ttft=0.05, tpot=None, e2e=0.05, tokens=1, finished=3.5),  # one token: no TPOT, meets
-    _record(4, ttft=None, tpot=None, e2e=None, ok=False, finished=4.0, status=400,
-            error="max_tokens too big"),
+    _record(
+        4, ttft=None, tpot=None, e2e=None, ok=False, finished=4.0, status=400, error="max_tokens too big"
+    ),
 ]
 
 
@@ -79,8 +101,12 @@ def test_summary_of_nothing() -> None:
 
 
 def _result() -> BenchResult:
-    return BenchResult(base_url="http://127.0.0.1:8000", model="m", records=tuple(RECORDS),
-                       summary=summarize(RECORDS, slo_ttft_s=0.2, slo_tpot_s=0.05))
+    return BenchResult(
+        base_url="http://127.0.0.1:8000",
+        model="m",
+        records=tuple(RECORDS),
+        summary=summarize(RECORDS, slo_ttft_s=0.2, slo_tpot_s=0.05),
+    )
 
 
 def test_json_holds_summary_and_records() -> None:

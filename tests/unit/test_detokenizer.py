@@ -24,7 +24,7 @@ TEXTS = [
 def pieces(tokenizer: ModelTokenizer, ids: Iterable[int], step: int = 1) -> list[str]:
     detok = tokenizer.detokenizer()
     ids = list(ids)
-    out = [detok.push(ids[i:i + step]) for i in range(0, len(ids), step)]
+    out = [detok.push(ids[i : i + step]) for i in range(0, len(ids), step)]
     out.append(detok.flush())
     return out
 
@@ -46,7 +46,8 @@ def test_incomplete_character_is_held_back(model_tokenizer: ModelTokenizer) -> N
     assert "".join(seen) == " 日本語"
     # Every piece is whole characters: some steps emit nothing while a character is incomplete.
     assert "" in seen
-    assert all(piece == "" or piece.strip(" ") in {"日", "本", "語", "日本", "本語", "日本語"} for piece in seen)
+    whole_characters = {"日", "本", "語", "日本", "本語", "日本語"}
+    assert all(piece == "" or piece.strip(" ") in whole_characters for piece in seen)
     assert detok.flush() == ""
 
 

@@ -55,7 +55,8 @@ def test_start_offset_rebases_arrivals_on_the_first_request_in_the_window() -> N
     tail = whole.requests[first_minute:]
     assert later.requests[0].arrival_s == 0.0
     assert [(r.prompt_tokens, r.output_tokens) for r in later.requests] == [
-        (r.prompt_tokens, r.output_tokens) for r in tail]
+        (r.prompt_tokens, r.output_tokens) for r in tail
+    ]
     offset = tail[0].arrival_s
     assert [r.arrival_s for r in later.requests] == pytest.approx([r.arrival_s - offset for r in tail])
 
@@ -124,8 +125,10 @@ def test_wrong_header_is_a_format_error(tmp_path: Path) -> None:
 
 def test_bad_row_names_its_line(tmp_path: Path) -> None:
     path = tmp_path / "bad.csv"
-    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n"
-                    "2023-11-16 18:15:47.1,lots,44\n")
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:47.1,lots,44\n"
+    )
     with pytest.raises(TraceFormatError, match=r"bad.csv:3: "):
         load_trace(path)
     path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n2023-11-16 18:15:46.6805900,374,0")

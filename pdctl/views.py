@@ -1,0 +1,83 @@
+"""Tables that pdctl prints."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf.json_format import MessageToDict
+from rich.console import Console
+from rich.table import Table
+
+from protocol.proto import admin_pb2
+
+
+def status_dict(st: admin_pb2.ClusterStatus) -> dict[str, Any]:
+    return MessageToDict(st, always_print_fields_with_no_presence=True)
+
+
+def render_status(console: Console, st: admin_pb2.ClusterStatus) -> None:
+    table = Table(
+        title=f"pdflow · {st.model} · http {st.http_address or '-'} · grpc {st.grpc_address or '-'}"
+    )
+    for col, justify in (
+        ("instance", "left"),
+        ("role", "left"),
+        ("state", "left"),
+        ("running", "right"),
+        ("waiting", "right"),
+        ("KV usage", "right"),
+        ("KV blocks", "right"),
+        ("decode tok/s", "right"),
+        ("KV in (MB)", "right"),
+        ("last report", "right"),
+    ):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for inst in st.instances:
+        usage = inst.kv_blocks_used / inst.kv_blocks_total if inst.kv_blocks_total else 0.0
+        state_style = {"READY": "green", "DEAD": "red"}.get(inst.state, "yellow")
+        table.add_row(
+            inst.instance_id,
+            inst.role,
+            f"[{state_style}]{inst.state}[/]",
+            str(inst.num_running),
+            str(inst.num_waiting),
+            f"{usage:.1%}",
+            f"{inst.kv_blocks_used}/{inst.kv_blocks_total}",
+            f"{inst.decode_tps:.1f}",
+            f"{inst.transfer.bytes / 1e6:.1f}",
+            f"{inst.seconds_since_report:.1f}s ago",
+        )
+    console.print(table)
+    if st.requests_by_state:
+        counts = ", ".join(f"{k}: {v}" for k, v in sorted(st.requests_by_state.items()))
+        console.print(f"requests seen: {counts}", highlight=False)
+
+
+def render_requests(
+    console: Console, requests: Iterable[admin_pb2.RequestInfo], *, events: bool = False
+) -> None:
+    table = Table()
+    for col in ("request", "state", "prefill", "decode", "prompt tok", "output tok"):
+        table.add_column(col)
+    rows = list(requests)
+    for r in rows:
+        table.add_row(
+            r.request_id,
+            r.state,
+            r.prefill_instance,
+            r.decode_instance,
+            str(r.prompt_tokens),
+            str(r.output_tokens),
+        )
+    console.print(table)
+    if events:
+        for r in rows:
+            start = r.events[0].at if r.events else 0.0
+            for e in r.events:
+                when = time.strftime("%H:%M:%S", time.localtime(e.at))
+                detail = f"  {e.detail}" if e.detail else ""
+                console.print(
+                    f"  {when}  +{(e.at - start) * 1000:8.1f} ms  {e.state}{detail}", highlight=False
+                )

@@ -1,0 +1,100 @@
+"""One real cluster per test session: a local Ray cluster with 1 prefill + 1 decode vLLM CPU engine
+(SmolLM2-135M), NIXL between them, the controller and a front door on free loopback ports; plus one
+unregistered colocated engine as the reference. Every scenario ends with a leak check."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from pdctl.local_cluster import NAMESPACE, ClusterHandle, LocalCluster, free_port
+from protocol.config import ClusterConfig
+from protocol.snapshots import InstanceSnapshot, Role
+
+REFERENCE_NAME = "pdflow-reference"
+
+
+class E2ECluster:
+    def __init__(self, cluster: LocalCluster, handle: ClusterHandle, reference: Any) -> None:
+        self.cluster = cluster
+        self.handle = handle
+        self.reference = reference
+        self.http_url = handle.http_url
+        self.grpc_address = handle.grpc_address
+        self.admin_address = handle.admin_address
+        self.model = handle.config.model.name
+
+    def worker(self, role: Role) -> Any:
+        return next(iter(self.handle.workers(role).values()))
+
+    def snapshot(self, role: Role) -> InstanceSnapshot:
+        import ray
+
+        return ray.get(self.worker(role).snapshot.remote(), timeout=10)
+
+    def wait_idle(self, timeout_s: float = 30.0) -> dict[str, InstanceSnapshot]:
+        """Wait until no worker holds a KV block or a request; return the snapshots, or raise with them."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            snaps = {role.value: self.snapshot(role) for role in (Role.PREFILL, Role.DECODE)}
+            if all(
+                s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0 for s in snaps.values()
+            ):
+                return snaps
+            if time.monotonic() > deadline:
+                raise AssertionError(f"KV or requests still held after {timeout_s}s: {snaps}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def e2e_cluster(model_dir: Any) -> Iterator[E2ECluster]:
+    import ray
+
+    from decode_worker.actor import DecodeWorker
+
+    config = ClusterConfig.load(
+        overrides={
+            "frontdoor.http_port": 0,
+            "frontdoor.grpc_port": 0,
+            "controller.admin_port": 0,
+            "frontdoor.token_timeout_s": 30,
+        }
+    )
+    cluster = LocalCluster(config, model_dir)
+    cluster.start()
+    try:
+        # The reference: a colocated engine that reports to no controller, so it never takes routed traffic.
+        reference = (
+            ray.remote(DecodeWorker)
+            .options(
+                name=REFERENCE_NAME,
+                num_cpus=0,
+                max_concurrency=100,
+                runtime_env={
+                    "env_vars": {
+                        "VLLM_CPU_KVCACHE_SPACE": "1",
+                        "OMP_NUM_THREADS": "1",
+                        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+                    }
+                },
+            )
+            .remote(
+                "reference-0", REFERENCE_NAME, str(model_dir), config.model_dump(mode="json"), "", NAMESPACE
+            )
+        )
+        cluster.handle.actors[REFERENCE_NAME] = reference
+        ray.get(reference.start.remote(), timeout=config.worker.start_timeout_s)
+        cluster.wait_until_serving()
+        yield E2ECluster(cluster, cluster.handle, reference)
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster(e2e_cluster: E2ECluster) -> Iterator[E2ECluster]:
+    """The shared cluster, with a leak check after the test: no KV blocks or requests left on any worker."""
+    yield e2e_cluster
+    e2e_cluster.wait_idle()

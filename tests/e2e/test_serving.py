@@ -1,0 +1,228 @@
+"""The disaggregated path on real engines: same tokens as a colocated engine, no prompt recompute on the
+decode side, KV over NIXL, streaming through the official OpenAI client and the gRPC stubs."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+import pytest
+
+from protocol.messages import SamplingSpec
+from protocol.proto import router_pb2, router_pb2_grpc
+from protocol.snapshots import Role
+from tests.e2e.conftest import E2ECluster
+from tests.e2e.prompts import CHAT_PROMPTS
+
+pytestmark = pytest.mark.e2e
+
+MAX_TOKENS = 48
+
+
+async def _grpc_generate(stub: Any, model: str, prompt: str, max_tokens: int) -> tuple[list[int], str, str]:
+    request = router_pb2.GenerateRequest(
+        model=model,
+        chat=router_pb2.ChatMessages(messages=[router_pb2.ChatMessage(role="user", content=prompt)]),
+        sampling=router_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0),
+    )
+    ids: list[int] = []
+    text, finish = [], ""
+    async for resp in stub.Generate(request, timeout=300):
+        ids.extend(resp.token_ids)
+        text.append(resp.text)
+        finish = resp.finish_reason or finish
+    return ids, "".join(text), finish
+
+
+async def _reference(cluster: E2ECluster, prompt_ids: list[int], max_tokens: int) -> list[int]:
+    sampling = SamplingSpec(max_tokens=max_tokens, temperature=0.0, seed=0)
+    ids: list[int] = []
+    async for ref in cluster.reference.generate.options(num_returns="streaming").remote(
+        f"ref-{len(prompt_ids)}-{hash(tuple(prompt_ids))}", tuple(prompt_ids), sampling
+    ):
+        ids.extend((await ref).token_ids)
+    return ids
+
+
+async def test_disaggregated_tokens_equal_colocated_engine(cluster: E2ECluster, model_tokenizer: Any) -> None:
+    decode_before = cluster.snapshot(Role.DECODE).transfer
+    async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        served = await asyncio.gather(
+            *(_grpc_generate(stub, cluster.model, p, MAX_TOKENS) for p in CHAT_PROMPTS)
+        )
+    prompt_ids = [model_tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
+    expected = await asyncio.gather(*(_reference(cluster, ids, MAX_TOKENS) for ids in prompt_ids))
+
+    for prompt, (got, text, finish), want in zip(CHAT_PROMPTS, served, expected, strict=True):
+        assert got == want, f"{prompt!r}: disaggregated {got} != colocated {want}"
+        assert text == model_tokenizer.decode(got)
+        assert finish in ("stop", "length")
+    assert any(len(ids) == MAX_TOKENS for ids, _, _ in served), "no answer ran to max_tokens"
+
+    cluster.wait_idle()
+    decode_after = cluster.snapshot(Role.DECODE).transfer
+    # The decode engine loaded every prompt's KV over the connector rather than computing it.
+    assert decode_after.external_tokens - decode_before.external_tokens == sum(len(i) for i in prompt_ids)
+    assert decode_after.transfers - decode_before.transfers >= len(CHAT_PROMPTS)
+    assert decode_after.bytes - decode_before.bytes > 0
+    assert decode_after.failed == decode_before.failed
+
+
+def test_openai_client_streams_chat_and_completions(cluster: E2ECluster) -> None:
+    from openai import OpenAI
+
+    client = OpenAI(base_url=f"{cluster.http_url}/v1", api_key="unused", timeout=120, max_retries=0)
+    assert [m.id for m in client.models.list().data] == [cluster.model]
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    whole = client.chat.completions.create(
+        model=cluster.model, messages=messages, max_tokens=32, temperature=0
+    )  # type: ignore[arg-type]
+    assert "Paris" in (whole.choices[0].message.content or "")
+    pieces, usage = [], None
+    for event in client.chat.completions.create(
+        model=cluster.model,
+        messages=messages,
+        max_tokens=32,
+        temperature=0,
+        stream=True,  # type: ignore[arg-type]
+        stream_options={"include_usage": True},
+    ):
+        if event.choices and event.choices[0].delta.content:
+            pieces.append(event.choices[0].delta.content)
+        usage = event.usage or usage
+    assert len(pieces) > 3
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+
+    text = "".join(
+        e.choices[0].text
+        for e in client.completions.create(
+            model=cluster.model,
+            prompt="The three primary colors are",
+            max_tokens=20,
+            temperature=0,
+            stream=True,
+        )
+    )
+    plain = client.completions.create(
+        model=cluster.model, prompt="The three primary colors are", max_tokens=20, temperature=0
+    )
+    assert text == plain.choices[0].text and len(text) > 0
+    assert (plain.usage is not None and plain.usage.completion_tokens == 20) or plain.choices[
+        0
+    ].finish_reason == "stop"
+
+
+def _wait_running(cluster: E2ECluster, role: Role, timeout_s: float = 60) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while cluster.snapshot(role).num_running == 0:
+        assert time.monotonic() < deadline, f"no request running on {role.value}"
+        time.sleep(0.05)
+
+
+def test_http_disconnect_mid_stream_frees_kv_on_both_workers(cluster: E2ECluster) -> None:
+    import httpx
+
+    body = {
+        "model": cluster.model,
+        "prompt": "Write a very long story about a dragon.",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
+    with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        seen = 0
+        for line in resp.iter_lines():
+            seen += line.startswith("data: ")
+            if seen >= 5:
+                break
+        _wait_running(cluster, Role.DECODE)
+        assert cluster.snapshot(Role.DECODE).kv_blocks_used > 0
+    # Leaving the block closed the connection mid-stream.
+    snaps = cluster.wait_idle(timeout_s=20)
+    assert snaps["decode"].kv_blocks_used == 0 and snaps["prefill"].kv_blocks_used == 0
+
+
+async def test_grpc_cancel_and_abort_free_kv(cluster: E2ECluster) -> None:
+    request = router_pb2.GenerateRequest(
+        model=cluster.model,
+        request_id="abort-me",
+        prompt="Count from one to one thousand:",
+        sampling=router_pb2.SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True),
+    )
+    async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        call = stub.Generate(request, timeout=120)
+        got = 0
+        async for resp in call:
+            got += len(resp.token_ids)
+            if got >= 5:
+                break
+        found = await stub.Abort(router_pb2.AbortRequest(request_id="abort-me"), timeout=10)
+        assert found.found
+        finish = ""
+        async for resp in call:
+            finish = resp.finish_reason or finish
+        assert finish == "abort"
+    await asyncio.to_thread(cluster.wait_idle, 20)
+    # A cancelled call (client gone) frees the same way.
+    async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        call = stub.Generate(
+            router_pb2.GenerateRequest(
+                model=cluster.model,
+                prompt="Tell me everything about rivers.",
+                sampling=router_pb2.SamplingParams(max_tokens=1500, temperature=0.0, ignore_eos=True),
+            ),
+            timeout=120,
+        )
+        async for _ in call:
+            break
+        call.cancel()
+    await asyncio.to_thread(cluster.wait_idle, 20)
+
+
+def test_admin_lists_instances_and_requests(cluster: E2ECluster) -> None:
+    import time
+
+    from pdctl.admin_client import AdminClient
+    from pdctl.chat import stream_chat
+
+    stream_chat(
+        cluster.http_url, "What is the capital of France?", max_tokens=32, temperature=0, write=lambda _: None
+    )
+    with AdminClient(cluster.admin_address) as admin:
+        status = admin.status()
+        roles = sorted((i.role, i.state) for i in status.instances)
+        assert roles == [("decode", "READY"), ("prefill", "READY")]
+        assert status.http_address == cluster.http_url
+        deadline = time.monotonic() + 10  # request events reach the controller in batches
+        while not (finished := admin.requests(state="FINISHED_STOP", limit=5).requests):
+            assert time.monotonic() < deadline, "no finished request recorded"
+            time.sleep(0.05)
+        states = [e.state for e in finished[-1].events]
+        assert states[0] == "QUEUED" and "PREFILLING" in states and states[-1] == "FINISHED_STOP"
+        assert finished[-1].prefill_instance == "prefill-0" and finished[-1].decode_instance == "decode-0"
+
+
+def test_metrics_report_latencies_and_transfers(cluster: E2ECluster) -> None:
+    import httpx
+
+    text = httpx.get(f"{cluster.http_url}/metrics", timeout=10).text
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("pdflow_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    assert values["pdflow_time_to_first_token_seconds_count"] > 0
+    assert values["pdflow_time_per_output_token_seconds_count"] > 0
+    assert values['pdflow_kv_transfer_bytes_total{instance="decode-0",role="decode"}'] > 0
+    assert values['pdflow_instance_kv_usage_ratio{instance="prefill-0",role="prefill"}'] == 0.0
+    assert any(k.startswith('pdflow_requests_total{outcome="stop"') for k in values)

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+from controller.registry import InstanceRegistry
+from controller.request_log import RequestLog
+from protocol.ids import InstanceId, RequestId
+from protocol.lifecycle import RequestState
+from protocol.snapshots import InstanceSnapshot, InstanceState, RequestEvent, Role
+
+
+def snap(iid: str, running: int = 0) -> InstanceSnapshot:
+    return InstanceSnapshot(
+        InstanceId(iid), Role.DECODE, InstanceState.READY, f"pdflow-{iid}", num_running=running
+    )
+
+
+def test_a_silent_worker_is_marked_dead_and_comes_back_when_it_reports() -> None:
+    reg = InstanceRegistry(heartbeat_timeout_s=3.0)
+    reg.report(snap("decode-0"), now=100.0)
+    reg.report(snap("decode-1"), now=100.0)
+    assert reg.expire(now=102.0) == []
+    reg.report(snap("decode-1", running=2), now=102.5)
+    assert reg.expire(now=103.5) == ["decode-0"]
+    states = {i.instance_id: i.state for i in reg.snapshot(now=103.5).instances}
+    assert states == {"decode-0": InstanceState.DEAD, "decode-1": InstanceState.READY}
+    assert reg.expire(now=104.0) == []  # reported once
+    reg.report(snap("decode-0"), now=105.0)
+    assert reg.snapshot(now=105.0).by_id("decode-0").state is InstanceState.READY  # type: ignore[union-attr]
+
+
+def test_snapshot_versions_grow_with_every_change() -> None:
+    reg = InstanceRegistry(heartbeat_timeout_s=1.0)
+    v0 = reg.snapshot(0.0).version
+    reg.report(snap("decode-0"), now=0.0)
+    v1 = reg.snapshot(0.0).version
+    reg.expire(now=5.0)
+    assert v0 < v1 < reg.snapshot(5.0).version
+
+
+def test_request_log_keeps_history_and_bounds_finished_records() -> None:
+    log = RequestLog(history=10)
+    for n in range(15):
+        rid = RequestId(f"r{n}")
+        log.apply(RequestEvent(rid, RequestState.QUEUED, at=n), prompt_tokens=5)
+        log.apply(RequestEvent(rid, RequestState.PREFILLING, at=n + 0.1))
+        if n < 12:
+            log.apply(RequestEvent(rid, RequestState.FINISHED_STOP, at=n + 0.2), output_tokens=3)
+    assert len(log.list(limit=0)) == 10
+    active = log.list("active")
+    assert [r.request_id for r in active] == ["r12", "r13", "r14"]
+    r11 = log.get("r11")
+    assert r11 is not None and [e.state for e in r11.events] == [
+        RequestState.QUEUED,
+        RequestState.PREFILLING,
+        RequestState.FINISHED_STOP,
+    ]
+    assert r11.prompt_tokens == 5 and r11.output_tokens == 3
+    assert log.counts() == {"FINISHED_STOP": 7, "PREFILLING": 3}
