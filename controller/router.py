@@ -72,7 +72,11 @@ class RequestRouter:
         sampling: SamplingSpec,
         priority: int = 0,
     ) -> AsyncIterator[TokenChunk]:
-        plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch)
+        try:
+            plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch)
+        except PdflowError:
+            self._metrics.requests.labels(outcome="rejected").inc()
+            raise
         flight = _Flight(request_id, plan, len(prompt_token_ids), self._events)
         self._active[request_id] = flight
         self._metrics.prompt_tokens.inc(len(prompt_token_ids))

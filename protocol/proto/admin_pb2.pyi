@@ -1,15 +1,13 @@
-from collections.abc import Iterable as _Iterable
-from collections.abc import Mapping as _Mapping
-from typing import ClassVar as _ClassVar
-
+from google.protobuf.internal import containers as _containers
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
-from google.protobuf.internal import containers as _containers
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class TransferCounters(_message.Message):
-    __slots__ = ("bytes", "external_tokens", "failed", "seconds", "transfers")
+    __slots__ = ("transfers", "failed", "bytes", "seconds", "external_tokens")
     TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -20,10 +18,10 @@ class TransferCounters(_message.Message):
     bytes: int
     seconds: float
     external_tokens: int
-    def __init__(self, transfers: int | None = ..., failed: int | None = ..., bytes: int | None = ..., seconds: float | None = ..., external_tokens: int | None = ...) -> None: ...
+    def __init__(self, transfers: _Optional[int] = ..., failed: _Optional[int] = ..., bytes: _Optional[int] = ..., seconds: _Optional[float] = ..., external_tokens: _Optional[int] = ...) -> None: ...
 
 class Instance(_message.Message):
-    __slots__ = ("decode_tps", "instance_id", "kv_blocks_total", "kv_blocks_used", "num_running", "num_waiting", "prompt_tps", "role", "seconds_since_report", "state", "transfer")
+    __slots__ = ("instance_id", "role", "state", "num_running", "num_waiting", "kv_blocks_used", "kv_blocks_total", "decode_tps", "prompt_tps", "transfer", "seconds_since_report")
     INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -46,21 +44,21 @@ class Instance(_message.Message):
     prompt_tps: float
     transfer: TransferCounters
     seconds_since_report: float
-    def __init__(self, instance_id: str | None = ..., role: str | None = ..., state: str | None = ..., num_running: int | None = ..., num_waiting: int | None = ..., kv_blocks_used: int | None = ..., kv_blocks_total: int | None = ..., decode_tps: float | None = ..., prompt_tps: float | None = ..., transfer: TransferCounters | _Mapping | None = ..., seconds_since_report: float | None = ...) -> None: ...
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ..., state: _Optional[str] = ..., num_running: _Optional[int] = ..., num_waiting: _Optional[int] = ..., kv_blocks_used: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., decode_tps: _Optional[float] = ..., prompt_tps: _Optional[float] = ..., transfer: _Optional[_Union[TransferCounters, _Mapping]] = ..., seconds_since_report: _Optional[float] = ...) -> None: ...
 
 class ClusterStatusRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("grpc_address", "http_address", "instances", "model", "requests_by_state", "snapshot_version")
+    __slots__ = ("model", "instances", "requests_by_state", "http_address", "grpc_address", "snapshot_version")
     class RequestsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
         VALUE_FIELD_NUMBER: _ClassVar[int]
         key: str
         value: int
-        def __init__(self, key: str | None = ..., value: int | None = ...) -> None: ...
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
     MODEL_FIELD_NUMBER: _ClassVar[int]
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     REQUESTS_BY_STATE_FIELD_NUMBER: _ClassVar[int]
@@ -73,32 +71,32 @@ class ClusterStatus(_message.Message):
     http_address: str
     grpc_address: str
     snapshot_version: int
-    def __init__(self, model: str | None = ..., instances: _Iterable[Instance | _Mapping] | None = ..., requests_by_state: _Mapping[str, int] | None = ..., http_address: str | None = ..., grpc_address: str | None = ..., snapshot_version: int | None = ...) -> None: ...
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., requests_by_state: _Optional[_Mapping[str, int]] = ..., http_address: _Optional[str] = ..., grpc_address: _Optional[str] = ..., snapshot_version: _Optional[int] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
     __slots__ = ("role",)
     ROLE_FIELD_NUMBER: _ClassVar[int]
     role: str
-    def __init__(self, role: str | None = ...) -> None: ...
+    def __init__(self, role: _Optional[str] = ...) -> None: ...
 
 class ListInstancesResponse(_message.Message):
     __slots__ = ("instances",)
     INSTANCES_FIELD_NUMBER: _ClassVar[int]
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
-    def __init__(self, instances: _Iterable[Instance | _Mapping] | None = ...) -> None: ...
+    def __init__(self, instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ...) -> None: ...
 
 class RequestEvent(_message.Message):
-    __slots__ = ("at", "detail", "state")
+    __slots__ = ("state", "at", "detail")
     STATE_FIELD_NUMBER: _ClassVar[int]
     AT_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
     state: str
     at: float
     detail: str
-    def __init__(self, state: str | None = ..., at: float | None = ..., detail: str | None = ...) -> None: ...
+    def __init__(self, state: _Optional[str] = ..., at: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
 class RequestInfo(_message.Message):
-    __slots__ = ("decode_instance", "events", "output_tokens", "prefill_instance", "prompt_tokens", "request_id", "state")
+    __slots__ = ("request_id", "state", "prefill_instance", "decode_instance", "prompt_tokens", "output_tokens", "events")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -113,20 +111,20 @@ class RequestInfo(_message.Message):
     prompt_tokens: int
     output_tokens: int
     events: _containers.RepeatedCompositeFieldContainer[RequestEvent]
-    def __init__(self, request_id: str | None = ..., state: str | None = ..., prefill_instance: str | None = ..., decode_instance: str | None = ..., prompt_tokens: int | None = ..., output_tokens: int | None = ..., events: _Iterable[RequestEvent | _Mapping] | None = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., events: _Optional[_Iterable[_Union[RequestEvent, _Mapping]]] = ...) -> None: ...
 
 class ListRequestsRequest(_message.Message):
-    __slots__ = ("limit", "request_id", "state")
+    __slots__ = ("state", "limit", "request_id")
     STATE_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     state: str
     limit: int
     request_id: str
-    def __init__(self, state: str | None = ..., limit: int | None = ..., request_id: str | None = ...) -> None: ...
+    def __init__(self, state: _Optional[str] = ..., limit: _Optional[int] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class ListRequestsResponse(_message.Message):
     __slots__ = ("requests",)
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[RequestInfo]
-    def __init__(self, requests: _Iterable[RequestInfo | _Mapping] | None = ...) -> None: ...
+    def __init__(self, requests: _Optional[_Iterable[_Union[RequestInfo, _Mapping]]] = ...) -> None: ...

@@ -1,0 +1,67 @@
+"""A worker that dies mid-request ends that request with a clear error within a deadline, and the controller
+stops sending it work. Runs after the other end-to-end modules: it adds a second decode worker to the
+shared cluster and kills it."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+import pytest
+import ray
+
+from pdctl.admin_client import AdminClient
+from protocol.snapshots import Role
+from tests.e2e.conftest import E2ECluster
+
+pytestmark = pytest.mark.e2e
+
+
+def _decode_states(cluster: E2ECluster) -> dict[str, str]:
+    with AdminClient(cluster.admin_address) as admin:
+        return {i.instance_id: i.state for i in admin.instances("decode").instances}
+
+
+def test_decode_worker_death_mid_stream_gives_a_clear_error_and_no_more_work(e2e_cluster: E2ECluster) -> None:
+    cluster = e2e_cluster
+    name, victim = cluster.cluster.add_worker(Role.DECODE, 1)
+    ray.get(victim.start.remote(), timeout=300)
+    deadline = time.monotonic() + 30
+    while _decode_states(cluster).get("decode-1") != "READY":
+        assert time.monotonic() < deadline, "decode-1 never became READY"
+        time.sleep(0.1)
+
+    # Both decode workers are idle; least-loaded dispatch breaks the tie towards decode-1.
+    body = {"model": cluster.model, "prompt": "Write a long poem about the moon.", "max_tokens": 1500,
+            "temperature": 0, "ignore_eos": True, "stream": True}
+    events: list[str] = []
+    started = time.monotonic()
+    with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        for line in resp.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            events.append(line)
+            if len(events) == 5:
+                assert ray.get(victim.snapshot.remote(), timeout=10).num_running == 1, "not on decode-1"
+                ray.kill(victim)
+                killed = time.monotonic()
+    assert events[-1] == "data: [DONE]"
+    error = events[-2]
+    assert '"error"' in error and "decode worker decode-1 failed" in error, error
+    assert time.monotonic() - killed < 30, "the client waited too long for the error"
+    assert time.monotonic() - started < 120
+
+    # The controller marks it dead once it stops reporting; new requests then go to decode-0 and succeed.
+    deadline = time.monotonic() + 20
+    while _decode_states(cluster).get("decode-1") != "DEAD":
+        assert time.monotonic() < deadline, f"decode-1 not marked DEAD: {_decode_states(cluster)}"
+        time.sleep(0.1)
+    while httpx.get(f"{cluster.http_url}/health", timeout=10).json()["decode_workers"] != 1:
+        assert time.monotonic() < deadline, "the front door still routes to decode-1"
+        time.sleep(0.05)
+    ok = httpx.post(f"{cluster.http_url}/v1/completions", json={
+        "model": cluster.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0}, timeout=60)
+    assert ok.status_code == 200, ok.text
+    cluster.cluster.handle.actors.pop(name, None)
+    cluster.wait_idle()
