@@ -20,7 +20,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
 
 import httpx
 from rich.console import Console
@@ -53,14 +52,28 @@ def parse_args() -> argparse.Namespace:
 
 
 async def replay_slice(url: str, args: argparse.Namespace, max_model_len: int) -> BenchResult:
-    return await replay(url, args.trace, duration=args.duration, thin=args.thin,
-                        max_prompt_tokens=args.max_prompt_tokens, max_output_tokens=args.max_output_tokens,
-                        max_model_len=max_model_len, progress=True, say=console.print)
+    return await replay(
+        url,
+        args.trace,
+        duration=args.duration,
+        thin=args.thin,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_output_tokens=args.max_output_tokens,
+        max_model_len=max_model_len,
+        progress=True,
+        say=console.print,
+    )
 
 
 async def ttft_via_http(url: str, model: str, prompt: list[int]) -> float:
-    body = {"model": model, "prompt": prompt, "max_tokens": 2, "temperature": 0, "stream": True,
-            "ignore_eos": True}
+    body = {
+        "model": model,
+        "prompt": prompt,
+        "max_tokens": 2,
+        "temperature": 0,
+        "stream": True,
+        "ignore_eos": True,
+    }
     async with httpx.AsyncClient(timeout=60) as client:
         start = time.perf_counter()
         async with client.stream("POST", f"{url}/v1/completions", json=body) as resp:
@@ -88,19 +101,25 @@ def frontdoor_overhead(cluster: LocalCluster, url: str, model: str, n: int, toke
         prompt = synthesize_prompt(tokens, index=10_000 + 2 * i)
         other = synthesize_prompt(tokens, index=10_001 + 2 * i)
         through.append(asyncio.run(ttft_via_http(url, model, prompt)))
-        request = PrefillRequest(RequestId(f"direct-{i}"), tuple(other), SamplingSpec(max_tokens=1, temperature=0),
-                                 hand_off=False)
+        request = PrefillRequest(
+            RequestId(f"direct-{i}"), tuple(other), SamplingSpec(max_tokens=1, temperature=0), hand_off=False
+        )
         start = time.perf_counter()
         ray.get(prefill.prefill.remote(request), timeout=60)
         direct.append(time.perf_counter() - start)
-    return {"ttft_frontdoor_p50_s": statistics.median(through), "ttft_direct_p50_s": statistics.median(direct),
-            "overhead_p50_s": statistics.median(through) - statistics.median(direct),
-            "samples": n, "prompt_tokens": tokens}
+    return {
+        "ttft_frontdoor_p50_s": statistics.median(through),
+        "ttft_direct_p50_s": statistics.median(direct),
+        "overhead_p50_s": statistics.median(through) - statistics.median(direct),
+        "samples": n,
+        "prompt_tokens": tokens,
+    }
 
 
 def run_disaggregated(args: argparse.Namespace, model_path: Path) -> tuple[BenchResult, dict[str, float]]:
-    config = ClusterConfig.load(overrides={"frontdoor.http_port": 0, "frontdoor.grpc_port": 0,
-                                           "controller.admin_port": 0})
+    config = ClusterConfig.load(
+        overrides={"frontdoor.http_port": 0, "frontdoor.grpc_port": 0, "controller.admin_port": 0}
+    )
     cluster = LocalCluster(config, model_path)
     try:
         with console.status("starting the 1P+1D cluster..."):
@@ -108,8 +127,13 @@ def run_disaggregated(args: argparse.Namespace, model_path: Path) -> tuple[Bench
             cluster.wait_until_serving()
         result = asyncio.run(replay_slice(handle.http_url, args, config.engine.max_model_len))
         with console.status("measuring front-door overhead..."):
-            overhead = frontdoor_overhead(cluster, handle.http_url, config.model.name, args.overhead_requests,
-                                          args.overhead_prompt_tokens)
+            overhead = frontdoor_overhead(
+                cluster,
+                handle.http_url,
+                config.model.name,
+                args.overhead_requests,
+                args.overhead_prompt_tokens,
+            )
         return result, overhead
     finally:
         cluster.stop()
@@ -118,10 +142,27 @@ def run_disaggregated(args: argparse.Namespace, model_path: Path) -> tuple[Bench
 def run_colocated(args: argparse.Namespace, model_path: Path, max_model_len: int) -> BenchResult:
     port = free_port()
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", OMP_NUM_THREADS="2")
-    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model_path),
-           "--served-model-name", "SmolLM2-135M-Instruct", "--host", "127.0.0.1", "--port", str(port),
-           "--enforce-eager", "--max-model-len", str(max_model_len), "--no-enable-chunked-prefill",
-           "--max-num-batched-tokens", str(max(max_model_len, 2048)), "--dtype", "bfloat16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model_path),
+        "--served-model-name",
+        "SmolLM2-135M-Instruct",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--max-model-len",
+        str(max_model_len),
+        "--no-enable-chunked-prefill",
+        "--max-num-batched-tokens",
+        str(max(max_model_len, 2048)),
+        "--dtype",
+        "bfloat16",
+    ]
     log_path = ROOT / "results" / "colocated-vllm.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
@@ -156,8 +197,18 @@ def row(name: str, r: BenchResult) -> list[str]:
     def ms(v: float | None) -> str:
         return "-" if v is None else f"{v * 1000:,.0f}"
 
-    return [name, f"{s.ok}/{s.count}", ms(s.ttft.p50), ms(s.ttft.p99), ms(s.tpot.p50), ms(s.tpot.p99),
-            ms(s.e2e.p50), ms(s.e2e.p99), f"{s.output_tokens_per_s:.1f}", f"{s.slo_attainment:.0%}"]
+    return [
+        name,
+        f"{s.ok}/{s.count}",
+        ms(s.ttft.p50),
+        ms(s.ttft.p99),
+        ms(s.tpot.p50),
+        ms(s.tpot.p99),
+        ms(s.e2e.p50),
+        ms(s.e2e.p99),
+        f"{s.output_tokens_per_s:.1f}",
+        f"{s.slo_attainment:.0%}",
+    ]
 
 
 def main() -> int:
@@ -167,22 +218,43 @@ def main() -> int:
     disagg, overhead = run_disaggregated(args, model_path)
     colocated = run_colocated(args, model_path, ClusterConfig().engine.max_model_len)
 
-    table = Table(title=f"serving: {args.trace.name}, {args.duration:.0f} s, every {args.thin}th request, "
-                        f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens")
-    for col in ("setup", "ok", "TTFT p50 ms", "TTFT p99 ms", "TPOT p50 ms", "TPOT p99 ms", "e2e p50 ms",
-                "e2e p99 ms", "out tok/s", "SLO"):
+    table = Table(
+        title=f"serving: {args.trace.name}, {args.duration:.0f} s, every {args.thin}th request, "
+        f"prompts <= {args.max_prompt_tokens}, outputs <= {args.max_output_tokens} tokens"
+    )
+    for col in (
+        "setup",
+        "ok",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "TPOT p50 ms",
+        "TPOT p99 ms",
+        "e2e p50 ms",
+        "e2e p99 ms",
+        "out tok/s",
+        "SLO",
+    ):
         table.add_column(col, justify="right" if col != "setup" else "left")
     table.add_row(*row("pdflow 1P+1D (disaggregated)", disagg))
     table.add_row(*row("vLLM, one colocated engine", colocated))
     console.print(table)
-    console.print(f"front-door overhead ({overhead['samples']} sequential {overhead['prompt_tokens']}-token "
-                  f"prompts): TTFT via HTTP p50 {overhead['ttft_frontdoor_p50_s'] * 1000:.1f} ms, prefill "
-                  f"called on the worker directly p50 {overhead['ttft_direct_p50_s'] * 1000:.1f} ms, "
-                  f"overhead {overhead['overhead_p50_s'] * 1000:.1f} ms")
+    console.print(
+        f"front-door overhead ({overhead['samples']} sequential {overhead['prompt_tokens']}-token "
+        f"prompts): TTFT via HTTP p50 {overhead['ttft_frontdoor_p50_s'] * 1000:.1f} ms, prefill "
+        f"called on the worker directly p50 {overhead['ttft_direct_p50_s'] * 1000:.1f} ms, "
+        f"overhead {overhead['overhead_p50_s'] * 1000:.1f} ms"
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"disaggregated": json.loads(disagg.to_json()),
-                                     "colocated": json.loads(colocated.to_json()),
-                                     "frontdoor_overhead": overhead}, indent=2))
+    args.json.write_text(
+        json.dumps(
+            {
+                "disaggregated": json.loads(disagg.to_json()),
+                "colocated": json.loads(colocated.to_json()),
+                "frontdoor_overhead": overhead,
+            },
+            indent=2,
+        )
+    )
     console.print(f"written {args.json}")
     return 0
 

@@ -129,6 +129,10 @@ class RequestRouter:
         flight.ttft = time.monotonic() - flight.started
         self._metrics.prefill_seconds.observe(result.prefill_seconds)
         if result.finish_reason is not None:
+            if result.kv_handle is not None:  # stopped at token one: let the decode side release the KV
+                decode_actor = self._actor(flight.plan.decode.actor_name)
+                decode_actor.release.remote(
+                    DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle))
             yield TokenChunk(rid, (result.first_token_id,), result.finish_reason)
             return
         yield TokenChunk(rid, (result.first_token_id,))

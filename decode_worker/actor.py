@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from prefill_worker.worker import EngineWorker
 from protocol.ids import RequestId
@@ -18,6 +19,13 @@ class DecodeWorker(EngineWorker):
         generator (``ray.cancel``) aborts the request in vLLM and frees its blocks."""
         async for chunk in self.engine.decode(request):
             yield chunk
+
+    async def release(self, request: DecodeRequest) -> None:
+        """Pull and drop the KV of a request that ended on the prefill worker (its first token was a stop
+        token), so that the prefill worker frees those blocks now rather than when their lease runs out."""
+        one_step = replace(request.sampling, max_tokens=2, ignore_eos=True, stop_token_ids=())
+        async for _ in self.engine.decode(replace(request, sampling=one_step)):
+            pass
 
     async def generate(
         self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec

@@ -226,3 +226,30 @@ def test_metrics_report_latencies_and_transfers(cluster: E2ECluster) -> None:
     assert values['pdflow_kv_transfer_bytes_total{instance="decode-0",role="decode"}'] > 0
     assert values['pdflow_instance_kv_usage_ratio{instance="prefill-0",role="prefill"}'] == 0.0
     assert any(k.startswith('pdflow_requests_total{outcome="stop"') for k in values)
+
+
+async def test_request_ending_at_token_one_frees_prefill_kv_at_once(
+    cluster: E2ECluster, model_tokenizer: Any
+) -> None:
+    """A first token that is a stop token ends the request on the prefill worker; the decode worker pulls
+    and drops the KV, so the prefill worker frees it well before its lease (12 s) would."""
+    import time
+
+    from protocol.ids import RequestId
+    from protocol.messages import DecodeRequest, FinishReason, PrefillRequest
+
+    prompt = tuple(
+        model_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    )
+    first = (await _reference(cluster, list(prompt), 1))[0]
+    sampling = SamplingSpec(max_tokens=16, temperature=0.0, stop_token_ids=(first,))
+    prefill, decode = cluster.worker(Role.PREFILL), cluster.worker(Role.DECODE)
+    result = await prefill.prefill.remote(PrefillRequest(RequestId("stop-at-one"), prompt, sampling))
+    assert result.finish_reason is FinishReason.STOP and result.first_token_id == first
+    assert result.kv_handle is not None
+    released = time.monotonic()
+    await decode.release.remote(
+        DecodeRequest(RequestId("stop-at-one"), prompt, first, sampling, result.kv_handle)
+    )
+    await asyncio.to_thread(cluster.wait_idle, 5)
+    assert time.monotonic() - released < 5

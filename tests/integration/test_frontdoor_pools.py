@@ -27,8 +27,13 @@ def _instance(iid: str, role: Role, state: InstanceState = InstanceState.READY) 
 @pytest.fixture
 def frontdoor(model_dir: Any, model_tokenizer: ModelTokenizer) -> tuple[FrontDoor, TextGenerator]:
     door = FrontDoor(ClusterConfig().model_dump(mode="json"), str(model_dir), "pdflow", "none", "fd")
-    textgen = TextGenerator(door.router, model_tokenizer, model_name=door.config.model.name,
-                            max_model_len=door.config.engine.max_model_len, default_max_tokens=16)
+    textgen = TextGenerator(
+        door.router,
+        model_tokenizer,
+        model_name=door.config.model.name,
+        max_model_len=door.config.engine.max_model_len,
+        default_max_tokens=16,
+    )
     return door, textgen
 
 
@@ -36,19 +41,26 @@ def frontdoor(model_dir: Any, model_tokenizer: ModelTokenizer) -> tuple[FrontDoo
     ("instances", "pool"),
     [
         ((_instance("prefill-0", Role.PREFILL),), "decode"),
-        ((_instance("decode-0", Role.DECODE), _instance("prefill-0", Role.PREFILL, InstanceState.DEAD)), "prefill"),
+        (
+            (_instance("decode-0", Role.DECODE), _instance("prefill-0", Role.PREFILL, InstanceState.DEAD)),
+            "prefill",
+        ),
     ],
 )
-async def test_an_empty_pool_is_a_503_naming_it(frontdoor: tuple[FrontDoor, TextGenerator],
-                                                instances: tuple[InstanceSnapshot, ...], pool: str) -> None:
+async def test_an_empty_pool_is_a_503_naming_it(
+    frontdoor: tuple[FrontDoor, TextGenerator], instances: tuple[InstanceSnapshot, ...], pool: str
+) -> None:
     door, textgen = frontdoor
     door.update_snapshot(ClusterSnapshot(version=1, instances=instances))
-    app = build_http_app(textgen, model_name=door.config.model.name, metrics_text=door.metrics.exposition,
-                         health=door.health)
+    app = build_http_app(
+        textgen, model_name=door.config.model.name, metrics_text=door.metrics.exposition, health=door.health
+    )
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://fd") as client:
         for stream in (False, True):
-            resp = await client.post("/v1/completions", json={
-                "model": door.config.model.name, "prompt": "Hello", "max_tokens": 4, "stream": stream})
+            resp = await client.post(
+                "/v1/completions",
+                json={"model": door.config.model.name, "prompt": "Hello", "max_tokens": 4, "stream": stream},
+            )
             assert resp.status_code == 503
             assert f"the {pool} pool is empty" in resp.json()["error"]["message"]
         health = await client.get("/health")
@@ -61,8 +73,12 @@ async def test_an_empty_pool_is_a_503_naming_it(frontdoor: tuple[FrontDoor, Text
         async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                async for _ in stub.Generate(router_pb2.GenerateRequest(
-                        prompt="Hello", sampling=router_pb2.SamplingParams(max_tokens=4)), timeout=10):
+                async for _ in stub.Generate(
+                    router_pb2.GenerateRequest(
+                        prompt="Hello", sampling=router_pb2.SamplingParams(max_tokens=4)
+                    ),
+                    timeout=10,
+                ):
                     pass
             assert info.value.code() is grpc.StatusCode.UNAVAILABLE
             assert f"the {pool} pool is empty" in (info.value.details() or "")
