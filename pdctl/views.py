@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from google.protobuf.json_format import MessageToDict
+from rich import box
 from rich.console import Console
 from rich.table import Table
 
@@ -19,21 +20,25 @@ def status_dict(st: admin_pb2.ClusterStatus) -> dict[str, Any]:
 
 def render_status(console: Console, st: admin_pb2.ClusterStatus) -> None:
     table = Table(
-        title=f"pdflow · {st.model} · http {st.http_address or '-'} · grpc {st.grpc_address or '-'}"
+        title=f"pdflow · {st.model}",
+        caption=f"HTTP {st.http_address or '-'} · gRPC {st.grpc_address or '-'}",
+        box=box.SIMPLE_HEAD,
+        pad_edge=False,
+        collapse_padding=True,
     )
     for col, justify in (
         ("instance", "left"),
         ("role", "left"),
         ("state", "left"),
-        ("running", "right"),
-        ("waiting", "right"),
-        ("KV usage", "right"),
-        ("KV blocks", "right"),
-        ("decode tok/s", "right"),
-        ("KV in (MB)", "right"),
-        ("last report", "right"),
+        ("run", "right"),
+        ("wait", "right"),
+        ("KV", "right"),
+        ("blocks", "right"),
+        ("tok/s", "right"),
+        ("KV in MB", "right"),
+        ("seen", "right"),
     ):
-        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+        table.add_column(col, justify=justify, no_wrap=True)  # type: ignore[arg-type]
     for inst in st.instances:
         usage = inst.kv_blocks_used / inst.kv_blocks_total if inst.kv_blocks_total else 0.0
         state_style = {"READY": "green", "DEAD": "red"}.get(inst.state, "yellow")
@@ -43,11 +48,11 @@ def render_status(console: Console, st: admin_pb2.ClusterStatus) -> None:
             f"[{state_style}]{inst.state}[/]",
             str(inst.num_running),
             str(inst.num_waiting),
-            f"{usage:.1%}",
+            f"{usage:.0%}",
             f"{inst.kv_blocks_used}/{inst.kv_blocks_total}",
             f"{inst.decode_tps:.1f}",
             f"{inst.transfer.bytes / 1e6:.1f}",
-            f"{inst.seconds_since_report:.1f}s ago",
+            f"{inst.seconds_since_report:.1f}s",
         )
     console.print(table)
     if st.requests_by_state:
@@ -58,9 +63,9 @@ def render_status(console: Console, st: admin_pb2.ClusterStatus) -> None:
 def render_requests(
     console: Console, requests: Iterable[admin_pb2.RequestInfo], *, events: bool = False
 ) -> None:
-    table = Table()
-    for col in ("request", "state", "prefill", "decode", "prompt tok", "output tok"):
-        table.add_column(col)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    for col in ("request", "state", "prefill", "decode", "prompt", "output"):
+        table.add_column(col, no_wrap=True)
     rows = list(requests)
     for r in rows:
         table.add_row(
