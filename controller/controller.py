@@ -15,7 +15,6 @@ from protocol.config import ClusterConfig
 from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestEvent, RequestRecord
 
 log = logging.getLogger(__name__)
-_PUSH_DEADLINE_S = 2.0
 
 
 class Controller:
@@ -25,6 +24,8 @@ class Controller:
         self.registry = InstanceRegistry(self.config.controller.heartbeat_timeout_s)
         self.requests = RequestLog(self.config.controller.request_history)
         self._frontdoors: dict[str, dict[str, str]] = {}
+        self._handles: dict[str, Any] = {}
+        self._pushes: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._admin: Any = None
         self.admin_port = 0
@@ -34,7 +35,7 @@ class Controller:
         from controller.admin_service import start_admin_server
 
         self._admin, self.admin_port = await start_admin_server(
-            self, self.config.frontdoor.host, self.config.controller.admin_port
+            self, self.config.controller.admin_host, self.config.controller.admin_port
         )
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
         return self.admin_port
@@ -75,16 +76,28 @@ class Controller:
             await self._admin.stop(grace=1.0)
 
     async def _snapshot_loop(self) -> None:
-        import ray
-
         while True:
             await asyncio.sleep(self.config.controller.snapshot_interval_s)
-            for dead in self.registry.expire(time.monotonic()):
-                log.warning("instance %s stopped reporting: marked DEAD", dead)
-            snapshot = self.cluster_snapshot()
-            for name in list(self._frontdoors):
-                try:
-                    handle = ray.get_actor(name, namespace=self._namespace)
-                    handle.update_snapshot.remote(snapshot)
-                except ValueError:  # that front door is gone
-                    self._frontdoors.pop(name, None)
+            try:
+                self._push_snapshot()
+            except Exception:  # one bad round must not stop health checks and pushes for good
+                log.exception("snapshot round failed")
+
+    def _push_snapshot(self) -> None:
+        import ray
+
+        for dead in self.registry.expire(time.monotonic()):
+            log.warning("instance %s stopped reporting: marked DEAD", dead)
+        snapshot = self.cluster_snapshot()
+        for name in list(self._frontdoors):
+            pending = self._pushes.get(name)
+            if pending is not None and not ray.wait([pending], timeout=0)[0]:
+                continue  # that front door has not taken the last one yet: send no backlog
+            try:
+                handle = self._handles.get(name) or ray.get_actor(name, namespace=self._namespace)
+            except ValueError:  # that front door is gone
+                self._frontdoors.pop(name, None)
+                self._handles.pop(name, None)
+                continue
+            self._handles[name] = handle
+            self._pushes[name] = handle.update_snapshot.remote(snapshot)

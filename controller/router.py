@@ -7,6 +7,7 @@ worker that holds it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,10 +16,17 @@ from typing import Any
 from controller.metrics import FrontDoorMetrics
 from controller.policy.dispatch import DispatchPlan, DispatchState, decide
 from protocol.config import FrontDoorConfig
-from protocol.errors import DeadlineExceeded, PdflowError, WorkerFailed
+from protocol.errors import DeadlineExceeded, InvalidRequest, PdflowError, WorkerFailed
 from protocol.ids import RequestId
 from protocol.lifecycle import RequestState, advance
-from protocol.messages import DecodeRequest, FinishReason, PrefillRequest, SamplingSpec, TokenChunk
+from protocol.messages import (
+    DecodeRequest,
+    FinishReason,
+    PrefillRequest,
+    PrefillResult,
+    SamplingSpec,
+    TokenChunk,
+)
 from protocol.snapshots import ClusterSnapshot, RequestEvent
 
 log = logging.getLogger(__name__)
@@ -43,6 +51,7 @@ class RequestRouter:
         self._snapshot = ClusterSnapshot(version=-1)
         self._dispatch = DispatchState()
         self._active: dict[str, _Flight] = {}
+        self._handles: dict[str, Any] = {}
 
     @property
     def snapshot(self) -> ClusterSnapshot:
@@ -72,8 +81,10 @@ class RequestRouter:
         sampling: SamplingSpec,
         priority: int = 0,
     ) -> AsyncIterator[TokenChunk]:
+        if request_id in self._active:
+            raise InvalidRequest(f"request id {request_id!r} is already in flight", param="request_id")
         try:
-            plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch)
+            plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch, time.time())
         except PdflowError:
             self._metrics.requests.labels(outcome="rejected").inc()
             raise
@@ -105,56 +116,65 @@ class RequestRouter:
     async def _serve(
         self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec
     ) -> AsyncIterator[TokenChunk]:
-        import ray
-
         rid = flight.request_id
-        prefill_actor = self._actor(flight.plan.prefill.actor_name)
         flight.move(RequestState.PREFILLING)
-        request = PrefillRequest(rid, prompt, sampling, hand_off=sampling.max_tokens > 1)
-        call = prefill_actor.prefill.remote(request)
-        try:
-            result = await self._until_aborted(flight, call, self._config.prefill_timeout_s)
-        except TimeoutError:
-            prefill_actor.abort.remote(rid)
-            raise DeadlineExceeded(
-                f"prefill on {flight.plan.prefill.instance_id} took longer than "
-                f"{self._config.prefill_timeout_s:.0f}s"
-            ) from None
-        except _Aborted:
-            prefill_actor.abort.remote(rid)
+        result = await self._prefill(
+            flight, PrefillRequest(rid, prompt, sampling, hand_off=sampling.max_tokens > 1)
+        )
+        if result is None:
             yield TokenChunk(rid, (), FinishReason.ABORT)
             return
-        except ray.exceptions.RayError as err:
-            raise _worker_failed("prefill", flight.plan.prefill.instance_id, err) from err
         flight.ttft = time.monotonic() - flight.started
         self._metrics.prefill_seconds.observe(result.prefill_seconds)
-        if result.finish_reason is not None:
-            if result.kv_handle is not None:  # stopped at token one: let the decode side release the KV
-                decode_actor = self._actor(flight.plan.decode.actor_name)
-                decode_actor.release.remote(
-                    DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle))
-            yield TokenChunk(rid, (result.first_token_id,), result.finish_reason)
-            return
-        yield TokenChunk(rid, (result.first_token_id,))
-        flight.move(RequestState.TRANSFERRING)
-        async for chunk in self._decode(flight, prompt, sampling, result.first_token_id, result.kv_handle):
-            yield chunk
+        handoff = DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle)
+        handed_off = False
+        try:
+            if result.finish_reason is not None:
+                yield TokenChunk(rid, (result.first_token_id,), result.finish_reason)
+                return
+            yield TokenChunk(rid, (result.first_token_id,))
+            flight.move(RequestState.TRANSFERRING)
+            handed_off = True
+            async for chunk in self._decode(flight, handoff):
+                yield chunk
+        finally:
+            if not handed_off and result.kv_handle is not None:
+                # The prefill worker holds the prompt's KV for a decode worker that will never ask (the
+                # request ended at token one, or the client left): have the decode side release it now.
+                self._release(flight, handoff)
 
-    async def _decode(
-        self,
-        flight: _Flight,
-        prompt: tuple[int, ...],
-        sampling: SamplingSpec,
-        first: int,
-        kv_handle: dict[str, Any] | None,
-    ) -> AsyncIterator[TokenChunk]:
+    async def _prefill(self, flight: _Flight, request: PrefillRequest) -> PrefillResult | None:
+        """Run prefill with a deadline; None if the client aborted first. Every way out but success aborts
+        the prefill on the worker, cancellation included."""
         import ray
 
-        rid = flight.request_id
-        decode_actor = self._actor(flight.plan.decode.actor_name)
-        stream = decode_actor.decode.options(num_returns="streaming").remote(
-            DecodeRequest(rid, prompt, first, sampling, kv_handle)
-        )
+        instance = flight.plan.prefill
+        actor = self._actor(instance.actor_name)
+        call = actor.prefill.remote(request)
+        try:
+            result: PrefillResult = await self._until_aborted(flight, call, self._config.prefill_timeout_s)
+            return result
+        except TimeoutError:
+            self._abort_on(actor, flight.request_id, call)
+            raise DeadlineExceeded(
+                f"prefill on {instance.instance_id} took longer than {self._config.prefill_timeout_s:.0f}s"
+            ) from None
+        except _Aborted:
+            self._abort_on(actor, flight.request_id, call)
+            return None
+        except ray.exceptions.RayError as err:
+            self._forget_actor(instance.actor_name)
+            raise _worker_failed("prefill", instance.instance_id, err) from err
+        except BaseException:
+            self._abort_on(actor, flight.request_id, call)
+            raise
+
+    async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+        import ray
+
+        rid, instance = flight.request_id, flight.plan.decode
+        decode_actor = self._actor(instance.actor_name)
+        stream = decode_actor.decode.options(num_returns="streaming").remote(request)
         finished = False
         try:
             while True:
@@ -163,30 +183,36 @@ class RequestRouter:
                     chunk: TokenChunk = await ref
                 except StopAsyncIteration:
                     raise WorkerFailed(
-                        f"decode worker {flight.plan.decode.instance_id} ended request "
-                        f"{rid} without a finish reason"
+                        f"decode worker {instance.instance_id} ended request {rid} without a finish reason"
                     ) from None
                 except TimeoutError:
                     raise DeadlineExceeded(
-                        f"decode worker {flight.plan.decode.instance_id} sent no token for "
+                        f"decode worker {instance.instance_id} sent no token for "
                         f"{self._config.token_timeout_s:.0f}s"
                     ) from None
                 except _Aborted:
                     yield TokenChunk(rid, (), FinishReason.ABORT)
-                    finished = True
                     return
                 except ray.exceptions.RayError as err:
-                    raise _worker_failed("decode", flight.plan.decode.instance_id, err) from err
+                    self._forget_actor(instance.actor_name)
+                    raise _worker_failed("decode", instance.instance_id, err) from err
                 if flight.state is RequestState.TRANSFERRING:
                     flight.move(RequestState.DECODING)
+                if chunk.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                    # vLLM ended it (a failed KV pull, an engine error): tokens so far, then a typed error.
+                    if chunk.token_ids:
+                        yield TokenChunk(rid, chunk.token_ids)
+                    raise WorkerFailed(
+                        f"decode worker {instance.instance_id} could not finish request {rid} "
+                        f"({chunk.finish_reason.value}); its KV pull may have failed"
+                    )
                 finished = chunk.finish_reason is not None
                 yield chunk
                 if finished:
                     return
         finally:
-            if not finished or flight.abort_requested.is_set():
-                ray.cancel(stream)
-                decode_actor.abort.remote(rid)
+            if not finished:
+                self._abort_on(decode_actor, rid, stream)
 
     async def _until_aborted(self, flight: _Flight, awaitable: Any, timeout: float) -> Any:
         """Await ``awaitable`` with a deadline; raise ``_Aborted`` if the client aborts first."""
@@ -196,20 +222,46 @@ class RequestRouter:
             done, _ = await asyncio.wait({work, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
+            if not work.done():
+                work.cancel()
         if work in done:
             return work.result()
-        work.cancel()
         if stop in done:
             raise _Aborted
         raise TimeoutError
 
-    def _actor(self, name: str) -> Any:
+    def _abort_on(self, actor: Any, request_id: str, call: Any) -> None:
+        """Fire-and-forget: cancel the Ray call and abort the request in the worker's engine."""
         import ray
 
+        with contextlib.suppress(Exception):  # the worker may be gone already; then so is the request
+            ray.cancel(call)
+        with contextlib.suppress(Exception):
+            actor.abort.remote(request_id)
+
+    def _release(self, flight: _Flight, handoff: DecodeRequest) -> None:
         try:
-            return ray.get_actor(name, namespace=self._namespace)
-        except ValueError as err:
-            raise WorkerFailed(f"worker {name} is gone") from err
+            self._actor(flight.plan.decode.actor_name).release.remote(handoff)
+        except WorkerFailed:
+            log.warning(
+                "%s: no decode worker to release prefill KV; it frees at lease end", flight.request_id
+            )
+
+    def _actor(self, name: str) -> Any:
+        """A worker's Ray handle, cached: looking one up is a blocking call to the GCS."""
+        import ray
+
+        handle = self._handles.get(name)
+        if handle is None:
+            try:
+                handle = ray.get_actor(name, namespace=self._namespace)
+            except ValueError as err:
+                raise WorkerFailed(f"worker {name} is gone") from err
+            self._handles[name] = handle
+        return handle
+
+    def _forget_actor(self, name: str) -> None:
+        self._handles.pop(name, None)
 
     def _observe(self, flight: _Flight, outcome: RequestState) -> None:
         m = self._metrics

@@ -91,11 +91,19 @@ def up(
     from pdctl.model_cache import prepare_model
 
     cluster = LocalCluster(cfg, prepare_model())
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    # During start, Ctrl-C (KeyboardInterrupt) or SIGTERM (Ray's handler exits) unwinds through start(),
+    # which stops whatever had started. Once serving, both signals ask for a clean stop; a second one
+    # while stopping falls back to Python's default and ends the process.
     with err.status("starting pdflow...") as spinner:
         handle = cluster.start(lambda msg: spinner.update(msg))
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _request_stop)
     try:
         cluster.wait_until_serving()
         RunState(os.getpid(), handle.http_url, handle.grpc_address, handle.admin_address).write()

@@ -111,7 +111,7 @@ class LocalCluster:
         )
         port: int = ray.get(actor.start.remote(), timeout=60)
         self.handle.actors[CONTROLLER_NAME] = actor
-        self.handle.admin_address = f"{cfg.frontdoor.host}:{port}"
+        self.handle.admin_address = f"{cfg.controller.admin_host}:{port}"
 
     def add_worker(self, role: Role, index: int) -> tuple[str, Any]:
         """Create one worker actor (not yet started)."""
@@ -129,7 +129,7 @@ class LocalCluster:
             "VLLM_NIXL_SIDE_CHANNEL_PORT": str(
                 base + index * 2 + (role is Role.DECODE) if base else free_port()
             ),
-            "VLLM_CPU_KVCACHE_SPACE": str(max(1, round(engine.kv_cache_gib))),
+            "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
             "OMP_NUM_THREADS": str(engine.cpu_threads),
         }
         actor = (
@@ -205,17 +205,24 @@ class LocalCluster:
         raise TimeoutError(f"cluster not serving after {timeout_s:.0f}s: {health}")
 
     def stop(self) -> None:
-        """Stop every actor (engines first, so their subprocesses exit), then Ray. Idempotent."""
+        """Stop the front door (no new requests), then the workers (their engines' subprocesses exit), then
+        the controller, then Ray. Idempotent."""
         import ray
 
         if not ray.is_initialized():
             return
-        refs = [a.shutdown.remote() for a in self.handle.actors.values()]
-        # A dead actor cannot shut down, and an actor already gone cannot be killed: either way it ends.
-        with contextlib.suppress(ray.exceptions.RayError, TimeoutError):
-            ray.get(refs, timeout=30)
-        for actor in self.handle.actors.values():
-            with contextlib.suppress(ValueError, ray.exceptions.RayError):
-                ray.kill(actor)
-        self.handle.actors.clear()
+        actors = self.handle.actors
+        tiers = [
+            [a for n, a in actors.items() if n == FRONTDOOR_NAME],
+            [a for n, a in actors.items() if n not in (FRONTDOOR_NAME, CONTROLLER_NAME)],
+            [a for n, a in actors.items() if n == CONTROLLER_NAME],
+        ]
+        for tier in tiers:
+            refs = [a.shutdown.remote() for a in tier]
+            if refs:  # a dead actor cannot shut down; it is killed below either way
+                ray.wait(refs, num_returns=len(refs), timeout=30)
+            for actor in tier:
+                with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                    ray.kill(actor)
+        actors.clear()
         ray.shutdown()

@@ -5,6 +5,7 @@ serving calls on top. Runs inside a Ray actor (an asyncio event loop)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -77,9 +78,12 @@ class EngineWorker:
         return self.instance_id
 
     async def shutdown(self) -> None:
+        """Tell the controller first, so that no new request comes here, then stop the engine."""
         self._state = InstanceState.DEAD
         if self._report_task is not None:
             self._report_task.cancel()
+            with contextlib.suppress(Exception):  # the controller may be gone already
+                await self._report_once()
         await self.engine.shutdown()
 
     async def _report_loop(self) -> None:

@@ -35,7 +35,7 @@ class ModelConfig(_Section):
 
 class EngineConfig(_Section):
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output tokens).")
-    kv_cache_gib: float = Field(0.5, gt=0, description="KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
     max_num_seqs: int = Field(32, ge=1, description="Most requests one engine runs at once.")
     enforce_eager: bool = Field(True, description="Skip graph capture (needed on CPU).")
     dtype: str = Field("bfloat16", description="Weights and KV dtype.")
@@ -60,6 +60,9 @@ class WorkerConfig(_Section):
 class ControllerConfig(_Section):
     heartbeat_timeout_s: float = Field(3.0, gt=0, description="A worker silent this long is marked dead.")
     snapshot_interval_s: float = Field(0.2, gt=0, description="How often snapshots go to the front doors.")
+    admin_host: str = Field(
+        "127.0.0.1", description="Address the admin gRPC server binds (it has no authentication)."
+    )
     admin_port: int = Field(50052, ge=0, description="gRPC pdflow.v1.Admin port (0: a free port).")
     request_history: int = Field(10000, ge=10, description="Finished requests kept for ListRequests.")
 

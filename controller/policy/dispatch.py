@@ -9,6 +9,9 @@ from protocol.config import DispatchPolicyKind
 from protocol.errors import PoolEmpty
 from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, Role
 
+# A placement the instance has not reported yet is counted as load for at most this long.
+_PLACEMENT_MEMORY_S = 10.0
+
 
 @dataclass(frozen=True, slots=True)
 class DispatchPlan:
@@ -18,50 +21,56 @@ class DispatchPlan:
 
 @dataclass(frozen=True, slots=True)
 class DispatchState:
-    """Round-robin cursors, and the requests placed since the snapshot was taken (so that a burst between
-    two snapshots does not all land on the instance that looked idlest)."""
+    """Round-robin cursors, and recent placements as (instance id, when). A placement counts as load on its
+    instance until the instance reports after it, so a burst that arrives between two reports does not all
+    land on the instance that looked idlest."""
 
     next_prefill: int = 0
     next_decode: int = 0
-    placed_since_snapshot: tuple[tuple[str, int], ...] = ()
-    snapshot_version: int = -1
+    placements: tuple[tuple[str, float], ...] = ()
 
 
 def freeness(instance: InstanceSnapshot, extra_requests: int = 0) -> float:
-    """Llumnix freeness: free KV blocks per running request. Higher means more room to grow."""
+    """Llumnix freeness: free KV blocks per request in the batch. Higher means more room to grow."""
     batch = instance.num_running + instance.num_waiting + extra_requests
-    free = instance.kv_blocks_total - instance.kv_blocks_used
-    return free / max(batch, 1)
+    return (instance.kv_blocks_total - instance.kv_blocks_used) / max(batch, 1)
+
+
+def _unreported(state: DispatchState, snapshot: ClusterSnapshot, now: float) -> tuple[tuple[str, float], ...]:
+    reported: dict[str, float] = {i.instance_id: i.reported_at for i in snapshot.instances}
+    return tuple(
+        (iid, at)
+        for iid, at in state.placements
+        if at > reported.get(iid, float("inf")) and now - at < _PLACEMENT_MEMORY_S
+    )
 
 
 def decide(
-    snapshot: ClusterSnapshot, state: DispatchState, kind: DispatchPolicyKind
+    snapshot: ClusterSnapshot, state: DispatchState, kind: DispatchPolicyKind, now: float
 ) -> tuple[DispatchPlan, DispatchState]:
+    """Pick the pair. ``now`` is on the clock of the instances' ``reported_at``. Raises ``PoolEmpty``."""
     prefills = sorted(snapshot.live(Role.PREFILL), key=lambda i: i.instance_id)
     decodes = sorted(snapshot.live(Role.DECODE), key=lambda i: i.instance_id)
     if not prefills:
         raise PoolEmpty("no prefill worker is alive: the prefill pool is empty")
     if not decodes:
         raise PoolEmpty("no decode worker is alive: the decode pool is empty")
-    if state.snapshot_version != snapshot.version:
-        state = DispatchState(state.next_prefill, state.next_decode, (), snapshot.version)
+    pending = _unreported(state, snapshot, now)
+    extra: dict[str, int] = {}
+    for iid, _ in pending:
+        extra[iid] = extra.get(iid, 0) + 1
     if kind is DispatchPolicyKind.ROUND_ROBIN:
         prefill = prefills[state.next_prefill % len(prefills)]
         decode = decodes[state.next_decode % len(decodes)]
     else:
-        placed = dict(state.placed_since_snapshot)
         prefill = min(
             prefills,
-            key=lambda i: (i.num_waiting + i.num_running + placed.get(i.instance_id, 0), i.instance_id),
+            key=lambda i: (i.num_waiting + i.num_running + extra.get(i.instance_id, 0), i.instance_id),
         )
-        decode = max(decodes, key=lambda i: (freeness(i, placed.get(i.instance_id, 0)), i.instance_id))
-    placed = dict(state.placed_since_snapshot)
-    for chosen in (prefill, decode):
-        placed[chosen.instance_id] = placed.get(chosen.instance_id, 0) + 1
+        decode = max(decodes, key=lambda i: (freeness(i, extra.get(i.instance_id, 0)), i.instance_id))
     new_state = DispatchState(
         next_prefill=state.next_prefill + 1,
         next_decode=state.next_decode + 1,
-        placed_since_snapshot=tuple(sorted(placed.items())),
-        snapshot_version=snapshot.version,
+        placements=(*pending, (prefill.instance_id, now), (decode.instance_id, now)),
     )
     return DispatchPlan(prefill, decode), new_state

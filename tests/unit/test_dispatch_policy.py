@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
 from controller.policy.dispatch import DispatchState, decide, freeness
@@ -46,7 +48,7 @@ def test_least_loaded_picks_the_freest_decode_and_the_shortest_prefill_queue() -
             inst("decode-1", Role.DECODE, running=2, used=20),
         ),
     )
-    plan, _ = decide(snap, DispatchState(), DispatchPolicyKind.LEAST_LOADED)
+    plan, _ = decide(snap, DispatchState(), DispatchPolicyKind.LEAST_LOADED, 100.0)
     assert (plan.prefill.instance_id, plan.decode.instance_id) == ("prefill-1", "decode-1")
 
 
@@ -57,7 +59,7 @@ def test_a_burst_between_snapshots_spreads_over_equal_instances() -> None:
     state = DispatchState()
     chosen = []
     for _ in range(4):
-        plan, state = decide(snap, state, DispatchPolicyKind.LEAST_LOADED)
+        plan, state = decide(snap, state, DispatchPolicyKind.LEAST_LOADED, 100.0)
         chosen.append(plan.decode.instance_id)
     assert sorted(chosen) == ["decode-0", "decode-0", "decode-1", "decode-1"]
 
@@ -69,7 +71,7 @@ def test_round_robin_cycles() -> None:
     state = DispatchState()
     seen = []
     for _ in range(4):
-        plan, state = decide(snap, state, DispatchPolicyKind.ROUND_ROBIN)
+        plan, state = decide(snap, state, DispatchPolicyKind.ROUND_ROBIN, 100.0)
         seen.append(plan.prefill.instance_id)
     assert seen == ["prefill-0", "prefill-1", "prefill-0", "prefill-1"]
 
@@ -84,7 +86,7 @@ def test_dead_and_cordoned_instances_get_no_work() -> None:
         ),
     )
     with pytest.raises(PoolEmpty, match="decode pool is empty"):
-        decide(snap, DispatchState(), DispatchPolicyKind.LEAST_LOADED)
+        decide(snap, DispatchState(), DispatchPolicyKind.LEAST_LOADED, 100.0)
 
 
 def test_empty_prefill_pool_is_named() -> None:
@@ -93,4 +95,29 @@ def test_empty_prefill_pool_is_named() -> None:
             ClusterSnapshot(1, (inst("decode-0", Role.DECODE),)),
             DispatchState(),
             DispatchPolicyKind.ROUND_ROBIN,
+            1.0,
         )
+
+
+def test_placements_count_until_the_instance_reports_after_them() -> None:
+    def snap(reported_at: float) -> ClusterSnapshot:
+        return ClusterSnapshot(
+            1,
+            (
+                replace(inst("prefill-0", Role.PREFILL), reported_at=reported_at),
+                replace(inst("decode-0", Role.DECODE), reported_at=reported_at),
+                replace(inst("decode-1", Role.DECODE, running=1, used=10), reported_at=reported_at),
+            ),
+        )
+
+    # decode-0 is idle, decode-1 has one request: the first two go to decode-0 (freeness 100 and 100
+    # against 90), the third to decode-1 (50 against 90)...
+    state = DispatchState()
+    first, state = decide(snap(10.0), state, DispatchPolicyKind.LEAST_LOADED, 11.0)
+    second, state = decide(snap(10.0), state, DispatchPolicyKind.LEAST_LOADED, 11.1)
+    third, state = decide(snap(10.0), state, DispatchPolicyKind.LEAST_LOADED, 11.2)
+    assert [p.decode.instance_id for p in (first, second, third)] == ["decode-0", "decode-0", "decode-1"]
+    # ...and once both report after those placements, the placements are no longer extra load.
+    fourth, state = decide(snap(12.0), state, DispatchPolicyKind.LEAST_LOADED, 12.1)
+    assert fourth.decode.instance_id == "decode-0"
+    assert [iid for iid, _ in state.placements] == ["prefill-0", "decode-0"]
