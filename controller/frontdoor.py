@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from controller.metrics import FrontDoorMetrics
@@ -87,14 +88,25 @@ class FrontDoor:
         self.router.update_snapshot(snapshot)
 
     def health(self) -> dict[str, Any]:
+        """Serving needs a live worker of each role in a fresh snapshot. A snapshot older than the heartbeat
+        timeout means the controller stopped pushing: the pools may have changed without this front door
+        knowing, so it reports itself unhealthy (and keeps serving on what it last knew)."""
         snap = self.router.snapshot
         prefill, decode = len(snap.live(Role.PREFILL)), len(snap.live(Role.DECODE))
-        return {
-            "ok": prefill > 0 and decode > 0,
+        age = time.time() - snap.taken_at if snap.taken_at else None
+        fresh = age is not None and age <= self.config.controller.heartbeat_timeout_s
+        health: dict[str, Any] = {
+            "ok": prefill > 0 and decode > 0 and fresh,
             "prefill_workers": prefill,
             "decode_workers": decode,
             "snapshot_version": snap.version,
+            "snapshot_age_s": age,
         }
+        if not fresh:
+            health["reason"] = "no recent cluster snapshot from the controller"
+        elif not prefill or not decode:
+            health["reason"] = f"the {'prefill' if not prefill else 'decode'} pool is empty"
+        return health
 
     def _metrics_text(self) -> tuple[bytes, str]:
         for state, count in self.router.in_flight().items():

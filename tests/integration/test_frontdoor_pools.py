@@ -3,6 +3,7 @@ message naming the empty pool. No Ray is needed: dispatch fails before any worke
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import grpc
@@ -51,7 +52,7 @@ async def test_an_empty_pool_is_a_503_naming_it(
     frontdoor: tuple[FrontDoor, TextGenerator], instances: tuple[InstanceSnapshot, ...], pool: str
 ) -> None:
     door, textgen = frontdoor
-    door.update_snapshot(ClusterSnapshot(version=1, instances=instances))
+    door.update_snapshot(ClusterSnapshot(version=1, instances=instances, taken_at=time.time()))
     app = build_http_app(
         textgen, model_name=door.config.model.name, metrics_text=door.metrics.exposition, health=door.health
     )
@@ -65,6 +66,7 @@ async def test_an_empty_pool_is_a_503_naming_it(
             assert f"the {pool} pool is empty" in resp.json()["error"]["message"]
         health = await client.get("/health")
         assert health.status_code == 503 and health.json()["ok"] is False
+        assert health.json()["reason"] == f"the {pool} pool is empty"
         metrics = (await client.get("/metrics")).text
         assert 'pdflow_requests_total{outcome="rejected"} 2.0' in metrics
 
@@ -84,3 +86,14 @@ async def test_an_empty_pool_is_a_503_naming_it(
             assert f"the {pool} pool is empty" in (info.value.details() or "")
     finally:
         await server.stop(grace=None)
+
+
+def test_health_needs_both_pools_and_a_fresh_snapshot(frontdoor: tuple[FrontDoor, TextGenerator]) -> None:
+    door, _ = frontdoor
+    both = (_instance("prefill-0", Role.PREFILL), _instance("decode-0", Role.DECODE))
+    door.update_snapshot(ClusterSnapshot(version=1, instances=both, taken_at=time.time()))
+    assert door.health()["ok"] is True
+    stale_at = time.time() - door.config.controller.heartbeat_timeout_s - 1
+    door.update_snapshot(ClusterSnapshot(version=2, instances=both, taken_at=stale_at))
+    health = door.health()
+    assert health["ok"] is False and health["reason"] == "no recent cluster snapshot from the controller"
