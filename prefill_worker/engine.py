@@ -9,6 +9,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -147,7 +148,7 @@ class VllmEngine:
             await self._llm.abort(request_id)
 
     def load(self) -> EngineLoad:
-        return self._stats.load()
+        return replace(self._stats.load(), in_flight=len(self._live))
 
     @property
     def dead(self) -> bool:

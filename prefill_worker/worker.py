@@ -67,6 +67,7 @@ class EngineWorker:
             kv_blocks_total=load.kv_blocks_total,
             decode_tps=load.decode_tps,
             prompt_tps=load.prompt_tps,
+            in_flight=load.in_flight,
             transfer=load.transfer,
             reported_at=time.time(),
         )

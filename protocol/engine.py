@@ -21,6 +21,9 @@ class EngineLoad:
     decode_tps: float
     prompt_tps: float
     transfer: TransferCounters
+    # Requests admitted by the worker and not yet returned. vLLM's running/waiting figures come with engine
+    # steps, so a prefill that is one long step never shows in them; this count moves at once.
+    in_flight: int = 0
 
 
 class ServingEngine(Protocol):

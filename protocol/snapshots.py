@@ -49,8 +49,14 @@ class InstanceSnapshot:
     kv_blocks_total: int = 0
     decode_tps: float = 0.0
     prompt_tps: float = 0.0
+    in_flight: int = 0  # requests admitted and not yet returned (see EngineLoad.in_flight)
     transfer: TransferCounters = field(default_factory=TransferCounters)
     reported_at: float = 0.0  # seconds on the reporter's clock
+
+    @property
+    def load(self) -> int:
+        """Requests on this instance by the freshest figure available."""
+        return max(self.num_running + self.num_waiting, self.in_flight)
 
     @property
     def kv_usage(self) -> float:

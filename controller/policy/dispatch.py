@@ -32,7 +32,7 @@ class DispatchState:
 
 def freeness(instance: InstanceSnapshot, extra_requests: int = 0) -> float:
     """Llumnix freeness: free KV blocks per request in the batch. Higher means more room to grow."""
-    batch = instance.num_running + instance.num_waiting + extra_requests
+    batch = instance.load + extra_requests
     return (instance.kv_blocks_total - instance.kv_blocks_used) / max(batch, 1)
 
 
@@ -65,7 +65,7 @@ def decide(
     else:
         prefill = min(
             prefills,
-            key=lambda i: (i.num_waiting + i.num_running + extra.get(i.instance_id, 0), i.instance_id),
+            key=lambda i: (i.load + extra.get(i.instance_id, 0), i.instance_id),
         )
         decode = max(decodes, key=lambda i: (freeness(i, extra.get(i.instance_id, 0)), i.instance_id))
     new_state = DispatchState(

@@ -5,6 +5,7 @@ shared cluster and kills it."""
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -20,6 +21,17 @@ pytestmark = pytest.mark.e2e
 def _decode_states(cluster: E2ECluster) -> dict[str, str]:
     with AdminClient(cluster.admin_address) as admin:
         return {i.instance_id: i.state for i in admin.instances("decode").instances}
+
+
+def _frontdoor_sees_load(cluster: E2ECluster, instance: str) -> bool:
+    """Whether the front door's latest snapshot shows a request running or waiting on ``instance``."""
+    text = httpx.get(f"{cluster.http_url}/metrics", timeout=10).text
+    return any(
+        line.startswith(("pdflow_instance_requests_running{", "pdflow_instance_requests_waiting{"))
+        and f'instance="{instance}"' in line
+        and float(line.rsplit(" ", 1)[1]) > 0
+        for line in text.splitlines()
+    )
 
 
 def test_decode_worker_death_mid_stream_gives_a_clear_error_and_no_more_work(e2e_cluster: E2ECluster) -> None:
@@ -72,5 +84,54 @@ def test_decode_worker_death_mid_stream_gives_a_clear_error_and_no_more_work(e2e
         timeout=60,
     )
     assert ok.status_code == 200, ok.text
+    cluster.cluster.handle.actors.pop(name, None)
+    cluster.wait_idle()
+
+
+def test_prefill_worker_death_mid_prefill_gives_a_clear_error(e2e_cluster: E2ECluster) -> None:
+    from protocol.ids import RequestId
+    from protocol.messages import PrefillRequest, SamplingSpec
+
+    cluster = e2e_cluster
+    name, victim = cluster.cluster.add_worker(Role.PREFILL, 1)
+    ray.get(victim.start.remote(), timeout=300)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{cluster.http_url}/health", timeout=10).json()["prefill_workers"] != 2:
+        assert time.monotonic() < deadline, "the front door never saw prefill-1"
+        time.sleep(0.05)
+
+    # Keep prefill-0 busy with long prompts sent to it directly, so that dispatch picks prefill-1.
+    prefill0 = cluster.worker(Role.PREFILL)
+    busy = [
+        prefill0.prefill.remote(
+            PrefillRequest(
+                RequestId(f"busy-{i}"),
+                tuple(range(1000 + i, 2900 + i)),
+                SamplingSpec(max_tokens=1),
+                hand_off=False,
+            )
+        )
+        for i in range(3)
+    ]
+    deadline = time.monotonic() + 30
+    while not _frontdoor_sees_load(cluster, "prefill-0"):
+        assert time.monotonic() < deadline, "the front door never saw prefill-0 busy"
+        time.sleep(0.05)
+
+    body = {"model": cluster.model, "prompt": list(range(3000, 4900)), "max_tokens": 8, "temperature": 0}
+    with ThreadPoolExecutor(1) as pool:
+        future = pool.submit(httpx.post, f"{cluster.http_url}/v1/completions", json=body, timeout=120)
+        deadline = time.monotonic() + 30
+        while ray.get(victim.snapshot.remote(), timeout=10).in_flight == 0:
+            assert time.monotonic() < deadline, "the request never reached prefill-1"
+            assert not future.done(), f"the request finished elsewhere: {future.result().text}"
+            time.sleep(0.02)
+        ray.kill(victim)
+        killed = time.monotonic()
+        resp = future.result()
+    assert resp.status_code == 502, resp.text
+    assert "prefill worker prefill-1 failed" in resp.json()["error"]["message"]
+    assert time.monotonic() - killed < 30
+    ray.get(busy, timeout=120)
     cluster.cluster.handle.actors.pop(name, None)
     cluster.wait_idle()
