@@ -1,0 +1,81 @@
+"""``fp8``: float8 e4m3 codes with one fp16 scale per group of ``group_size`` along ``head_dim``.
+
+Each group is scaled so its largest magnitude maps to at most 448, e4m3's largest finite value, and the
+scale is rounded up to fp16 so nothing saturates. e4m3 keeps 3 mantissa bits: a decoded element is within
+2^-4 of its magnitude (half a step), or within 2^-10 of the group's scale where it falls among e4m3's
+subnormals, before the final rounding to the output dtype. Keys and values are grouped the same way: fp8
+has a per-element exponent, so key channel outliers cost it little. Wire: 1 byte per element plus 2 bytes
+per group.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from kv_transfer.codec.base import EncodedKV, KVCodec, KVHeader, KVKind, KVPart, PartSpec, kv_shape
+from kv_transfer.codec.groups import (
+    DEFAULT_GROUP_SIZE,
+    HEAD_DIM_AXIS,
+    check_group_size,
+    group_shape,
+    merge_groups,
+    split_groups,
+    token_chunks,
+)
+from kv_transfer.codec.rounding import FP16_TINY, fp16_round_up
+
+E4M3_MAX = 448.0
+
+
+def e4m3_to_fp16_over_256(codes: torch.Tensor) -> torch.Tensor:
+    """e4m3 bit patterns (uint8) to fp16 values 256 times smaller, exactly, with integer ops.
+
+    Shifting the exponent and mantissa bits left by 7 lands them in fp16's fields; fp16's exponent bias is 8
+    more than e4m3's, normals and subnormals alike, hence the 2^-8. It is ~10x faster on CPU than torch's
+    float8 to float conversion. (The NaN pattern, which ``encode`` never emits, decodes to a finite value.)
+    """
+    magnitude = (codes & 0x7F).to(torch.int16) << 7
+    sign = (codes >> 7).to(torch.int16) * -32768  # 0 or 0x8000
+    return (magnitude | sign).view(torch.float16)
+
+
+class Fp8Codec(KVCodec):
+    """float8_e4m3fn with a per-group fp16 absmax scale; groups run along ``head_dim`` for keys and values."""
+
+    name = "fp8"
+    lossless = False
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+        self.group_size = check_group_size(group_size, self.name)
+
+    def part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
+        group_size = check_group_size(header.param("group_size"), f"{self.name} header")
+        return (
+            PartSpec("codes", torch.uint8, (math.prod(header.shape),)),
+            PartSpec("scale", torch.float16, group_shape(header.shape, HEAD_DIM_AXIS, group_size)),
+        )
+
+    def _encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
+        header = KVHeader(self.name, kind, kv_shape(kv), kv.dtype, {"group_size": self.group_size})
+        codes = torch.empty(kv.shape, dtype=torch.float8_e4m3fn, device=kv.device)
+        scale = torch.empty(self.part_specs(header)[1].shape, dtype=torch.float16, device=kv.device)
+        for tokens in token_chunks(kv, align=1):  # groups run along head_dim: any token split works
+            groups = split_groups(kv[tokens].float(), HEAD_DIM_AXIS, self.group_size)  # [t, H, G, g]
+            chunk_scale = fp16_round_up((groups.abs().amax(dim=-1) / E4M3_MAX).clamp_min(FP16_TINY))
+            scaled = groups * chunk_scale.float().reciprocal_().unsqueeze(-1)  # not in place: fp32 kv
+            codes[tokens] = merge_groups(scaled.clamp_(-E4M3_MAX, E4M3_MAX), HEAD_DIM_AXIS, kv.shape[-1])
+            scale[tokens] = chunk_scale
+        return EncodedKV(header, (KVPart("codes", codes.view(torch.uint8).view(-1)), KVPart("scale", scale)))
+
+    def _decode(self, enc: EncodedKV) -> torch.Tensor:
+        group_size = enc.header.param("group_size")
+        codes = enc.part("codes").view(enc.shape)
+        out = torch.empty(enc.shape, dtype=enc.dtype, device=codes.device)
+        for tokens in token_chunks(codes, align=1):
+            values = e4m3_to_fp16_over_256(codes[tokens]).float()
+            groups = split_groups(values, HEAD_DIM_AXIS, group_size, zero_pad=True)
+            groups.mul_((enc.part("scale")[tokens].float() * 256.0).unsqueeze(-1))
+            out[tokens] = merge_groups(groups, HEAD_DIM_AXIS, enc.shape[-1])
+        return out
