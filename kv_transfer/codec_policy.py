@@ -1,0 +1,116 @@
+"""Adaptive codec choice per link (pure): from the link's measured bandwidth and each codec's measured
+ratio and encode/decode throughput, pick the codec with the smallest predicted delivery time among those the
+quality floor allows, and say why. Compression is chosen only when it makes delivery faster.
+
+Delivery of ``raw`` bytes in ``chunks`` equal pieces (layers, when the transfer is pipelined) through three
+stages, encode → wire → decode, each chunk entering a stage when the previous chunk has left it, takes
+``sum(stage) / chunks + (chunks - 1) / chunks * max(stage)``; one chunk is the unpipelined sum.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+
+class QualityFloor(enum.StrEnum):
+    """The least exact codec a deployment accepts. Ranked by error measured on real SmolLM2 KV
+    (``benchmarks/kv_codecs.py``): exact codecs, then int8 (~0.3-0.6% RMS), fp8 (~2.1-2.5%), int4 (~5-10%)."""
+
+    LOSSLESS = "lossless"
+    INT8 = "int8"
+    FP8 = "fp8"
+    INT4 = "int4"
+
+
+# Codec name -> quality rank (lower is more exact); a floor admits every codec ranked at or below its own.
+QUALITY_RANK = {"none": 0, "lossless": 0, "int8": 1, "fp8": 2, "int4": 3}
+_FLOOR_RANK = {QualityFloor.LOSSLESS: 0, QualityFloor.INT8: 1, QualityFloor.FP8: 2, QualityFloor.INT4: 3}
+
+
+@dataclass(frozen=True, slots=True)
+class CodecProfile:
+    """Measured figures of one codec on this machine: wire bytes per raw byte, and bytes/s through encode and
+    decode (raw bytes per second). ``none`` costs nothing: give it infinite throughput."""
+
+    name: str
+    ratio: float
+    encode_bps: float
+    decode_bps: float
+
+    def __post_init__(self) -> None:
+        if self.name not in QUALITY_RANK:
+            raise ValueError(f"unknown codec {self.name!r}; known: {', '.join(QUALITY_RANK)}")
+        if not 0 < self.ratio <= 2 or self.encode_bps <= 0 or self.decode_bps <= 0:
+            raise ValueError(f"{self.name}: ratio must be in (0, 2] and throughputs > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class LinkEstimate:
+    """Wire bandwidth of one (source, destination) link in bytes/s: a handshake probe, then an exponential
+    average over real transfers."""
+
+    bandwidth_bps: float
+    samples: int = 0
+
+    def observe(self, wire_bytes: int, seconds: float, alpha: float = 0.2) -> LinkEstimate:
+        """The estimate after a transfer of ``wire_bytes`` that took ``seconds`` on the wire."""
+        if wire_bytes <= 0 or seconds <= 0:
+            return self
+        measured = wire_bytes / seconds
+        if self.samples == 0:
+            return LinkEstimate(measured, 1)
+        return LinkEstimate((1 - alpha) * self.bandwidth_bps + alpha * measured, self.samples + 1)
+
+
+@dataclass(frozen=True, slots=True)
+class CodecChoice:
+    codec: str
+    predicted_s: float
+    reason: str
+    predictions: tuple[tuple[str, float], ...]  # every admitted codec, fastest first
+
+
+def predict_delivery_s(raw_bytes: int, link: LinkEstimate, profile: CodecProfile, chunks: int = 1) -> float:
+    if raw_bytes < 0 or chunks < 1:
+        raise ValueError("raw_bytes must be >= 0 and chunks >= 1")
+    stages = (
+        raw_bytes / profile.encode_bps,
+        raw_bytes * profile.ratio / link.bandwidth_bps,
+        raw_bytes / profile.decode_bps,
+    )
+    return sum(stages) / chunks + (chunks - 1) / chunks * max(stages)
+
+
+def choose_codec(
+    raw_bytes: int, link: LinkEstimate, profiles: Iterable[CodecProfile], floor: QualityFloor, chunks: int = 1
+) -> CodecChoice:
+    """The admitted codec with the smallest predicted delivery time; ties go to the more exact codec."""
+    admitted = [p for p in profiles if QUALITY_RANK[p.name] <= _FLOOR_RANK[floor]]
+    if not admitted:
+        raise ValueError(f"no measured codec is admitted by quality floor {floor.value!r}")
+    timed = sorted(
+        (predict_delivery_s(raw_bytes, link, p, chunks), QUALITY_RANK[p.name], p.name) for p in admitted
+    )
+    best_s, _, best = timed[0]
+    baseline = next((t for t, _, name in timed if name == "none"), None)
+    gbit = link.bandwidth_bps * 8 / 1e9
+    if baseline is None or best == "none":
+        reason = f"{best}: fastest predicted delivery ({best_s * 1e3:.2f} ms) on a {gbit:.2f} Gbit/s link"
+    else:
+        reason = (
+            f"{best}: predicted {best_s * 1e3:.2f} ms against {baseline * 1e3:.2f} ms raw on a "
+            f"{gbit:.2f} Gbit/s link"
+        )
+    return CodecChoice(best, best_s, reason, tuple((name, t) for t, _, name in timed))
+
+
+def profiles_from_benchmark(rows: Sequence[dict[str, float | str]]) -> tuple[CodecProfile, ...]:
+    """Profiles from ``benchmarks/kv_codecs.py`` rows: ``codec``, ``ratio``, ``encode_gbps``, ``decode_gbps``."""
+    return tuple(
+        CodecProfile(
+            str(r["codec"]), float(r["ratio"]), float(r["encode_gbps"]) * 1e9, float(r["decode_gbps"]) * 1e9
+        )
+        for r in rows
+    )

@@ -1,0 +1,97 @@
+"""The adaptive codec policy, on codec figures measured on this machine (benchmarks/kv_codecs.py, one CPU
+thread, SmolLM2 KV of 512 tokens: 11.8 MB of bf16)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kv_transfer.codec_policy import (
+    CodecProfile,
+    LinkEstimate,
+    QualityFloor,
+    choose_codec,
+    predict_delivery_s,
+    profiles_from_benchmark,
+)
+
+GB = 1e9
+MEASURED = (
+    CodecProfile("none", 1.0, math.inf, math.inf),
+    CodecProfile("lossless", 0.676, 0.63 * GB, 1.28 * GB),
+    CodecProfile("fp8", 0.516, 1.26 * GB, 2.06 * GB),
+    CodecProfile("int8", 0.531, 1.13 * GB, 2.51 * GB),
+    CodecProfile("int4", 0.281, 1.0 * GB, 1.8 * GB),
+)
+KV_512 = 11_796_480
+LOOPBACK = LinkEstimate(5 * GB)
+ONE_GBIT = LinkEstimate(1e9 / 8)
+
+
+def test_on_fast_loopback_raw_wins_whatever_the_floor() -> None:
+    for floor in QualityFloor:
+        assert choose_codec(KV_512, LOOPBACK, MEASURED, floor).codec == "none"
+
+
+@pytest.mark.parametrize(
+    ("floor", "expected"),
+    [
+        (QualityFloor.INT4, "int4"),
+        (QualityFloor.FP8, "fp8"),
+        (QualityFloor.INT8, "int8"),
+        (QualityFloor.LOSSLESS, "lossless"),
+    ],
+)
+def test_on_a_1_gbit_link_the_smallest_admitted_codec_wins(floor: QualityFloor, expected: str) -> None:
+    choice = choose_codec(KV_512, ONE_GBIT, MEASURED, floor)
+    assert choice.codec == expected
+    raw = dict(choice.predictions)["none"]
+    assert choice.predicted_s < raw
+    assert choice.reason.startswith(f"{expected}: predicted") and "1.00 Gbit/s" in choice.reason
+
+
+def test_pipelining_hides_encode_and_decode_behind_the_wire() -> None:
+    int4 = MEASURED[-1]
+    whole = predict_delivery_s(KV_512, ONE_GBIT, int4, chunks=1)
+    layered = predict_delivery_s(KV_512, ONE_GBIT, int4, chunks=30)
+    wire = KV_512 * int4.ratio / ONE_GBIT.bandwidth_bps
+    assert whole == pytest.approx(KV_512 / int4.encode_bps + wire + KV_512 / int4.decode_bps)
+    assert wire < layered < whole
+    assert layered == pytest.approx(wire, rel=0.15)
+
+
+def test_link_estimate_starts_at_the_first_sample_then_averages() -> None:
+    link = LinkEstimate(0.0).observe(100_000_000, 1.0)
+    assert link.bandwidth_bps == 100e6 and link.samples == 1
+    link = link.observe(200_000_000, 1.0, alpha=0.5)
+    assert link.bandwidth_bps == pytest.approx(150e6) and link.samples == 2
+    assert link.observe(0, 1.0) is link
+
+
+def test_bad_inputs_are_named() -> None:
+    with pytest.raises(ValueError, match="unknown codec 'zip'"):
+        CodecProfile("zip", 0.5, GB, GB)
+    with pytest.raises(ValueError, match="admitted by quality floor 'lossless'"):
+        choose_codec(KV_512, ONE_GBIT, MEASURED[2:], QualityFloor.LOSSLESS)
+
+
+def test_profiles_from_the_benchmark_rows() -> None:
+    rows = [{"codec": "int8", "ratio": 0.53125, "encode_gbps": 1.1, "decode_gbps": 2.5}]
+    assert profiles_from_benchmark(rows) == (CodecProfile("int8", 0.53125, 1.1e9, 2.5e9),)
+
+
+@given(
+    raw=st.integers(1, 2**31),
+    gbps=st.floats(0.01, 400.0),
+    chunks=st.integers(1, 64),
+    floor=st.sampled_from(list(QualityFloor)),
+)
+def test_the_choice_is_never_predicted_slower_than_raw_or_any_admitted_codec(
+    raw: int, gbps: float, chunks: int, floor: QualityFloor
+) -> None:
+    choice = choose_codec(raw, LinkEstimate(gbps * GB / 8), MEASURED, floor, chunks)
+    assert all(choice.predicted_s <= t for _, t in choice.predictions)
+    assert choice.predicted_s <= dict(choice.predictions)["none"]
