@@ -107,7 +107,7 @@ def choose_codec(
 
 
 def profiles_from_benchmark(rows: Sequence[dict[str, float | str]]) -> tuple[CodecProfile, ...]:
-    """Profiles from ``benchmarks/kv_codecs.py`` rows: ``codec``, ``ratio``, ``encode_gbps``, ``decode_gbps``."""
+    """Profiles from ``benchmarks/kv_codecs.py`` result rows (codec, ratio, encode_gbps, decode_gbps)."""
     return tuple(
         CodecProfile(
             str(r["codec"]), float(r["ratio"]), float(r["encode_gbps"]) * 1e9, float(r["decode_gbps"]) * 1e9
