@@ -1,0 +1,28 @@
+"""Fixtures of the integration tests."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from controller.http_api import build_http_app
+from controller.textgen import TextGenerator
+from controller.tokenizer import ModelTokenizer
+from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter, Stack
+
+
+@pytest.fixture
+def make_stack(model_tokenizer: ModelTokenizer, model_name: str) -> Callable[..., Stack]:
+    def make(reply: str = REPLY, **router_options: Any) -> Stack:
+        router = ScriptedRouter(model_tokenizer.encode(reply), **router_options)
+        textgen = TextGenerator(router, model_tokenizer, model_name, CONTEXT, DEFAULT_MAX_TOKENS)
+        health: dict[str, Any] = {"ok": True, "prefill_workers": 1, "decode_workers": 1}
+        metrics = (b"pdflow_up 1\n", "text/plain; version=0.0.4; charset=utf-8")
+        app = build_http_app(
+            textgen, model_name=model_name, health=lambda: health, metrics_text=lambda: metrics
+        )
+        return Stack(router, textgen, app, health)
+
+    return make
