@@ -43,9 +43,6 @@ class Controller:
     async def report(self, snapshot: InstanceSnapshot) -> None:
         self.registry.report(snapshot, time.monotonic())
 
-    def forget(self, instance_id: str) -> None:
-        self.registry.remove(instance_id)
-
     def subscribe(self, actor_name: str, http_address: str, grpc_address: str) -> ClusterSnapshot:
         self._frontdoors[actor_name] = {"http": http_address, "grpc": grpc_address}
         return self.cluster_snapshot()

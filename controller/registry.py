@@ -23,11 +23,6 @@ class InstanceRegistry:
         self._heard_at[snapshot.instance_id] = now
         self._version += 1
 
-    def remove(self, instance_id: str) -> None:
-        self._instances.pop(instance_id, None)
-        self._heard_at.pop(instance_id, None)
-        self._version += 1
-
     def mark_dead(self, instance_id: str) -> None:
         current = self._instances.get(instance_id)
         if current is not None and current.state is not InstanceState.DEAD:

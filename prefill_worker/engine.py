@@ -26,7 +26,6 @@ from protocol.messages import (
     SamplingSpec,
     TokenChunk,
 )
-from protocol.snapshots import TransferCounters
 
 log = logging.getLogger(__name__)
 
@@ -81,10 +80,6 @@ class VllmEngine:
         self._stats.set_total_blocks(int(total))
         log.info("engine %s ready: %d KV blocks", self._engine_id, total)
 
-    @property
-    def block_size(self) -> int:
-        return int(self._llm.vllm_config.cache_config.block_size)
-
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         started = time.monotonic()
         kv_params = {"do_remote_decode": True} if request.hand_off else None
@@ -123,18 +118,8 @@ class VllmEngine:
             request.sampling, max_tokens=request.sampling.max_tokens - 1, kv_transfer_params=kv_params
         )
         prompt = (*request.prompt_token_ids, request.first_token_id)
-        first_chunk = True
         async for out in self._run(request.request_id, prompt, params):
-            chunk = _chunk(request.request_id, out)
-            if first_chunk:
-                chunk = TokenChunk(
-                    chunk.request_id,
-                    chunk.token_ids,
-                    chunk.finish_reason,
-                    num_external_tokens=out.num_cached_tokens,
-                )
-                first_chunk = False
-            yield chunk
+            yield _chunk(request.request_id, out)
 
     async def generate(
         self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
@@ -154,9 +139,6 @@ class VllmEngine:
     def dead(self) -> bool:
         """True once the engine core has died; every request on it fails from then on."""
         return self._llm is not None and bool(self._llm.errored)
-
-    def transfer_counters(self) -> TransferCounters:
-        return self._stats.load().transfer
 
     async def shutdown(self) -> None:
         if self._llm is not None:

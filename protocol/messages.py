@@ -4,7 +4,7 @@ never mutated after creation. Token ids only: text lives in the front door."""
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from protocol.ids import RequestId
@@ -75,7 +75,3 @@ class TokenChunk:
     request_id: RequestId
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
-    # Prompt tokens whose KV the engine did not compute itself (loaded over the KV connector or found in its
-    # prefix cache); set on the first chunk of a decode.
-    num_external_tokens: int | None = None
-    detail: dict[str, Any] = field(default_factory=dict)
