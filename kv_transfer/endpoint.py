@@ -1,0 +1,608 @@
+"""A worker's KV transfer endpoint: its transport, its staging arena, its side channel, and every transfer in
+flight through it, in both directions (prefill → decode hand-off, decode → decode migration).
+
+A transfer is pushed. The sender reserves a region in the receiver's arena over the side channel, encodes each
+layer into its own staging region as soon as the layer exists, and posts a one-sided write of that layer
+while later layers are still being computed. ``finish`` waits for the last write, then commits: the receiver
+checks sizes and checksums, asks for a layer again if it is corrupt (once), and keeps the landed transfer
+until the engine loads it (``take`` + ``decode_layers``) or its lease runs out. Every transfer ends in exactly
+one ``TransferRecord``, emitted by the side that ends it.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import torch
+
+from kv_transfer.codec import KVCodec, KVHeader, KVKind, KVPart, PartSpec, get_codec
+from kv_transfer.codec.base import SUPPORTED_DTYPES, EncodedKV
+from kv_transfer.transport.arena import Arena, Region
+from kv_transfer.transport.base import PeerInfo, Transport, TransportError, Xfer, XferState
+from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError, SideChannelServer
+from protocol.transfers import TransferOutcome, TransferRecord
+
+log = logging.getLogger(__name__)
+
+PART_ALIGN = 16
+_DTYPES = {str(d).removeprefix("torch."): d for d in SUPPORTED_DTYPES}
+
+
+class TransferFailed(Exception):
+    """The transfer did not land; ``record`` says where it stopped."""
+
+    def __init__(self, record: TransferRecord) -> None:
+        super().__init__(record.error)
+        self.record = record
+
+
+def wire_bound(raw_bytes: int, layers: int) -> int:
+    """Bytes to reserve for ``raw_bytes`` over ``layers`` layers, whatever the codec: the lossy codecs are
+    smaller than raw, the lossless one at most ~0.4% larger on incompressible data; plus alignment."""
+    return int(raw_bytes * 1.02) + layers * 8 * 1024
+
+
+def header_to_wire(header: KVHeader) -> dict[str, Any]:
+    return {
+        "codec": header.codec,
+        "kind": header.kind.value,
+        "shape": list(header.shape),
+        "dtype": str(header.dtype).removeprefix("torch."),
+        "params": dict(header.params),
+    }
+
+
+def header_from_wire(data: dict[str, Any]) -> KVHeader:
+    dtype = _DTYPES.get(str(data["dtype"]))
+    if dtype is None:
+        raise ValueError(f"transfer header: unsupported dtype {data['dtype']!r}")
+    shape = tuple(int(n) for n in data["shape"])
+    if len(shape) != 3:
+        raise ValueError(f"transfer header: shape must have 3 dims, got {shape}")
+    return KVHeader(
+        codec=str(data["codec"]),
+        kind=KVKind(data["kind"]),
+        shape=(shape[0], shape[1], shape[2]),
+        dtype=dtype,
+        params={str(k): int(v) for k, v in data["params"].items()},
+    )
+
+
+def _place(specs: tuple[PartSpec, ...], start: int) -> tuple[list[tuple[int, PartSpec]], int]:
+    """Offsets of each part laid end to end from ``start``, each aligned; returns them and the end."""
+    placed = []
+    cursor = start
+    for spec in specs:
+        cursor = -(-cursor // PART_ALIGN) * PART_ALIGN
+        placed.append((cursor, spec))
+        cursor += spec.nbytes
+    return placed, cursor
+
+
+@dataclass(slots=True)
+class OutgoingTransfer:
+    """Owned by the sending thread from ``open`` to ``finish``/``abort``."""
+
+    transfer_id: str
+    request_id: str
+    codec: KVCodec
+    reason: str
+    peer: str
+    client: SideChannelClient
+    local: Region
+    remote_offset: int
+    layers: int
+    tokens: int
+    opened_at: float
+    cursor: int = 0
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    xfers: list[tuple[int, Xfer]] = field(default_factory=list)
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    encode_s: float = 0.0
+    first_post: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingTransfer:
+    """A transfer that landed and passed its checks, waiting in the arena for the engine to load it."""
+
+    transfer_id: str
+    request_id: str
+    region: Region
+    manifest: dict[str, Any]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.manifest["tokens"])
+
+
+class KVEndpoint:
+    """One per worker process. Sending calls (``open``, ``send_layer``, ``finish``, ``abort``) come from one
+    thread (the engine's); the side channel serves the receiving half from its own thread; ``take``,
+    ``decode_layers`` and ``release`` come from the engine's thread. A lock guards the shared state."""
+
+    def __init__(
+        self,
+        transport: Transport,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        lease_s: float = 12.0,
+        timeout_s: float = 30.0,
+        checksum: bool = True,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._transport = transport
+        self._arena = Arena(transport.buffer.numel())
+        self._lease_s = lease_s
+        self._timeout_s = timeout_s
+        self._checksum = checksum
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._landed: dict[str, IncomingTransfer] = {}
+        self._incoming: dict[str, str] = {}  # reserved, not yet committed: transfer id -> request id
+        self._records: list[TransferRecord] = []
+        self._clients: dict[str, SideChannelClient] = {}
+        self._server = SideChannelServer(self._handle, host=host, port=port)
+        self.address = self._server.address
+
+    # ---- sending ----
+
+    def open(
+        self,
+        transfer_id: str,
+        request_id: str,
+        destination: str,
+        *,
+        layers: int,
+        raw_bytes: int,
+        tokens: int,
+        codec: KVCodec,
+        reason: str = "",
+    ) -> OutgoingTransfer:
+        """Reserve room on ``destination`` (a side-channel address) and here. Blocks for one round trip
+        (deadline ``timeout_s``); raises ``TransferFailed`` if the peer refuses or cannot be reached."""
+        nbytes = wire_bound(raw_bytes, layers)
+        client = self._clients.get(destination) or SideChannelClient(destination)
+        self._clients[destination] = client
+        mine = self._transport.peer_info()
+        try:
+            reply = client.call(
+                {
+                    "op": "reserve",
+                    "transfer_id": transfer_id,
+                    "request_id": request_id,
+                    "nbytes": nbytes,
+                    "peer": _peer_to_wire(mine),
+                },
+                timeout_s=min(self._timeout_s, 5.0),
+            )
+            peer = _peer_from_wire(reply["peer"])
+            self._transport.add_peer(peer)
+            with self._lock:
+                local = self._arena.reserve(transfer_id, nbytes, now=self._clock(), lease_s=self._lease_s)
+        except Exception as exc:  # unreachable peer, refused reservation, full arena, bad metadata
+            record = self._record_failed(transfer_id, request_id, codec.name, reason, layers, tokens, exc)
+            raise TransferFailed(record) from exc
+        return OutgoingTransfer(
+            transfer_id,
+            request_id,
+            codec,
+            reason,
+            peer.name,
+            client,
+            local,
+            int(reply["offset"]),
+            layers,
+            tokens,
+            self._clock(),
+        )
+
+    def send_layer(self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        """Encode one layer's K and V (``[tokens, kv_heads, head_dim]``) into local staging and post its
+        write. Never waits for the wire."""
+        started = time.perf_counter()
+        encoded = (t.codec.encode(key, KVKind.KEY), t.codec.encode(value, KVKind.VALUE))
+        buf = self._transport.buffer
+        start = t.cursor
+        slot: dict[str, Any] = {"index": index, "offset": start}
+        for name, enc in zip(("k", "v"), encoded, strict=True):
+            placed, end = _place(t.codec.part_specs(enc.header), t.cursor)
+            for (offset, _), part in zip(placed, enc.parts, strict=True):
+                flat = part.data.reshape(-1).view(torch.uint8)
+                buf[t.local.offset + offset : t.local.offset + offset + flat.numel()].copy_(flat)
+            slot[name] = header_to_wire(enc.header)
+            t.cursor = end
+            t.raw_bytes += enc.header.raw_nbytes
+            t.wire_bytes += enc.nbytes
+        if t.cursor > t.local.nbytes:
+            raise ValueError(f"transfer {t.transfer_id}: {t.cursor} B encoded, {t.local.nbytes} B reserved")
+        slot["nbytes"] = t.cursor - start
+        if self._checksum:
+            slot["crc"] = _crc(buf, t.local.offset + start, slot["nbytes"])
+        t.encode_s += time.perf_counter() - started
+        t.slots.append(slot)
+        if t.first_post is None:
+            t.first_post = self._clock()
+        t.xfers.append((len(t.slots) - 1, self._post(t, slot)))
+
+    def finish(self, t: OutgoingTransfer, *, compute_done_at: float | None = None) -> TransferRecord:
+        """Wait for every write, commit on the receiver (one resend of any layer it finds corrupt), free the
+        local staging. Blocks up to ``timeout_s``. Returns the sender's view of the record; raises
+        ``TransferFailed`` with a FAILED record on any error (the receiver's reservation is released)."""
+        done_computing = compute_done_at if compute_done_at is not None else self._clock()
+        retries = 0
+        try:
+            if len(t.slots) != t.layers:
+                raise ValueError(f"{len(t.slots)} of {t.layers} layers were sent")
+            self._wait(t, t.xfers)
+            landed_at = self._clock()
+            while True:
+                manifest = self._manifest(t, retries, landed_at, done_computing)
+                reply = t.client.call(
+                    {"op": "commit", "transfer_id": t.transfer_id, "manifest": manifest},
+                    timeout_s=min(self._timeout_s, 10.0),
+                )
+                bad = [int(i) for i in reply.get("bad", ())]
+                if not bad:
+                    break
+                if retries >= 1:
+                    raise ValueError(f"layers {bad} arrived corrupt twice (checksum mismatch)")
+                retries += 1
+                log.warning(
+                    "transfer %s: layers %s corrupt on arrival; sending them again", t.transfer_id, bad
+                )
+                self._wait(t, [(i, self._post(t, t.slots[i])) for i in bad])
+                landed_at = self._clock()
+        except Exception as exc:
+            self.abort(t, str(exc))
+            record = self._record_failed(
+                t.transfer_id, t.request_id, t.codec.name, t.reason, t.layers, t.tokens, exc, peer=t.peer
+            )
+            raise TransferFailed(record) from exc
+        finally:
+            for _, xfer in t.xfers:
+                xfer.release()
+        with self._lock:
+            self._arena.release(t.transfer_id)
+        return self._outgoing_record(t, retries, landed_at, done_computing, TransferOutcome.SUCCESS, "")
+
+    def abort(self, t: OutgoingTransfer, why: str) -> None:
+        """Best effort: release both reservations (the receiver's lease frees it anyway if this is lost)."""
+        with self._lock:
+            self._arena.release(t.transfer_id)
+        try:
+            t.client.call({"op": "abort", "transfer_id": t.transfer_id, "why": why}, timeout_s=1.0)
+        except SideChannelError as exc:
+            log.info("abort of transfer %s not delivered: %s", t.transfer_id, exc)
+
+    def probe(self, destination: str, nbytes: int = 8 << 20) -> float:
+        """Wire bandwidth to ``destination`` in bytes/s: one raw write of ``nbytes`` into a reservation, which
+        is then released. Blocks for the round trip and the write (deadline ``timeout_s``)."""
+        nbytes = min(nbytes, self._arena.capacity // 4)
+        probe_id = f"probe-{time.monotonic_ns()}"
+        t = self.open(
+            probe_id, probe_id, destination, layers=1, raw_bytes=nbytes, tokens=0, codec=get_codec("none")
+        )
+        started = self._clock()
+        xfer = self._transport.write(t.peer, t.local.offset, t.remote_offset, nbytes)
+        try:
+            self._wait(t, [(0, xfer)])
+            return nbytes / max(self._clock() - started, 1e-6)
+        finally:
+            xfer.release()
+            self.abort(t, "bandwidth probe")
+
+    # ---- receiving (engine thread) ----
+
+    def take(self, transfer_id: str) -> IncomingTransfer | None:
+        """The landed transfer, or None if it has not landed (yet). Never blocks."""
+        self.expire()
+        with self._lock:
+            return self._landed.get(transfer_id)
+
+    def landed_ids(self) -> list[str]:
+        """Transfers landed and not yet released, oldest first."""
+        with self._lock:
+            return list(self._landed)
+
+    def is_pending(self, transfer_id: str) -> bool:
+        """True while a reservation for ``transfer_id`` exists but it has not been committed."""
+        with self._lock:
+            return transfer_id in self._incoming
+
+    def decode_layers(self, incoming: IncomingTransfer) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Decode each layer's K and V from the arena, in layer order; ValueError on a malformed payload."""
+        buf = self._transport.buffer
+        base = incoming.region.offset
+        for slot in incoming.manifest["slots"]:
+            cursor = int(slot["offset"])
+            tensors = []
+            for name in ("k", "v"):
+                header = header_from_wire(slot[name])
+                codec = get_codec(header.codec)
+                placed, cursor = _place(codec.part_specs(header), cursor)
+                if cursor > incoming.region.nbytes:
+                    raise ValueError(f"transfer {incoming.transfer_id}: payload runs past its region")
+                parts = tuple(
+                    KVPart(
+                        spec.name,
+                        buf[base + off : base + off + spec.nbytes].view(spec.dtype).view(spec.shape),
+                    )
+                    for off, spec in placed
+                )
+                tensors.append(codec.decode(EncodedKV(header, parts)))
+            yield int(slot["index"]), tensors[0], tensors[1]
+
+    def release(
+        self, transfer_id: str, *, decode_s: float | None = None, error: str = "", record: bool = True
+    ) -> None:
+        """Free a landed (or reserved) transfer. With ``decode_s`` it was loaded: its SUCCESS record is
+        emitted; otherwise it ends ABORTED (or FAILED with ``error``). Idempotent."""
+        with self._lock:
+            incoming = self._landed.pop(transfer_id, None)
+            request_id = self._incoming.pop(transfer_id, None)
+            self._arena.release(transfer_id)
+            if not record:
+                return
+            if incoming is not None:
+                outcome = (
+                    TransferOutcome.SUCCESS if decode_s is not None and not error else TransferOutcome.ABORTED
+                )
+                if error:
+                    outcome = TransferOutcome.FAILED
+                self._records.append(_landed_record(incoming, decode_s or 0.0, outcome, error))
+            elif request_id is not None:
+                self._records.append(_empty_record(transfer_id, request_id, TransferOutcome.ABORTED, error))
+
+    def expire(self) -> None:
+        """End every transfer whose lease ran out (sender died, or nobody came to load it)."""
+        with self._lock:
+            gone = self._arena.expire(self._clock())
+            for key in gone:
+                incoming = self._landed.pop(key, None)
+                request_id = self._incoming.pop(key, None)
+                why = "lease expired before the transfer was loaded"
+                if incoming is not None:
+                    self._records.append(_landed_record(incoming, 0.0, TransferOutcome.ABORTED, why))
+                elif request_id is not None:
+                    self._records.append(_empty_record(key, request_id, TransferOutcome.ABORTED, why))
+
+    def drain_records(self) -> list[TransferRecord]:
+        with self._lock:
+            records, self._records = self._records, []
+        return records
+
+    @property
+    def held(self) -> dict[str, int]:
+        """Leak-check figures: staging regions held, landed and reserved transfers."""
+        with self._lock:
+            return {
+                "regions": len(self._arena.keys),
+                "landed": len(self._landed),
+                "reserved": len(self._incoming),
+            }
+
+    def close(self) -> None:
+        self._server.close()
+        for client in self._clients.values():
+            client.close()
+        self._transport.close()
+
+    # ---- side channel (its own thread) ----
+
+    def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:
+        op = msg.get("op")
+        transfer_id = str(msg.get("transfer_id", ""))
+        if op == "reserve":
+            peer = _peer_from_wire(msg["peer"])
+            self._transport.add_peer(peer)
+            with self._lock:
+                region = self._arena.reserve(
+                    transfer_id, int(msg["nbytes"]), now=self._clock(), lease_s=self._lease_s
+                )
+                self._incoming[transfer_id] = str(msg["request_id"])
+            return {"offset": region.offset, "peer": _peer_to_wire(self._transport.peer_info())}
+        if op == "commit":
+            return {"bad": self._commit(transfer_id, msg["manifest"])}
+        if op == "abort":
+            # The sender records the failure it aborts for; this side only frees.
+            self.release(transfer_id, error=str(msg.get("why", "aborted by the sender")), record=False)
+            return {}
+        raise ValueError(f"unknown side-channel op {op!r}")
+
+    def _commit(self, transfer_id: str, manifest: dict[str, Any]) -> list[int]:
+        with self._lock:
+            region = self._arena.region(transfer_id)
+            request_id = self._incoming.get(transfer_id)
+            if region is None or request_id is None:
+                raise ValueError(f"transfer {transfer_id} has no reservation here (expired or aborted)")
+            bad = []
+            for i, slot in enumerate(manifest["slots"]):
+                offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
+                if offset < 0 or offset + nbytes > region.nbytes:
+                    raise ValueError(
+                        f"transfer {transfer_id}: layer {i} at {offset}+{nbytes} leaves its region"
+                    )
+                if (
+                    "crc" in slot
+                    and _crc(self._transport.buffer, region.offset + offset, nbytes) != slot["crc"]
+                ):
+                    bad.append(i)
+            if bad:
+                return bad
+            del self._incoming[transfer_id]
+            self._landed[transfer_id] = IncomingTransfer(transfer_id, request_id, region, manifest)
+            # Loading waits for the decode engine to schedule the request: give it a fresh lease.
+            self._arena.reserve(transfer_id, region.nbytes, now=self._clock(), lease_s=self._lease_s)
+        return []
+
+    # ---- helpers ----
+
+    def _post(self, t: OutgoingTransfer, slot: dict[str, Any]) -> Xfer:
+        offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
+        return self._transport.write(t.peer, t.local.offset + offset, t.remote_offset + offset, nbytes)
+
+    def _wait(self, t: OutgoingTransfer, xfers: list[tuple[int, Xfer]]) -> None:
+        deadline = self._clock() + self._timeout_s
+        for index, xfer in xfers:
+            while (state := xfer.state()) is XferState.PENDING:
+                if self._clock() > deadline:
+                    raise TimeoutError(
+                        f"layer {index} not delivered to {t.peer} within {self._timeout_s:g} s"
+                    )
+                time.sleep(0.0002)
+            if state is XferState.FAILED:
+                raise TransportError(f"write of layer {index} to {t.peer} failed")
+
+    def _manifest(
+        self, t: OutgoingTransfer, retries: int, landed_at: float, done_computing: float
+    ) -> dict[str, Any]:
+        first = t.first_post if t.first_post is not None else landed_at
+        return {
+            "wire_s": landed_at - first,
+            "tail_s": max(0.0, landed_at - done_computing),
+            "request_id": t.request_id,
+            "codec": t.codec.name,
+            "reason": t.reason,
+            "tokens": t.tokens,
+            "layers": t.layers,
+            "raw_bytes": t.raw_bytes,
+            "wire_bytes": t.wire_bytes,
+            "encode_s": t.encode_s,
+            "retries": retries,
+            "peer": self._transport.peer_info().name,
+            "slots": t.slots,
+        }
+
+    def _outgoing_record(
+        self,
+        t: OutgoingTransfer,
+        retries: int,
+        landed_at: float,
+        done_computing: float,
+        outcome: TransferOutcome,
+        error: str,
+    ) -> TransferRecord:
+        first = t.first_post if t.first_post is not None else landed_at
+        return TransferRecord(
+            transfer_id=t.transfer_id,
+            request_id=t.request_id,
+            codec=t.codec.name,
+            reason=t.reason,
+            layers=t.layers,
+            tokens=t.tokens,
+            raw_bytes=t.raw_bytes,
+            wire_bytes=t.wire_bytes,
+            encode_s=t.encode_s,
+            wire_s=landed_at - first,
+            tail_s=max(0.0, landed_at - done_computing),
+            decode_s=0.0,
+            outcome=outcome,
+            error=error,
+            retries=retries,
+            peer=t.peer,
+        )
+
+    def _record_failed(
+        self,
+        transfer_id: str,
+        request_id: str,
+        codec: str,
+        reason: str,
+        layers: int,
+        tokens: int,
+        exc: BaseException,
+        *,
+        peer: str = "",
+    ) -> TransferRecord:
+        record = TransferRecord(
+            transfer_id=transfer_id,
+            request_id=request_id,
+            codec=codec,
+            reason=reason,
+            layers=layers,
+            tokens=tokens,
+            raw_bytes=0,
+            wire_bytes=0,
+            encode_s=0.0,
+            wire_s=0.0,
+            tail_s=0.0,
+            decode_s=0.0,
+            outcome=TransferOutcome.FAILED,
+            error=f"KV transfer {transfer_id} failed: {exc}",
+            peer=peer,
+        )
+        with self._lock:
+            self._records.append(record)
+        return record
+
+
+def _crc(buf: torch.Tensor, offset: int, nbytes: int) -> int:
+    return zlib.crc32(cast(Any, buf[offset : offset + nbytes].numpy())) if nbytes else 0
+
+
+def _peer_to_wire(peer: PeerInfo) -> dict[str, Any]:
+    return {
+        "name": peer.name,
+        "metadata": base64.b64encode(peer.metadata).decode(),
+        "base_addr": peer.base_addr,
+        "capacity": peer.capacity,
+    }
+
+
+def _peer_from_wire(data: dict[str, Any]) -> PeerInfo:
+    return PeerInfo(
+        str(data["name"]), base64.b64decode(data["metadata"]), int(data["base_addr"]), int(data["capacity"])
+    )
+
+
+def _landed_record(
+    incoming: IncomingTransfer, decode_s: float, outcome: TransferOutcome, error: str
+) -> TransferRecord:
+    m = incoming.manifest
+    return TransferRecord(
+        transfer_id=incoming.transfer_id,
+        request_id=incoming.request_id,
+        codec=str(m["codec"]),
+        reason=str(m["reason"]),
+        layers=int(m["layers"]),
+        tokens=int(m["tokens"]),
+        raw_bytes=int(m["raw_bytes"]),
+        wire_bytes=int(m["wire_bytes"]),
+        encode_s=float(m["encode_s"]),
+        wire_s=float(m.get("wire_s", 0.0)),
+        tail_s=float(m.get("tail_s", 0.0)),
+        decode_s=decode_s,
+        outcome=outcome,
+        error=error,
+        retries=int(m["retries"]),
+        peer=str(m["peer"]),
+    )
+
+
+def _empty_record(transfer_id: str, request_id: str, outcome: TransferOutcome, error: str) -> TransferRecord:
+    return TransferRecord(
+        transfer_id=transfer_id,
+        request_id=request_id,
+        codec="",
+        reason="",
+        layers=0,
+        tokens=0,
+        raw_bytes=0,
+        wire_bytes=0,
+        encode_s=0.0,
+        wire_s=0.0,
+        tail_s=0.0,
+        decode_s=0.0,
+        outcome=outcome,
+        error=error,
+    )

@@ -1,0 +1,69 @@
+"""The transport contract: a registered staging buffer per worker and one-sided byte moves between them.
+
+A transport moves bytes, nothing else: no codec, no request ids. Offsets are into the two sides' registered
+buffers; the receiver's offsets come from the handshake (its arena region), never from the sender's guess.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+
+class XferState(enum.Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class TransportError(Exception):
+    """A move could not be posted or failed on the wire (peer gone, connection reset)."""
+
+
+@dataclass(frozen=True, slots=True)
+class PeerInfo:
+    """What a peer needs to move bytes into or out of this side's buffer: exchanged at handshake."""
+
+    name: str
+    metadata: bytes
+    base_addr: int
+    capacity: int
+
+
+class Xfer(Protocol):
+    """One posted move. ``state`` never blocks; ``release`` is idempotent and must follow DONE or FAILED."""
+
+    def state(self) -> XferState: ...
+
+    def release(self) -> None: ...
+
+
+class Transport(Protocol):
+    """One side's agent and registered buffer. Thread-safe for posting and polling from one thread plus
+    handshakes from another (the side channel)."""
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        """The registered staging buffer, ``uint8``, contiguous, on the CPU."""
+        ...
+
+    def peer_info(self) -> PeerInfo: ...
+
+    def add_peer(self, peer: PeerInfo) -> None:
+        """Make ``peer`` reachable; idempotent (a second call with the same name is a no-op)."""
+        ...
+
+    def remove_peer(self, name: str) -> None: ...
+
+    def write(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> Xfer:
+        """Post a one-sided write of ``nbytes`` from this buffer into ``peer``'s; returns at once."""
+        ...
+
+    def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> Xfer:
+        """Post a one-sided read of ``nbytes`` from ``peer``'s buffer into this one; returns at once."""
+        ...
+
+    def close(self) -> None: ...

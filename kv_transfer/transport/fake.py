@@ -1,0 +1,86 @@
+"""An in-process transport for unit tests: peers are buffers in one dict, a move is a ``copy_`` done at
+post time. ``corrupt_writes`` flips one byte in the next N writes so that checksum retries can be tested."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from kv_transfer.transport.base import PeerInfo, TransportError, XferState
+
+
+@dataclass
+class FakeFabric:
+    """The shared 'network': every in-process transport registers its buffer here."""
+
+    buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    corrupt_writes: int = 0
+    fail_writes: int = 0
+    moves: int = 0
+
+
+class _Done:
+    def __init__(self, state: XferState) -> None:
+        self._state = state
+
+    def state(self) -> XferState:
+        return self._state
+
+    def release(self) -> None:
+        return None
+
+
+class InProcessTransport:
+    def __init__(self, name: str, capacity: int, fabric: FakeFabric) -> None:
+        self._name = name
+        self._fabric = fabric
+        self._buffer = torch.zeros(capacity, dtype=torch.uint8)
+        self._peers: set[str] = set()
+        fabric.buffers[name] = self._buffer
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def peer_info(self) -> PeerInfo:
+        return PeerInfo(self._name, self._name.encode(), 0, self._buffer.numel())
+
+    def add_peer(self, peer: PeerInfo) -> None:
+        self._peers.add(peer.name)
+
+    def remove_peer(self, name: str) -> None:
+        self._peers.discard(name)
+
+    def write(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _Done:
+        remote = self._remote(peer)
+        if self._fabric.fail_writes > 0:
+            self._fabric.fail_writes -= 1
+            return _Done(XferState.FAILED)
+        remote[remote_offset : remote_offset + nbytes].copy_(
+            self._buffer[local_offset : local_offset + nbytes]
+        )
+        if self._fabric.corrupt_writes > 0 and nbytes > 0:
+            self._fabric.corrupt_writes -= 1
+            remote[remote_offset] ^= 0xFF
+        self._fabric.moves += 1
+        return _Done(XferState.DONE)
+
+    def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _Done:
+        remote = self._remote(peer)
+        self._buffer[local_offset : local_offset + nbytes].copy_(
+            remote[remote_offset : remote_offset + nbytes]
+        )
+        self._fabric.moves += 1
+        return _Done(XferState.DONE)
+
+    def close(self) -> None:
+        self._fabric.buffers.pop(self._name, None)
+
+    def _remote(self, peer: str) -> torch.Tensor:
+        if peer not in self._peers:
+            raise TransportError(f"{self._name}: unknown peer {peer!r} (no handshake)")
+        remote = self._fabric.buffers.get(peer)
+        if remote is None:
+            raise TransportError(f"{self._name}: peer {peer!r} is gone")
+        return remote

@@ -1,0 +1,118 @@
+"""The NIXL transport: one agent per worker on the UCX backend, one registered host (or device) buffer, and
+one-sided WRITE/READ between buffers. The agent's progress thread moves the bytes; posting never blocks.
+
+``nixl`` is imported when a transport is made, so importing this module stays cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import torch
+
+from kv_transfer.transport.base import PeerInfo, TransportError, XferState
+
+log = logging.getLogger(__name__)
+
+_STATES = {"DONE": XferState.DONE, "PROC": XferState.PENDING, "ERR": XferState.FAILED}
+
+
+class _NixlXfer:
+    def __init__(self, agent: Any, handle: Any, state: XferState) -> None:
+        self._agent = agent
+        self._handle = handle
+        self._state = state
+        self._released = False
+
+    def state(self) -> XferState:
+        if self._state is XferState.PENDING:
+            self._state = _STATES.get(self._agent.check_xfer_state(self._handle), XferState.FAILED)
+        return self._state
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            try:
+                self._agent.release_xfer_handle(self._handle)
+            except Exception as exc:  # a handle of a dead peer may refuse release; nothing else to free
+                log.debug("release of a NIXL transfer handle failed: %s", exc)
+
+
+class NixlTransport:
+    """``capacity`` bytes of staging memory registered with a NIXL agent called ``name``."""
+
+    def __init__(self, name: str, capacity: int, *, device: str = "cpu") -> None:
+        from nixl._api import nixl_agent, nixl_agent_config
+
+        self._name = name
+        self._buffer = torch.zeros(capacity, dtype=torch.uint8, device=device)
+        self._mem = "DRAM" if self._buffer.device.type == "cpu" else "VRAM"
+        self._dev = self._buffer.device.index or 0
+        self._agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=True, backends=["UCX"]))
+        self._reg = self._agent.register_memory(self._buffer)
+        self._peers: dict[str, PeerInfo] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def peer_info(self) -> PeerInfo:
+        return PeerInfo(
+            self._name, self._agent.get_agent_metadata(), self._buffer.data_ptr(), self._buffer.numel()
+        )
+
+    def add_peer(self, peer: PeerInfo) -> None:
+        with self._lock:
+            if peer.name in self._peers:
+                return
+            added = self._agent.add_remote_agent(peer.metadata)
+            name = added.decode() if isinstance(added, bytes) else str(added)
+            if name != peer.name:
+                raise TransportError(f"peer metadata names agent {name!r}, expected {peer.name!r}")
+            self._peers[peer.name] = peer
+
+    def remove_peer(self, name: str) -> None:
+        with self._lock:
+            if self._peers.pop(name, None) is not None:
+                try:
+                    self._agent.remove_remote_agent(name)
+                except Exception as exc:
+                    log.debug("removing NIXL peer %s: %s", name, exc)
+
+    def write(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
+        return self._post("WRITE", peer, local_offset, remote_offset, nbytes)
+
+    def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
+        return self._post("READ", peer, local_offset, remote_offset, nbytes)
+
+    def close(self) -> None:
+        for name in list(self._peers):
+            self.remove_peer(name)
+        try:
+            self._agent.deregister_memory(self._reg)
+        except Exception as exc:
+            log.debug("deregistering the NIXL buffer: %s", exc)
+
+    def _post(self, op: str, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
+        info = self._peers.get(peer)
+        if info is None:
+            raise TransportError(f"{self._name}: unknown peer {peer!r} (no handshake)")
+        if local_offset < 0 or local_offset + nbytes > self._buffer.numel():
+            raise TransportError(f"{op} of {nbytes} B at local offset {local_offset} leaves the buffer")
+        if remote_offset < 0 or remote_offset + nbytes > info.capacity:
+            raise TransportError(
+                f"{op} of {nbytes} B at remote offset {remote_offset} leaves {peer}'s buffer"
+            )
+        local = self._agent.get_xfer_descs(
+            [(self._buffer.data_ptr() + local_offset, nbytes, self._dev)], self._mem
+        )
+        remote = self._agent.get_xfer_descs([(info.base_addr + remote_offset, nbytes, self._dev)], self._mem)
+        try:
+            handle = self._agent.initialize_xfer(op, local, remote, peer)
+            state = _STATES.get(self._agent.transfer(handle), XferState.FAILED)
+        except Exception as exc:  # nixl raises its own exception types on a dead peer
+            raise TransportError(f"{op} to {peer} failed to post: {exc}") from exc
+        return _NixlXfer(self._agent, handle, state)

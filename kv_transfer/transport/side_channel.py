@@ -1,0 +1,94 @@
+"""The side channel: small JSON request/reply messages between two workers' transfer endpoints (handshake,
+reservation, commit, abort), over ZeroMQ TCP. Bulk bytes never travel here; they go through the transport.
+
+Every call has a deadline; a server handler's exception comes back to the caller as ``SideChannelError`` with
+the handler's message.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+class SideChannelError(Exception):
+    """The peer is unreachable, missed the deadline, or refused the request (its message says why)."""
+
+
+class SideChannelServer:
+    """Serves ``handler`` on ``tcp://host:port`` (port 0: a free one) from a daemon thread."""
+
+    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+        self._handler = handler
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        if port:
+            self._sock.bind(f"tcp://{host}:{port}")
+        else:
+            port = self._sock.bind_to_random_port(f"tcp://{host}")
+        self.address = f"{host}:{port}"
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name=f"kv-side-channel-{port}", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(100):
+                continue
+            ident, _, body = self._sock.recv_multipart()
+            try:
+                reply = {"ok": True, **self._handler(json.loads(body))}
+            except Exception as exc:
+                log.debug("side-channel request failed: %s", exc)
+                reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+            self._sock.send_multipart([ident, b"", json.dumps(reply).encode()])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self._sock.close(linger=0)
+
+
+class SideChannelClient:
+    """Request/reply to one peer. One socket per peer; a timed-out socket is rebuilt so that a late reply
+    never answers the next request. Not thread-safe: one caller thread."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self._sock: zmq.Socket[bytes] | None = None
+
+    def call(self, message: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
+        sock = self._socket()
+        sock.send(json.dumps(message).encode())
+        if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
+            self.close()
+            raise SideChannelError(f"{message.get('op')} to {self.address}: no reply within {timeout_s:g} s")
+        reply = json.loads(sock.recv())
+        if not reply.get("ok"):
+            raise SideChannelError(f"{message.get('op')} refused by {self.address}: {reply.get('error')}")
+        return dict(reply)
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close(linger=0)
+            self._sock = None
+
+    def _socket(self) -> zmq.Socket[bytes]:
+        if self._sock is None:
+            sock: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.REQ)
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.connect(f"tcp://{self.address}")
+            self._sock = sock
+        return self._sock

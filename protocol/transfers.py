@@ -1,0 +1,52 @@
+"""What one KV transfer did: the record every transfer ends with, in exactly one outcome."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class TransferOutcome(enum.StrEnum):
+    SUCCESS = "success"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+
+@dataclass(frozen=True, slots=True)
+class TransferRecord:
+    """One KV transfer, as the sending side saw it (decode seconds filled in by the receiving side).
+
+    ``encode_s`` sums the per-layer encodes; ``wire_s`` runs from the first byte posted to the last byte
+    landed, so with layer pipelining it overlaps the prefill; ``tail_s`` is what remained after the last layer
+    was computed, the part the request actually waits for."""
+
+    transfer_id: str
+    request_id: str
+    codec: str
+    reason: str
+    layers: int
+    tokens: int
+    raw_bytes: int
+    wire_bytes: int
+    encode_s: float
+    wire_s: float
+    tail_s: float
+    decode_s: float
+    outcome: TransferOutcome
+    error: str = ""
+    retries: int = 0
+    peer: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.wire_bytes / self.raw_bytes if self.raw_bytes else 1.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TransferRecord:
+        fields = dict(data)
+        fields["outcome"] = TransferOutcome(fields["outcome"])
+        return cls(**fields)

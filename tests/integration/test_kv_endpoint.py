@@ -1,0 +1,159 @@
+"""Two KV endpoints on loopback side channels, moving layers through the in-process transport (every codec,
+checksum retry, failure and lease paths) and through real NIXL/UCX."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from kv_transfer.codec import get_codec
+from kv_transfer.endpoint import KVEndpoint, TransferFailed
+from kv_transfer.transport.fake import FakeFabric, InProcessTransport
+from protocol.transfers import TransferOutcome
+
+LAYERS, TOKENS, HEADS, DIM = 4, 70, 3, 64
+_ids = itertools.count()
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _layers(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    return [
+        (
+            torch.randn(TOKENS, HEADS, DIM, generator=gen).to(torch.bfloat16),
+            torch.randn(TOKENS, HEADS, DIM, generator=gen).to(torch.bfloat16),
+        )
+        for _ in range(LAYERS)
+    ]
+
+
+@pytest.fixture
+def pair():
+    fabric = FakeFabric()
+    clock = Clock()
+    sender = KVEndpoint(InProcessTransport("p", 1 << 20, fabric), clock=clock, lease_s=10)
+    receiver = KVEndpoint(InProcessTransport("d", 1 << 20, fabric), clock=clock, lease_s=10)
+    yield sender, receiver, fabric, clock
+    sender.close()
+    receiver.close()
+
+
+def _send(sender: KVEndpoint, receiver: KVEndpoint, codec: str, layers) -> str:
+    tid = f"t{next(_ids)}"
+    raw = sum(k.numel() * 2 + v.numel() * 2 for k, v in layers)
+    out = sender.open(
+        tid,
+        "req",
+        receiver.address,
+        layers=LAYERS,
+        raw_bytes=raw,
+        tokens=TOKENS,
+        codec=get_codec(codec),
+        reason="test",
+    )
+    for i, (k, v) in enumerate(layers):
+        sender.send_layer(out, i, k, v)
+    record = sender.finish(out)
+    assert record.outcome is TransferOutcome.SUCCESS and record.raw_bytes == raw
+    return tid
+
+
+@pytest.mark.parametrize("codec", ["none", "lossless", "fp8", "int8", "int4"])
+def test_layers_arrive_decoded_and_everything_is_freed(pair, codec: str) -> None:
+    sender, receiver, _, _ = pair
+    layers = _layers()
+    tid = _send(sender, receiver, codec, layers)
+    landed = receiver.take(tid)
+    assert landed is not None and landed.tokens == TOKENS
+    got = list(receiver.decode_layers(landed))
+    assert [i for i, _, _ in got] == list(range(LAYERS))
+    for (_, k, v), (k0, v0) in zip(got, layers, strict=True):
+        if codec in ("none", "lossless"):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+        else:
+            tol = 0.35 if codec == "int4" else 0.08
+            assert (k.float() - k0.float()).abs().max() < tol * k0.float().abs().max()
+    receiver.release(tid, decode_s=0.01)
+    (record,) = receiver.drain_records()
+    assert record.outcome is TransferOutcome.SUCCESS and record.codec == codec and record.decode_s == 0.01
+    assert sender.drain_records() == []
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+
+
+def test_a_layer_corrupted_once_is_sent_again(pair) -> None:
+    sender, receiver, fabric, _ = pair
+    fabric.corrupt_writes = 1
+    layers = _layers(1)
+    tid = _send(sender, receiver, "none", layers)
+    landed = receiver.take(tid)
+    assert landed is not None and landed.manifest["retries"] == 1
+    for (_, k, v), (k0, v0) in zip(receiver.decode_layers(landed), layers, strict=True):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    receiver.release(tid, decode_s=0.0)
+
+
+def test_corrupted_twice_fails_with_a_clear_error_and_frees_both_sides(pair) -> None:
+    sender, receiver, fabric, _ = pair
+    fabric.corrupt_writes = 2
+    out = sender.open(
+        "bad",
+        "req",
+        receiver.address,
+        layers=1,
+        raw_bytes=2 * TOKENS * HEADS * DIM * 2,
+        tokens=TOKENS,
+        codec=get_codec("none"),
+    )
+    k, v = _layers()[0]
+    sender.send_layer(out, 0, k, v)
+    with pytest.raises(TransferFailed, match="corrupt twice"):
+        sender.finish(out)
+    (record,) = sender.drain_records()
+    assert record.outcome is TransferOutcome.FAILED and "checksum" in record.error
+    assert receiver.drain_records() == []  # one record per transfer: the sender's
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+
+
+def test_a_failed_write_fails_the_transfer(pair) -> None:
+    sender, receiver, fabric, _ = pair
+    fabric.fail_writes = 1
+    out = sender.open(
+        "w",
+        "req",
+        receiver.address,
+        layers=1,
+        raw_bytes=2 * TOKENS * HEADS * DIM * 2,
+        tokens=TOKENS,
+        codec=get_codec("int8"),
+    )
+    k, v = _layers()[0]
+    sender.send_layer(out, 0, k, v)
+    with pytest.raises(TransferFailed, match="write of layer 0"):
+        sender.finish(out)
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+
+
+def test_an_unloaded_transfer_expires_aborted(pair) -> None:
+    sender, receiver, _, clock = pair
+    tid = _send(sender, receiver, "int4", _layers())
+    clock.now += 11
+    assert receiver.take(tid) is None
+    (record,) = receiver.drain_records()
+    assert record.outcome is TransferOutcome.ABORTED and "lease expired" in record.error
+    assert receiver.held["regions"] == 0
+
+
+def test_an_unreachable_receiver_fails_fast(pair) -> None:
+    sender, _, _, _ = pair
+    with pytest.raises(TransferFailed, match="no reply"):
+        sender.open("x", "req", "127.0.0.1:9", layers=1, raw_bytes=100, tokens=1, codec=get_codec("none"))
+    assert sender.held["regions"] == 0
