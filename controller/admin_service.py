@@ -11,6 +11,7 @@ from grpc_reflection.v1alpha import reflection
 
 from protocol.proto import admin_pb2, admin_pb2_grpc
 from protocol.snapshots import InstanceSnapshot, RequestRecord
+from protocol.transfers import TransferRecord
 
 if TYPE_CHECKING:
     from controller.controller import Controller
@@ -48,6 +49,26 @@ def request_message(record: RequestRecord) -> admin_pb2.RequestInfo:
         prompt_tokens=record.prompt_tokens,
         output_tokens=record.output_tokens,
         events=[admin_pb2.RequestEvent(state=e.state.value, at=e.at, detail=e.detail) for e in record.events],
+        transfer=_transfer(record.transfer) if record.transfer is not None else None,
+    )
+
+
+def _transfer(t: TransferRecord) -> admin_pb2.TransferInfo:
+    return admin_pb2.TransferInfo(
+        transfer_id=t.transfer_id,
+        codec=t.codec,
+        reason=t.reason,
+        raw_bytes=t.raw_bytes,
+        wire_bytes=t.wire_bytes,
+        encode_seconds=t.encode_s,
+        wire_seconds=t.wire_s,
+        tail_seconds=t.tail_s,
+        decode_seconds=t.decode_s,
+        outcome=t.outcome.value,
+        error=t.error,
+        retries=t.retries,
+        layers=t.layers,
+        tokens=t.tokens,
     )
 
 

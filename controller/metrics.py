@@ -12,6 +12,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
 from protocol.snapshots import ClusterSnapshot
+from protocol.transfers import TransferOutcome, TransferRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 _TPOT_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1, 2)
@@ -52,7 +53,46 @@ class FrontDoorMetrics:
             ["state"],
             registry=r,
         )
+        self.transfers = Counter(
+            "pdflow_kv_transfers", "KV transfers by codec and outcome.", ["codec", "outcome"], registry=r
+        )
+        self.transfer_bytes = Counter(
+            "pdflow_kv_transfer_bytes",
+            "KV bytes, raw and on the wire, by codec.",
+            ["codec", "kind"],
+            registry=r,
+        )
+        self.transfer_ratio = Histogram(
+            "pdflow_kv_transfer_compression_ratio",
+            "Wire bytes over raw bytes per transfer.",
+            ["codec"],
+            buckets=(0.2, 0.25, 0.3, 0.4, 0.5, 0.55, 0.6, 0.7, 0.8, 0.9, 1.0, 1.05),
+            registry=r,
+        )
+        self.transfer_seconds = Histogram(
+            "pdflow_kv_transfer_seconds",
+            "KV transfer stage time (encode, wire, tail after the last layer, decode) by codec.",
+            ["codec", "stage"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+            registry=r,
+        )
         r.register(_SnapshotCollector(snapshot))
+
+    def observe_transfer(self, record: TransferRecord) -> None:
+        codec = record.codec or "unknown"
+        self.transfers.labels(codec=codec, outcome=record.outcome.value).inc()
+        if record.outcome is not TransferOutcome.SUCCESS:
+            return
+        self.transfer_bytes.labels(codec=codec, kind="raw").inc(record.raw_bytes)
+        self.transfer_bytes.labels(codec=codec, kind="wire").inc(record.wire_bytes)
+        self.transfer_ratio.labels(codec=codec).observe(record.ratio)
+        for stage, seconds in (
+            ("encode", record.encode_s),
+            ("wire", record.wire_s),
+            ("tail", record.tail_s),
+            ("decode", record.decode_s),
+        ):
+            self.transfer_seconds.labels(codec=codec, stage=stage).observe(seconds)
 
     def exposition(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

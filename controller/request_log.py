@@ -26,6 +26,7 @@ class RequestLog:
                 prompt_tokens,
                 output_tokens,
                 (event,),
+                event.transfer,
             )
         else:
             record = replace(
@@ -33,6 +34,7 @@ class RequestLog:
                 state=event.state,
                 prefill_instance=event.prefill_instance or record.prefill_instance,
                 decode_instance=event.decode_instance or record.decode_instance,
+                transfer=event.transfer or record.transfer,
                 prompt_tokens=prompt_tokens or record.prompt_tokens,
                 output_tokens=output_tokens or record.output_tokens,
                 events=(*record.events, event),

@@ -28,6 +28,7 @@ from protocol.messages import (
     TokenChunk,
 )
 from protocol.snapshots import ClusterSnapshot, RequestEvent
+from protocol.transfers import TransferRecord
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +119,12 @@ class RequestRouter:
     ) -> AsyncIterator[TokenChunk]:
         rid = flight.request_id
         flight.move(RequestState.PREFILLING)
+        hand_off = sampling.max_tokens > 1
         result = await self._prefill(
-            flight, PrefillRequest(rid, prompt, sampling, hand_off=sampling.max_tokens > 1)
+            flight,
+            PrefillRequest(
+                rid, prompt, sampling, hand_off=hand_off, kv_destination=flight.plan.decode.kv_endpoint
+            ),
         )
         if result is None:
             yield TokenChunk(rid, (), FinishReason.ABORT)
@@ -133,6 +138,7 @@ class RequestRouter:
                 yield TokenChunk(rid, (result.first_token_id,), result.finish_reason)
                 return
             yield TokenChunk(rid, (result.first_token_id,))
+            flight.transfer = result.transfer
             flight.move(RequestState.TRANSFERRING)
             handed_off = True
             async for chunk in self._decode(flight, handoff):
@@ -197,6 +203,9 @@ class RequestRouter:
                     self._forget_actor(instance.actor_name)
                     raise _worker_failed("decode", instance.instance_id, err) from err
                 if flight.state is RequestState.TRANSFERRING:
+                    if chunk.transfer is not None:  # the receiver's record adds the decode seconds
+                        flight.transfer = chunk.transfer
+                        self._metrics.observe_transfer(chunk.transfer)
                     flight.move(RequestState.DECODING)
                 if chunk.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
                     # vLLM ended it (a failed KV pull, an engine error): tokens so far, then a typed error.
@@ -298,6 +307,7 @@ class _Flight:
         self.ttft: float | None = None
         self.state = RequestState.QUEUED
         self.detail = ""
+        self.transfer: TransferRecord | None = None
         self.abort_requested = asyncio.Event()
         self._events = events
         self._emit()
@@ -318,5 +328,6 @@ class _Flight:
             self.plan.prefill.instance_id,
             self.plan.decode.instance_id,
             self.detail,
+            self.transfer,
         )
         self._events(event, self.prompt_tokens, self.output_tokens)

@@ -86,3 +86,18 @@ def render_requests(
                 console.print(
                     f"  {when}  +{(e.at - start) * 1000:8.1f} ms  {e.state}{detail}", highlight=False
                 )
+            if r.HasField("transfer"):
+                console.print(f"  KV transfer: {transfer_line(r.transfer)}", highlight=False)
+
+
+def transfer_line(t: admin_pb2.TransferInfo) -> str:
+    ratio = t.wire_bytes / t.raw_bytes if t.raw_bytes else 1.0
+    line = (
+        f"{t.outcome}, codec {t.codec} ({t.reason}); {t.raw_bytes / 1e6:.2f} MB raw, "
+        f"{t.wire_bytes / 1e6:.2f} MB on the wire ({ratio:.3f}); encode {t.encode_seconds * 1e3:.1f} ms, "
+        f"wire {t.wire_seconds * 1e3:.1f} ms (tail after prefill {t.tail_seconds * 1e3:.1f} ms), "
+        f"decode {t.decode_seconds * 1e3:.1f} ms"
+    )
+    if t.retries:
+        line += f"; {t.retries} layer resend(s)"
+    return line + (f"; {t.error}" if t.error else "")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from prefill_worker.engine_stats import EngineStats
-from protocol.config import EngineConfig
+from protocol.config import EngineConfig, KVConnectorKind
 from protocol.engine import EngineLoad
 from protocol.errors import WorkerFailed
 from protocol.ids import RequestId
@@ -26,11 +27,22 @@ from protocol.messages import (
     SamplingSpec,
     TokenChunk,
 )
+from protocol.transfers import TransferOutcome
 
 log = logging.getLogger(__name__)
 
-CONNECTOR_MODULE = "kv_transfer.vllm_connector"
-CONNECTOR_CLASS = "PdflowNixlConnector"
+_CONNECTORS = {
+    KVConnectorKind.PDFLOW: ("kv_transfer.pdflow_connector", "PdflowConnector"),
+    KVConnectorKind.NIXL: ("kv_transfer.vllm_connector", "PdflowNixlConnector"),
+}
+# The pdflow connector's kv_transfer_params keys (see kv_transfer.pdflow_connector).
+_DEST, _TRANSFER, _CODEC, _REMOTE_TOKENS = (
+    "pdflow_destination",
+    "pdflow_transfer_id",
+    "pdflow_codec",
+    "pdflow_remote_tokens",
+)
+_RECORD_WAIT_S = 2.0
 
 
 class VllmEngine:
@@ -44,6 +56,7 @@ class VllmEngine:
         self._llm: Any = None
         self._stats = EngineStats()
         self._live: set[str] = set()
+        self.kv_endpoint = ""  # where other workers push KV to this one (pdflow connector)
 
     async def start(self) -> None:
         from vllm.config import KVTransferConfig
@@ -51,13 +64,27 @@ class VllmEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
 
         cfg = self._config
+        module, connector = _CONNECTORS[cfg.kv_connector]
+        extra: dict[str, Any] = {"kv_lease_duration": cfg.kv_lease_seconds}
+        if cfg.kv_connector is KVConnectorKind.PDFLOW:
+            port = _free_port()
+            self.kv_endpoint = f"127.0.0.1:{port}"
+            extra = {
+                "side_channel_port": port,
+                "lease_s": cfg.kv_lease_seconds,
+                "codec": cfg.kv_codec.value,
+                "quality_floor": cfg.kv_quality_floor.value,
+                "group_size": cfg.kv_group_size,
+                "arena_mib": cfg.kv_arena_mib,
+                "checksum": cfg.kv_checksum,
+            }
         kv_transfer = KVTransferConfig(
-            kv_connector=CONNECTOR_CLASS,
-            kv_connector_module_path=CONNECTOR_MODULE,
+            kv_connector=connector,
+            kv_connector_module_path=module,
             kv_role="kv_both",
             kv_buffer_device=cfg.device,
             engine_id=self._engine_id,
-            kv_connector_extra_config={"kv_lease_duration": cfg.kv_lease_seconds},
+            kv_connector_extra_config=extra,
         )
         args = AsyncEngineArgs(
             model=str(self._model_path),
@@ -82,7 +109,18 @@ class VllmEngine:
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         started = time.monotonic()
-        kv_params = {"do_remote_decode": True} if request.hand_off else None
+        pdflow = self._config.kv_connector is KVConnectorKind.PDFLOW
+        kv_params: dict[str, Any] | None = None
+        if request.hand_off and pdflow:
+            if not request.kv_destination:
+                raise WorkerFailed(
+                    f"prefill of {request.request_id}: no decode worker KV endpoint to push to"
+                )
+            kv_params = {_DEST: request.kv_destination, _TRANSFER: f"{request.request_id}/handoff"}
+            if request.kv_codec is not None:
+                kv_params[_CODEC] = request.kv_codec
+        elif request.hand_off:
+            kv_params = {"do_remote_decode": True}
         params = self._sampling_params(request.sampling, max_tokens=1, kv_transfer_params=kv_params)
         last = None
         async for out in self._run(request.request_id, request.prompt_token_ids, params):
@@ -97,29 +135,48 @@ class VllmEngine:
             finish = FinishReason.STOP
         elif request.sampling.max_tokens <= 1:
             finish = FinishReason.LENGTH
+        transfer = None
+        handle = last.kv_transfer_params if request.hand_off else None
+        if kv_params is not None and pdflow:
+            transfer = await self._stats.wait_record(kv_params[_TRANSFER], _RECORD_WAIT_S)
+            if transfer is None:
+                raise WorkerFailed(f"prefill of {request.request_id}: the KV transfer left no record")
+            if transfer.outcome is not TransferOutcome.SUCCESS:
+                raise WorkerFailed(
+                    transfer.error or f"KV transfer of {request.request_id} {transfer.outcome}"
+                )
+            handle = {_TRANSFER: kv_params[_TRANSFER]}
         return PrefillResult(
             request_id=request.request_id,
             first_token_id=first,
             finish_reason=finish,
-            kv_handle=last.kv_transfer_params if request.hand_off else None,
+            kv_handle=handle,
             prefill_seconds=time.monotonic() - started,
+            transfer=transfer,
         )
 
     async def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
         if request.kv_handle is None:
             raise WorkerFailed(f"decode of {request.request_id} has no KV handle")
         kv_params = dict(request.kv_handle)
-        kv_params["do_remote_prefill"] = True
-        kv_params["do_remote_decode"] = False
+        if _TRANSFER not in kv_params:  # vLLM's NixlConnector pulls
+            kv_params["do_remote_prefill"] = True
+            kv_params["do_remote_decode"] = False
         # The prefill worker computed the prompt's KV only; the first token is computed here, then decoding
-        # goes on. The connector loads exactly this many tokens (see kv_transfer.vllm_connector).
-        kv_params["pdflow_remote_tokens"] = len(request.prompt_token_ids)
+        # goes on. The connector loads exactly this many tokens.
+        kv_params[_REMOTE_TOKENS] = len(request.prompt_token_ids)
         params = self._sampling_params(
             request.sampling, max_tokens=request.sampling.max_tokens - 1, kv_transfer_params=kv_params
         )
         prompt = (*request.prompt_token_ids, request.first_token_id)
+        first = _TRANSFER in kv_params
         async for out in self._run(request.request_id, prompt, params):
-            yield _chunk(request.request_id, out)
+            chunk = _chunk(request.request_id, out)
+            if first:
+                first = False
+                record = self._stats.record_of(kv_params[_TRANSFER])
+                chunk = replace(chunk, transfer=record) if record is not None else chunk
+            yield chunk
 
     async def generate(
         self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
@@ -178,6 +235,12 @@ class VllmEngine:
             detokenize=False,
             extra_args=extra,
         )
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 def _chunk(request_id: RequestId, out: Any) -> TokenChunk:

@@ -4,14 +4,17 @@ blocking."""
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Any
 
 from protocol.engine import EngineLoad
 from protocol.snapshots import TransferCounters
+from protocol.transfers import TransferOutcome, TransferRecord
 
 _RATE_WINDOW_S = 2.0
+_RECORDS_KEPT = 2000
 
 
 class EngineStats:
@@ -27,6 +30,7 @@ class EngineStats:
         self._bytes = 0
         self._seconds = 0.0
         self._external_tokens = 0
+        self._records: OrderedDict[str, TransferRecord] = OrderedDict()
 
     def set_total_blocks(self, total: int) -> None:
         self._total_blocks = total
@@ -73,6 +77,8 @@ class EngineStats:
     def _add_connector_stats(self, data: dict[str, Any] | None) -> None:
         if not data:
             return
+        for raw in data.get("pdflow_records", ()):
+            self._add_record(TransferRecord.from_dict(raw))
         self._transfers += len(data.get("transfer_duration", ()))
         self._seconds += float(sum(data.get("transfer_duration", ())))
         self._bytes += int(sum(data.get("bytes_transferred", ())))
@@ -80,6 +86,30 @@ class EngineStats:
             len(data.get(k, ()))
             for k in ("num_failed_transfers", "num_failed_handshakes", "num_failed_notifications")
         )
+
+    def _add_record(self, record: TransferRecord) -> None:
+        # Keyed by transfer id: vLLM suffixes request ids internally, the transfer id is ours.
+        self._records[record.transfer_id] = record
+        self._records.move_to_end(record.transfer_id)
+        while len(self._records) > _RECORDS_KEPT:
+            self._records.popitem(last=False)
+        if record.outcome is TransferOutcome.SUCCESS:
+            self._transfers += 1
+            self._bytes += record.wire_bytes
+            self._seconds += record.wire_s + record.decode_s
+        elif record.outcome is TransferOutcome.FAILED:
+            self._failed += 1
+
+    def record_of(self, transfer_id: str) -> TransferRecord | None:
+        return self._records.get(transfer_id)
+
+    async def wait_record(self, transfer_id: str, timeout_s: float) -> TransferRecord | None:
+        """The record of ``transfer_id`` once vLLM's stats deliver it (same engine step as the request's
+        output, handled just after it), or None after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while (record := self._records.get(transfer_id)) is None and time.monotonic() < deadline:
+            await asyncio.sleep(0.005)
+        return record
 
     def load(self) -> EngineLoad:
         now = time.monotonic()

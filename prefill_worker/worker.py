@@ -70,6 +70,7 @@ class EngineWorker:
             in_flight=load.in_flight,
             transfer=load.transfer,
             reported_at=time.time(),
+            kv_endpoint=self.engine.kv_endpoint,
         )
 
     async def abort(self, request_id: str) -> None:

@@ -18,7 +18,24 @@ class _Section(BaseModel):
 
 
 class KVConnectorKind(enum.StrEnum):
-    NIXL = "nixl"  # vLLM's NixlConnector (pull over NIXL/UCX), wrapped so decode continues after token one
+    PDFLOW = "pdflow"  # pdflow's connector: compressed, layer-pipelined push over NIXL
+    NIXL = "nixl"  # vLLM's NixlConnector (raw pull over NIXL/UCX), the baseline
+
+
+class KVCodecKind(enum.StrEnum):
+    AUTO = "auto"  # the adaptive policy, per link, within engine.kv_quality_floor
+    NONE = "none"
+    LOSSLESS = "lossless"
+    FP8 = "fp8"
+    INT8 = "int8"
+    INT4 = "int4"
+
+
+class KVQualityFloor(enum.StrEnum):
+    LOSSLESS = "lossless"  # bit-exact KV only (none or lossless)
+    INT8 = "int8"
+    FP8 = "fp8"
+    INT4 = "int4"
 
 
 class DispatchPolicyKind(enum.StrEnum):
@@ -40,7 +57,16 @@ class EngineConfig(_Section):
     enforce_eager: bool = Field(True, description="Skip graph capture (needed on CPU).")
     dtype: str = Field("bfloat16", description="Weights and KV dtype.")
     cpu_threads: int = Field(1, ge=1, description="OMP threads per engine on CPU.")
-    kv_connector: KVConnectorKind = Field(KVConnectorKind.NIXL, description="How KV moves prefill → decode.")
+    kv_connector: KVConnectorKind = Field(
+        KVConnectorKind.PDFLOW, description="How KV moves prefill → decode."
+    )
+    kv_codec: KVCodecKind = Field(KVCodecKind.AUTO, description="KV codec on the wire (pdflow connector).")
+    kv_quality_floor: KVQualityFloor = Field(
+        KVQualityFloor.LOSSLESS, description="Least exact codec the adaptive policy may pick."
+    )
+    kv_group_size: int = Field(64, ge=8, le=4096, description="Group size of the fp8/int8/int4 scales.")
+    kv_arena_mib: int = Field(256, ge=8, description="Registered staging memory per worker for KV transfers.")
+    kv_checksum: bool = Field(True, description="crc32 of every layer, checked on arrival (resent once).")
     kv_lease_seconds: int = Field(
         12, ge=6, description="How long a prefill worker holds KV that no decode worker has pulled."
     )

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from protocol.ids import RequestId
+from protocol.transfers import TransferRecord
 
 
 class FinishReason(enum.StrEnum):
@@ -43,6 +44,10 @@ class PrefillRequest:
     # False when the prefill's single token is known to end the request (max_tokens == 1): the prefill
     # worker then frees its blocks at once instead of holding them for a decode worker.
     hand_off: bool = True
+    # The decode worker's KV endpoint (side-channel address) when the connector pushes KV to it.
+    kv_destination: str = ""
+    # A codec for this transfer only (benchmarks, quality studies); None: the worker's policy decides.
+    kv_codec: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +59,8 @@ class PrefillResult:
     # Opaque to everyone but the KV connector: where the decode worker pulls the prompt's KV from.
     kv_handle: dict[str, Any] | None
     prefill_seconds: float
+    # What the KV transfer did, as the prefill side saw it (pdflow connector only).
+    transfer: TransferRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,3 +82,5 @@ class TokenChunk:
     request_id: RequestId
     token_ids: tuple[int, ...]
     finish_reason: FinishReason | None = None
+    # On a decode worker's first chunk: the KV transfer it loaded, decode time included.
+    transfer: TransferRecord | None = None

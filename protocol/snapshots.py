@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from protocol.ids import InstanceId, RequestId
 from protocol.lifecycle import RequestState
+from protocol.transfers import TransferRecord
 
 
 class Role(enum.StrEnum):
@@ -52,6 +53,7 @@ class InstanceSnapshot:
     in_flight: int = 0  # requests admitted and not yet returned (see EngineLoad.in_flight)
     transfer: TransferCounters = field(default_factory=TransferCounters)
     reported_at: float = 0.0  # seconds on the reporter's clock
+    kv_endpoint: str = ""  # side-channel address where KV is pushed to this worker (pdflow connector)
 
     @property
     def load(self) -> int:
@@ -86,6 +88,7 @@ class RequestEvent:
     prefill_instance: InstanceId | None = None
     decode_instance: InstanceId | None = None
     detail: str = ""
+    transfer: TransferRecord | None = None  # the KV transfer, once it is known
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,3 +102,4 @@ class RequestRecord:
     prompt_tokens: int
     output_tokens: int
     events: tuple[RequestEvent, ...]
+    transfer: TransferRecord | None = None

@@ -95,8 +95,40 @@ class RequestEvent(_message.Message):
     detail: str
     def __init__(self, state: _Optional[str] = ..., at: _Optional[float] = ..., detail: _Optional[str] = ...) -> None: ...
 
+class TransferInfo(_message.Message):
+    __slots__ = ("transfer_id", "codec", "reason", "raw_bytes", "wire_bytes", "encode_seconds", "wire_seconds", "tail_seconds", "decode_seconds", "outcome", "error", "retries", "layers", "tokens")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    CODEC_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    RAW_BYTES_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    ENCODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TAIL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RETRIES_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    codec: str
+    reason: str
+    raw_bytes: int
+    wire_bytes: int
+    encode_seconds: float
+    wire_seconds: float
+    tail_seconds: float
+    decode_seconds: float
+    outcome: str
+    error: str
+    retries: int
+    layers: int
+    tokens: int
+    def __init__(self, transfer_id: _Optional[str] = ..., codec: _Optional[str] = ..., reason: _Optional[str] = ..., raw_bytes: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., encode_seconds: _Optional[float] = ..., wire_seconds: _Optional[float] = ..., tail_seconds: _Optional[float] = ..., decode_seconds: _Optional[float] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ..., retries: _Optional[int] = ..., layers: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
+
 class RequestInfo(_message.Message):
-    __slots__ = ("request_id", "state", "prefill_instance", "decode_instance", "prompt_tokens", "output_tokens", "events")
+    __slots__ = ("request_id", "state", "prefill_instance", "decode_instance", "prompt_tokens", "output_tokens", "events", "transfer")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_INSTANCE_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +136,7 @@ class RequestInfo(_message.Message):
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     state: str
     prefill_instance: str
@@ -111,7 +144,8 @@ class RequestInfo(_message.Message):
     prompt_tokens: int
     output_tokens: int
     events: _containers.RepeatedCompositeFieldContainer[RequestEvent]
-    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., events: _Optional[_Iterable[_Union[RequestEvent, _Mapping]]] = ...) -> None: ...
+    transfer: TransferInfo
+    def __init__(self, request_id: _Optional[str] = ..., state: _Optional[str] = ..., prefill_instance: _Optional[str] = ..., decode_instance: _Optional[str] = ..., prompt_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., events: _Optional[_Iterable[_Union[RequestEvent, _Mapping]]] = ..., transfer: _Optional[_Union[TransferInfo, _Mapping]] = ...) -> None: ...
 
 class ListRequestsRequest(_message.Message):
     __slots__ = ("state", "limit", "request_id")

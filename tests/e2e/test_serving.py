@@ -231,8 +231,8 @@ def test_metrics_report_latencies_and_transfers(cluster: E2ECluster) -> None:
 async def test_request_ending_at_token_one_frees_prefill_kv_at_once(
     cluster: E2ECluster, model_tokenizer: Any
 ) -> None:
-    """A first token that is a stop token ends the request on the prefill worker; the decode worker pulls
-    and drops the KV, so the prefill worker frees it well before its lease (12 s) would."""
+    """A first token that is a stop token ends the request on the prefill worker; the KV already pushed to
+    the decode worker is loaded and dropped at once, well before its lease (12 s) would free it."""
     import time
 
     from protocol.ids import RequestId
@@ -244,7 +244,10 @@ async def test_request_ending_at_token_one_frees_prefill_kv_at_once(
     first = (await _reference(cluster, list(prompt), 1))[0]
     sampling = SamplingSpec(max_tokens=16, temperature=0.0, stop_token_ids=(first,))
     prefill, decode = cluster.worker(Role.PREFILL), cluster.worker(Role.DECODE)
-    result = await prefill.prefill.remote(PrefillRequest(RequestId("stop-at-one"), prompt, sampling))
+    destination = cluster.snapshot(Role.DECODE).kv_endpoint
+    result = await prefill.prefill.remote(
+        PrefillRequest(RequestId("stop-at-one"), prompt, sampling, kv_destination=destination)
+    )
     assert result.finish_reason is FinishReason.STOP and result.first_token_id == first
     assert result.kv_handle is not None
     released = time.monotonic()

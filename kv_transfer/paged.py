@@ -1,0 +1,86 @@
+"""Reading one request's K and V out of a vLLM paged KV layer and writing them back, token-major.
+
+vLLM CPU allocates each attention layer as ``[num_blocks, num_kv_heads, block_size, 2 * head_dim]`` but
+uses it as ``[num_blocks, num_kv_heads, 2 * block_size, head_dim]``: per block and head, ``block_size`` rows
+of keys then ``block_size`` rows of values (``CPUAttentionBackendImpl``). The CUDA backends keep
+``[2, num_blocks, block_size, num_kv_heads, head_dim]``. Codecs take ``[tokens, num_kv_heads, head_dim]``.
+
+Whole blocks move, never part of one: the CPU kernels may order the rows inside a block for their ISA, so
+only a whole block is certain to round-trip. A transfer therefore carries the prompt rounded up to full
+blocks; the decode side computes its own tokens over the padding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True, slots=True)
+class PagedLayout:
+    """How one layer's cache tensor is laid out; inferred from the tensor and the model's KV head count."""
+
+    cpu_fused: bool  # True: [blocks, heads, 2*block, dim] in use; False: [2, blocks, block, heads, dim]
+    block_size: int
+    num_kv_heads: int
+    head_dim: int
+
+    @classmethod
+    def infer(cls, layer: torch.Tensor, num_kv_heads: int) -> PagedLayout:
+        if layer.dim() == 4 and layer.shape[1] == num_kv_heads:
+            return cls(True, int(layer.shape[2]), num_kv_heads, int(layer.shape[3]) // 2)
+        if layer.dim() == 5 and layer.shape[0] == 2 and layer.shape[3] == num_kv_heads:
+            return cls(False, int(layer.shape[2]), num_kv_heads, int(layer.shape[4]))
+        raise ValueError(f"unsupported paged KV layout {tuple(layer.shape)} for {num_kv_heads} KV heads")
+
+    def padded(self, tokens: int) -> int:
+        """``tokens`` rounded up to whole blocks: what a transfer of ``tokens`` carries."""
+        return -(-tokens // self.block_size) * self.block_size
+
+    def token_bytes(self, dtype: torch.dtype) -> int:
+        """Raw bytes of K plus V for one token of one layer."""
+        return 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
+
+
+def _blocks_view(layer: torch.Tensor, layout: PagedLayout) -> torch.Tensor:
+    """The CPU layer as ``[blocks, heads, 2, block, dim]`` (index 0: keys, 1: values)."""
+    return layer.view(layer.shape[0], layout.num_kv_heads, 2, layout.block_size, layout.head_dim)
+
+
+def gather(
+    layer: torch.Tensor, layout: PagedLayout, block_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of K and V in ``block_ids``, each ``[len(block_ids) * block_size, heads, dim]``."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+    heads, dim = layout.num_kv_heads, layout.head_dim
+    if layout.cpu_fused:
+        blocks = _blocks_view(layer, layout).index_select(0, index)  # [n, heads, 2, block, dim]
+        k = blocks[:, :, 0].permute(0, 2, 1, 3).reshape(-1, heads, dim)
+        v = blocks[:, :, 1].permute(0, 2, 1, 3).reshape(-1, heads, dim)
+        return k.contiguous(), v.contiguous()
+    k = layer[0].index_select(0, index).reshape(-1, heads, dim)
+    v = layer[1].index_select(0, index).reshape(-1, heads, dim)
+    return k.contiguous(), v.contiguous()
+
+
+def scatter(
+    layer: torch.Tensor, layout: PagedLayout, block_ids: list[int], key: torch.Tensor, value: torch.Tensor
+) -> None:
+    """Write ``key`` and ``value`` (``[n * block_size, heads, dim]``, whole blocks) into the first ``n`` of
+    ``block_ids``."""
+    tokens = int(key.shape[0])
+    if tokens % layout.block_size:
+        raise ValueError(f"{tokens} tokens is not a whole number of {layout.block_size}-token blocks")
+    needed = tokens // layout.block_size
+    if needed > len(block_ids):
+        raise ValueError(f"{tokens} tokens need {needed} blocks, the request holds {len(block_ids)}")
+    index = torch.tensor(block_ids[:needed], dtype=torch.long, device=layer.device)
+    heads, bs, dim = layout.num_kv_heads, layout.block_size, layout.head_dim
+    if layout.cpu_fused:
+        k = key.to(layer.dtype).reshape(needed, bs, heads, dim).permute(0, 2, 1, 3)
+        v = value.to(layer.dtype).reshape(needed, bs, heads, dim).permute(0, 2, 1, 3)
+        _blocks_view(layer, layout)[index] = torch.stack((k, v), dim=2)
+    else:
+        layer[0][index] = key.to(layer.dtype).reshape(needed, bs, heads, dim)
+        layer[1][index] = value.to(layer.dtype).reshape(needed, bs, heads, dim)

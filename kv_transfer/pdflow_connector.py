@@ -1,0 +1,368 @@
+"""``PdflowConnector``: pdflow's vLLM KV connector. Compressed, layer-pipelined push over NIXL.
+
+Prefill side: as soon as vLLM has computed a layer of a request that hands off (``save_kv_layer``), the
+request's K and V for that layer are encoded with the codec the policy chose for the link and written into
+the decode worker's staging arena while later layers run; ``wait_for_save`` waits for the tail and commits, so
+the prefill step returns with the KV already landed. Decode side: the request arrives with
+``pdflow_transfer_id``; the scheduler half reports the prompt's tokens as external and loaded asynchronously,
+the worker half decodes the landed layers into the request's blocks and reports them received, and vLLM
+computes only what follows.
+
+The two halves talk only through ``PdflowConnectorMetadata`` (scheduler → worker, each step) and the
+finished-receiving set (worker → scheduler). Records of every transfer leave through the connector stats.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+from kv_transfer.codec import get_codec
+from kv_transfer.codec_choice import CodecChooser
+from kv_transfer.endpoint import KVEndpoint, OutgoingTransfer, TransferFailed
+from kv_transfer.paged import PagedLayout, gather, scatter
+from kv_transfer.transport.nixl import NixlTransport
+
+if TYPE_CHECKING:
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+DEST = "pdflow_destination"  # side-channel address of the decode worker that receives the KV
+TRANSFER = "pdflow_transfer_id"
+CODEC = "pdflow_codec"  # optional per-request codec; absent: the adaptive policy
+REMOTE_TOKENS = "pdflow_remote_tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class SaveSpec:
+    transfer_id: str
+    destination: str
+    block_ids: list[int]
+    tokens: int
+    codec: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LoadSpec:
+    transfer_id: str
+    block_ids: list[int]
+    tokens: int
+    local_tokens: int  # a local prefix-cache hit (whole blocks): those blocks are shared, never written
+
+
+@dataclass
+class PdflowConnectorMetadata(KVConnectorMetadata):
+    saves: dict[str, SaveSpec] = field(default_factory=dict)
+    loads: dict[str, LoadSpec] = field(default_factory=dict)
+    drops: list[str] = field(default_factory=list)  # transfer ids of requests that ended before loading
+
+
+@dataclass
+class PdflowTransferStats(KVConnectorStats):
+    """Finished transfer records since the last step, plus the totals vLLM's NIXL stats also carry."""
+
+    def __post_init__(self) -> None:
+        self.data.setdefault("pdflow_records", [])
+
+    def reset(self) -> None:
+        self.data = {"pdflow_records": []}
+
+    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
+        self.data["pdflow_records"] = [*self.data["pdflow_records"], *other.data.get("pdflow_records", [])]
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        records = self.data["pdflow_records"]
+        return {"transfers": len(records), "wire_bytes": sum(int(r["wire_bytes"]) for r in records)}
+
+    def is_empty(self) -> bool:
+        return not self.data["pdflow_records"]
+
+
+class PdflowConnector(KVConnectorBase_V1):
+    def __init__(
+        self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
+    ) -> None:
+        super().__init__(vllm_config, role, kv_cache_config)
+        extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
+        self._extra = extra
+        self._engine_id = str(self._kv_transfer_config.engine_id)
+        # scheduler half
+        self._to_save: dict[str, SaveSpec] = {}
+        self._to_load: dict[str, LoadSpec] = {}
+        self._drops: list[str] = []
+        self._loading: dict[str, str] = {}  # request id -> transfer id, until received
+        self._local_hits: dict[str, int] = {}
+        # worker half
+        self._endpoint: KVEndpoint | None = None
+        self._layers: dict[str, torch.Tensor] = {}
+        self._layer_index: dict[str, int] = {}
+        self._layout: PagedLayout | None = None
+        self._chooser: CodecChooser | None = None
+        self._sending: dict[str, OutgoingTransfer] = {}
+        self._failed_saves: set[str] = set()
+        self._pending_loads: dict[str, tuple[LoadSpec, float]] = {}
+        self._received: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._records: list[dict[str, Any]] = []
+        self._timeout_s = float(extra.get("timeout_s", 30.0))
+
+    # ---- scheduler half ---------------------------------------------------------------------------------
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        """Decode side: the prompt's tokens come from the transfer, loaded between steps. Never blocks."""
+        params = request.kv_transfer_params or {}
+        if TRANSFER in params and REMOTE_TOKENS in params and not params.get(DEST):
+            count = int(params[REMOTE_TOKENS]) - num_computed_tokens
+            if count > 0:
+                self._local_hits[request.request_id] = num_computed_tokens
+                return count, True
+        return 0, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ) -> None:
+        params = request.kv_transfer_params or {}
+        block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
+        if num_external_tokens > 0 and TRANSFER in params:
+            local = self._local_hits.pop(request.request_id, 0)
+            self._to_load[request.request_id] = LoadSpec(
+                str(params[TRANSFER]), block_ids, num_external_tokens, local
+            )
+            self._loading[request.request_id] = str(params[TRANSFER])
+        elif params.get(DEST) and TRANSFER in params and request.request_id not in self._to_save:
+            self._to_save[request.request_id] = SaveSpec(
+                str(params[TRANSFER]),
+                str(params[DEST]),
+                block_ids,
+                request.num_prompt_tokens,
+                params.get(CODEC),
+            )
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        scheduled = set(scheduler_output.num_scheduled_tokens)
+        saves = {rid: spec for rid, spec in self._to_save.items() if rid in scheduled}
+        meta = PdflowConnectorMetadata(saves=saves, loads=self._to_load, drops=self._drops)
+        self._to_save = {rid: spec for rid, spec in self._to_save.items() if rid not in scheduled}
+        self._to_load, self._drops = {}, []
+        return meta
+
+    def update_connector_output(self, connector_output: Any) -> None:
+        for rid in connector_output.finished_recving or ():
+            self._loading.pop(rid, None)
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        """The prefill side's transfer finished inside the step (``wait_for_save``): blocks free now. A decode
+        request that ends before its load tells the worker to drop the landed copy."""
+        self._to_save.pop(request.request_id, None)
+        self._local_hits.pop(request.request_id, None)
+        transfer_id = self._loading.pop(request.request_id, None)
+        if transfer_id is not None:
+            self._drops.append(transfer_id)
+        params = request.kv_transfer_params or {}
+        if params.get(DEST):
+            return False, {TRANSFER: params.get(TRANSFER)}
+        return False, None
+
+    # ---- worker half ------------------------------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        self._layers = dict(kv_caches)
+        self._layer_index = {name: i for i, name in enumerate(kv_caches)}
+        first = next(iter(kv_caches.values()))
+        heads = self._vllm_config.model_config.get_num_kv_heads(self._vllm_config.parallel_config)
+        self._layout = PagedLayout.infer(first, heads)
+        capacity = int(self._extra.get("arena_mib", 256)) << 20
+        transport = NixlTransport(f"pdflow-{self._engine_id}", capacity, device=str(first.device))
+        self._endpoint = KVEndpoint(
+            transport,
+            port=int(self._extra.get("side_channel_port", 0)),
+            lease_s=float(self._extra.get("lease_s", 12.0)),
+            timeout_s=self._timeout_s,
+            checksum=bool(self._extra.get("checksum", True)),
+        )
+        self._chooser = CodecChooser.for_layout(
+            self._layout,
+            first.dtype,
+            layers=len(kv_caches),
+            codec=str(self._extra.get("codec", "auto")),
+            floor=str(self._extra.get("quality_floor", "lossless")),
+            group_size=int(self._extra.get("group_size", 64)),
+        )
+        self._chooser.bind_probe(self._endpoint.probe)
+        log.info(
+            "pdflow connector %s: %d layers %s, side channel %s",
+            self._engine_id,
+            len(kv_caches),
+            tuple(first.shape),
+            self._endpoint.address,
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._meta()
+        if meta is None or self._endpoint is None:
+            return
+        for transfer_id in meta.drops:
+            self._endpoint.release(transfer_id)
+        for rid, spec in meta.loads.items():
+            self._pending_loads[rid] = (spec, time.monotonic() + self._timeout_s)
+        self._progress_loads()
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        return None
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        meta = self._meta()
+        if meta is None or not meta.saves or self._endpoint is None or self._layout is None:
+            return
+        index = self._layer_index[layer_name]
+        for rid, spec in meta.saves.items():
+            if rid in self._failed_saves:
+                continue
+            try:
+                transfer = self._sending.get(rid)
+                if transfer is None:
+                    transfer = self._open(rid, spec)
+                    self._sending[rid] = transfer
+                blocks = spec.block_ids[: -(-spec.tokens // self._layout.block_size)]
+                key, value = gather(kv_layer, self._layout, blocks)
+                self._endpoint.send_layer(transfer, index, key, value)
+            except TransferFailed as exc:
+                self._fail_save(rid, exc.record.to_dict())
+            except Exception as exc:  # never let a transfer problem kill the engine step
+                log.warning("pdflow: sending layer %s of %s failed: %s", layer_name, rid, exc)
+                self._failed_saves.add(rid)
+                if (t := self._sending.pop(rid, None)) is not None:
+                    self._endpoint.abort(t, str(exc))
+
+    def wait_for_save(self) -> None:
+        if self._endpoint is None:
+            return
+        done_computing = time.monotonic()
+        for rid, transfer in self._sending.items():
+            try:
+                record = self._endpoint.finish(transfer, compute_done_at=done_computing)
+                if self._chooser is not None:
+                    self._chooser.observe(transfer.peer, record.wire_bytes, record.wire_s)
+                self._records.append(record.to_dict())
+            except TransferFailed as exc:
+                log.warning("pdflow: transfer of %s failed: %s", rid, exc)
+                self._records.append(exc.record.to_dict())
+        self._sending.clear()
+        self._failed_saves.clear()
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        self._progress_loads()
+        received, self._received = self._received, set()
+        return None, received or None
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_kv_connector_stats(self) -> KVConnectorStats | None:
+        records = list(self._records)
+        self._records.clear()
+        if self._endpoint is not None:
+            records += [r.to_dict() for r in self._endpoint.drain_records()]
+        return PdflowTransferStats(data={"pdflow_records": records}) if records else None
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KVConnectorStats | None:
+        return PdflowTransferStats(data=dict(data) if data is not None else {})
+
+    def shutdown(self) -> None:
+        if self._endpoint is not None:
+            self._endpoint.close()
+            self._endpoint = None
+
+    # ---- helpers ----------------------------------------------------------------------------------------
+
+    def _meta(self) -> PdflowConnectorMetadata | None:
+        if not self.has_connector_metadata():
+            return None
+        meta = self._get_connector_metadata()
+        return meta if isinstance(meta, PdflowConnectorMetadata) else None
+
+    def _open(self, rid: str, spec: SaveSpec) -> OutgoingTransfer:
+        assert self._endpoint is not None and self._layout is not None and self._chooser is not None
+        dtype = next(iter(self._layers.values())).dtype
+        tokens = self._layout.padded(spec.tokens)
+        raw = tokens * self._layout.token_bytes(dtype) * len(self._layers)
+        choice = self._chooser.choose(spec.destination, raw, override=spec.codec)
+        return self._endpoint.open(
+            spec.transfer_id,
+            rid,
+            spec.destination,
+            layers=len(self._layers),
+            raw_bytes=raw,
+            tokens=tokens,
+            codec=get_codec(choice.codec, **self._chooser.options(choice.codec)),
+            reason=choice.reason,
+        )
+
+    def _fail_save(self, rid: str, record: dict[str, Any]) -> None:
+        self._failed_saves.add(rid)
+        self._sending.pop(rid, None)
+        self._records.append(record)
+
+    def _progress_loads(self) -> None:
+        """Decode every pending load whose transfer has landed; fail those past their deadline."""
+        if self._endpoint is None or self._layout is None or not self._pending_loads:
+            return
+        now = time.monotonic()
+        for rid, (spec, deadline) in list(self._pending_loads.items()):
+            incoming = self._endpoint.take(spec.transfer_id)
+            if incoming is None:
+                if now > deadline:
+                    log.warning("pdflow: KV of %s (transfer %s) never landed", rid, spec.transfer_id)
+                    self._load_errors.update(spec.block_ids)
+                    self._received.add(rid)
+                    del self._pending_loads[rid]
+                    self._endpoint.release(spec.transfer_id, error="never landed before the load deadline")
+                continue
+            del self._pending_loads[rid]
+            started = time.perf_counter()
+            try:
+                if incoming.tokens < spec.tokens:
+                    raise ValueError(
+                        f"transfer carries {incoming.tokens} tokens, the request needs {spec.tokens}"
+                    )
+                names = list(self._layers)
+                skip = spec.local_tokens // self._layout.block_size
+                start = skip * self._layout.block_size
+                for index, key, value in self._endpoint.decode_layers(incoming):
+                    if start < key.shape[0]:
+                        scatter(
+                            self._layers[names[index]],
+                            self._layout,
+                            spec.block_ids[skip:],
+                            key[start:],
+                            value[start:],
+                        )
+                self._endpoint.release(spec.transfer_id, decode_s=time.perf_counter() - started)
+            except Exception as exc:
+                log.warning("pdflow: loading KV of %s failed: %s", rid, exc)
+                self._load_errors.update(spec.block_ids)
+                self._endpoint.release(spec.transfer_id, error=f"decode into the KV cache failed: {exc}")
+            self._received.add(rid)

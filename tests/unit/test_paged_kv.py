@@ -1,0 +1,42 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kv_transfer.paged import PagedLayout, gather, scatter
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_scatter_then_gather_returns_the_tokens_and_touches_only_their_blocks(fused: bool) -> None:
+    heads, dim, block, blocks = 3, 8, 4, 10
+    shape = (blocks, heads, block, 2 * dim) if fused else (2, blocks, block, heads, dim)
+    # (CPU: allocated [blocks, heads, block, 2*dim], used as [blocks, heads, 2*block, dim].)
+    layer = torch.randn(shape).to(torch.bfloat16)
+    before = layer.clone()
+    layout = PagedLayout.infer(layer, heads)
+    assert (layout.cpu_fused, layout.block_size, layout.head_dim) == (fused, block, dim)
+    key = torch.randn(12, heads, dim).to(torch.bfloat16)
+    value = torch.randn(12, heads, dim).to(torch.bfloat16)
+    ids = [7, 2, 5]
+    scatter(layer, layout, ids, key, value)
+    k, v = gather(layer, layout, ids)
+    assert torch.equal(k, key) and torch.equal(v, value)
+    untouched = [b for b in range(blocks) if b not in ids]
+    if fused:
+        assert torch.equal(layer[untouched], before[untouched])
+        # token 1 of block 2 (the request's first block), head 0: keys then values, block_size rows each
+        rows = layer.view(blocks, heads, 2 * block, dim)
+        assert torch.equal(rows[7, 0, 1], key[1, 0]) and torch.equal(rows[7, 0, block + 1], value[1, 0])
+    else:
+        assert torch.equal(layer[:, untouched], before[:, untouched])
+
+
+def test_too_few_blocks_is_an_error() -> None:
+    layer = torch.zeros(4, 2, 4, 16)
+    layout = PagedLayout.infer(layer, 2)
+    with pytest.raises(ValueError, match="need 3 blocks"):
+        scatter(layer, layout, [0, 1], torch.zeros(12, 2, 8), torch.zeros(12, 2, 8))
+    with pytest.raises(ValueError, match="whole number"):
+        scatter(layer, layout, [0, 1], torch.zeros(9, 2, 8), torch.zeros(9, 2, 8))
+    with pytest.raises(ValueError, match="unsupported paged KV layout"):
+        PagedLayout.infer(torch.zeros(4, 5, 4, 16), 2)
