@@ -82,9 +82,6 @@ class CodecChooser:
     def options(self, codec: str) -> dict[str, int]:
         return {"group_size": self._group_size} if codec in _LOSSY else {}
 
-    def link(self, destination: str) -> LinkEstimate | None:
-        return self._links.get(destination)
-
     def choose(self, destination: str, raw_bytes: int, *, override: str | None = None) -> CodecChoice:
         fixed = override or (self._codec if self._codec != "auto" else None)
         if fixed is not None:

@@ -11,28 +11,31 @@ one ``TransferRecord``, emitted by the side that ends it.
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
-import zlib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
-from typing import Any, cast
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
-from kv_transfer.codec import KVCodec, KVHeader, KVKind, KVPart, PartSpec, get_codec
-from kv_transfer.codec.base import SUPPORTED_DTYPES, EncodedKV
+from kv_transfer.codec import KVCodec, KVKind, KVPart, get_codec
+from kv_transfer.codec.base import EncodedKV
 from kv_transfer.transport.arena import Arena, Region
-from kv_transfer.transport.base import PeerInfo, Transport, TransportError, Xfer, XferState
+from kv_transfer.transport.base import Transport, TransportError, Xfer, XferState
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError, SideChannelServer
+from kv_transfer.wire import (
+    crc32,
+    header_from_wire,
+    header_to_wire,
+    peer_from_wire,
+    peer_to_wire,
+    place_parts,
+)
 from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
-
-PART_ALIGN = 16
-_DTYPES = {str(d).removeprefix("torch."): d for d in SUPPORTED_DTYPES}
 
 
 class TransferFailed(Exception):
@@ -49,43 +52,6 @@ def wire_bound(raw_bytes: int, layers: int) -> int:
     return int(raw_bytes * 1.02) + layers * 8 * 1024
 
 
-def header_to_wire(header: KVHeader) -> dict[str, Any]:
-    return {
-        "codec": header.codec,
-        "kind": header.kind.value,
-        "shape": list(header.shape),
-        "dtype": str(header.dtype).removeprefix("torch."),
-        "params": dict(header.params),
-    }
-
-
-def header_from_wire(data: dict[str, Any]) -> KVHeader:
-    dtype = _DTYPES.get(str(data["dtype"]))
-    if dtype is None:
-        raise ValueError(f"transfer header: unsupported dtype {data['dtype']!r}")
-    shape = tuple(int(n) for n in data["shape"])
-    if len(shape) != 3:
-        raise ValueError(f"transfer header: shape must have 3 dims, got {shape}")
-    return KVHeader(
-        codec=str(data["codec"]),
-        kind=KVKind(data["kind"]),
-        shape=(shape[0], shape[1], shape[2]),
-        dtype=dtype,
-        params={str(k): int(v) for k, v in data["params"].items()},
-    )
-
-
-def _place(specs: tuple[PartSpec, ...], start: int) -> tuple[list[tuple[int, PartSpec]], int]:
-    """Offsets of each part laid end to end from ``start``, each aligned; returns them and the end."""
-    placed = []
-    cursor = start
-    for spec in specs:
-        cursor = -(-cursor // PART_ALIGN) * PART_ALIGN
-        placed.append((cursor, spec))
-        cursor += spec.nbytes
-    return placed, cursor
-
-
 @dataclass(slots=True)
 class OutgoingTransfer:
     """Owned by the sending thread from ``open`` to ``finish``/``abort``."""
@@ -100,7 +66,6 @@ class OutgoingTransfer:
     remote_offset: int
     layers: int
     tokens: int
-    opened_at: float
     cursor: int = 0
     slots: list[dict[str, Any]] = field(default_factory=list)
     xfers: list[tuple[int, Xfer]] = field(default_factory=list)
@@ -181,16 +146,16 @@ class KVEndpoint:
                     "transfer_id": transfer_id,
                     "request_id": request_id,
                     "nbytes": nbytes,
-                    "peer": _peer_to_wire(mine),
+                    "peer": peer_to_wire(mine),
                 },
                 timeout_s=min(self._timeout_s, 5.0),
             )
-            peer = _peer_from_wire(reply["peer"])
+            peer = peer_from_wire(reply["peer"])
             self._transport.add_peer(peer)
             with self._lock:
                 local = self._arena.reserve(transfer_id, nbytes, now=self._clock(), lease_s=self._lease_s)
         except Exception as exc:  # unreachable peer, refused reservation, full arena, bad metadata
-            record = self._record_failed(transfer_id, request_id, codec.name, reason, layers, tokens, exc)
+            record = self._record_failed(transfer_id, request_id, codec.name, reason, exc)
             raise TransferFailed(record) from exc
         return OutgoingTransfer(
             transfer_id,
@@ -203,7 +168,6 @@ class KVEndpoint:
             int(reply["offset"]),
             layers,
             tokens,
-            self._clock(),
         )
 
     def send_layer(self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
@@ -215,7 +179,7 @@ class KVEndpoint:
         start = t.cursor
         slot: dict[str, Any] = {"index": index, "offset": start}
         for name, enc in zip(("k", "v"), encoded, strict=True):
-            placed, end = _place(t.codec.part_specs(enc.header), t.cursor)
+            placed, end = place_parts(t.codec.part_specs(enc.header), t.cursor)
             for (offset, _), part in zip(placed, enc.parts, strict=True):
                 flat = part.data.reshape(-1).view(torch.uint8)
                 buf[t.local.offset + offset : t.local.offset + offset + flat.numel()].copy_(flat)
@@ -227,7 +191,7 @@ class KVEndpoint:
             raise ValueError(f"transfer {t.transfer_id}: {t.cursor} B encoded, {t.local.nbytes} B reserved")
         slot["nbytes"] = t.cursor - start
         if self._checksum:
-            slot["crc"] = _crc(buf, t.local.offset + start, slot["nbytes"])
+            slot["crc"] = crc32(buf, t.local.offset + start, slot["nbytes"])
         t.encode_s += time.perf_counter() - started
         t.slots.append(slot)
         if t.first_post is None:
@@ -246,7 +210,13 @@ class KVEndpoint:
             self._wait(t, t.xfers)
             landed_at = self._clock()
             while True:
-                manifest = self._manifest(t, retries, landed_at, done_computing)
+                sent = self._sent_record(t, retries, landed_at, done_computing)
+                manifest = {
+                    "tokens": t.tokens,
+                    "retries": retries,
+                    "record": sent.to_dict(),
+                    "slots": t.slots,
+                }
                 reply = t.client.call(
                     {"op": "commit", "transfer_id": t.transfer_id, "manifest": manifest},
                     timeout_s=min(self._timeout_s, 10.0),
@@ -265,7 +235,7 @@ class KVEndpoint:
         except Exception as exc:
             self.abort(t, str(exc))
             record = self._record_failed(
-                t.transfer_id, t.request_id, t.codec.name, t.reason, t.layers, t.tokens, exc, peer=t.peer
+                t.transfer_id, t.request_id, t.codec.name, t.reason, exc, peer=t.peer
             )
             raise TransferFailed(record) from exc
         finally:
@@ -273,7 +243,7 @@ class KVEndpoint:
                 xfer.release()
         with self._lock:
             self._arena.release(t.transfer_id)
-        return self._outgoing_record(t, retries, landed_at, done_computing, TransferOutcome.SUCCESS, "")
+        return sent
 
     def abort(self, t: OutgoingTransfer, why: str) -> None:
         """Best effort: release both reservations (the receiver's lease frees it anyway if this is lost)."""
@@ -314,11 +284,6 @@ class KVEndpoint:
         with self._lock:
             return list(self._landed)
 
-    def is_pending(self, transfer_id: str) -> bool:
-        """True while a reservation for ``transfer_id`` exists but it has not been committed."""
-        with self._lock:
-            return transfer_id in self._incoming
-
     def decode_layers(self, incoming: IncomingTransfer) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """Decode each layer's K and V from the arena, in layer order; ValueError on a malformed payload."""
         buf = self._transport.buffer
@@ -329,7 +294,7 @@ class KVEndpoint:
             for name in ("k", "v"):
                 header = header_from_wire(slot[name])
                 codec = get_codec(header.codec)
-                placed, cursor = _place(codec.part_specs(header), cursor)
+                placed, cursor = place_parts(codec.part_specs(header), cursor)
                 if cursor > incoming.region.nbytes:
                     raise ValueError(f"transfer {incoming.transfer_id}: payload runs past its region")
                 parts = tuple(
@@ -347,34 +312,35 @@ class KVEndpoint:
     ) -> None:
         """Free a landed (or reserved) transfer. With ``decode_s`` it was loaded: its SUCCESS record is
         emitted; otherwise it ends ABORTED (or FAILED with ``error``). Idempotent."""
+        if error:
+            outcome = TransferOutcome.FAILED
+        else:
+            outcome = TransferOutcome.SUCCESS if decode_s is not None else TransferOutcome.ABORTED
         with self._lock:
-            incoming = self._landed.pop(transfer_id, None)
-            request_id = self._incoming.pop(transfer_id, None)
             self._arena.release(transfer_id)
-            if not record:
-                return
-            if incoming is not None:
-                outcome = (
-                    TransferOutcome.SUCCESS if decode_s is not None and not error else TransferOutcome.ABORTED
-                )
-                if error:
-                    outcome = TransferOutcome.FAILED
-                self._records.append(_landed_record(incoming, decode_s or 0.0, outcome, error))
-            elif request_id is not None:
-                self._records.append(_empty_record(transfer_id, request_id, TransferOutcome.ABORTED, error))
+            self._end_incoming(transfer_id, outcome, decode_s or 0.0, error, record=record)
 
     def expire(self) -> None:
         """End every transfer whose lease ran out (sender died, or nobody came to load it)."""
         with self._lock:
-            gone = self._arena.expire(self._clock())
-            for key in gone:
-                incoming = self._landed.pop(key, None)
-                request_id = self._incoming.pop(key, None)
+            for key in self._arena.expire(self._clock()):
                 why = "lease expired before the transfer was loaded"
-                if incoming is not None:
-                    self._records.append(_landed_record(incoming, 0.0, TransferOutcome.ABORTED, why))
-                elif request_id is not None:
-                    self._records.append(_empty_record(key, request_id, TransferOutcome.ABORTED, why))
+                self._end_incoming(key, TransferOutcome.ABORTED, 0.0, why, record=True)
+
+    def _end_incoming(
+        self, transfer_id: str, outcome: TransferOutcome, decode_s: float, error: str, *, record: bool
+    ) -> None:
+        """Forget a receiver-side transfer and emit its one record (the caller holds the lock). A landed
+        transfer's record is the sender's, from the manifest, completed here."""
+        incoming = self._landed.pop(transfer_id, None)
+        request_id = self._incoming.pop(transfer_id, None)
+        if not record:
+            return
+        if incoming is not None:
+            sent = TransferRecord.from_dict(incoming.manifest["record"])
+            self._records.append(replace(sent, decode_s=decode_s, outcome=outcome, error=error))
+        elif request_id is not None:
+            self._records.append(TransferRecord(transfer_id, request_id, outcome, error=error))
 
     def drain_records(self) -> list[TransferRecord]:
         with self._lock:
@@ -403,14 +369,14 @@ class KVEndpoint:
         op = msg.get("op")
         transfer_id = str(msg.get("transfer_id", ""))
         if op == "reserve":
-            peer = _peer_from_wire(msg["peer"])
+            peer = peer_from_wire(msg["peer"])
             self._transport.add_peer(peer)
             with self._lock:
                 region = self._arena.reserve(
                     transfer_id, int(msg["nbytes"]), now=self._clock(), lease_s=self._lease_s
                 )
                 self._incoming[transfer_id] = str(msg["request_id"])
-            return {"offset": region.offset, "peer": _peer_to_wire(self._transport.peer_info())}
+            return {"offset": region.offset, "peer": peer_to_wire(self._transport.peer_info())}
         if op == "commit":
             return {"bad": self._commit(transfer_id, msg["manifest"])}
         if op == "abort":
@@ -434,7 +400,7 @@ class KVEndpoint:
                     )
                 if (
                     "crc" in slot
-                    and _crc(self._transport.buffer, region.offset + offset, nbytes) != slot["crc"]
+                    and crc32(self._transport.buffer, region.offset + offset, nbytes) != slot["crc"]
                 ):
                     bad.append(i)
             if bad:
@@ -463,39 +429,14 @@ class KVEndpoint:
             if state is XferState.FAILED:
                 raise TransportError(f"write of layer {index} to {t.peer} failed")
 
-    def _manifest(
+    def _sent_record(
         self, t: OutgoingTransfer, retries: int, landed_at: float, done_computing: float
-    ) -> dict[str, Any]:
-        first = t.first_post if t.first_post is not None else landed_at
-        return {
-            "wire_s": landed_at - first,
-            "tail_s": max(0.0, landed_at - done_computing),
-            "request_id": t.request_id,
-            "codec": t.codec.name,
-            "reason": t.reason,
-            "tokens": t.tokens,
-            "layers": t.layers,
-            "raw_bytes": t.raw_bytes,
-            "wire_bytes": t.wire_bytes,
-            "encode_s": t.encode_s,
-            "retries": retries,
-            "peer": self._transport.peer_info().name,
-            "slots": t.slots,
-        }
-
-    def _outgoing_record(
-        self,
-        t: OutgoingTransfer,
-        retries: int,
-        landed_at: float,
-        done_computing: float,
-        outcome: TransferOutcome,
-        error: str,
     ) -> TransferRecord:
         first = t.first_post if t.first_post is not None else landed_at
         return TransferRecord(
-            transfer_id=t.transfer_id,
-            request_id=t.request_id,
+            t.transfer_id,
+            t.request_id,
+            TransferOutcome.SUCCESS,
             codec=t.codec.name,
             reason=t.reason,
             layers=t.layers,
@@ -505,9 +446,6 @@ class KVEndpoint:
             encode_s=t.encode_s,
             wire_s=landed_at - first,
             tail_s=max(0.0, landed_at - done_computing),
-            decode_s=0.0,
-            outcome=outcome,
-            error=error,
             retries=retries,
             peer=t.peer,
         )
@@ -518,91 +456,19 @@ class KVEndpoint:
         request_id: str,
         codec: str,
         reason: str,
-        layers: int,
-        tokens: int,
         exc: BaseException,
         *,
         peer: str = "",
     ) -> TransferRecord:
         record = TransferRecord(
-            transfer_id=transfer_id,
-            request_id=request_id,
+            transfer_id,
+            request_id,
+            TransferOutcome.FAILED,
             codec=codec,
             reason=reason,
-            layers=layers,
-            tokens=tokens,
-            raw_bytes=0,
-            wire_bytes=0,
-            encode_s=0.0,
-            wire_s=0.0,
-            tail_s=0.0,
-            decode_s=0.0,
-            outcome=TransferOutcome.FAILED,
             error=f"KV transfer {transfer_id} failed: {exc}",
             peer=peer,
         )
         with self._lock:
             self._records.append(record)
         return record
-
-
-def _crc(buf: torch.Tensor, offset: int, nbytes: int) -> int:
-    return zlib.crc32(cast(Any, buf[offset : offset + nbytes].numpy())) if nbytes else 0
-
-
-def _peer_to_wire(peer: PeerInfo) -> dict[str, Any]:
-    return {
-        "name": peer.name,
-        "metadata": base64.b64encode(peer.metadata).decode(),
-        "base_addr": peer.base_addr,
-        "capacity": peer.capacity,
-    }
-
-
-def _peer_from_wire(data: dict[str, Any]) -> PeerInfo:
-    return PeerInfo(
-        str(data["name"]), base64.b64decode(data["metadata"]), int(data["base_addr"]), int(data["capacity"])
-    )
-
-
-def _landed_record(
-    incoming: IncomingTransfer, decode_s: float, outcome: TransferOutcome, error: str
-) -> TransferRecord:
-    m = incoming.manifest
-    return TransferRecord(
-        transfer_id=incoming.transfer_id,
-        request_id=incoming.request_id,
-        codec=str(m["codec"]),
-        reason=str(m["reason"]),
-        layers=int(m["layers"]),
-        tokens=int(m["tokens"]),
-        raw_bytes=int(m["raw_bytes"]),
-        wire_bytes=int(m["wire_bytes"]),
-        encode_s=float(m["encode_s"]),
-        wire_s=float(m.get("wire_s", 0.0)),
-        tail_s=float(m.get("tail_s", 0.0)),
-        decode_s=decode_s,
-        outcome=outcome,
-        error=error,
-        retries=int(m["retries"]),
-        peer=str(m["peer"]),
-    )
-
-
-def _empty_record(transfer_id: str, request_id: str, outcome: TransferOutcome, error: str) -> TransferRecord:
-    return TransferRecord(
-        transfer_id=transfer_id,
-        request_id=request_id,
-        codec="",
-        reason="",
-        layers=0,
-        tokens=0,
-        raw_bytes=0,
-        wire_bytes=0,
-        encode_s=0.0,
-        wire_s=0.0,
-        tail_s=0.0,
-        decode_s=0.0,
-        outcome=outcome,
-        error=error,
-    )

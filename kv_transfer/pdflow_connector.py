@@ -31,6 +31,9 @@ from kv_transfer.codec import get_codec
 from kv_transfer.codec_choice import CodecChooser
 from kv_transfer.endpoint import KVEndpoint, OutgoingTransfer, TransferFailed
 from kv_transfer.paged import PagedLayout, gather, scatter
+from kv_transfer.params import CODEC, REMOTE_TOKENS
+from kv_transfer.params import DESTINATION as DEST
+from kv_transfer.params import TRANSFER_ID as TRANSFER
 from kv_transfer.transport.nixl import NixlTransport
 
 if TYPE_CHECKING:
@@ -42,11 +45,6 @@ if TYPE_CHECKING:
     from vllm.v1.request import Request
 
 log = logging.getLogger(__name__)
-
-DEST = "pdflow_destination"  # side-channel address of the decode worker that receives the KV
-TRANSFER = "pdflow_transfer_id"
-CODEC = "pdflow_codec"  # optional per-request codec; absent: the adaptive policy
-REMOTE_TOKENS = "pdflow_remote_tokens"
 
 
 @dataclass(frozen=True, slots=True)

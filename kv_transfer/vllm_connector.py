@@ -1,6 +1,6 @@
-"""pdflow's vLLM KV connector, loaded by vLLM through ``kv_connector_module_path``.
+"""The baseline connector (``engine.kv_connector: nixl``), loaded through ``kv_connector_module_path``.
 
-For now it is vLLM's ``NixlConnector`` (pull over NIXL/UCX) with one change on the decode side: the decode
+It is vLLM's ``NixlConnector`` (raw pull over NIXL/UCX) with one change on the decode side: the decode
 worker admits the prompt *plus the prefill worker's first token*, and loads only the prompt's KV from the
 prefill worker (``pdflow_remote_tokens`` in the transfer params). vLLM then computes the first token's KV
 locally and samples the second token, so decoding continues where prefill stopped instead of re-sampling
@@ -13,13 +13,15 @@ from typing import Any
 
 from vllm.distributed.kv_transfer.kv_connector.v1.nixl.connector import NixlConnector
 
+from kv_transfer.params import REMOTE_TOKENS
+
 
 class PdflowNixlConnector(NixlConnector):
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Scheduler side, called when vLLM first schedules a waiting request; never blocks."""
         params = request.kv_transfer_params
-        if params and params.get("do_remote_prefill") and "pdflow_remote_tokens" in params:
-            count = int(params["pdflow_remote_tokens"]) - num_computed_tokens
+        if params and params.get("do_remote_prefill") and REMOTE_TOKENS in params:
+            count = int(params[REMOTE_TOKENS]) - num_computed_tokens
             if count > 0:
                 return count, True
             return 0, False

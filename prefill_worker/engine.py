@@ -14,6 +14,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+from kv_transfer.params import CODEC as _CODEC
+from kv_transfer.params import DESTINATION as _DEST
+from kv_transfer.params import REMOTE_TOKENS as _REMOTE_TOKENS
+from kv_transfer.params import TRANSFER_ID as _TRANSFER
 from prefill_worker.engine_stats import EngineStats
 from protocol.config import EngineConfig, KVConnectorKind
 from protocol.engine import EngineLoad
@@ -35,13 +39,6 @@ _CONNECTORS = {
     KVConnectorKind.PDFLOW: ("kv_transfer.pdflow_connector", "PdflowConnector"),
     KVConnectorKind.NIXL: ("kv_transfer.vllm_connector", "PdflowNixlConnector"),
 }
-# The pdflow connector's kv_transfer_params keys (see kv_transfer.pdflow_connector).
-_DEST, _TRANSFER, _CODEC, _REMOTE_TOKENS = (
-    "pdflow_destination",
-    "pdflow_transfer_id",
-    "pdflow_codec",
-    "pdflow_remote_tokens",
-)
 _RECORD_WAIT_S = 2.0
 
 

@@ -23,17 +23,17 @@ class TransferRecord:
 
     transfer_id: str
     request_id: str
-    codec: str
-    reason: str
-    layers: int
-    tokens: int
-    raw_bytes: int
-    wire_bytes: int
-    encode_s: float
-    wire_s: float
-    tail_s: float
-    decode_s: float
     outcome: TransferOutcome
+    codec: str = ""
+    reason: str = ""
+    layers: int = 0
+    tokens: int = 0
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    encode_s: float = 0.0
+    wire_s: float = 0.0
+    tail_s: float = 0.0
+    decode_s: float = 0.0
     error: str = ""
     retries: int = 0
     peer: str = ""

@@ -1,0 +1,9 @@
+"""The keys pdflow puts in vLLM's ``kv_transfer_params``: shared by the engine host, which sets them, and the
+connectors, which read them. Importing this module imports nothing else."""
+
+from __future__ import annotations
+
+DESTINATION = "pdflow_destination"  # prefill side: side-channel address of the decode worker receiving the KV
+TRANSFER_ID = "pdflow_transfer_id"  # both sides: the transfer the request's KV travels in
+CODEC = "pdflow_codec"  # prefill side, optional: a codec for this transfer only; absent, the policy decides
+REMOTE_TOKENS = "pdflow_remote_tokens"  # decode side: prompt tokens whose KV comes from the prefill worker
