@@ -101,20 +101,25 @@ def test_a_layer_corrupted_once_is_sent_again(pair) -> None:
     receiver.release(tid, decode_s=0.0)
 
 
-def test_corrupted_twice_fails_with_a_clear_error_and_frees_both_sides(pair) -> None:
-    sender, receiver, fabric, _ = pair
-    fabric.corrupt_writes = 2
+def _one_layer_sent(sender: KVEndpoint, receiver: KVEndpoint, tid: str, codec: str):
     out = sender.open(
-        "bad",
+        tid,
         "req",
         receiver.address,
         layers=1,
         raw_bytes=2 * TOKENS * HEADS * DIM * 2,
         tokens=TOKENS,
-        codec=get_codec("none"),
+        codec=get_codec(codec),
     )
     k, v = _layers()[0]
     sender.send_layer(out, 0, k, v)
+    return out
+
+
+def test_corrupted_twice_fails_with_a_clear_error_and_frees_both_sides(pair) -> None:
+    sender, receiver, fabric, _ = pair
+    fabric.corrupt_writes = 2
+    out = _one_layer_sent(sender, receiver, "bad", "none")
     with pytest.raises(TransferFailed, match="corrupt twice"):
         sender.finish(out)
     (record,) = sender.drain_records()
@@ -126,17 +131,7 @@ def test_corrupted_twice_fails_with_a_clear_error_and_frees_both_sides(pair) -> 
 def test_a_failed_write_fails_the_transfer(pair) -> None:
     sender, receiver, fabric, _ = pair
     fabric.fail_writes = 1
-    out = sender.open(
-        "w",
-        "req",
-        receiver.address,
-        layers=1,
-        raw_bytes=2 * TOKENS * HEADS * DIM * 2,
-        tokens=TOKENS,
-        codec=get_codec("int8"),
-    )
-    k, v = _layers()[0]
-    sender.send_layer(out, 0, k, v)
+    out = _one_layer_sent(sender, receiver, "w", "int8")
     with pytest.raises(TransferFailed, match="write of layer 0"):
         sender.finish(out)
     assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
