@@ -3,7 +3,6 @@ continues with exactly the colocated engine's tokens, and each hand-off leaves a
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -46,10 +45,9 @@ async def test_exact_codecs_give_the_colocated_tokens(
     prompts = [
         tuple(model_tokenizer.apply_chat_template([{"role": "user", "content": p}])) for p in CHAT_PROMPTS[:8]
     ]
-    served = await asyncio.gather(
-        *(_handoff(cluster, f"{codec}-{i}", p, codec) for i, p in enumerate(prompts))
-    )
-    expected = await asyncio.gather(*(_reference(cluster, list(p), MAX_TOKENS) for p in prompts))
+    # One at a time: batched CPU kernels are not batch-invariant (see test_serving).
+    served = [await _handoff(cluster, f"{codec}-{i}", p, codec) for i, p in enumerate(prompts)]
+    expected = [await _reference(cluster, list(p), MAX_TOKENS) for p in prompts]
     for prompt, (tokens, (sent, landed)), want in zip(prompts, served, expected, strict=True):
         assert tokens == want, f"{codec}: {tokens} != colocated {want}"
         assert sent.codec == codec and sent.outcome is TransferOutcome.SUCCESS

@@ -46,26 +46,39 @@ async def _reference(cluster: E2ECluster, prompt_ids: list[int], max_tokens: int
 
 
 async def test_disaggregated_tokens_equal_colocated_engine(cluster: E2ECluster, model_tokenizer: Any) -> None:
+    """One request at a time on both sides, so the engines run the same kernels on the same batch shapes:
+    the disaggregated tokens must be exactly the colocated engine's."""
     decode_before = cluster.snapshot(Role.DECODE).transfer
+    prompt_ids = [model_tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
     async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
         stub = router_pb2_grpc.RouterStub(channel)
-        served = await asyncio.gather(
+        served = [await _grpc_generate(stub, cluster.model, p, MAX_TOKENS) for p in CHAT_PROMPTS]
+        expected = [await _reference(cluster, ids, MAX_TOKENS) for ids in prompt_ids]
+
+        for prompt, (got, text, finish), want in zip(CHAT_PROMPTS, served, expected, strict=True):
+            assert got == want, f"{prompt!r}: disaggregated {got} != colocated {want}"
+            assert text == model_tokenizer.decode(got)
+            assert finish in ("stop", "length")
+        assert any(len(ids) == MAX_TOKENS for ids, _, _ in served), "no answer ran to max_tokens"
+
+        # All at once, against the colocated engine also given all at once. vLLM's CPU matmul kernels are not
+        # batch-invariant: one engine alone, batched against one at a time, takes the other branch of a greedy
+        # near-tie in about 7 of these 16 answers. Similar batches keep that rare, while KV mixed up between
+        # concurrent requests would change nearly every answer.
+        together = await asyncio.gather(
             *(_grpc_generate(stub, cluster.model, p, MAX_TOKENS) for p in CHAT_PROMPTS)
         )
-    prompt_ids = [model_tokenizer.apply_chat_template([{"role": "user", "content": p}]) for p in CHAT_PROMPTS]
-    expected = await asyncio.gather(*(_reference(cluster, ids, MAX_TOKENS) for ids in prompt_ids))
-
-    for prompt, (got, text, finish), want in zip(CHAT_PROMPTS, served, expected, strict=True):
-        assert got == want, f"{prompt!r}: disaggregated {got} != colocated {want}"
-        assert text == model_tokenizer.decode(got)
-        assert finish in ("stop", "length")
-    assert any(len(ids) == MAX_TOKENS for ids, _, _ in served), "no answer ran to max_tokens"
+    batched = await asyncio.gather(*(_reference(cluster, ids, MAX_TOKENS) for ids in prompt_ids))
+    differ = [p for p, (got, _, _), want in zip(CHAT_PROMPTS, together, batched, strict=True) if got != want]
+    assert len(differ) <= 3, f"{len(differ)} of {len(CHAT_PROMPTS)} concurrent answers differ: {differ}"
+    for got, text, finish in together:
+        assert text == model_tokenizer.decode(got) and finish in ("stop", "length")
 
     cluster.wait_idle()
     decode_after = cluster.snapshot(Role.DECODE).transfer
     # The decode engine loaded every prompt's KV over the connector rather than computing it.
-    assert decode_after.external_tokens - decode_before.external_tokens == sum(len(i) for i in prompt_ids)
-    assert decode_after.transfers - decode_before.transfers >= len(CHAT_PROMPTS)
+    assert decode_after.external_tokens - decode_before.external_tokens == 2 * sum(len(i) for i in prompt_ids)
+    assert decode_after.transfers - decode_before.transfers >= 2 * len(CHAT_PROMPTS)
     assert decode_after.bytes - decode_before.bytes > 0
     assert decode_after.failed == decode_before.failed
 
