@@ -1,15 +1,17 @@
 """Asymmetric per-group integer quantization in the KIVI/HACK layout, shared by ``int8`` and ``int4``.
 
 Keys are grouped per channel (along tokens, for each head and channel), values per token (along
-``head_dim``); see ``groups``. Each group stores an fp16 zero point (its minimum, rounded down) and an fp16
-scale (its range over ``qmax = 2**bits - 1``, rounded up), and each element the integer
+``head_dim``); see ``groups``. Each group stores an fp16 zero point (its minimum, rounded down) and a
+one-byte log scale code (its range over ``qmax = 2**bits - 1``, rounded up; see ``rounding``), and each
+element the integer
 ``q = round((x - zero) / scale)``. The directed rounding keeps every element inside
 ``[zero, zero + qmax * scale]``, so ``|x - (zero + q * scale)| <= scale / 2`` holds for the stored scale,
 before the final rounding to the output dtype. ``x - zero`` is formed before scaling: a channel with a large
 offset and a small range would lose its codes to cancellation in ``x / scale - zero / scale``.
 
 Codes keep the input's ``[T, H, D]`` order, flattened; scale and zero are ``[G, H, D]`` for keys and
-``[T, H, G]`` for values. Work runs in token chunks (``groups.token_chunks``), vectorized within each.
+``[T, H, G]`` for values, 3 bytes a group on the wire. Work runs in token chunks (``groups.token_chunks``),
+vectorized within each.
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from kv_transfer.codec.groups import (
     split_groups,
     token_chunks,
 )
-from kv_transfer.codec.rounding import FP16_TINY, fp16_round_down, fp16_round_up
+from kv_transfer.codec.rounding import fp16_round_down, log_scale_up, log_scale_value
 
 
 @dataclass(frozen=True)
 class AffineCodes:
-    """Unpacked integer codes (uint8, ``[T, H, D]`` flattened) and their per-group fp16 scale and zero."""
+    """Unpacked integer codes (uint8, ``[T, H, D]`` flattened) and their per-group log scale code (uint8) and
+    fp16 zero."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -48,7 +51,7 @@ def quantize(kv: torch.Tensor, kind: KVKind, group_size: int, bits: int) -> Affi
     axis = kivi_axis(kind)
     shape = group_shape((kv.shape[0], kv.shape[1], kv.shape[2]), axis, group_size)
     codes = torch.empty(kv.shape, dtype=torch.uint8, device=kv.device)
-    scale = torch.empty(shape, dtype=torch.float16, device=kv.device)
+    scale = torch.empty(shape, dtype=torch.uint8, device=kv.device)
     zero = torch.empty(shape, dtype=torch.float16, device=kv.device)
     for tokens in token_chunks(kv, group_size if axis == 0 else 1):
         rows = group_rows(tokens, axis, group_size)
@@ -64,7 +67,7 @@ def dequantize(q: AffineCodes, header: KVHeader, group_size: int) -> torch.Tenso
         rows = group_rows(tokens, axis, group_size)
         chunk = split_groups(codes[tokens].float(), axis, group_size, zero_pad=True)
         zero = q.zero[rows].float().unsqueeze(axis + 1)
-        groups = torch.addcmul(zero, chunk, q.scale[rows].float().unsqueeze(axis + 1))
+        groups = torch.addcmul(zero, chunk, log_scale_value(q.scale[rows]).unsqueeze(axis + 1))
         out[tokens] = merge_groups(groups, axis, out[tokens].shape[axis])
     return out
 
@@ -76,7 +79,7 @@ def _quantize(
     low, high = groups.amin(dim=axis + 1), groups.amax(dim=axis + 1)  # far faster than aminmax along a dim
     zero = fp16_round_down(low)
     zero32 = zero.float()
-    scale = fp16_round_up(((high - zero32) / qmax).clamp_min(FP16_TINY))
+    scale = log_scale_up((high - zero32) / qmax)
     q = groups - zero32.unsqueeze(axis + 1)
-    q.mul_(scale.float().reciprocal_().unsqueeze(axis + 1)).round_().clamp_(0.0, qmax)
+    q.mul_(log_scale_value(scale).reciprocal_().unsqueeze(axis + 1)).round_().clamp_(0.0, qmax)
     return merge_groups(q, axis, kv.shape[axis]).to(torch.uint8), scale, zero

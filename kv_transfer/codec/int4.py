@@ -1,8 +1,8 @@
-"""``int4``: 4-bit asymmetric codes packed two per byte, fp16 scale and zero per group (KIVI layout, see
-``affine``).
+"""``int4``: 4-bit asymmetric codes packed two per byte, a one-byte log scale and an fp16 zero per group
+(KIVI layout, see ``affine``).
 
 Code ``2i`` goes in the low nibble of byte ``i``, code ``2i + 1`` in the high nibble; an odd count leaves the
-last high nibble zero. Wire: half a byte per element plus 4 bytes per group.
+last high nibble zero. Wire: half a byte per element plus 3 bytes per group.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ class Int4Codec(KVCodec):
         groups = scale_shape(header, group_size)
         return (
             PartSpec("codes", torch.uint8, (-(-math.prod(header.shape) // 2),)),
-            PartSpec("scale", torch.float16, groups),
+            PartSpec("scale", torch.uint8, groups),
             PartSpec("zero", torch.float16, groups),
         )
 

@@ -1,6 +1,7 @@
-"""``int8``: 8-bit asymmetric codes, fp16 scale and zero per group (KIVI layout, see ``affine``).
+"""``int8``: 8-bit asymmetric codes, a one-byte log scale and an fp16 zero per group (KIVI layout, see
+``affine``).
 
-Wire: 1 byte per element plus 4 bytes per group.
+Wire: 1 byte per element plus 3 bytes per group.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ class Int8Codec(KVCodec):
         groups = scale_shape(header, group_size)
         return (
             PartSpec("codes", torch.uint8, (math.prod(header.shape),)),
-            PartSpec("scale", torch.float16, groups),
+            PartSpec("scale", torch.uint8, groups),
             PartSpec("zero", torch.float16, groups),
         )
 
