@@ -5,13 +5,21 @@ uses it as ``[num_blocks, num_kv_heads, 2 * block_size, head_dim]``: per block a
 of keys then ``block_size`` rows of values (``CPUAttentionBackendImpl``). The CUDA backends keep
 ``[2, num_blocks, block_size, num_kv_heads, head_dim]``. Codecs take ``[tokens, num_kv_heads, head_dim]``.
 
-Whole blocks move, never part of one: the CPU kernels may order the rows inside a block for their ISA, so
-only a whole block is certain to round-trip. A transfer therefore carries the prompt rounded up to full
-blocks; the decode side computes its own tokens over the padding.
+Inside a block the CPU kernels order the elements for their ISA: with ``vec`` (AVX-512 without AMX) the keys
+of a block and head are stored channel-major, ``[head_dim, block_size]``, while the values stay token-major.
+A layout therefore carries, per block and head, the position of every (token, channel) element of K and of V
+(``key_slots``, ``value_slots``; ``None`` for token-major). The connector learns them by running vLLM's own
+cache-write kernel on a probe (``pdflow_connector.probe_block_order``), so gather returns true token-major
+K and V: the lossy codecs group keys per channel along tokens and values per token, as KIVI prescribes, and
+that only means something in token-major order.
+
+Whole blocks move, never part of one; a transfer carries the prompt rounded up to full blocks, and the
+decode side computes its own tokens over the padding.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +33,10 @@ class PagedLayout:
     block_size: int
     num_kv_heads: int
     head_dim: int
+    # CPU only: key_slots[t * head_dim + d] is where key (token t, channel d) of a block and head sits among
+    # that block and head's block_size * head_dim key elements; the same for values. None: token-major.
+    key_slots: torch.Tensor | None = None
+    value_slots: torch.Tensor | None = None
 
     @classmethod
     def infer(cls, layer: torch.Tensor, num_kv_heads: int) -> PagedLayout:
@@ -33,6 +45,23 @@ class PagedLayout:
         if layer.dim() == 5 and layer.shape[0] == 2 and layer.shape[3] == num_kv_heads:
             return cls(False, int(layer.shape[2]), num_kv_heads, int(layer.shape[4]))
         raise ValueError(f"unsupported paged KV layout {tuple(layer.shape)} for {num_kv_heads} KV heads")
+
+    def with_block_order(
+        self, key_slots: torch.Tensor | None, value_slots: torch.Tensor | None
+    ) -> PagedLayout:
+        """This layout with the in-block element order found by a probe; identity orders become None."""
+        n = self.block_size * self.head_dim
+        identity = torch.arange(n)
+        orders = []
+        for name, slots in (("key", key_slots), ("value", value_slots)):
+            if slots is not None:
+                slots = slots.to(torch.long).cpu()
+                if slots.shape != (n,) or not torch.equal(slots.sort().values, identity):
+                    raise ValueError(f"{name} block order is not a permutation of {n} elements")
+                if torch.equal(slots, identity):
+                    slots = None
+            orders.append(slots)
+        return dataclasses.replace(self, key_slots=orders[0], value_slots=orders[1])
 
     def padded(self, tokens: int) -> int:
         """``tokens`` rounded up to whole blocks: what a transfer of ``tokens`` carries."""
@@ -56,8 +85,8 @@ def gather(
     heads, dim = layout.num_kv_heads, layout.head_dim
     if layout.cpu_fused:
         blocks = _blocks_view(layer, layout).index_select(0, index)  # [n, heads, 2, block, dim]
-        k = blocks[:, :, 0].permute(0, 2, 1, 3).reshape(-1, heads, dim)
-        v = blocks[:, :, 1].permute(0, 2, 1, 3).reshape(-1, heads, dim)
+        k = _token_major(blocks[:, :, 0], layout.key_slots).permute(0, 2, 1, 3).reshape(-1, heads, dim)
+        v = _token_major(blocks[:, :, 1], layout.value_slots).permute(0, 2, 1, 3).reshape(-1, heads, dim)
         return k.contiguous(), v.contiguous()
     k = layer[0].index_select(0, index).reshape(-1, heads, dim)
     v = layer[1].index_select(0, index).reshape(-1, heads, dim)
@@ -80,7 +109,27 @@ def scatter(
     if layout.cpu_fused:
         k = key.to(layer.dtype).reshape(needed, bs, heads, dim).permute(0, 2, 1, 3)
         v = value.to(layer.dtype).reshape(needed, bs, heads, dim).permute(0, 2, 1, 3)
+        k, v = _block_order(k, layout.key_slots), _block_order(v, layout.value_slots)
         _blocks_view(layer, layout)[index] = torch.stack((k, v), dim=2)
     else:
         layer[0][index] = key.to(layer.dtype).reshape(needed, bs, heads, dim)
         layer[1][index] = value.to(layer.dtype).reshape(needed, bs, heads, dim)
+
+
+def _token_major(region: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    """``[n, heads, block, dim]`` as stored to token-major (same shape)."""
+    if slots is None:
+        return region
+    n, heads, block, dim = region.shape
+    flat = region.reshape(n, heads, block * dim).index_select(2, slots.to(region.device))
+    return flat.view(n, heads, block, dim)
+
+
+def _block_order(region: torch.Tensor, slots: torch.Tensor | None) -> torch.Tensor:
+    """Inverse of ``_token_major``: token-major ``[n, heads, block, dim]`` to the stored order."""
+    if slots is None:
+        return region
+    n, heads, block, dim = region.shape
+    stored = region.new_empty(n, heads, block * dim)
+    stored[:, :, slots.to(region.device)] = region.reshape(n, heads, block * dim)
+    return stored.view(n, heads, block, dim)

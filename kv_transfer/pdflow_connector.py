@@ -93,6 +93,39 @@ class PdflowTransferStats(KVConnectorStats):
         return not self.data["pdflow_records"]
 
 
+def probe_block_order(
+    layout: PagedLayout, dtype: torch.dtype, kv_cache_dtype: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM CPU's cache-write kernel puts each (token, channel) of a block's K and V: run the kernel
+    the attention backend uses (same ISA choice) on one block of one head, twice, writing the low and the
+    high byte of every element's token-major index (integers up to 255 are exact in bf16 and fp16)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    bs, dim = layout.block_size, layout.head_dim
+    if bs * dim > 1 << 16:
+        raise ValueError(f"block of {bs} x {dim} is too large to probe")
+    isa = _get_attn_isa(dtype, bs, dim, kv_cache_dtype)
+    index = torch.arange(bs * dim).view(bs, 1, dim)
+    found = []
+    for digit in (index % 256, index // 256):
+        cache = torch.full((1, 1, 2 * bs, dim), -1.0, dtype=dtype)
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        probe = digit.to(dtype)
+        ops.cpu_attn_reshape_and_cache(probe, probe, key_cache, value_cache, torch.arange(bs), isa)
+        found.append((key_cache.reshape(-1).long(), value_cache.reshape(-1).long()))
+    orders = []
+    for kind in (0, 1):
+        held = found[0][kind] + 256 * found[1][kind]  # token-major index held at each stored position
+        if (held < 0).any():
+            raise RuntimeError(f"vLLM's {isa} cache kernel left part of a probe block unwritten")
+        slots = torch.empty_like(held)
+        slots[held] = torch.arange(held.numel())
+        orders.append(slots)
+    log.info("pdflow connector: vLLM CPU attention ISA %s, block order probed", isa)
+    return orders[0], orders[1]
+
+
 class PdflowConnector(KVConnectorBase_V1):
     def __init__(
         self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig
@@ -188,6 +221,11 @@ class PdflowConnector(KVConnectorBase_V1):
         first = next(iter(kv_caches.values()))
         heads = self._vllm_config.model_config.get_num_kv_heads(self._vllm_config.parallel_config)
         self._layout = PagedLayout.infer(first, heads)
+        if self._layout.cpu_fused:
+            kv_dtype = str(self._vllm_config.cache_config.cache_dtype)
+            self._layout = self._layout.with_block_order(
+                *probe_block_order(self._layout, first.dtype, kv_dtype)
+            )
         capacity = int(self._extra.get("arena_mib", 256)) << 20
         transport = NixlTransport(f"pdflow-{self._engine_id}", capacity, device=str(first.device))
         self._endpoint = KVEndpoint(

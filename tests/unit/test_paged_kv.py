@@ -40,3 +40,36 @@ def test_too_few_blocks_is_an_error() -> None:
         scatter(layer, layout, [0, 1], torch.zeros(9, 2, 8), torch.zeros(9, 2, 8))
     with pytest.raises(ValueError, match="unsupported paged KV layout"):
         PagedLayout.infer(torch.zeros(4, 5, 4, 16), 2)
+
+
+def test_channel_major_keys_come_out_token_major() -> None:
+    """vLLM CPU's ``vec`` kernels store a block's keys as ``[head_dim, block_size]`` per head and the values
+    token-major; with that order gather returns token-major K, and scatter writes the stored order back."""
+    heads, dim, block, blocks = 2, 8, 4, 3
+    layer = torch.zeros(blocks, heads, block, 2 * dim)
+    t, d = torch.meshgrid(torch.arange(block), torch.arange(dim), indexing="ij")
+    layout = PagedLayout.infer(layer, heads).with_block_order((d * block + t).reshape(-1), None)
+    assert layout.key_slots is not None and layout.value_slots is None
+    key = torch.randn(2 * block, heads, dim)
+    value = torch.randn(2 * block, heads, dim)
+    rows = layer.view(blocks, heads, 2 * block, dim)
+    # write block 2 then block 0 as the kernel would: keys channel-major, values token-major
+    for slot, b in enumerate((2, 0)):
+        tokens = slice(slot * block, (slot + 1) * block)
+        rows[b, :, :block] = key[tokens].permute(1, 2, 0).reshape(heads, block, dim)
+        rows[b, :, block:] = value[tokens].permute(1, 0, 2)
+    k, v = gather(layer, layout, [2, 0])
+    assert torch.equal(k, key) and torch.equal(v, value)
+    stored = layer.clone()
+    layer.zero_()
+    scatter(layer, layout, [2, 0], key, value)
+    assert torch.equal(layer, stored)
+
+
+def test_block_order_must_be_a_permutation() -> None:
+    layout = PagedLayout.infer(torch.zeros(4, 2, 4, 16), 2)
+    assert layout.with_block_order(torch.arange(32), torch.arange(32)).key_slots is None
+    with pytest.raises(ValueError, match="not a permutation"):
+        layout.with_block_order(torch.zeros(32, dtype=torch.long), None)
+    with pytest.raises(ValueError, match="not a permutation"):
+        layout.with_block_order(None, torch.arange(31))
