@@ -95,6 +95,7 @@ class VllmEngine:
             # ("CPU Generator does not use offset"). Whole prompts per step avoid partial prefills.
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(cfg.max_model_len, 2048),
+            enable_prefix_caching=cfg.prefix_caching,
             kv_transfer_config=kv_transfer,
             disable_log_stats=False,
             enable_log_requests=False,

@@ -57,6 +57,9 @@ class EngineConfig(_Section):
     enforce_eager: bool = Field(True, description="Skip graph capture (needed on CPU).")
     dtype: str = Field("bfloat16", description="Weights and KV dtype.")
     cpu_threads: int = Field(1, ge=1, description="OMP threads per engine on CPU.")
+    prefix_caching: bool = Field(
+        True, description="Reuse the KV of shared prompt prefixes (vLLM prefix caching)."
+    )
     kv_connector: KVConnectorKind = Field(
         KVConnectorKind.PDFLOW, description="How KV moves prefill → decode."
     )
