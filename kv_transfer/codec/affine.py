@@ -16,12 +16,15 @@ vectorized within each.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.codec.base import KVHeader, KVKind
+from kv_transfer.codec.base import EncodedKV, KVCodec, KVHeader, KVKind, KVPart, PartSpec, kv_shape
 from kv_transfer.codec.groups import (
+    DEFAULT_GROUP_SIZE,
+    check_group_size,
     group_rows,
     group_shape,
     kivi_axis,
@@ -40,6 +43,46 @@ class AffineCodes:
     codes: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
+
+
+class AffineCodec(KVCodec):
+    """int8 and int4: keys per channel, values per token, ``group_size`` elements a group (default 64).
+    Subclasses say how many bits a code has and how codes are packed into bytes."""
+
+    bits: int
+    lossless = False
+
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+        self.group_size = check_group_size(group_size, self.name)
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return codes
+
+    def unpack(self, packed: torch.Tensor, count: int) -> torch.Tensor:
+        return packed
+
+    def packed_len(self, count: int) -> int:
+        return count
+
+    def part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
+        group_size = check_group_size(header.param("group_size"), f"{self.name} header")
+        groups = scale_shape(header, group_size)
+        return (
+            PartSpec("codes", torch.uint8, (self.packed_len(math.prod(header.shape)),)),
+            PartSpec("scale", torch.uint8, groups),
+            PartSpec("zero", torch.float16, groups),
+        )
+
+    def _encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
+        q = quantize(kv, kind, self.group_size, bits=self.bits)
+        header = KVHeader(self.name, kind, kv_shape(kv), kv.dtype, {"group_size": self.group_size})
+        parts = (KVPart("codes", self.pack(q.codes)), KVPart("scale", q.scale), KVPart("zero", q.zero))
+        return EncodedKV(header, parts)
+
+    def _decode(self, enc: EncodedKV) -> torch.Tensor:
+        codes = self.unpack(enc.part("codes"), math.prod(enc.shape))
+        q = AffineCodes(codes, enc.part("scale"), enc.part("zero"))
+        return dequantize(q, enc.header, enc.header.param("group_size"))
 
 
 def scale_shape(header: KVHeader, group_size: int) -> tuple[int, int, int]:

@@ -7,13 +7,9 @@ last high nibble zero. Wire: half a byte per element plus 3 bytes per group.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from kv_transfer.codec.affine import AffineCodes, dequantize, quantize, scale_shape
-from kv_transfer.codec.base import EncodedKV, KVCodec, KVHeader, KVKind, KVPart, PartSpec, kv_shape
-from kv_transfer.codec.groups import DEFAULT_GROUP_SIZE, check_group_size
+from kv_transfer.codec.affine import AffineCodec
 
 
 def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
@@ -30,31 +26,17 @@ def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
     return codes[:count] if codes.numel() != count else codes
 
 
-class Int4Codec(KVCodec):
-    """Keys per channel, values per token, ``group_size`` elements per group (default 64)."""
+class Int4Codec(AffineCodec):
+    """Two codes a byte."""
 
     name = "int4"
-    lossless = False
+    bits = 4
 
-    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE) -> None:
-        self.group_size = check_group_size(group_size, self.name)
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        return pack_nibbles(codes)
 
-    def part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
-        group_size = check_group_size(header.param("group_size"), f"{self.name} header")
-        groups = scale_shape(header, group_size)
-        return (
-            PartSpec("codes", torch.uint8, (-(-math.prod(header.shape) // 2),)),
-            PartSpec("scale", torch.uint8, groups),
-            PartSpec("zero", torch.float16, groups),
-        )
+    def unpack(self, packed: torch.Tensor, count: int) -> torch.Tensor:
+        return unpack_nibbles(packed, count)
 
-    def _encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
-        q = quantize(kv, kind, self.group_size, bits=4)
-        header = KVHeader(self.name, kind, kv_shape(kv), kv.dtype, {"group_size": self.group_size})
-        parts = (KVPart("codes", pack_nibbles(q.codes)), KVPart("scale", q.scale), KVPart("zero", q.zero))
-        return EncodedKV(header, parts)
-
-    def _decode(self, enc: EncodedKV) -> torch.Tensor:
-        codes = unpack_nibbles(enc.part("codes"), math.prod(enc.shape))
-        q = AffineCodes(codes, enc.part("scale"), enc.part("zero"))
-        return dequantize(q, enc.header, enc.header.param("group_size"))
+    def packed_len(self, count: int) -> int:
+        return -(-count // 2)
