@@ -1,23 +1,41 @@
-"""The decode worker actor. Shares the engine host and the worker base with the prefill worker."""
+"""The decode worker actor. Shares the engine host and the worker base with the prefill worker; adds decoding
+and both sides of live migration (the destination side is ``decode``: a moved request arrives as a
+``DecodeRequest`` whose KV handle names the parts that landed here)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import replace
+from typing import Any
 
+from decode_worker.migration.source import LiveStream, MigrationSource
 from prefill_worker.worker import EngineWorker
+from protocol.config import MigrationMode
 from protocol.ids import RequestId
 from protocol.messages import DecodeRequest, SamplingSpec, TokenChunk
+from protocol.migrations import MigrationReport, MigrationTarget
 from protocol.snapshots import Role
 
 
 class DecodeWorker(EngineWorker):
     role = Role.DECODE
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.migrations = MigrationSource(self.engine, self.instance_id, self.config.migration)
+
     async def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
-        """Ray streaming generator: pull the prompt's KV, stream the tokens after token one. Cancelling the
-        generator (``ray.cancel``) aborts the request in vLLM and frees its blocks."""
-        async for chunk in self.engine.decode(request):
+        """Ray streaming generator: load the KV through the request's handle (prefill hand-off, or the parts
+        of a migration), stream the tokens after ``first_token_id``. Cancelling the generator
+        (``ray.cancel``) aborts the request in vLLM and frees its blocks. The last chunk either finishes the
+        request or hands it over to another worker (``TokenChunk.handover``)."""
+        stream = LiveStream(
+            request.request_id,
+            (*request.prompt_token_ids, request.first_token_id),
+            request.sampling,
+            request.sampling.max_tokens - 1,
+        )
+        async for chunk in self.migrations.serve(stream, self.engine.decode(request)):
             yield chunk
 
     async def release(self, request: DecodeRequest) -> None:
@@ -30,6 +48,19 @@ class DecodeWorker(EngineWorker):
     async def generate(
         self, request_id: str, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
     ) -> AsyncIterator[TokenChunk]:
-        """Colocated path (prefill here too), for short prompts and for reference runs."""
-        async for chunk in self.engine.generate(RequestId(request_id), prompt_token_ids, sampling):
+        """Colocated path (prefill here too), for short prompts and for reference runs. Migratable too."""
+        stream = LiveStream(RequestId(request_id), prompt_token_ids, sampling, sampling.max_tokens)
+        chunks = self.engine.generate(RequestId(request_id), prompt_token_ids, sampling)
+        async for chunk in self.migrations.serve(stream, chunks):
             yield chunk
+
+    async def migrate(
+        self, request_id: str, migration_id: str, target: MigrationTarget, mode: str = ""
+    ) -> MigrationReport:
+        """Move a request served here to ``target`` (another decode worker); see
+        ``decode_worker.migration.source``. Returns when it moved or failed (then it goes on here)."""
+        chosen = MigrationMode(mode) if mode else self.config.migration.mode
+        return await self.migrations.migrate(request_id, migration_id, target, chosen)
+
+    def running_requests(self) -> list[str]:
+        return self.migrations.running()

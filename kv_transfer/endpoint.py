@@ -115,7 +115,7 @@ class KVEndpoint:
         self._landed: dict[str, IncomingTransfer] = {}
         self._incoming: dict[str, str] = {}  # reserved, not yet committed: transfer id -> request id
         self._records: list[TransferRecord] = []
-        self._clients: dict[str, SideChannelClient] = {}
+        self._clients: dict[tuple[int, str], SideChannelClient] = {}  # per sending thread and peer
         self._server = SideChannelServer(self._handle, host=host, port=port)
         self.address = self._server.address
 
@@ -136,8 +136,7 @@ class KVEndpoint:
         """Reserve room on ``destination`` (a side-channel address) and here. Blocks for one round trip
         (deadline ``timeout_s``); raises ``TransferFailed`` if the peer refuses or cannot be reached."""
         nbytes = wire_bound(raw_bytes, layers)
-        client = self._clients.get(destination) or SideChannelClient(destination)
-        self._clients[destination] = client
+        client = self._client(destination)
         mine = self._transport.peer_info()
         try:
             reply = client.call(
@@ -253,6 +252,16 @@ class KVEndpoint:
             t.client.call({"op": "abort", "transfer_id": t.transfer_id, "why": why}, timeout_s=1.0)
         except SideChannelError as exc:
             log.info("abort of transfer %s not delivered: %s", t.transfer_id, exc)
+
+    def drop_remote(self, destination: str, transfer_ids: list[str], why: str) -> None:
+        """Best effort: free transfers this side pushed to ``destination`` that nobody will load (a migration
+        that gave up after some stages landed). Their leases free them anyway if this is lost."""
+        client = self._client(destination)
+        for transfer_id in transfer_ids:
+            try:
+                client.call({"op": "abort", "transfer_id": transfer_id, "why": why}, timeout_s=1.0)
+            except SideChannelError as exc:
+                log.info("drop of transfer %s on %s not delivered: %s", transfer_id, destination, exc)
 
     def probe(self, destination: str, nbytes: int = 8 << 20) -> float:
         """Wire bandwidth to ``destination`` in bytes/s: one raw write of ``nbytes`` into a reservation, which
@@ -412,6 +421,14 @@ class KVEndpoint:
         return []
 
     # ---- helpers ----
+
+    def _client(self, destination: str) -> SideChannelClient:
+        """This thread's client to ``destination``: a side-channel socket serves one thread only."""
+        key = (threading.get_ident(), destination)
+        client = self._clients.get(key)
+        if client is None:
+            client = self._clients[key] = SideChannelClient(destination)
+        return client
 
     def _post(self, t: OutgoingTransfer, slot: dict[str, Any]) -> Xfer:
         offset, nbytes = int(slot["offset"]), int(slot["nbytes"])

@@ -7,3 +7,6 @@ DESTINATION = "pdflow_destination"  # prefill side: side-channel address of the 
 TRANSFER_ID = "pdflow_transfer_id"  # both sides: the transfer the request's KV travels in
 CODEC = "pdflow_codec"  # prefill side, optional: a codec for this transfer only; absent, the policy decides
 REMOTE_TOKENS = "pdflow_remote_tokens"  # decode side: prompt tokens whose KV comes from the prefill worker
+# decode side, optional: the transfers the KV travels in, in token order, as [transfer id, first block] pairs
+# (a live migration's pre-copy stages); absent, the whole KV travels in TRANSFER_ID from block 0
+PARTS = "pdflow_parts"

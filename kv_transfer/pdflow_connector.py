@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -29,9 +30,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kv_transfer.codec import get_codec
 from kv_transfer.codec_choice import CodecChooser
-from kv_transfer.endpoint import KVEndpoint, OutgoingTransfer, TransferFailed
+from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, TransferFailed
 from kv_transfer.paged import PagedLayout, gather, scatter
-from kv_transfer.params import CODEC, REMOTE_TOKENS
+from kv_transfer.params import CODEC, PARTS, REMOTE_TOKENS
 from kv_transfer.params import DESTINATION as DEST
 from kv_transfer.params import TRANSFER_ID as TRANSFER
 from kv_transfer.transport.nixl import NixlTransport
@@ -58,7 +59,7 @@ class SaveSpec:
 
 @dataclass(frozen=True, slots=True)
 class LoadSpec:
-    transfer_id: str
+    parts: tuple[tuple[str, int], ...]  # (transfer id, first block), in token order
     block_ids: list[int]
     tokens: int
     local_tokens: int  # a local prefix-cache hit (whole blocks): those blocks are shared, never written
@@ -138,7 +139,7 @@ class PdflowConnector(KVConnectorBase_V1):
         self._to_save: dict[str, SaveSpec] = {}
         self._to_load: dict[str, LoadSpec] = {}
         self._drops: list[str] = []
-        self._loading: dict[str, str] = {}  # request id -> transfer id, until received
+        self._loading: dict[str, list[str]] = {}  # request id -> its transfer ids, until received
         self._local_hits: dict[str, int] = {}
         # worker half
         self._endpoint: KVEndpoint | None = None
@@ -153,6 +154,8 @@ class PdflowConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._records: list[dict[str, Any]] = []
         self._timeout_s = float(extra.get("timeout_s", 30.0))
+        self._push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push")
+        self._pushes: dict[str, Future[dict[str, Any]]] = {}
 
     # ---- scheduler half ---------------------------------------------------------------------------------
 
@@ -175,10 +178,9 @@ class PdflowConnector(KVConnectorBase_V1):
         block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
         if num_external_tokens > 0 and TRANSFER in params:
             local = self._local_hits.pop(request.request_id, 0)
-            self._to_load[request.request_id] = LoadSpec(
-                str(params[TRANSFER]), block_ids, num_external_tokens, local
-            )
-            self._loading[request.request_id] = str(params[TRANSFER])
+            parts = _parts(params)
+            self._to_load[request.request_id] = LoadSpec(parts, block_ids, num_external_tokens, local)
+            self._loading[request.request_id] = [tid for tid, _ in parts]
         elif params.get(DEST) and TRANSFER in params and request.request_id not in self._to_save:
             self._to_save[request.request_id] = SaveSpec(
                 str(params[TRANSFER]),
@@ -205,9 +207,7 @@ class PdflowConnector(KVConnectorBase_V1):
         request that ends before its load tells the worker to drop the landed copy."""
         self._to_save.pop(request.request_id, None)
         self._local_hits.pop(request.request_id, None)
-        transfer_id = self._loading.pop(request.request_id, None)
-        if transfer_id is not None:
-            self._drops.append(transfer_id)
+        self._drops.extend(self._loading.pop(request.request_id, ()))
         params = request.kv_transfer_params or {}
         if params.get(DEST):
             return False, {TRANSFER: params.get(TRANSFER)}
@@ -328,6 +328,7 @@ class PdflowConnector(KVConnectorBase_V1):
         return PdflowTransferStats(data=dict(data) if data is not None else {})
 
     def shutdown(self) -> None:
+        self._push_pool.shutdown(wait=True, cancel_futures=True)
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
@@ -363,42 +364,129 @@ class PdflowConnector(KVConnectorBase_V1):
         self._records.append(record)
 
     def _progress_loads(self) -> None:
-        """Decode every pending load whose transfer has landed; fail those past their deadline."""
+        """Decode every pending load whose transfers have all landed; fail those past their deadline."""
         if self._endpoint is None or self._layout is None or not self._pending_loads:
             return
         now = time.monotonic()
         for rid, (spec, deadline) in list(self._pending_loads.items()):
-            incoming = self._endpoint.take(spec.transfer_id)
-            if incoming is None:
+            landed = [self._endpoint.take(tid) for tid, _ in spec.parts]
+            if any(incoming is None for incoming in landed):
                 if now > deadline:
-                    log.warning("pdflow: KV of %s (transfer %s) never landed", rid, spec.transfer_id)
+                    missing = [tid for (tid, _), got in zip(spec.parts, landed, strict=True) if got is None]
+                    log.warning("pdflow: KV of %s (transfers %s) never landed", rid, missing)
                     self._load_errors.update(spec.block_ids)
                     self._received.add(rid)
                     del self._pending_loads[rid]
-                    self._endpoint.release(spec.transfer_id, error="never landed before the load deadline")
+                    for tid, _ in spec.parts:
+                        self._endpoint.release(tid, error="never landed before the load deadline")
                 continue
             del self._pending_loads[rid]
             started = time.perf_counter()
             try:
-                if incoming.tokens < spec.tokens:
-                    raise ValueError(
-                        f"transfer carries {incoming.tokens} tokens, the request needs {spec.tokens}"
-                    )
-                names = list(self._layers)
-                skip = spec.local_tokens // self._layout.block_size
-                start = skip * self._layout.block_size
-                for index, key, value in self._endpoint.decode_layers(incoming):
-                    if start < key.shape[0]:
-                        scatter(
-                            self._layers[names[index]],
-                            self._layout,
-                            spec.block_ids[skip:],
-                            key[start:],
-                            value[start:],
-                        )
-                self._endpoint.release(spec.transfer_id, decode_s=time.perf_counter() - started)
+                self._load_parts(spec, [got for got in landed if got is not None])
+                for tid, _ in spec.parts:
+                    self._endpoint.release(tid, decode_s=time.perf_counter() - started)
             except Exception as exc:
                 log.warning("pdflow: loading KV of %s failed: %s", rid, exc)
                 self._load_errors.update(spec.block_ids)
-                self._endpoint.release(spec.transfer_id, error=f"decode into the KV cache failed: {exc}")
+                for tid, _ in spec.parts:
+                    self._endpoint.release(tid, error=f"decode into the KV cache failed: {exc}")
             self._received.add(rid)
+
+    def _load_parts(self, spec: LoadSpec, landed: list[IncomingTransfer]) -> None:
+        """Scatter each landed part into the request's blocks from its first block on, leaving the blocks of a
+        local prefix-cache hit alone. The parts must cover every token the request expects, contiguously."""
+        assert self._endpoint is not None and self._layout is not None
+        bs = self._layout.block_size
+        covered = 0
+        for (tid, first), incoming in zip(spec.parts, landed, strict=True):
+            if first * bs != covered:
+                raise ValueError(f"transfer {tid} starts at block {first}, the KV so far ends at {covered}")
+            covered += incoming.tokens
+        if covered < spec.local_tokens + spec.tokens:
+            raise ValueError(
+                f"transfers carry {covered} tokens, the request needs {spec.local_tokens + spec.tokens}"
+            )
+        names = list(self._layers)
+        local_blocks = spec.local_tokens // bs
+        for (_, first), incoming in zip(spec.parts, landed, strict=True):
+            skip = max(0, local_blocks - first)  # blocks of this part that a prefix-cache hit holds
+            if skip * bs >= incoming.tokens:
+                continue
+            blocks = spec.block_ids[first + skip :]
+            for index, key, value in self._endpoint.decode_layers(incoming):
+                scatter(
+                    self._layers[names[index]], self._layout, blocks, key[skip * bs :], value[skip * bs :]
+                )
+
+    # ---- live migration (source side) -------------------------------------------------------------------
+
+    def push_blocks(
+        self, request_id: str, transfer_id: str, destination: str, block_ids: list[int], *, background: bool
+    ) -> dict[str, Any] | None:
+        """Push whole blocks of a request's KV (every layer, an exact codec) to ``destination`` in one
+        transfer. The caller guarantees the blocks stay the request's and stay unchanged until the push ends
+        (a running request never rewrites a full block). With ``background`` the push runs on the
+        connector's push thread while the engine goes on (``push_status`` reports it); otherwise it blocks.
+        Returns the transfer's record as a dict (FAILED with an error on any failure)."""
+        if background:
+            self._pushes[transfer_id] = self._push_pool.submit(
+                self._push, request_id, transfer_id, destination, list(block_ids)
+            )
+            return None
+        return self._push(request_id, transfer_id, destination, list(block_ids))
+
+    def push_status(self, transfer_id: str) -> dict[str, Any] | None:
+        """The record of a background push once it ended (then forgotten), None while it runs."""
+        future = self._pushes.get(transfer_id)
+        if future is None:
+            return {"transfer_id": transfer_id, "outcome": "failed", "error": "no such push"}
+        if not future.done():
+            return None
+        del self._pushes[transfer_id]
+        return dict(future.result())
+
+    def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
+        """Best effort: have ``destination`` free pushed transfers that will never be loaded (their leases
+        free them anyway if this is lost)."""
+        if self._endpoint is not None:
+            self._endpoint.drop_remote(destination, transfer_ids, why)
+
+    def _push(
+        self, request_id: str, transfer_id: str, destination: str, block_ids: list[int]
+    ) -> dict[str, Any]:
+        endpoint, layout = self._endpoint, self._layout
+        if endpoint is None or layout is None:
+            return {"transfer_id": transfer_id, "outcome": "failed", "error": "connector not registered"}
+        dtype = next(iter(self._layers.values())).dtype
+        tokens = len(block_ids) * layout.block_size
+        raw = tokens * layout.token_bytes(dtype) * len(self._layers)
+        try:
+            transfer = endpoint.open(
+                transfer_id,
+                request_id,
+                destination,
+                layers=len(self._layers),
+                raw_bytes=raw,
+                tokens=tokens,
+                codec=get_codec("none"),
+                reason="migration: exact copy",
+            )
+        except TransferFailed as exc:
+            return exc.record.to_dict()
+        try:
+            for index, layer in enumerate(self._layers.values()):
+                key, value = gather(layer, layout, block_ids)
+                endpoint.send_layer(transfer, index, key, value)
+            return endpoint.finish(transfer).to_dict()
+        except TransferFailed as exc:
+            return exc.record.to_dict()
+        except Exception as exc:
+            endpoint.abort(transfer, str(exc))
+            return {"transfer_id": transfer_id, "outcome": "failed", "error": f"push failed: {exc}"}
+
+
+def _parts(params: dict[str, Any]) -> tuple[tuple[str, int], ...]:
+    if PARTS in params:
+        return tuple((str(tid), int(first)) for tid, first in params[PARTS])
+    return ((str(params[TRANSFER]), 0),)

@@ -40,6 +40,9 @@ _CONNECTORS = {
     KVConnectorKind.NIXL: ("kv_transfer.vllm_connector", "PdflowNixlConnector"),
 }
 _RECORD_WAIT_S = 2.0
+# vLLM mixes this into its worker so that live migration can reach a running request's blocks
+_WORKER_EXTENSION = "decode_worker.migration.worker_ext.MigrationWorkerExtension"
+_RPC_DEADLINE_S = 30.0
 
 
 class VllmEngine:
@@ -54,6 +57,7 @@ class VllmEngine:
         self._stats = EngineStats()
         self._live: set[str] = set()
         self.kv_endpoint = ""  # where other workers push KV to this one (pdflow connector)
+        self.block_size = 0  # tokens per KV block, once started
 
     async def start(self) -> None:
         from vllm.config import KVTransferConfig
@@ -97,11 +101,13 @@ class VllmEngine:
             max_num_batched_tokens=max(cfg.max_model_len, 2048),
             enable_prefix_caching=cfg.prefix_caching,
             kv_transfer_config=kv_transfer,
+            worker_extension_cls=_WORKER_EXTENSION if cfg.kv_connector is KVConnectorKind.PDFLOW else "",
             disable_log_stats=False,
             enable_log_requests=False,
         )
         self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory])
         total = self._llm.vllm_config.cache_config.num_gpu_blocks or 0
+        self.block_size = int(self._llm.vllm_config.cache_config.block_size)
         self._stats.set_total_blocks(int(total))
         log.info("engine %s ready: %d KV blocks", self._engine_id, total)
 
@@ -154,8 +160,14 @@ class VllmEngine:
         )
 
     async def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
-        if request.kv_handle is None:
-            raise WorkerFailed(f"decode of {request.request_id} has no KV handle")
+        """Continue ``request``: load the KV of ``prompt_token_ids`` through its handle (or, with no handle,
+        recompute it), then stream the tokens after ``first_token_id``."""
+        if request.kv_handle is None:  # recompute (a migration baseline)
+            prompt = (*request.prompt_token_ids, request.first_token_id)
+            sampling = replace(request.sampling, max_tokens=request.sampling.max_tokens - 1)
+            async for chunk in self.generate(request.request_id, prompt, sampling):
+                yield chunk
+            return
         kv_params = dict(request.kv_handle)
         if _TRANSFER not in kv_params:  # vLLM's NixlConnector pulls
             kv_params["do_remote_prefill"] = True
@@ -182,6 +194,39 @@ class VllmEngine:
         params = self._sampling_params(sampling, max_tokens=sampling.max_tokens, kv_transfer_params=None)
         async for out in self._run(request_id, prompt_token_ids, params):
             yield _chunk(request_id, out)
+
+    async def push_blocks(
+        self,
+        request_id: str,
+        transfer_id: str,
+        destination: str,
+        blocks: tuple[int, int],
+        expected: list[int],
+        *,
+        background: bool,
+    ) -> dict[str, Any]:
+        """Push blocks ``[first, end)`` of a running request's KV to another worker's KV endpoint (live
+        migration); see ``MigrationWorkerExtension.pdflow_push_blocks``. Runs between two engine steps."""
+        args = (request_id, transfer_id, destination, blocks[0], blocks[1], expected, background)
+        result: dict[str, Any] = (await self._rpc("pdflow_push_blocks", args))[0]
+        return result
+
+    async def push_status(self, transfer_id: str) -> dict[str, Any] | None:
+        status: dict[str, Any] | None = (await self._rpc("pdflow_push_status", (transfer_id,)))[0]
+        return status
+
+    async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
+        await self._rpc("pdflow_drop_pushed", (destination, transfer_ids, why))
+
+    async def _rpc(self, method: str, args: tuple[Any, ...]) -> list[Any]:
+        if self._llm is None:
+            raise WorkerFailed("engine is not started")
+        if self._config.kv_connector is not KVConnectorKind.PDFLOW:
+            raise WorkerFailed("live migration needs the pdflow KV connector")
+        result: list[Any] = await asyncio.wait_for(
+            self._llm.collective_rpc(method, timeout=_RPC_DEADLINE_S, args=args), _RPC_DEADLINE_S + 1
+        )
+        return result
 
     async def abort(self, request_id: RequestId) -> None:
         if self._llm is not None and request_id in self._live:

@@ -43,6 +43,12 @@ class DispatchPolicyKind(enum.StrEnum):
     ROUND_ROBIN = "round_robin"
 
 
+class MigrationMode(enum.StrEnum):
+    LIVE = "live"  # multi-stage pre-copy while the request keeps decoding (Llumnix)
+    STOP_AND_COPY = "stop_and_copy"  # pause, copy every block, resume (baseline)
+    RECOMPUTE = "recompute"  # the destination re-runs prompt plus generated tokens (baseline)
+
+
 class ModelConfig(_Section):
     name: str = Field("SmolLM2-135M-Instruct", description="Model name served at /v1/models.")
     path: Path | None = Field(
@@ -106,6 +112,17 @@ class FrontDoorConfig(_Section):
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the client gives none.")
 
 
+class MigrationConfig(_Section):
+    mode: MigrationMode = Field(
+        MigrationMode.LIVE, description="How a running request moves between workers."
+    )
+    max_stages: int = Field(3, ge=0, description="Pre-copy stages before the final, paused copy (live mode).")
+    final_blocks: int = Field(
+        4, ge=0, description="Pause and copy the rest once at most this many KV blocks are left (live mode)."
+    )
+    timeout_s: float = Field(60.0, gt=0, description="Deadline for one migration, all stages included.")
+
+
 class ClusterConfig(_Section):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
@@ -114,6 +131,7 @@ class ClusterConfig(_Section):
     worker: WorkerConfig = WorkerConfig()
     controller: ControllerConfig = ControllerConfig()
     frontdoor: FrontDoorConfig = FrontDoorConfig()
+    migration: MigrationConfig = MigrationConfig()
 
     @classmethod
     def load(

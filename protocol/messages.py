@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from protocol.ids import RequestId
 from protocol.transfers import TransferRecord
+
+if TYPE_CHECKING:
+    from protocol.migrations import Handover
 
 
 class FinishReason(enum.StrEnum):
@@ -84,3 +87,5 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     # On a decode worker's first chunk: the KV transfer it loaded, decode time included.
     transfer: TransferRecord | None = None
+    # The request moved to another decode worker (a ``protocol.migrations.Handover``); no tokens with it.
+    handover: Handover | None = None

@@ -1,0 +1,293 @@
+"""The source side of a live migration, and the token streams it can move.
+
+Every request a decode worker serves runs as a ``LiveStream``: a pump task reads the engine's chunks into a
+queue and the worker's generator relays them. A migration (``MigrationSource.migrate``) pushes the KV in
+stages while the stream flows: stage k pushes the blocks that filled since stage k-1 (whole blocks only,
+which a running request never rewrites). When few blocks are left, or after the stage limit, the stream
+freezes: from then on the client gets nothing from here, and the cut is every token it already has. The last
+blocks (the partial one included) are pushed while the engine is paused between two steps, then the
+generator yields a ``Handover`` and returns, which aborts the request here and frees its blocks. If anything
+fails before the hand-over, the stream thaws (the tokens held back go out) and the request goes on here: it
+runs on exactly one worker either way.
+
+Pushes are keyed by ``{request}/{migration}/{stage}``: each lands in its own reservation on the destination,
+which frees it when it is loaded, dropped, or its lease ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Protocol
+
+from kv_transfer.params import PARTS, TRANSFER_ID
+from protocol.config import MigrationConfig, MigrationMode
+from protocol.ids import RequestId
+from protocol.messages import DecodeRequest, SamplingSpec, TokenChunk
+from protocol.migrations import Handover, MigrationOutcome, MigrationReport, MigrationTarget
+
+log = logging.getLogger(__name__)
+_POLL_S = 0.002
+
+
+class MigrationEngine(Protocol):
+    """What a migration needs of the engine host (``prefill_worker.engine.VllmEngine``)."""
+
+    block_size: int
+
+    async def push_blocks(
+        self,
+        request_id: str,
+        transfer_id: str,
+        destination: str,
+        blocks: tuple[int, int],
+        expected: list[int],
+        *,
+        background: bool,
+    ) -> dict[str, Any]: ...
+
+    async def push_status(self, transfer_id: str) -> dict[str, Any] | None: ...
+
+    async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None: ...
+
+
+class MigrationFailed(Exception):
+    pass
+
+
+_FREEZE = object()
+_THAW = object()
+
+
+@dataclass(eq=False)
+class LiveStream:
+    """One request being served here. ``prompt`` is what the engine was given (prompt tokens, plus every
+    token generated before this worker); ``budget`` is how many tokens this worker may still produce."""
+
+    request_id: RequestId
+    prompt: tuple[int, ...]
+    sampling: SamplingSpec
+    budget: int
+    delivered: list[int] = field(default_factory=list)
+    produced: int = 0  # tokens the engine gave so far (delivered, queued or held back)
+    finished: bool = False
+    migration: str = ""
+    queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
+    frozen: asyncio.Event = field(default_factory=asyncio.Event)  # the relay holds tokens back
+
+    def kv_tokens(self, produced: int) -> int:
+        """Tokens whose KV the engine holds once it produced ``produced`` tokens (the last one's KV is
+        computed with the next)."""
+        return len(self.prompt) + produced - 1
+
+    def continuation(self, kv_handle: dict[str, Any] | None) -> DecodeRequest:
+        """The request as another worker continues it after the tokens delivered so far."""
+        tokens = (*self.prompt, *self.delivered)
+        return DecodeRequest(
+            self.request_id,
+            tokens[:-1],
+            tokens[-1],
+            replace(self.sampling, max_tokens=self.budget - len(self.delivered) + 1),
+            kv_handle,
+        )
+
+
+class MigrationSource:
+    def __init__(self, engine: MigrationEngine, instance_id: str, config: MigrationConfig) -> None:
+        self._engine = engine
+        self._instance_id = instance_id
+        self._config = config
+        self._streams: dict[str, LiveStream] = {}
+
+    def running(self) -> list[str]:
+        return [rid for rid, s in self._streams.items() if not s.finished]
+
+    def migrating(self) -> dict[str, str]:
+        return {rid: s.migration for rid, s in self._streams.items() if s.migration}
+
+    async def serve(self, stream: LiveStream, chunks: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
+        """Relay ``chunks`` (the engine's stream for ``stream``) unless and until the request moves."""
+        if stream.request_id in self._streams:
+            raise ValueError(f"request {stream.request_id} is already served here")
+        self._streams[stream.request_id] = stream
+        pump = asyncio.create_task(self._pump(stream, chunks))
+        held: list[TokenChunk] | None = None  # a list while frozen
+        try:
+            while True:
+                item = await stream.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if isinstance(item, Handover):
+                    yield TokenChunk(stream.request_id, (), handover=item)
+                    return
+                if item is _FREEZE:
+                    held = []
+                    stream.frozen.set()
+                    continue
+                if item is _THAW:
+                    stream.frozen.clear()
+                    item, held = _merge(stream.request_id, held or []), None
+                    if item is None:
+                        continue
+                elif held is not None:
+                    held.append(item)
+                    continue
+                stream.delivered.extend(item.token_ids)
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._streams.pop(stream.request_id, None)
+            stream.finished = True
+            stream.frozen.set()  # wakes a migration waiting to freeze a stream that ended
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def migrate(
+        self, request_id: str, migration_id: str, target: MigrationTarget, mode: MigrationMode
+    ) -> MigrationReport:
+        """Move ``request_id`` to ``target``; returns once it moved, or failed and stays here."""
+        started = time.monotonic()
+        report = MigrationReport(
+            request_id, migration_id, self._instance_id, target.instance_id, mode, MigrationOutcome.FAILED
+        )
+        stream = self._streams.get(request_id)
+        if stream is None or stream.finished:
+            return replace(report, error=f"request {request_id} is not running on {self._instance_id}")
+        if stream.migration:
+            return replace(report, error=f"request {request_id} is already migrating ({stream.migration})")
+        if target.instance_id == self._instance_id:
+            return replace(report, error="the destination is the source")
+        stream.migration = migration_id
+        plan = _Plan(stream, migration_id, target)
+        try:
+            await asyncio.wait_for(self._move(plan, mode), self._config.timeout_s)
+        except Exception as exc:
+            error = str(exc) or type(exc).__name__
+            if isinstance(exc, TimeoutError):
+                error = f"migration did not finish within {self._config.timeout_s:g} s"
+            if plan.frozen_at is not None:
+                stream.queue.put_nowait(_THAW)
+            if plan.parts:
+                with contextlib.suppress(Exception):
+                    await self._engine.drop_pushed(target.kv_endpoint, plan.part_ids(), error)
+            outcome = MigrationOutcome.FINISHED if stream.finished else MigrationOutcome.FAILED
+            log.info(
+                "migration %s of %s to %s: %s (%s)",
+                migration_id,
+                request_id,
+                target.instance_id,
+                outcome.value,
+                error,
+            )
+            return replace(report, outcome=outcome, error=error, **plan.figures(started))
+        finally:
+            stream.migration = ""
+        log.info("migration %s of %s to %s: moved", migration_id, request_id, target.instance_id)
+        return replace(report, outcome=MigrationOutcome.MOVED, **plan.figures(started))
+
+    async def _move(self, plan: _Plan, mode: MigrationMode) -> None:
+        stream, bs = plan.stream, self._engine.block_size
+        if mode is MigrationMode.LIVE:
+            while len(plan.parts) < self._config.max_stages:
+                kv_tokens = stream.kv_tokens(stream.produced)
+                left = -(-kv_tokens // bs) - plan.pushed
+                full = kv_tokens // bs
+                if left <= self._config.final_blocks or full <= plan.pushed:
+                    break
+                await self._push(plan, full, background=True)
+        plan.frozen_at = time.monotonic()
+        stream.queue.put_nowait(_FREEZE)
+        await stream.frozen.wait()  # from here on ``delivered`` is the cut: all the client will get from here
+        if stream.finished:
+            raise MigrationFailed(f"request {stream.request_id} finished before it could move")
+        if not stream.delivered:
+            raise MigrationFailed(f"request {stream.request_id} has no token yet; nothing to migrate")
+        handle: dict[str, Any] | None = None
+        if mode is not MigrationMode.RECOMPUTE:
+            end = -(-stream.kv_tokens(len(stream.delivered)) // bs)
+            if end > plan.pushed:
+                await self._push(plan, end, background=False)
+            handle = {TRANSFER_ID: plan.parts[-1][0], PARTS: [list(p) for p in plan.parts]}
+        plan.tokens = stream.kv_tokens(len(stream.delivered))
+        plan.handed_at = time.monotonic()
+        stream.queue.put_nowait(Handover(plan.migration_id, plan.target, stream.continuation(handle)))
+
+    async def _push(self, plan: _Plan, end: int, *, background: bool) -> None:
+        """Push blocks ``[plan.pushed, end)`` as the next part; raise ``MigrationFailed`` if it fails."""
+        stream = plan.stream
+        transfer_id = f"{stream.request_id}/{plan.migration_id}/{len(plan.parts)}"
+        result = await self._engine.push_blocks(
+            stream.request_id,
+            transfer_id,
+            plan.target.kv_endpoint,
+            (plan.pushed, end),
+            plan.block_ids,
+            background=background,
+        )
+        if "error" in result:
+            raise MigrationFailed(str(result["error"]))
+        plan.block_ids = list(result["block_ids"])
+        plan.parts.append((transfer_id, plan.pushed))  # from here on the destination may hold it
+        record = result.get("record")
+        while record is None:
+            await asyncio.sleep(_POLL_S)
+            record = await self._engine.push_status(transfer_id)
+        if record.get("outcome") != "success":
+            raise MigrationFailed(str(record.get("error") or f"push {transfer_id} {record.get('outcome')}"))
+        plan.wire_bytes += int(record.get("wire_bytes", 0))
+        plan.pushed = end
+
+    async def _pump(self, stream: LiveStream, chunks: AsyncIterator[TokenChunk]) -> None:
+        try:
+            async for chunk in chunks:
+                stream.produced += len(chunk.token_ids)
+                stream.finished = chunk.finish_reason is not None
+                stream.queue.put_nowait(chunk)
+        except Exception as exc:
+            stream.finished = True
+            stream.queue.put_nowait(exc)
+        finally:
+            with contextlib.suppress(Exception):
+                await chunks.aclose()  # type: ignore[attr-defined]
+
+
+@dataclass(eq=False)
+class _Plan:
+    stream: LiveStream
+    migration_id: str
+    target: MigrationTarget
+    parts: list[tuple[str, int]] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)
+    pushed: int = 0  # blocks pushed so far
+    wire_bytes: int = 0
+    tokens: int = 0
+    frozen_at: float | None = None
+    handed_at: float | None = None
+
+    def part_ids(self) -> list[str]:
+        return [tid for tid, _ in self.parts]
+
+    def figures(self, started: float) -> dict[str, Any]:
+        paused = (self.handed_at or time.monotonic()) - self.frozen_at if self.frozen_at is not None else 0.0
+        return {
+            "stages": len(self.parts),
+            "blocks": self.pushed,
+            "wire_bytes": self.wire_bytes,
+            "tokens": self.tokens,
+            "paused_s": paused,
+            "duration_s": time.monotonic() - started,
+        }
+
+
+def _merge(request_id: RequestId, chunks: list[TokenChunk]) -> TokenChunk | None:
+    """Chunks held back during a migration that failed, as one."""
+    if not chunks:
+        return None
+    tokens = tuple(t for c in chunks for t in c.token_ids)
+    return TokenChunk(request_id, tokens, chunks[-1].finish_reason, chunks[0].transfer)
