@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controller.migrations import MigrationEntry
+from controller.policy.migration import MigrationTrigger
+from protocol.config import MigrationMode
+from protocol.errors import InvalidRequest
 from protocol.proto import admin_pb2, admin_pb2_grpc
 from protocol.snapshots import InstanceSnapshot, RequestRecord
 from protocol.transfers import TransferRecord
@@ -95,6 +100,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             http_address=doors[0]["http"] if doors else "",
             grpc_address=doors[0]["grpc"] if doors else "",
             snapshot_version=self._c.cluster_snapshot().version,
+            migrations_in_flight=[migration_message(e) for e in self._c.migrations.in_flight()],
         )
 
     async def ListInstances(
@@ -115,6 +121,87 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown request state {request.state!r}")
         return admin_pb2.ListRequestsResponse(requests=[request_message(r) for r in records])
+
+    async def Migrate(
+        self, request: admin_pb2.MigrateRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.MigrationInfo:
+        if request.mode and request.mode not in {m.value for m in MigrationMode}:
+            modes = ", ".join(m.value for m in MigrationMode)
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode must be one of {modes}")
+        try:
+            entry = await self._c.migrations.migrate(
+                request.request_id, request.to_instance, mode=request.mode, trigger=MigrationTrigger.MANUAL
+            )
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        return migration_message(entry)
+
+    async def Cordon(
+        self, request: admin_pb2.InstanceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Instance:
+        return await self._on_instance(request.instance_id, self._c.migrations.cordon, context)
+
+    async def Uncordon(
+        self, request: admin_pb2.InstanceRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Instance:
+        return await self._on_instance(request.instance_id, self._c.migrations.uncordon, context)
+
+    async def Drain(
+        self, request: admin_pb2.DrainRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.DrainResponse:
+        try:
+            result = await self._c.migrations.drain(request.instance_id, request.timeout_seconds)
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        return admin_pb2.DrainResponse(
+            moved=result.moved,
+            failed=result.failed,
+            finished=result.finished,
+            remaining=result.remaining,
+            seconds=result.seconds,
+            migrations=[migration_message(e) for e in result.migrations],
+        )
+
+    async def ListMigrations(
+        self, request: admin_pb2.ListMigrationsRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ListMigrationsResponse:
+        m = self._c.migrations
+        return admin_pb2.ListMigrationsResponse(
+            in_flight=[migration_message(e) for e in m.in_flight()],
+            recent=[migration_message(e) for e in m.recent(request.limit or 50)],
+        )
+
+    async def _on_instance(
+        self, instance_id: str, action: Callable[[str], InstanceSnapshot], context: grpc.aio.ServicerContext
+    ) -> admin_pb2.Instance:
+        try:
+            snapshot = action(instance_id)
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        now = time.monotonic()
+        return instance_message(snapshot, self._c.registry.seconds_since_report(instance_id, now))
+
+
+def migration_message(entry: MigrationEntry) -> admin_pb2.MigrationInfo:
+    info = admin_pb2.MigrationInfo(
+        request_id=entry.request_id,
+        migration_id=entry.migration_id,
+        source=entry.source,
+        destination=entry.destination,
+        mode=entry.mode.value,
+        trigger=str(entry.trigger),
+        started_at=entry.started_at,
+    )
+    if (r := entry.report) is not None:
+        info.outcome = r.outcome.value
+        info.error = r.error
+        info.stages = r.stages
+        info.blocks = r.blocks
+        info.wire_bytes = r.wire_bytes
+        info.tokens = r.tokens
+        info.paused_seconds = r.paused_s
+        info.duration_seconds = r.duration_s
+    return info
 
 
 async def start_admin_server(controller: Controller, host: str, port: int) -> tuple[grpc.aio.Server, int]:

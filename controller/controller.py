@@ -9,9 +9,11 @@ import logging
 import time
 from typing import Any
 
+from controller.migrations import MigrationCoordinator
 from controller.registry import InstanceRegistry
 from controller.request_log import RequestLog
 from protocol.config import ClusterConfig
+from protocol.lifecycle import RequestState
 from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestEvent, RequestRecord
 
 log = logging.getLogger(__name__)
@@ -29,6 +31,9 @@ class Controller:
         self._tasks: list[asyncio.Task[None]] = []
         self._admin: Any = None
         self.admin_port = 0
+        self.migrations = MigrationCoordinator(
+            self.registry, self.config.migration, self._worker, self._decoding_on
+        )
 
     async def start(self) -> int:
         """Start the admin server and the snapshot loop; return the admin port."""
@@ -65,6 +70,20 @@ class Controller:
 
     def ping(self) -> str:
         return "ok"
+
+    def _worker(self, actor_name: str) -> Any:
+        import ray
+
+        handle = self._handles.get(actor_name)
+        if handle is None:
+            handle = self._handles[actor_name] = ray.get_actor(actor_name, namespace=self._namespace)
+        return handle
+
+    def _decoding_on(self, request_id: str) -> str | None:
+        record = self.requests.get(request_id)
+        if record is None or record.state not in (RequestState.DECODING, RequestState.MIGRATING):
+            return None
+        return record.decode_instance
 
     async def shutdown(self) -> None:
         for task in self._tasks:

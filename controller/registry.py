@@ -23,6 +23,24 @@ class InstanceRegistry:
         self._heard_at[snapshot.instance_id] = now
         self._version += 1
 
+    def cordon(self, instance_id: str) -> InstanceSnapshot:
+        """No new requests for ``instance_id`` from the next snapshot on (it keeps what it runs). KeyError if
+        unknown; a DEAD instance stays DEAD."""
+        current = self._instances[instance_id]
+        self._cordoned.add(instance_id)
+        if current.state is InstanceState.READY:
+            self._instances[instance_id] = replace(current, state=InstanceState.CORDONED)
+            self._version += 1
+        return self._instances[instance_id]
+
+    def uncordon(self, instance_id: str) -> InstanceSnapshot:
+        current = self._instances[instance_id]
+        self._cordoned.discard(instance_id)
+        if current.state is InstanceState.CORDONED:
+            self._instances[instance_id] = replace(current, state=InstanceState.READY)
+            self._version += 1
+        return self._instances[instance_id]
+
     def mark_dead(self, instance_id: str) -> None:
         current = self._instances.get(instance_id)
         if current is not None and current.state is not InstanceState.DEAD:

@@ -17,7 +17,7 @@ from controller.metrics import FrontDoorMetrics
 from controller.policy.dispatch import DispatchPlan, DispatchState, decide
 from protocol.config import FrontDoorConfig
 from protocol.errors import DeadlineExceeded, InvalidRequest, PdflowError, WorkerFailed
-from protocol.ids import RequestId
+from protocol.ids import InstanceId, RequestId
 from protocol.lifecycle import RequestState, advance
 from protocol.messages import (
     DecodeRequest,
@@ -176,10 +176,33 @@ class RequestRouter:
             raise
 
     async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+        """Relay the decode worker's tokens; when it hands the request over (live migration), go on with the
+        destination's stream: the client sees one stream with no gap in its tokens."""
+        hop: tuple[str, str, DecodeRequest] | None = (
+            flight.plan.decode.instance_id,
+            flight.plan.decode.actor_name,
+            request,
+        )
+        while hop is not None:
+            instance_id, actor_name, request = hop
+            flight.decode_instance = InstanceId(instance_id)
+            hop = None
+            async for chunk in self._decode_on(flight, instance_id, actor_name, request):
+                if chunk.handover is not None:
+                    target = chunk.handover.target
+                    flight.migrations += 1
+                    flight.move(RequestState.MIGRATING)
+                    hop = (target.instance_id, target.actor_name, chunk.handover.continuation)
+                    break
+                yield chunk
+
+    async def _decode_on(
+        self, flight: _Flight, instance_id: str, actor_name: str, request: DecodeRequest
+    ) -> AsyncIterator[TokenChunk]:
         import ray
 
-        rid, instance = flight.request_id, flight.plan.decode
-        decode_actor = self._actor(instance.actor_name)
+        rid = flight.request_id
+        decode_actor = self._actor(actor_name)
         stream = decode_actor.decode.options(num_returns="streaming").remote(request)
         finished = False
         try:
@@ -189,22 +212,25 @@ class RequestRouter:
                     chunk: TokenChunk = await ref
                 except StopAsyncIteration:
                     raise WorkerFailed(
-                        f"decode worker {instance.instance_id} ended request {rid} without a finish reason"
+                        f"decode worker {instance_id} ended request {rid} without a finish reason"
                     ) from None
                 except TimeoutError:
                     raise DeadlineExceeded(
-                        f"decode worker {instance.instance_id} sent no token for "
-                        f"{self._config.token_timeout_s:.0f}s"
+                        f"decode worker {instance_id} sent no token for {self._config.token_timeout_s:.0f}s"
                     ) from None
                 except _Aborted:
                     yield TokenChunk(rid, (), FinishReason.ABORT)
                     return
                 except ray.exceptions.RayError as err:
-                    self._forget_actor(instance.actor_name)
-                    raise _worker_failed("decode", instance.instance_id, err) from err
-                if flight.state is RequestState.TRANSFERRING:
-                    if chunk.transfer is not None:  # the receiver's record adds the decode seconds
-                        flight.transfer = chunk.transfer
+                    self._forget_actor(actor_name)
+                    raise _worker_failed("decode", instance_id, err) from err
+                if chunk.handover is not None:
+                    finished = True  # the source ended its side; the request lives on the destination
+                    yield chunk
+                    return
+                if flight.state in (RequestState.TRANSFERRING, RequestState.MIGRATING):
+                    if chunk.transfer is not None and flight.state is RequestState.TRANSFERRING:
+                        flight.transfer = chunk.transfer  # the receiver's record adds the decode seconds
                         self._metrics.observe_transfer(chunk.transfer)
                     flight.move(RequestState.DECODING)
                 if chunk.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
@@ -212,7 +238,7 @@ class RequestRouter:
                     if chunk.token_ids:
                         yield TokenChunk(rid, chunk.token_ids)
                     raise WorkerFailed(
-                        f"decode worker {instance.instance_id} could not finish request {rid} "
+                        f"decode worker {instance_id} could not finish request {rid} "
                         f"({chunk.finish_reason.value}); its KV pull may have failed"
                     )
                 finished = chunk.finish_reason is not None
@@ -308,6 +334,8 @@ class _Flight:
         self.state = RequestState.QUEUED
         self.detail = ""
         self.transfer: TransferRecord | None = None
+        self.decode_instance = plan.decode.instance_id  # where it decodes now (it may migrate)
+        self.migrations = 0
         self.abort_requested = asyncio.Event()
         self._events = events
         self._emit()
@@ -326,7 +354,7 @@ class _Flight:
             self.state,
             time.time(),
             self.plan.prefill.instance_id,
-            self.plan.decode.instance_id,
+            self.decode_instance,
             self.detail,
             self.transfer,
         )

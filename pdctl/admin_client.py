@@ -8,6 +8,7 @@ import grpc
 from protocol.proto import admin_pb2, admin_pb2_grpc
 
 DEADLINE_S = 5.0
+MIGRATION_DEADLINE_S = 90.0  # a migration's own deadline (migration.timeout_s) plus slack
 
 
 class AdminUnavailable(RuntimeError):
@@ -40,9 +41,26 @@ class AdminClient:
             admin_pb2.ListRequestsRequest(state=state, limit=limit, request_id=request_id),
         )
 
-    def _call(self, method, request):  # type: ignore[no-untyped-def]
+    def migrate(self, request_id: str, to_instance: str = "", mode: str = "") -> admin_pb2.MigrationInfo:
+        request = admin_pb2.MigrateRequest(request_id=request_id, to_instance=to_instance, mode=mode)
+        return self._call(self._stub.Migrate, request, deadline_s=MIGRATION_DEADLINE_S)
+
+    def cordon(self, instance_id: str) -> admin_pb2.Instance:
+        return self._call(self._stub.Cordon, admin_pb2.InstanceRequest(instance_id=instance_id))
+
+    def uncordon(self, instance_id: str) -> admin_pb2.Instance:
+        return self._call(self._stub.Uncordon, admin_pb2.InstanceRequest(instance_id=instance_id))
+
+    def drain(self, instance_id: str, timeout_s: float) -> admin_pb2.DrainResponse:
+        request = admin_pb2.DrainRequest(instance_id=instance_id, timeout_seconds=timeout_s)
+        return self._call(self._stub.Drain, request, deadline_s=timeout_s + 30.0)
+
+    def migrations(self, limit: int = 20) -> admin_pb2.ListMigrationsResponse:
+        return self._call(self._stub.ListMigrations, admin_pb2.ListMigrationsRequest(limit=limit))
+
+    def _call(self, method, request, deadline_s: float = DEADLINE_S):  # type: ignore[no-untyped-def]
         try:
-            return method(request, timeout=DEADLINE_S)
+            return method(request, timeout=deadline_s)
         except grpc.RpcError as err:
             code = err.code()  # type: ignore[attr-defined]
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):

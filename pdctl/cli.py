@@ -20,7 +20,7 @@ from rich.console import Console
 
 from pdctl.admin_client import AdminClient, AdminUnavailable
 from pdctl.runstate import RunState, run_dir
-from pdctl.views import render_requests, render_status, status_dict
+from pdctl.views import migration_line, render_requests, render_status, status_dict
 
 app = typer.Typer(
     add_completion=False,
@@ -248,6 +248,82 @@ def explain(request_id: str, admin: AdminOpt = None) -> None:
     if not resp.requests:
         _fail(f"the controller knows no request {request_id!r}")
     render_requests(out, resp.requests, events=True)
+
+
+@app.command()
+def migrate(
+    request_id: str,
+    to: Annotated[str, typer.Option("--to", help="Destination decode instance (default: the freest).")] = "",
+    mode: Annotated[str, typer.Option(help="live, stop_and_copy or recompute (default: configured).")] = "",
+    admin: AdminOpt = None,
+) -> None:
+    """Move a running request to another decode worker; its client stream goes on without a gap."""
+    try:
+        with AdminClient(_admin_address(admin)) as client:
+            info = client.migrate(request_id, to, mode)
+    except AdminUnavailable as exc:
+        _fail(str(exc))
+    out.print(migration_line(info), highlight=False)
+    if info.outcome != "moved":
+        raise typer.Exit(1)
+
+
+@app.command()
+def cordon(instance: str, admin: AdminOpt = None) -> None:
+    """Stop sending new requests to INSTANCE (what it runs goes on)."""
+    _instance_action(instance, admin, "cordon")
+
+
+@app.command()
+def uncordon(instance: str, admin: AdminOpt = None) -> None:
+    """Let INSTANCE take new requests again."""
+    _instance_action(instance, admin, "uncordon")
+
+
+def _instance_action(instance: str, admin: str | None, action: str) -> None:
+    try:
+        with AdminClient(_admin_address(admin)) as client:
+            inst = getattr(client, action)(instance)
+    except AdminUnavailable as exc:
+        _fail(str(exc))
+    out.print(f"{inst.instance_id}: {inst.state} ({inst.num_running} running)", highlight=False)
+
+
+@app.command()
+def drain(
+    instance: str,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the worker to empty.")] = 300.0,
+    admin: AdminOpt = None,
+) -> None:
+    """Cordon a decode worker, then live-migrate every running request away; report when it is empty."""
+    try:
+        with AdminClient(_admin_address(admin)) as client, out.status(f"draining {instance} ..."):
+            result = client.drain(instance, timeout)
+    except AdminUnavailable as exc:
+        _fail(str(exc))
+    for m in result.migrations:
+        out.print(f"  {migration_line(m)}", highlight=False)
+    summary = (
+        f"{instance}: {result.moved} moved, {result.finished} finished there, {result.failed} failed "
+        f"attempts, in {result.seconds:.1f}s"
+    )
+    if result.remaining:
+        _fail(f"{summary}; {result.remaining} still running after {timeout:g}s")
+    out.print(f"{summary}; it is empty and cordoned", highlight=False)
+
+
+@app.command()
+def migrations(limit: int = 20, admin: AdminOpt = None) -> None:
+    """Migrations in flight and the most recent ones."""
+    try:
+        with AdminClient(_admin_address(admin)) as client:
+            listed = client.migrations(limit)
+    except AdminUnavailable as exc:
+        _fail(str(exc))
+    for m in [*listed.in_flight, *listed.recent]:
+        out.print(migration_line(m), highlight=False)
+    if not listed.in_flight and not listed.recent:
+        out.print("no migrations yet")
 
 
 @app.command()

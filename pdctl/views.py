@@ -58,6 +58,20 @@ def render_status(console: Console, st: admin_pb2.ClusterStatus) -> None:
     if st.requests_by_state:
         counts = ", ".join(f"{k}: {v}" for k, v in sorted(st.requests_by_state.items()))
         console.print(f"requests seen: {counts}", highlight=False)
+    for m in st.migrations_in_flight:
+        console.print(f"migrating: {migration_line(m)}", highlight=False)
+
+
+def migration_line(m: admin_pb2.MigrationInfo) -> str:
+    """One migration as a sentence: who moved where, how, and (once done) what it cost."""
+    line = f"{m.request_id} {m.source} -> {m.destination} ({m.mode}, {m.trigger}, {m.migration_id})"
+    if not m.outcome:
+        return line + f", running for {max(0.0, time.time() - m.started_at):.1f}s"
+    line += (
+        f": {m.outcome} in {m.duration_seconds * 1e3:.0f} ms, stream paused {m.paused_seconds * 1e3:.0f} ms, "
+        f"{m.stages} push(es), {m.blocks} blocks, {m.wire_bytes / 1e6:.1f} MB"
+    )
+    return line + (f"; {m.error}" if m.error else "")
 
 
 def render_requests(

@@ -16,12 +16,6 @@ class MigrationOutcome(enum.StrEnum):
     FINISHED = "finished"  # it ended on the source before it could move
 
 
-class MigrationTrigger(enum.StrEnum):
-    MANUAL = "manual"  # pdctl migrate
-    DRAIN = "drain"  # pdctl drain, scale-in
-    LOAD_BALANCE = "load_balance"  # the migration policy
-
-
 @dataclass(frozen=True, slots=True)
 class MigrationTarget:
     instance_id: str

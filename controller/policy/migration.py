@@ -31,6 +31,7 @@ class MigrationTrigger(enum.StrEnum):
     DEFRAG = "defrag"
     PRIORITY = "priority"
     DRAIN = "drain"
+    MANUAL = "manual"  # an operator's pdctl migrate; the policy never plans one
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotocol/proto/admin.proto\x12\tpdflow.v1\"n\n\x10TransferCounters\x12\x11\n\ttransfers\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x65xternal_tokens\x18\x05 \x01(\x03\"\x8c\x02\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x12\n\ndecode_tps\x18\x08 \x01(\x01\x12\x12\n\nprompt_tps\x18\t \x01(\x01\x12-\n\x08transfer\x18\n \x01(\x0b\x32\x1b.pdflow.v1.TransferCounters\x12\x1c\n\x14seconds_since_report\x18\x0b \x01(\x01\"\x16\n\x14\x43lusterStatusRequest\"\x8e\x02\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\tinstances\x18\x02 \x03(\x0b\x32\x13.pdflow.v1.Instance\x12H\n\x11requests_by_state\x18\x03 \x03(\x0b\x32-.pdflow.v1.ClusterStatus.RequestsByStateEntry\x12\x14\n\x0chttp_address\x18\x04 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\x12\x18\n\x10snapshot_version\x18\x06 \x01(\x03\x1a\x36\n\x14RequestsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"$\n\x14ListInstancesRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"?\n\x15ListInstancesResponse\x12&\n\tinstances\x18\x01 \x03(\x0b\x32\x13.pdflow.v1.Instance\"9\n\x0cRequestEvent\x12\r\n\x05state\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x96\x02\n\x0cTransferInfo\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\traw_bytes\x18\x04 \x01(\x03\x12\x12\n\nwire_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x65ncode_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwire_seconds\x18\x07 \x01(\x01\x12\x14\n\x0ctail_seconds\x18\x08 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\t \x01(\x01\x12\x0f\n\x07outcome\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\x05\x12\x0e\n\x06layers\x18\r \x01(\x05\x12\x0e\n\x06tokens\x18\x0e \x01(\x05\"\xe5\x01\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10prefill_instance\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\routput_tokens\x18\x06 \x01(\x05\x12\'\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x17.pdflow.v1.RequestEvent\x12)\n\x08transfer\x18\x08 \x01(\x0b\x32\x17.pdflow.v1.TransferInfo\"G\n\x13ListRequestsRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"@\n\x14ListRequestsResponse\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.pdflow.v1.RequestInfo2\xfb\x01\n\x05\x41\x64min\x12M\n\x10GetClusterStatus\x12\x1f.pdflow.v1.ClusterStatusRequest\x1a\x18.pdflow.v1.ClusterStatus\x12R\n\rListInstances\x12\x1f.pdflow.v1.ListInstancesRequest\x1a .pdflow.v1.ListInstancesResponse\x12O\n\x0cListRequests\x12\x1e.pdflow.v1.ListRequestsRequest\x1a\x1f.pdflow.v1.ListRequestsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aprotocol/proto/admin.proto\x12\tpdflow.v1\"n\n\x10TransferCounters\x12\x11\n\ttransfers\x18\x01 \x01(\x03\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x03\x12\r\n\x05\x62ytes\x18\x03 \x01(\x03\x12\x0f\n\x07seconds\x18\x04 \x01(\x01\x12\x17\n\x0f\x65xternal_tokens\x18\x05 \x01(\x03\"\x8c\x02\n\x08Instance\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x0c\n\x04role\x18\x02 \x01(\t\x12\r\n\x05state\x18\x03 \x01(\t\x12\x13\n\x0bnum_running\x18\x04 \x01(\x05\x12\x13\n\x0bnum_waiting\x18\x05 \x01(\x05\x12\x16\n\x0ekv_blocks_used\x18\x06 \x01(\x05\x12\x17\n\x0fkv_blocks_total\x18\x07 \x01(\x05\x12\x12\n\ndecode_tps\x18\x08 \x01(\x01\x12\x12\n\nprompt_tps\x18\t \x01(\x01\x12-\n\x08transfer\x18\n \x01(\x0b\x32\x1b.pdflow.v1.TransferCounters\x12\x1c\n\x14seconds_since_report\x18\x0b \x01(\x01\"\x16\n\x14\x43lusterStatusRequest\"\xc6\x02\n\rClusterStatus\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\tinstances\x18\x02 \x03(\x0b\x32\x13.pdflow.v1.Instance\x12H\n\x11requests_by_state\x18\x03 \x03(\x0b\x32-.pdflow.v1.ClusterStatus.RequestsByStateEntry\x12\x14\n\x0chttp_address\x18\x04 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x05 \x01(\t\x12\x18\n\x10snapshot_version\x18\x06 \x01(\x03\x12\x36\n\x14migrations_in_flight\x18\x07 \x03(\x0b\x32\x18.pdflow.v1.MigrationInfo\x1a\x36\n\x14RequestsByStateEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"$\n\x14ListInstancesRequest\x12\x0c\n\x04role\x18\x01 \x01(\t\"?\n\x15ListInstancesResponse\x12&\n\tinstances\x18\x01 \x03(\x0b\x32\x13.pdflow.v1.Instance\"9\n\x0cRequestEvent\x12\r\n\x05state\x18\x01 \x01(\t\x12\n\n\x02\x61t\x18\x02 \x01(\x01\x12\x0e\n\x06\x64\x65tail\x18\x03 \x01(\t\"\x96\x02\n\x0cTransferInfo\x12\x13\n\x0btransfer_id\x18\x01 \x01(\t\x12\r\n\x05\x63odec\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x11\n\traw_bytes\x18\x04 \x01(\x03\x12\x12\n\nwire_bytes\x18\x05 \x01(\x03\x12\x16\n\x0e\x65ncode_seconds\x18\x06 \x01(\x01\x12\x14\n\x0cwire_seconds\x18\x07 \x01(\x01\x12\x14\n\x0ctail_seconds\x18\x08 \x01(\x01\x12\x16\n\x0e\x64\x65\x63ode_seconds\x18\t \x01(\x01\x12\x0f\n\x07outcome\x18\n \x01(\t\x12\r\n\x05\x65rror\x18\x0b \x01(\t\x12\x0f\n\x07retries\x18\x0c \x01(\x05\x12\x0e\n\x06layers\x18\r \x01(\x05\x12\x0e\n\x06tokens\x18\x0e \x01(\x05\"\xe5\x01\n\x0bRequestInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x18\n\x10prefill_instance\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x63ode_instance\x18\x04 \x01(\t\x12\x15\n\rprompt_tokens\x18\x05 \x01(\x05\x12\x15\n\routput_tokens\x18\x06 \x01(\x05\x12\'\n\x06\x65vents\x18\x07 \x03(\x0b\x32\x17.pdflow.v1.RequestEvent\x12)\n\x08transfer\x18\x08 \x01(\x0b\x32\x17.pdflow.v1.TransferInfo\"G\n\x13ListRequestsRequest\x12\r\n\x05state\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x12\n\nrequest_id\x18\x03 \x01(\t\"@\n\x14ListRequestsResponse\x12(\n\x08requests\x18\x01 \x03(\x0b\x32\x16.pdflow.v1.RequestInfo\"\xa7\x02\n\rMigrationInfo\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x14\n\x0cmigration_id\x18\x02 \x01(\t\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65stination\x18\x04 \x01(\t\x12\x0c\n\x04mode\x18\x05 \x01(\t\x12\x0f\n\x07trigger\x18\x06 \x01(\t\x12\x0f\n\x07outcome\x18\x07 \x01(\t\x12\r\n\x05\x65rror\x18\x08 \x01(\t\x12\x0e\n\x06stages\x18\t \x01(\x05\x12\x0e\n\x06\x62locks\x18\n \x01(\x05\x12\x12\n\nwire_bytes\x18\x0b \x01(\x03\x12\x0e\n\x06tokens\x18\x0c \x01(\x05\x12\x16\n\x0epaused_seconds\x18\r \x01(\x01\x12\x18\n\x10\x64uration_seconds\x18\x0e \x01(\x01\x12\x12\n\nstarted_at\x18\x0f \x01(\x01\"G\n\x0eMigrateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x13\n\x0bto_instance\x18\x02 \x01(\t\x12\x0c\n\x04mode\x18\x03 \x01(\t\"&\n\x0fInstanceRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\"<\n\x0c\x44rainRequest\x12\x13\n\x0binstance_id\x18\x01 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01\"\x92\x01\n\rDrainResponse\x12\r\n\x05moved\x18\x01 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x02 \x01(\x05\x12\x10\n\x08\x66inished\x18\x03 \x01(\x05\x12\x11\n\tremaining\x18\x04 \x01(\x05\x12,\n\nmigrations\x18\x05 \x03(\x0b\x32\x18.pdflow.v1.MigrationInfo\x12\x0f\n\x07seconds\x18\x06 \x01(\x01\"&\n\x15ListMigrationsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\"o\n\x16ListMigrationsResponse\x12+\n\tin_flight\x18\x01 \x03(\x0b\x32\x18.pdflow.v1.MigrationInfo\x12(\n\x06recent\x18\x02 \x03(\x0b\x32\x18.pdflow.v1.MigrationInfo2\xc6\x04\n\x05\x41\x64min\x12M\n\x10GetClusterStatus\x12\x1f.pdflow.v1.ClusterStatusRequest\x1a\x18.pdflow.v1.ClusterStatus\x12R\n\rListInstances\x12\x1f.pdflow.v1.ListInstancesRequest\x1a .pdflow.v1.ListInstancesResponse\x12O\n\x0cListRequests\x12\x1e.pdflow.v1.ListRequestsRequest\x1a\x1f.pdflow.v1.ListRequestsResponse\x12>\n\x07Migrate\x12\x19.pdflow.v1.MigrateRequest\x1a\x18.pdflow.v1.MigrationInfo\x12\x39\n\x06\x43ordon\x12\x1a.pdflow.v1.InstanceRequest\x1a\x13.pdflow.v1.Instance\x12;\n\x08Uncordon\x12\x1a.pdflow.v1.InstanceRequest\x1a\x13.pdflow.v1.Instance\x12:\n\x05\x44rain\x12\x17.pdflow.v1.DrainRequest\x1a\x18.pdflow.v1.DrainResponse\x12U\n\x0eListMigrations\x12 .pdflow.v1.ListMigrationsRequest\x1a!.pdflow.v1.ListMigrationsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,23 +40,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CLUSTERSTATUSREQUEST']._serialized_start=424
   _globals['_CLUSTERSTATUSREQUEST']._serialized_end=446
   _globals['_CLUSTERSTATUS']._serialized_start=449
-  _globals['_CLUSTERSTATUS']._serialized_end=719
-  _globals['_CLUSTERSTATUS_REQUESTSBYSTATEENTRY']._serialized_start=665
-  _globals['_CLUSTERSTATUS_REQUESTSBYSTATEENTRY']._serialized_end=719
-  _globals['_LISTINSTANCESREQUEST']._serialized_start=721
-  _globals['_LISTINSTANCESREQUEST']._serialized_end=757
-  _globals['_LISTINSTANCESRESPONSE']._serialized_start=759
-  _globals['_LISTINSTANCESRESPONSE']._serialized_end=822
-  _globals['_REQUESTEVENT']._serialized_start=824
-  _globals['_REQUESTEVENT']._serialized_end=881
-  _globals['_TRANSFERINFO']._serialized_start=884
-  _globals['_TRANSFERINFO']._serialized_end=1162
-  _globals['_REQUESTINFO']._serialized_start=1165
-  _globals['_REQUESTINFO']._serialized_end=1394
-  _globals['_LISTREQUESTSREQUEST']._serialized_start=1396
-  _globals['_LISTREQUESTSREQUEST']._serialized_end=1467
-  _globals['_LISTREQUESTSRESPONSE']._serialized_start=1469
-  _globals['_LISTREQUESTSRESPONSE']._serialized_end=1533
-  _globals['_ADMIN']._serialized_start=1536
-  _globals['_ADMIN']._serialized_end=1787
+  _globals['_CLUSTERSTATUS']._serialized_end=775
+  _globals['_CLUSTERSTATUS_REQUESTSBYSTATEENTRY']._serialized_start=721
+  _globals['_CLUSTERSTATUS_REQUESTSBYSTATEENTRY']._serialized_end=775
+  _globals['_LISTINSTANCESREQUEST']._serialized_start=777
+  _globals['_LISTINSTANCESREQUEST']._serialized_end=813
+  _globals['_LISTINSTANCESRESPONSE']._serialized_start=815
+  _globals['_LISTINSTANCESRESPONSE']._serialized_end=878
+  _globals['_REQUESTEVENT']._serialized_start=880
+  _globals['_REQUESTEVENT']._serialized_end=937
+  _globals['_TRANSFERINFO']._serialized_start=940
+  _globals['_TRANSFERINFO']._serialized_end=1218
+  _globals['_REQUESTINFO']._serialized_start=1221
+  _globals['_REQUESTINFO']._serialized_end=1450
+  _globals['_LISTREQUESTSREQUEST']._serialized_start=1452
+  _globals['_LISTREQUESTSREQUEST']._serialized_end=1523
+  _globals['_LISTREQUESTSRESPONSE']._serialized_start=1525
+  _globals['_LISTREQUESTSRESPONSE']._serialized_end=1589
+  _globals['_MIGRATIONINFO']._serialized_start=1592
+  _globals['_MIGRATIONINFO']._serialized_end=1887
+  _globals['_MIGRATEREQUEST']._serialized_start=1889
+  _globals['_MIGRATEREQUEST']._serialized_end=1960
+  _globals['_INSTANCEREQUEST']._serialized_start=1962
+  _globals['_INSTANCEREQUEST']._serialized_end=2000
+  _globals['_DRAINREQUEST']._serialized_start=2002
+  _globals['_DRAINREQUEST']._serialized_end=2062
+  _globals['_DRAINRESPONSE']._serialized_start=2065
+  _globals['_DRAINRESPONSE']._serialized_end=2211
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_start=2213
+  _globals['_LISTMIGRATIONSREQUEST']._serialized_end=2251
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_start=2253
+  _globals['_LISTMIGRATIONSRESPONSE']._serialized_end=2364
+  _globals['_ADMIN']._serialized_start=2367
+  _globals['_ADMIN']._serialized_end=2949
 # @@protoc_insertion_point(module_scope)

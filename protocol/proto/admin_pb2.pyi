@@ -51,7 +51,7 @@ class ClusterStatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ClusterStatus(_message.Message):
-    __slots__ = ("model", "instances", "requests_by_state", "http_address", "grpc_address", "snapshot_version")
+    __slots__ = ("model", "instances", "requests_by_state", "http_address", "grpc_address", "snapshot_version", "migrations_in_flight")
     class RequestsByStateEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -65,13 +65,15 @@ class ClusterStatus(_message.Message):
     HTTP_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     GRPC_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
     model: str
     instances: _containers.RepeatedCompositeFieldContainer[Instance]
     requests_by_state: _containers.ScalarMap[str, int]
     http_address: str
     grpc_address: str
     snapshot_version: int
-    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., requests_by_state: _Optional[_Mapping[str, int]] = ..., http_address: _Optional[str] = ..., grpc_address: _Optional[str] = ..., snapshot_version: _Optional[int] = ...) -> None: ...
+    migrations_in_flight: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
+    def __init__(self, model: _Optional[str] = ..., instances: _Optional[_Iterable[_Union[Instance, _Mapping]]] = ..., requests_by_state: _Optional[_Mapping[str, int]] = ..., http_address: _Optional[str] = ..., grpc_address: _Optional[str] = ..., snapshot_version: _Optional[int] = ..., migrations_in_flight: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ...) -> None: ...
 
 class ListInstancesRequest(_message.Message):
     __slots__ = ("role",)
@@ -162,3 +164,91 @@ class ListRequestsResponse(_message.Message):
     REQUESTS_FIELD_NUMBER: _ClassVar[int]
     requests: _containers.RepeatedCompositeFieldContainer[RequestInfo]
     def __init__(self, requests: _Optional[_Iterable[_Union[RequestInfo, _Mapping]]] = ...) -> None: ...
+
+class MigrationInfo(_message.Message):
+    __slots__ = ("request_id", "migration_id", "source", "destination", "mode", "trigger", "outcome", "error", "stages", "blocks", "wire_bytes", "tokens", "paused_seconds", "duration_seconds", "started_at")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TRIGGER_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    BLOCKS_FIELD_NUMBER: _ClassVar[int]
+    WIRE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    migration_id: str
+    source: str
+    destination: str
+    mode: str
+    trigger: str
+    outcome: str
+    error: str
+    stages: int
+    blocks: int
+    wire_bytes: int
+    tokens: int
+    paused_seconds: float
+    duration_seconds: float
+    started_at: float
+    def __init__(self, request_id: _Optional[str] = ..., migration_id: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., mode: _Optional[str] = ..., trigger: _Optional[str] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ..., stages: _Optional[int] = ..., blocks: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., duration_seconds: _Optional[float] = ..., started_at: _Optional[float] = ...) -> None: ...
+
+class MigrateRequest(_message.Message):
+    __slots__ = ("request_id", "to_instance", "mode")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TO_INSTANCE_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    to_instance: str
+    mode: str
+    def __init__(self, request_id: _Optional[str] = ..., to_instance: _Optional[str] = ..., mode: _Optional[str] = ...) -> None: ...
+
+class InstanceRequest(_message.Message):
+    __slots__ = ("instance_id",)
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    def __init__(self, instance_id: _Optional[str] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("instance_id", "timeout_seconds")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    TIMEOUT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    timeout_seconds: float
+    def __init__(self, instance_id: _Optional[str] = ..., timeout_seconds: _Optional[float] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("moved", "failed", "finished", "remaining", "migrations", "seconds")
+    MOVED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    REMAINING_FIELD_NUMBER: _ClassVar[int]
+    MIGRATIONS_FIELD_NUMBER: _ClassVar[int]
+    SECONDS_FIELD_NUMBER: _ClassVar[int]
+    moved: int
+    failed: int
+    finished: int
+    remaining: int
+    migrations: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
+    seconds: float
+    def __init__(self, moved: _Optional[int] = ..., failed: _Optional[int] = ..., finished: _Optional[int] = ..., remaining: _Optional[int] = ..., migrations: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ..., seconds: _Optional[float] = ...) -> None: ...
+
+class ListMigrationsRequest(_message.Message):
+    __slots__ = ("limit",)
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    def __init__(self, limit: _Optional[int] = ...) -> None: ...
+
+class ListMigrationsResponse(_message.Message):
+    __slots__ = ("in_flight", "recent")
+    IN_FLIGHT_FIELD_NUMBER: _ClassVar[int]
+    RECENT_FIELD_NUMBER: _ClassVar[int]
+    in_flight: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
+    recent: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
+    def __init__(self, in_flight: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ...) -> None: ...

@@ -49,6 +49,31 @@ class AdminStub:
                 request_serializer=protocol_dot_proto_dot_admin__pb2.ListRequestsRequest.SerializeToString,
                 response_deserializer=protocol_dot_proto_dot_admin__pb2.ListRequestsResponse.FromString,
                 _registered_method=True)
+        self.Migrate = channel.unary_unary(
+                '/pdflow.v1.Admin/Migrate',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.MigrateRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.MigrationInfo.FromString,
+                _registered_method=True)
+        self.Cordon = channel.unary_unary(
+                '/pdflow.v1.Admin/Cordon',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.InstanceRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.Instance.FromString,
+                _registered_method=True)
+        self.Uncordon = channel.unary_unary(
+                '/pdflow.v1.Admin/Uncordon',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.InstanceRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.Instance.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/pdflow.v1.Admin/Drain',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.DrainRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.ListMigrations = channel.unary_unary(
+                '/pdflow.v1.Admin/ListMigrations',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -72,6 +97,36 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Migrate(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Cordon(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Uncordon(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMigrations(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -89,6 +144,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListRequests,
                     request_deserializer=protocol_dot_proto_dot_admin__pb2.ListRequestsRequest.FromString,
                     response_serializer=protocol_dot_proto_dot_admin__pb2.ListRequestsResponse.SerializeToString,
+            ),
+            'Migrate': grpc.unary_unary_rpc_method_handler(
+                    servicer.Migrate,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.MigrateRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.MigrationInfo.SerializeToString,
+            ),
+            'Cordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cordon,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.InstanceRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.Instance.SerializeToString,
+            ),
+            'Uncordon': grpc.unary_unary_rpc_method_handler(
+                    servicer.Uncordon,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.InstanceRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.Instance.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.DrainRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.DrainResponse.SerializeToString,
+            ),
+            'ListMigrations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMigrations,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -172,6 +252,141 @@ class Admin:
             '/pdflow.v1.Admin/ListRequests',
             protocol_dot_proto_dot_admin__pb2.ListRequestsRequest.SerializeToString,
             protocol_dot_proto_dot_admin__pb2.ListRequestsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Migrate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/Migrate',
+            protocol_dot_proto_dot_admin__pb2.MigrateRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.MigrationInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/Cordon',
+            protocol_dot_proto_dot_admin__pb2.InstanceRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.Instance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Uncordon(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/Uncordon',
+            protocol_dot_proto_dot_admin__pb2.InstanceRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.Instance.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/Drain',
+            protocol_dot_proto_dot_admin__pb2.DrainRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMigrations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/ListMigrations',
+            protocol_dot_proto_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.ListMigrationsResponse.FromString,
             options,
             channel_credentials,
             insecure,

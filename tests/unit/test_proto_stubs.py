@@ -53,4 +53,13 @@ def test_services_have_the_documented_methods() -> None:
     assert {m.name for m in router.methods} == {"Generate", "Abort"}
     assert router.methods_by_name["Generate"].server_streaming
     admin = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
-    assert {m.name for m in admin.methods} == {"GetClusterStatus", "ListInstances", "ListRequests"}
+    assert {m.name for m in admin.methods} == {
+        "GetClusterStatus",
+        "ListInstances",
+        "ListRequests",
+        "Migrate",
+        "Cordon",
+        "Uncordon",
+        "Drain",
+        "ListMigrations",
+    }

@@ -1,0 +1,232 @@
+"""Migration coordination in the controller: start a migration on the source worker (manual, drain, or the
+policy's), keep the ones in flight and the recent reports, count them for the metrics, and drain a worker
+(cordon it, then move every request it runs until it runs none). The mechanism itself lives in the decode
+workers; this side only picks, calls with a deadline, and records."""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from controller.policy.migration import MigrationTrigger
+from controller.registry import InstanceRegistry
+from protocol.config import MigrationConfig, MigrationMode
+from protocol.errors import InvalidRequest
+from protocol.migrations import MigrationOutcome, MigrationReport, MigrationTarget
+from protocol.snapshots import InstanceSnapshot, InstanceState, Role
+
+log = logging.getLogger(__name__)
+_RECENT = 200
+_DRAIN_POLL_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationEntry:
+    """A migration the controller started: in flight until ``report`` is set."""
+
+    request_id: str
+    migration_id: str
+    source: str
+    destination: str
+    mode: MigrationMode
+    trigger: MigrationTrigger
+    started_at: float  # unix seconds
+    report: MigrationReport | None = None
+
+
+@dataclass
+class DrainResult:
+    moved: int = 0
+    failed: int = 0
+    finished: int = 0
+    remaining: int = 0
+    seconds: float = 0.0
+    migrations: list[MigrationEntry] = field(default_factory=list)
+
+
+@dataclass
+class MigrationCounters:
+    """Cumulative, for the metrics: count by (trigger, outcome), bytes moved, pause seconds of moved ones."""
+
+    counts: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
+    wire_bytes: int = 0
+    paused: list[float] = field(default_factory=list)
+
+
+class MigrationCoordinator:
+    def __init__(
+        self,
+        registry: InstanceRegistry,
+        config: MigrationConfig,
+        actor: Callable[[str], Any],
+        locate: Callable[[str], str | None],
+    ) -> None:
+        """``actor`` gives a worker's Ray handle by actor name; ``locate`` the decode instance a request is
+        on as far as the request log knows (None if not decoding)."""
+        self._registry = registry
+        self._config = config
+        self._actor = actor
+        self._locate = locate
+        self._ids = itertools.count(1)
+        self._in_flight: dict[str, MigrationEntry] = {}
+        self._recent: collections.deque[MigrationEntry] = collections.deque(maxlen=_RECENT)
+        self.counters = MigrationCounters()
+
+    def in_flight(self) -> list[MigrationEntry]:
+        return list(self._in_flight.values())
+
+    def recent(self, limit: int = 50) -> list[MigrationEntry]:
+        return list(itertools.islice(reversed(self._recent), limit))
+
+    async def migrate(
+        self,
+        request_id: str,
+        to_instance: str = "",
+        *,
+        source: str = "",
+        mode: str = "",
+        trigger: MigrationTrigger = MigrationTrigger.MANUAL,
+    ) -> MigrationEntry:
+        """Move ``request_id`` (from ``source``, or wherever the request log says it decodes) to
+        ``to_instance`` (or the freest other decode worker). ``InvalidRequest`` for a request or instance
+        that cannot take part; otherwise the entry with its report, whatever the outcome."""
+        chosen = MigrationMode(mode) if mode else self._config.mode
+        src_id = source or self._locate(request_id)
+        if not src_id:
+            raise InvalidRequest(f"request {request_id!r} is not decoding anywhere", param="request_id")
+        src = self._decode_instance(src_id, "source")
+        dst = self._decode_instance(to_instance, "destination") if to_instance else self._freest(src_id)
+        if dst.instance_id == src.instance_id:
+            raise InvalidRequest("the destination is the request's own worker", param="to_instance")
+        if not dst.state.schedulable:
+            raise InvalidRequest(
+                f"decode worker {dst.instance_id} is {dst.state.value} and takes no requests",
+                param="to_instance",
+            )
+        if not dst.kv_endpoint:
+            raise InvalidRequest(f"decode worker {dst.instance_id} has no KV endpoint (pdflow connector off)")
+        if any(e.request_id == request_id for e in self._in_flight.values()):
+            raise InvalidRequest(f"request {request_id!r} is already migrating", param="request_id")
+        migration_id = f"m{next(self._ids)}"
+        entry = MigrationEntry(
+            request_id, migration_id, src.instance_id, dst.instance_id, chosen, trigger, time.time()
+        )
+        self._in_flight[migration_id] = entry
+        target = MigrationTarget(dst.instance_id, dst.actor_name, dst.kv_endpoint)
+        try:
+            call = self._actor(src.actor_name).migrate.remote(request_id, migration_id, target, chosen.value)
+            report: MigrationReport = await asyncio.wait_for(call, self._config.timeout_s + 5.0)
+        except Exception as exc:  # the source died or did not answer in time
+            error = f"source {src.instance_id} did not report: {str(exc).strip()[:300] or type(exc).__name__}"
+            report = MigrationReport(
+                request_id,
+                migration_id,
+                src.instance_id,
+                dst.instance_id,
+                chosen,
+                MigrationOutcome.FAILED,
+                error,
+            )
+        finally:
+            self._in_flight.pop(migration_id, None)
+        done = MigrationEntry(
+            entry.request_id,
+            entry.migration_id,
+            entry.source,
+            entry.destination,
+            entry.mode,
+            entry.trigger,
+            entry.started_at,
+            report,
+        )
+        self._recent.append(done)
+        self.counters.counts[(str(trigger), report.outcome.value)] += 1
+        if report.outcome is MigrationOutcome.MOVED:
+            self.counters.wire_bytes += report.wire_bytes
+            self.counters.paused.append(report.paused_s)
+        return done
+
+    def cordon(self, instance_id: str) -> InstanceSnapshot:
+        self._known(instance_id)
+        return self._registry.cordon(instance_id)
+
+    def uncordon(self, instance_id: str) -> InstanceSnapshot:
+        self._known(instance_id)
+        return self._registry.uncordon(instance_id)
+
+    async def drain(self, instance_id: str, timeout_s: float = 0.0) -> DrainResult:
+        """Cordon ``instance_id``, then migrate every request it runs to the other decode workers until it
+        runs none (requests that finish meanwhile count as finished) or ``timeout_s`` passes."""
+        src = self._decode_instance(instance_id, "instance")
+        self._registry.cordon(instance_id)
+        started = time.monotonic()
+        deadline = started + (timeout_s or self._config.timeout_s * 4)
+        result = DrainResult()
+        tried: collections.Counter[str] = collections.Counter()
+        while True:
+            running: list[str] = await asyncio.wait_for(
+                self._actor(src.actor_name).running_requests.remote(), 10.0
+            )
+            if not running:
+                break
+            if time.monotonic() > deadline:
+                result.remaining = len(running)
+                break
+            movable = [rid for rid in running if tried[rid] < 3]
+            if not movable:
+                await asyncio.sleep(_DRAIN_POLL_S)
+                continue
+            entries = await asyncio.gather(
+                *(self._drain_one(rid, instance_id) for rid in movable), return_exceptions=True
+            )
+            for rid, entry in zip(movable, entries, strict=True):
+                tried[rid] += 1
+                if isinstance(entry, BaseException):
+                    log.warning("drain of %s: %s not moved: %s", instance_id, rid, entry)
+                    continue
+                result.migrations.append(entry)
+                assert entry.report is not None
+                if entry.report.outcome is MigrationOutcome.MOVED:
+                    result.moved += 1
+                elif entry.report.outcome is MigrationOutcome.FINISHED:
+                    result.finished += 1
+        result.failed = sum(
+            1 for e in result.migrations if e.report and e.report.outcome is MigrationOutcome.FAILED
+        )
+        result.seconds = time.monotonic() - started
+        return result
+
+    async def _drain_one(self, request_id: str, source: str) -> MigrationEntry:
+        return await self.migrate(request_id, source=source, trigger=MigrationTrigger.DRAIN)
+
+    def _known(self, instance_id: str) -> InstanceSnapshot:
+        found = self._registry.snapshot(time.time()).by_id(instance_id)
+        if found is None:
+            raise InvalidRequest(f"no instance {instance_id!r} in the cluster", param="instance_id")
+        return found
+
+    def _decode_instance(self, instance_id: str, what: str) -> InstanceSnapshot:
+        found = self._known(instance_id)
+        if found.role is not Role.DECODE:
+            raise InvalidRequest(
+                f"{what} {instance_id!r} is a {found.role.value} worker, not a decode worker"
+            )
+        if found.state is InstanceState.DEAD:
+            raise InvalidRequest(f"{what} {instance_id!r} is DEAD")
+        return found
+
+    def _freest(self, source: str) -> InstanceSnapshot:
+        """The READY decode worker other than ``source`` with the most free KV blocks per request."""
+        snapshot = self._registry.snapshot(time.time())
+        candidates = [i for i in snapshot.live(Role.DECODE) if i.instance_id != source and i.kv_endpoint]
+        if not candidates:
+            raise InvalidRequest(f"no other READY decode worker to migrate to from {source}")
+        return max(
+            candidates, key=lambda i: ((i.kv_blocks_total - i.kv_blocks_used) / (i.load + 1), i.instance_id)
+        )
