@@ -179,9 +179,11 @@ class MigrationCoordinator:
                 result.remaining = len(running)
                 break
             movable = [rid for rid in running if tried[rid] < 3]
-            if not movable:
+            if not movable:  # they failed to move three times each: wait for them to finish here
                 await asyncio.sleep(_DRAIN_POLL_S)
                 continue
+            if any(tried.values()):
+                await asyncio.sleep(_DRAIN_POLL_S)  # a failed attempt: give the worker a moment
             entries = await asyncio.gather(
                 *(self._drain_one(rid, instance_id) for rid in movable), return_exceptions=True
             )

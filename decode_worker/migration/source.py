@@ -78,6 +78,7 @@ class LiveStream:
     migration: str = ""
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     frozen: asyncio.Event = field(default_factory=asyncio.Event)  # the relay holds tokens back
+    started: asyncio.Event = field(default_factory=asyncio.Event)  # the client has a token from here
 
     def kv_tokens(self, produced: int) -> int:
         """Tokens whose KV the engine holds once it produced ``produced`` tokens (the last one's KV is
@@ -137,13 +138,16 @@ class MigrationSource:
                     held.append(item)
                     continue
                 stream.delivered.extend(item.token_ids)
+                if stream.delivered:
+                    stream.started.set()
                 yield item
                 if item.finish_reason is not None:
                     return
         finally:
             self._streams.pop(stream.request_id, None)
             stream.finished = True
-            stream.frozen.set()  # wakes a migration waiting to freeze a stream that ended
+            stream.frozen.set()  # wake a migration waiting on a stream that ended
+            stream.started.set()
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -193,6 +197,9 @@ class MigrationSource:
 
     async def _move(self, plan: _Plan, mode: MigrationMode) -> None:
         stream, bs = plan.stream, self._engine.block_size
+        # A request still waiting for its KV or its first step here has nothing to move yet: wait for its
+        # first token (the migration's deadline bounds the wait).
+        await stream.started.wait()
         if mode is MigrationMode.LIVE:
             while len(plan.parts) < self._config.max_stages:
                 kv_tokens = stream.kv_tokens(stream.produced)

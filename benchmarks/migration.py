@@ -1,0 +1,193 @@
+"""Live migration downtime on real engines: two vLLM CPU decode workers (SmolLM2) in this process, one greedy
+request per run moved from A to B once its sequence reaches 256, 1024 or 4096 tokens, by live pre-copy,
+blocking stop-and-copy and recompute. A second request keeps decoding on A throughout, so that the source's
+time per token during the migration can be compared with before it.
+
+Downtime is what the migrated request's client sees: the largest gap between two of its tokens from the
+migration's start to the first token after the hand-over, minus its median gap before the migration.
+
+    .venv/bin/python benchmarks/migration.py [--lengths 256,1024,4096] [--modes live,stop_and_copy,recompute]
+
+Prints a table and writes ``results/migration.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+TAIL = 48  # tokens generated after the migration starts (and before, to learn the normal gap)
+
+
+async def _companion(
+    worker: Any, prompt: tuple[int, ...], stop: asyncio.Event, gaps: list[tuple[float, float]]
+) -> None:
+    """Keep one request decoding on the source; record (time, gap) of each token."""
+    from protocol.messages import SamplingSpec
+
+    n = 0
+    while not stop.is_set():
+        n += 1
+        sampling = SamplingSpec(max_tokens=4000, temperature=0.0, ignore_eos=True)
+        last = time.monotonic()
+        async for chunk in worker.generate(f"companion-{n}", prompt, sampling):
+            now = time.monotonic()
+            if chunk.token_ids:
+                gaps.append((now, now - last))
+                last = now
+            if stop.is_set():
+                break
+
+
+async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str, Any]:
+    from protocol.messages import SamplingSpec
+    from protocol.migrations import MigrationTarget
+
+    source, dest = workers
+    before = TAIL
+    prompt = tuple(1000 + (i * 7919 + run) % 20000 for i in range(length - before))
+    sampling = SamplingSpec(max_tokens=before + TAIL, temperature=0.0, ignore_eos=True)
+    times: list[float] = []
+    stream = source.generate(f"mig-{run}", prompt, sampling)
+    migrating: asyncio.Task[Any] | None = None
+    started = moved_at = None
+    handed_at_token = None
+    while True:
+        try:
+            chunk = await stream.__anext__()
+        except StopAsyncIteration:
+            break
+        if chunk.handover is not None:
+            stream = dest.decode(chunk.handover.continuation)
+            continue
+        for _ in chunk.token_ids:
+            times.append(time.monotonic())
+        if migrating is None and len(times) >= before:
+            target = MigrationTarget(dest.instance_id, dest.actor_name, dest.engine.kv_endpoint)
+            started = time.monotonic()
+            migrating = asyncio.create_task(source.migrate(f"mig-{run}", f"b{run}", target, mode))
+        if migrating is not None and migrating.done() and moved_at is None:
+            moved_at = time.monotonic()
+            handed_at_token = len(times)
+        if chunk.finish_reason is not None:
+            break
+    assert migrating is not None and started is not None
+    report = await migrating
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    normal = statistics.median(gaps[: before - 2])
+    first_after = next(i for i, t in enumerate(times) if t > started)
+    window = [
+        times[i] - times[i - 1]
+        for i in range(first_after, min(len(times), (handed_at_token or len(times)) + 2))
+    ]
+    return {
+        "length": length,
+        "mode": mode,
+        "outcome": report.outcome.value,
+        "error": report.error,
+        "normal_gap_ms": normal * 1e3,
+        "max_gap_ms": max(window) * 1e3,
+        "downtime_ms": (max(window) - normal) * 1e3,
+        "paused_ms": report.paused_s * 1e3,
+        "migration_ms": report.duration_s * 1e3,
+        "stages": report.stages,
+        "wire_mb": report.wire_bytes / 1e6,
+        "tokens_moved": report.tokens,
+        "window": (started, started + report.duration_s),
+    }
+
+
+async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from decode_worker.actor import DecodeWorker
+    from pdctl.model_cache import prepare_model
+    from protocol.config import ClusterConfig
+
+    model = prepare_model()
+    lengths = [int(x) for x in args.lengths.split(",")]
+    cfg = ClusterConfig.load(
+        overrides={"engine.max_model_len": max(lengths) + 256, "engine.prefix_caching": False}
+    ).model_dump(mode="json")
+    workers = [DecodeWorker(f"decode-{c}", f"bench-{c}", str(model), cfg, "", "pdflow") for c in "AB"]
+    for w in workers:
+        await w.start()
+    rows = []
+    try:
+        companion_gaps: list[tuple[float, float]] = []
+        stop = asyncio.Event()
+        companion = asyncio.create_task(_companion(workers[0], tuple(range(500, 756)), stop, companion_gaps))
+        await asyncio.sleep(3)
+        run = 0
+        for length in lengths:
+            for mode in args.modes.split(","):
+                run += 1
+                row = await _one(workers, length, mode, run)
+                lo, hi = row.pop("window")
+                during = [g for t, g in companion_gaps if lo <= t <= hi + 0.05]
+                baseline = [g for t, g in companion_gaps if lo - 5 <= t < lo]
+                row["source_tpot_before_ms"] = statistics.mean(baseline) * 1e3 if baseline else float("nan")
+                row["source_tpot_during_ms"] = statistics.mean(during) * 1e3 if during else float("nan")
+                rows.append(row)
+                print(_line(row), flush=True)
+                await asyncio.sleep(1)
+        stop.set()
+        await asyncio.wait_for(companion, 60)
+    finally:
+        for w in workers:
+            await w.shutdown()
+    return rows
+
+
+def _line(r: dict[str, Any]) -> str:
+    return (
+        f"{r['length']:>6} {r['mode']:<14} {r['outcome']:<8} downtime {r['downtime_ms']:8.1f} ms "
+        f"(max gap {r['max_gap_ms']:7.1f}, normal {r['normal_gap_ms']:6.1f}) paused {r['paused_ms']:7.1f} ms "
+        f"stages {r['stages']} {r['wire_mb']:6.1f} MB  source TPOT {r['source_tpot_before_ms']:6.1f} -> "
+        f"{r['source_tpot_during_ms']:6.1f} ms {r['error']}"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--lengths", default="256,1024,4096")
+    parser.add_argument("--modes", default="live,stop_and_copy,recompute")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "migration.json")
+    args = parser.parse_args()
+    from pdctl.local_cluster import apply_env_defaults
+    from pdctl.model_cache import default_cache_dir
+
+    apply_env_defaults(default_cache_dir())
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    print("length mode           outcome  downtime", flush=True)
+    rows = asyncio.run(_main(args))
+    by = {(r["length"], r["mode"]): r for r in rows}
+    summary: dict[str, Any] = {}
+    lengths = sorted({r["length"] for r in rows})
+    if ("live" in args.modes) and len(lengths) > 1:
+        lo, hi = by.get((lengths[0], "live")), by.get((lengths[-1], "live"))
+        rec = by.get((lengths[-1], "recompute"))
+        if lo and hi:
+            summary["live_downtime_ratio_longest_vs_shortest"] = hi["downtime_ms"] / max(
+                lo["downtime_ms"], 1e-3
+            )
+        if hi and rec:
+            summary["recompute_vs_live_downtime_longest"] = rec["downtime_ms"] / max(hi["downtime_ms"], 1e-3)
+    for key, value in summary.items():
+        print(f"{key}: {value:.2f}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "summary": summary}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

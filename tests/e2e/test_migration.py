@@ -1,0 +1,190 @@
+"""Live migration on real engines: a greedy request moved once, and three times, between two decode workers
+gives exactly the tokens of an unmigrated run with no gap or duplicate in the client's stream; ``pdctl drain``
+empties a worker without failing a request. A second decode worker (decode-2) joins the shared cluster for
+this module only."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import httpx
+import pytest
+import ray
+
+from pdctl.admin_client import AdminClient
+from protocol.messages import SamplingSpec
+from protocol.proto import router_pb2, router_pb2_grpc
+from protocol.snapshots import Role
+from tests.e2e.conftest import E2ECluster
+
+pytestmark = pytest.mark.e2e
+
+PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+MAX_TOKENS = 96
+
+
+def _decode_workers_seen(cluster: E2ECluster) -> int:
+    return int(httpx.get(f"{cluster.http_url}/health", timeout=10).json()["decode_workers"])
+
+
+def _wait(what: str, check: Any, timeout_s: float = 30.0) -> Any:
+    deadline = time.monotonic() + timeout_s
+    while not (value := check()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return value
+
+
+@pytest.fixture(scope="module")
+def two_decoders(e2e_cluster: E2ECluster) -> Iterator[E2ECluster]:
+    cluster = e2e_cluster
+    name, second = cluster.cluster.add_worker(Role.DECODE, 2)
+    ray.get(second.start.remote(), timeout=300)
+    try:
+        _wait("the front door to see decode-2", lambda: _decode_workers_seen(cluster) == 2)
+        yield cluster
+    finally:
+        ray.get(second.shutdown.remote(), timeout=60)
+        ray.kill(second)
+        cluster.handle.actors.pop(name, None)
+        _wait("the front door to drop decode-2", lambda: _decode_workers_seen(cluster) == 1)
+
+
+def _idle(cluster: E2ECluster) -> None:
+    """Leak check on every worker, decode-2 included: no KV block, no request, no transfer held."""
+
+    def quiet() -> bool:
+        snaps = [
+            ray.get(w.snapshot.remote(), timeout=10) for w in cluster.handle.workers(Role.DECODE).values()
+        ]
+        snaps.append(cluster.snapshot(Role.PREFILL))
+        return all(s.kv_blocks_used == 0 and s.load == 0 for s in snaps)
+
+    _wait("every worker to free its KV blocks", quiet)
+
+
+async def _reference(cluster: E2ECluster, prompt_ids: tuple[int, ...]) -> list[int]:
+    sampling = SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    ids: list[int] = []
+    async for ref in cluster.reference.generate.options(num_returns="streaming").remote(
+        f"ref-migration-{time.monotonic_ns()}", prompt_ids, sampling
+    ):
+        ids.extend((await ref).token_ids)
+    return ids
+
+
+def _decoding_on(admin: AdminClient, request_id: str) -> str:
+    found = admin.requests(request_id=request_id).requests
+    return found[0].decode_instance if found and found[0].state == "DECODING" else ""
+
+
+async def _generate_with_moves(
+    cluster: E2ECluster, request_id: str, prompt_ids: tuple[int, ...], moves: list[int]
+) -> tuple[list[int], list[Any]]:
+    """Stream one greedy request over gRPC; after ``moves[k]`` tokens, migrate it to the other decode worker.
+    Returns the client's tokens (as streamed, in order) and the migration reports."""
+    request = router_pb2.GenerateRequest(
+        model=cluster.model,
+        request_id=request_id,
+        prompt_token_ids=router_pb2.TokenIds(ids=list(prompt_ids)),
+        sampling=router_pb2.SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True),
+    )
+    tokens: list[int] = []
+    reports: list[Any] = []
+    pending = list(moves)
+    migrating: asyncio.Task[Any] | None = None
+    with AdminClient(cluster.admin_address) as admin:
+
+        def move() -> Any:
+            source = _wait("the request to be decoding", lambda: _decoding_on(admin, request_id))
+            target = "decode-2" if source == "decode-0" else "decode-0"
+            info = admin.migrate(request_id, target)
+            _wait(f"the request to decode on {target}", lambda: _decoding_on(admin, request_id) == target)
+            return info
+
+        async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            async for resp in stub.Generate(request, timeout=300):
+                tokens.extend(resp.token_ids)
+                if migrating is None and pending and len(tokens) >= pending[0]:
+                    pending.pop(0)
+                    migrating = asyncio.create_task(asyncio.to_thread(move))
+                if migrating is not None and migrating.done():
+                    reports.append(migrating.result())
+                    migrating = None
+        if migrating is not None:
+            reports.append(await migrating)
+    return tokens, reports
+
+
+@pytest.mark.parametrize("moves", [[16], [10, 40, 70]], ids=["once", "three-times"])
+async def test_migrated_request_gives_the_unmigrated_tokens(
+    two_decoders: E2ECluster, model_tokenizer: Any, moves: list[int]
+) -> None:
+    cluster = two_decoders
+    prompt_ids = tuple(model_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    reference = await _reference(cluster, prompt_ids)
+    request_id = f"mig-{len(moves)}-{time.monotonic_ns()}"
+    tokens, reports = await _generate_with_moves(cluster, request_id, prompt_ids, moves)
+    assert [r.outcome for r in reports] == ["moved"] * len(moves), [r.error for r in reports]
+    assert all(r.tokens >= len(prompt_ids) and r.wire_bytes > 0 for r in reports)
+    assert len(tokens) == MAX_TOKENS, "the client's stream lost or repeated tokens"
+    assert tokens == reference
+    with AdminClient(cluster.admin_address) as admin:
+        record = _wait(
+            "the request's final record",
+            lambda: next(
+                (r for r in admin.requests(request_id=request_id).requests if r.state == "FINISHED_LENGTH"),
+                None,
+            ),
+        )
+    states = [e.state for e in record.events]
+    assert states.count("MIGRATING") == len(moves), states
+    assert record.output_tokens == MAX_TOKENS
+    await asyncio.to_thread(_idle, cluster)
+
+
+def test_pdctl_drain_empties_a_worker_without_failing_requests(two_decoders: E2ECluster) -> None:
+    cluster = two_decoders
+    with AdminClient(cluster.admin_address) as admin:
+        admin.cordon("decode-2")  # steer the requests onto decode-0
+    _wait("the front door to stop routing to decode-2", lambda: _decode_workers_seen(cluster) == 1)
+    body = {"model": cluster.model, "prompt": PROMPT, "max_tokens": 80, "temperature": 0, "ignore_eos": True}
+    results: list[Any] = []
+
+    def one() -> None:
+        results.append(httpx.post(f"{cluster.http_url}/v1/completions", json=body, timeout=300))
+
+    import threading
+
+    clients = [threading.Thread(target=one) for _ in range(3)]
+    for c in clients:
+        c.start()
+    decode0 = cluster.handle.workers(Role.DECODE)["pdflow-decode-0"]
+    _wait("three requests running on decode-0", lambda: len(ray.get(decode0.running_requests.remote())) == 3)
+    with AdminClient(cluster.admin_address) as admin:
+        admin.uncordon("decode-2")
+    cli = [sys.executable, "-c", "from pdctl.cli import main; main()"]
+    try:
+        drained = subprocess.run(
+            [*cli, "drain", "decode-0", "--admin", cluster.admin_address],
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    finally:
+        with AdminClient(cluster.admin_address) as admin:
+            admin.uncordon("decode-0")
+    for c in clients:
+        c.join(timeout=300)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    assert "3 moved" in drained.stdout and "it is empty" in drained.stdout, drained.stdout
+    assert [r.status_code for r in results] == [200] * 3, [r.text for r in results]
+    assert all(r.json()["usage"]["completion_tokens"] == 80 for r in results)
+    _idle(cluster)
