@@ -59,8 +59,23 @@ class MigrationFailed(Exception):
     pass
 
 
-_FREEZE = object()
 _THAW = object()
+
+
+class _Freeze:
+    """Queued to the relay: from this point on, hold tokens back; ``done`` once it took effect."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+
+
+async def _first(*events: asyncio.Event) -> None:
+    waits = [asyncio.ensure_future(e.wait()) for e in events]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()
 
 
 @dataclass(eq=False)
@@ -77,8 +92,8 @@ class LiveStream:
     finished: bool = False
     migration: str = ""
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
-    frozen: asyncio.Event = field(default_factory=asyncio.Event)  # the relay holds tokens back
     started: asyncio.Event = field(default_factory=asyncio.Event)  # the client has a token from here
+    ended: asyncio.Event = field(default_factory=asyncio.Event)  # the relay returned or failed
 
     def kv_tokens(self, produced: int) -> int:
         """Tokens whose KV the engine holds once it produced ``produced`` tokens (the last one's KV is
@@ -125,12 +140,11 @@ class MigrationSource:
                 if isinstance(item, Handover):
                     yield TokenChunk(stream.request_id, (), handover=item)
                     return
-                if item is _FREEZE:
+                if isinstance(item, _Freeze):
                     held = []
-                    stream.frozen.set()
+                    item.done.set()
                     continue
                 if item is _THAW:
-                    stream.frozen.clear()
                     item, held = _merge(stream.request_id, held or []), None
                     if item is None:
                         continue
@@ -146,7 +160,7 @@ class MigrationSource:
         finally:
             self._streams.pop(stream.request_id, None)
             stream.finished = True
-            stream.frozen.set()  # wake a migration waiting on a stream that ended
+            stream.ended.set()  # wakes a migration waiting on a stream that ended
             stream.started.set()
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -205,12 +219,14 @@ class MigrationSource:
                 kv_tokens = stream.kv_tokens(stream.produced)
                 left = -(-kv_tokens // bs) - plan.pushed
                 full = kv_tokens // bs
-                if left <= self._config.final_blocks or full <= plan.pushed:
+                if left <= self._config.final_blocks or full <= plan.pushed or stream.finished:
                     break
                 await self._push(plan, full, background=True)
         plan.frozen_at = time.monotonic()
-        stream.queue.put_nowait(_FREEZE)
-        await stream.frozen.wait()  # from here on ``delivered`` is the cut: all the client will get from here
+        freeze = _Freeze()
+        stream.queue.put_nowait(freeze)
+        # Once the relay takes the freeze, ``delivered`` is the cut: all the client gets from this worker.
+        await _first(freeze.done, stream.ended)
         if stream.finished:
             raise MigrationFailed(f"request {stream.request_id} finished before it could move")
         if not stream.delivered:
@@ -220,6 +236,8 @@ class MigrationSource:
             end = -(-stream.kv_tokens(len(stream.delivered)) // bs)
             if end > plan.pushed:
                 await self._push(plan, end, background=False)
+            if stream.ended.is_set():  # the client left or the engine failed during the last push
+                raise MigrationFailed(f"request {stream.request_id} ended during the final copy")
             handle = {TRANSFER_ID: plan.parts[-1][0], PARTS: [list(p) for p in plan.parts]}
         plan.tokens = stream.kv_tokens(len(stream.delivered))
         plan.handed_at = time.monotonic()
@@ -229,6 +247,7 @@ class MigrationSource:
         """Push blocks ``[plan.pushed, end)`` as the next part; raise ``MigrationFailed`` if it fails."""
         stream = plan.stream
         transfer_id = f"{stream.request_id}/{plan.migration_id}/{len(plan.parts)}"
+        plan.parts.append((transfer_id, plan.pushed))  # from here on the destination may hold it
         result = await self._engine.push_blocks(
             stream.request_id,
             transfer_id,
@@ -240,7 +259,6 @@ class MigrationSource:
         if "error" in result:
             raise MigrationFailed(str(result["error"]))
         plan.block_ids = list(result["block_ids"])
-        plan.parts.append((transfer_id, plan.pushed))  # from here on the destination may hold it
         record = result.get("record")
         while record is None:
             await asyncio.sleep(_POLL_S)

@@ -1,0 +1,339 @@
+"""The source side of a live migration (``decode_worker.migration.source``) against a fake engine: the stage
+plan, the freeze and the cut, the hand-over and its continuation, and the thaw when a migration fails."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from decode_worker.migration.source import LiveStream, MigrationSource
+from kv_transfer.params import PARTS, TRANSFER_ID
+from protocol.config import MigrationConfig, MigrationMode
+from protocol.ids import RequestId
+from protocol.messages import DecodeRequest, FinishReason, SamplingSpec, TokenChunk
+from protocol.migrations import MigrationOutcome, MigrationTarget
+
+BS = 4
+RID = RequestId("req-1")
+DEST = MigrationTarget("decode-1", "pdflow-decode-1", "tcp://decode-1:5555")
+LIVE, STOP_AND_COPY, RECOMPUTE = MigrationMode.LIVE, MigrationMode.STOP_AND_COPY, MigrationMode.RECOMPUTE
+MOVED, FAILED, FINISHED = MigrationOutcome.MOVED, MigrationOutcome.FAILED, MigrationOutcome.FINISHED
+
+
+@dataclass
+class Push:
+    transfer_id: str
+    blocks: tuple[int, int]
+    expected: list[int]
+    background: bool
+
+
+class FakeEngine:
+    """A ``MigrationEngine`` that records its calls. ``fail[k]`` fails the k-th push: ``{"error": ...}`` is
+    what push_blocks returns, ``{"outcome": "failed", ...}`` the push's record. ``on_push(k, background)``
+    runs at the start of each push, before it returns: the engine keeps stepping meanwhile."""
+
+    def __init__(self, fail: dict[int, dict[str, Any]] | None = None) -> None:
+        self.block_size = BS
+        self.pushes: list[Push] = []
+        self.dropped: list[tuple[str, list[str], str]] = []
+        self.fail = fail or {}
+        self.on_push: Callable[[int, bool], Awaitable[None]] | None = None
+        self._records: dict[str, dict[str, Any]] = {}
+        self._polled: set[str] = set()
+
+    async def push_blocks(self, request_id, transfer_id, destination, blocks, expected, *, background):  # type: ignore[no-untyped-def]
+        k = len(self.pushes)
+        self.pushes.append(Push(transfer_id, blocks, list(expected), background))
+        if self.on_push is not None:
+            await self.on_push(k, background)
+        injected = self.fail.get(k)
+        if injected is not None and "outcome" not in injected:
+            return injected
+        record = injected or {"outcome": "success", "wire_bytes": 100 * (blocks[1] - blocks[0])}
+        if background:
+            self._records[transfer_id] = record
+            return {"block_ids": list(range(blocks[1])), "record": None}
+        return {"block_ids": list(range(blocks[1])), "record": record}
+
+    async def push_status(self, transfer_id: str) -> dict[str, Any] | None:
+        if transfer_id not in self._polled:  # in flight the first time it is asked
+            self._polled.add(transfer_id)
+            return None
+        return self._records[transfer_id]
+
+    async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
+        self.dropped.append((destination, list(transfer_ids), why))
+
+
+class Tokens:
+    """The engine's token stream for one request: the test decides when each token is produced."""
+
+    def __init__(self, first: int = 1000) -> None:
+        self.queue: asyncio.Queue[tuple[int, FinishReason | None]] = asyncio.Queue()
+        self.made: list[int] = []
+        self._next = first
+
+    def feed(self, n: int, finish: FinishReason | None = None) -> list[int]:
+        new = list(range(self._next, self._next + n))
+        self._next += n
+        self.made += new
+        for i, tok in enumerate(new):
+            self.queue.put_nowait((tok, finish if i == n - 1 else None))
+        return new
+
+    async def chunks(self) -> AsyncIterator[TokenChunk]:
+        while True:
+            tok, finish = await self.queue.get()
+            await asyncio.sleep(0.001)
+            yield TokenChunk(RID, (tok,), finish)
+            if finish is not None:
+                return
+
+
+async def until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.001)
+
+
+async def collect(relay: AsyncIterator[TokenChunk]) -> list[TokenChunk]:
+    return [chunk async for chunk in relay]
+
+
+def start(
+    engine: FakeEngine, prompt_len: int = 10, budget: int = 100, **config: Any
+) -> tuple[MigrationSource, LiveStream, Tokens, asyncio.Task[list[TokenChunk]]]:
+    source = MigrationSource(engine, "decode-0", MigrationConfig(**config))
+    stream = LiveStream(RID, tuple(range(prompt_len)), SamplingSpec(max_tokens=budget + 1), budget)
+    tokens = Tokens()
+    return source, stream, tokens, asyncio.create_task(collect(source.serve(stream, tokens.chunks())))
+
+
+async def produce(stream: LiveStream, tokens: Tokens, n: int, finish: FinishReason | None = None) -> list:
+    """Have the engine produce ``n`` tokens and wait until the relay's pump read them."""
+    target = stream.produced + n
+    new = tokens.feed(n, finish)
+    await until(lambda: stream.produced >= target)
+    return new
+
+
+def relayed(chunks: list[TokenChunk]) -> list[int]:
+    return [t for c in chunks for t in c.token_ids]
+
+
+def continuation(chunks: list[TokenChunk]) -> DecodeRequest:
+    """The hand-over the relay ended with: a chunk of its own, no tokens, no finish."""
+    last = chunks[-1]
+    assert last.handover is not None and last.token_ids == () and last.finish_reason is None
+    return last.handover.continuation
+
+
+def final_end(stream: LiveStream, delivered: int) -> int:
+    return math.ceil((len(stream.prompt) + delivered - 1) / BS)
+
+
+async def test_live_migration_hands_over_the_cut_and_drops_later_tokens() -> None:
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    await produce(stream, tokens, 5)
+    await until(lambda: len(stream.delivered) == 5)
+    after_freeze: list[int] = []
+
+    async def on_push(k: int, background: bool) -> None:
+        if background:  # tokens made during the pre-copy still reach the client
+            await produce(stream, tokens, 2)
+        else:  # tokens made once frozen never do
+            after_freeze.extend(await produce(stream, tokens, 3))
+
+    engine.on_push = on_push
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    chunks = await relay
+
+    assert report.outcome is MOVED, report.error
+    cont, got = continuation(chunks), relayed(chunks)
+    assert got == tokens.made[: len(got)] and not set(after_freeze) & set(got)
+    assert (*cont.prompt_token_ids, cont.first_token_id) == (*stream.prompt, *got)
+    assert cont.sampling.max_tokens == 100 - len(got) + 1
+    handle = cont.kv_handle or {}
+    parts = handle[PARTS]
+    assert [p[0] for p in parts] == [p.transfer_id for p in engine.pushes]
+    assert [p[1] for p in parts] == [0] + [p.blocks[1] for p in engine.pushes[:-1]]
+    assert handle[TRANSFER_ID] == parts[-1][0]
+    final = engine.pushes[-1]
+    assert final.background is False and all(p.background for p in engine.pushes[:-1])
+    assert final.blocks[1] == final_end(stream, len(got)) == report.blocks
+    assert final.expected == list(range(engine.pushes[-2].blocks[1]))
+    assert report.stages == len(engine.pushes) == 2 and not engine.dropped
+
+
+@pytest.mark.parametrize("failure", [{"error": "link lost"}, {"outcome": "failed", "error": "link lost"}])
+async def test_failed_final_push_thaws_the_stream(failure: dict[str, Any]) -> None:
+    engine = FakeEngine(fail={1: failure})
+    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    await produce(stream, tokens, 5)
+    held: list[int] = []
+
+    async def on_push(k: int, background: bool) -> None:
+        if not background:
+            held.extend(await produce(stream, tokens, 3))
+
+    engine.on_push = on_push
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    assert report.outcome is FAILED and report.error == "link lost"
+    await until(lambda: set(held) <= set(stream.delivered))  # the held tokens go out after the thaw
+    await produce(stream, tokens, 4, FinishReason.STOP)
+    chunks = await relay
+
+    assert relayed(chunks) == tokens.made == stream.delivered
+    assert chunks[-1].finish_reason is FinishReason.STOP and all(c.handover is None for c in chunks)
+    ids = [p.transfer_id for p in engine.pushes]
+    # every part tried is dropped: a push that failed (or timed out) may have left a reservation there
+    assert engine.dropped == [(DEST.kv_endpoint, ids, "link lost")]
+    assert not source.migrating() and not source.running()
+
+
+async def test_request_that_finishes_during_the_pre_copy_is_not_moved() -> None:
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, final_blocks=0, max_stages=3)
+    await produce(stream, tokens, 5)
+
+    async def on_push(k: int, background: bool) -> None:
+        if k == 0:
+            await produce(stream, tokens, 2, FinishReason.LENGTH)
+            await until(relay.done)
+
+    engine.on_push = on_push
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    chunks = relay.result()
+
+    assert report.outcome is FINISHED and "finished before it could move" in report.error
+    assert relayed(chunks) == tokens.made and len(tokens.made) == 7
+    assert [c.finish_reason for c in chunks].count(FinishReason.LENGTH) == 1 and chunks[-1].finish_reason
+    assert all(c.handover is None for c in chunks)
+    assert engine.dropped == [(DEST.kv_endpoint, [p.transfer_id for p in engine.pushes], report.error)]
+
+
+@pytest.mark.parametrize("mode", [STOP_AND_COPY, RECOMPUTE])
+async def test_baseline_modes(mode: MigrationMode) -> None:
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, prompt_len=30, final_blocks=0, max_stages=3)
+    await produce(stream, tokens, 6)
+    report = await source.migrate(RID, "m1", DEST, mode)
+    chunks = await relay
+
+    assert report.outcome is MOVED, report.error
+    cont = continuation(chunks)
+    assert (*cont.prompt_token_ids, cont.first_token_id) == (*stream.prompt, *tokens.made)
+    if mode is RECOMPUTE:
+        assert engine.pushes == [] and cont.kv_handle is None and report.stages == 0
+    else:
+        [push] = engine.pushes
+        assert push.blocks == (0, final_end(stream, 6)) and push.background is False
+        assert cont.kv_handle == {TRANSFER_ID: push.transfer_id, PARTS: [[push.transfer_id, 0]]}
+        assert report.stages == 1
+
+
+async def test_refused_migrations_leave_the_stream_alone() -> None:
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, final_blocks=0, max_stages=3)
+    await produce(stream, tokens, 3)
+
+    unknown = await source.migrate("req-nope", "m0", DEST, LIVE)
+    assert unknown.outcome is FAILED and unknown.error == "request req-nope is not running on decode-0"
+    to_self = await source.migrate(RID, "m0", MigrationTarget("decode-0", "x", "y"), LIVE)
+    assert to_self.outcome is FAILED and to_self.error == "the destination is the source"
+
+    release = asyncio.Event()
+
+    async def on_push(k: int, background: bool) -> None:
+        await release.wait()
+
+    engine.on_push = on_push
+    first = asyncio.create_task(source.migrate(RID, "m1", DEST, LIVE))
+    await until(lambda: len(engine.pushes) == 1)
+    again = await source.migrate(RID, "m2", DEST, LIVE)
+    assert again.outcome is FAILED and again.error == f"request {RID} is already migrating (m1)"
+    assert source.migrating() == {RID: "m1"}
+    assert not engine.dropped and len(engine.pushes) == 1
+    await produce(stream, tokens, 2)
+    await until(lambda: stream.delivered == tokens.made)  # the stream still flows
+    release.set()
+    assert (await first).outcome is MOVED
+    assert relayed(await relay) == tokens.made
+
+
+async def test_live_stage_plan_precopies_full_blocks_and_caps_the_stages() -> None:
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, prompt_len=160, final_blocks=4, max_stages=3)
+    await produce(stream, tokens, 2)  # KV of 161 tokens: 40 full blocks and a partial one
+
+    async def on_push(k: int, background: bool) -> None:
+        if background:  # a fast request: 6 blocks fill during each stage, so it never gets within 4
+            await produce(stream, tokens, 6 * BS)
+
+    engine.on_push = on_push
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    chunks = await relay
+
+    assert report.outcome is MOVED, report.error
+    first, *rest = engine.pushes
+    assert first.background is True and first.blocks == (0, 40)
+    assert [p.background for p in rest] == [True, True, False]
+    for before, after in zip(engine.pushes, rest, strict=False):
+        assert after.blocks[0] == before.blocks[1]
+    delivered = len(relayed(chunks))
+    assert delivered == 2 + 3 * 6 * BS
+    assert engine.pushes[-1].blocks[1] == final_end(stream, delivered) and report.stages == 4
+
+
+# A migration retried at once after one that failed while frozen must wait for its own freeze: cutting before
+# the relay has sent the thawed tokens would leave them out of the continuation, and the client would get
+# them twice. Python 3.11's ``asyncio.wait_for`` runs ``_move`` in a new task, which hides a stale cut; from
+# 3.12 on it awaits the coroutine in place, patched in here to that behaviour.
+async def test_retry_right_after_a_failed_migration_cuts_after_the_thawed_tokens(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    async def wait_for_312(aw: Awaitable[Any], timeout: float) -> Any:
+        async with asyncio.timeout(timeout):
+            return await aw
+
+    monkeypatch.setattr(asyncio, "wait_for", wait_for_312)
+    engine = FakeEngine(fail={1: {"error": "link lost"}})
+    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    await produce(stream, tokens, 5)
+
+    async def on_push(k: int, background: bool) -> None:
+        if not background:
+            await produce(stream, tokens, 3)  # held back, then thawed
+
+    engine.on_push = on_push
+    assert (await source.migrate(RID, "m1", DEST, LIVE)).outcome is FAILED
+    report = await source.migrate(RID, "m2", DEST, RECOMPUTE)
+    chunks = await relay
+
+    assert report.outcome is MOVED
+    cont = continuation(chunks)
+    assert (*cont.prompt_token_ids, cont.first_token_id) == (*stream.prompt, *relayed(chunks))
+
+
+# When the relay ends during the final push (the client went away, or the engine failed), the request moved
+# nowhere: the report must not say MOVED, and the parts that landed on the destination are dropped.
+async def test_relay_that_ends_during_the_final_push_is_not_reported_moved() -> None:
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    await produce(stream, tokens, 5)
+
+    async def on_push(k: int, background: bool) -> None:
+        if not background:
+            relay.cancel()  # the client disconnects
+            await until(relay.done)
+
+    engine.on_push = on_push
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+
+    assert report.outcome is not MOVED
+    assert engine.dropped and engine.dropped[0][1] == [p.transfer_id for p in engine.pushes]
