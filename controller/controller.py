@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import replace
 from typing import Any
 
 from controller.migrations import MigrationCoordinator
@@ -53,7 +54,7 @@ class Controller:
         return self.cluster_snapshot()
 
     def cluster_snapshot(self) -> ClusterSnapshot:
-        return self.registry.snapshot(time.time())
+        return replace(self.registry.snapshot(time.time()), migrations=self.migrations.counters.totals())
 
     def frontdoor_addresses(self) -> dict[str, dict[str, str]]:
         return dict(self._frontdoors)

@@ -7,11 +7,11 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from protocol.snapshots import ClusterSnapshot
+from protocol.snapshots import PAUSE_BUCKETS_S, ClusterSnapshot, MigrationTotals
 from protocol.transfers import TransferOutcome, TransferRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -143,3 +143,23 @@ class _SnapshotCollector(Collector):
             transfers.add_metric([*lv, "failed"], inst.transfer.failed)
         yield from gauges.values()
         yield from (transfer_bytes, transfer_seconds, transfers)
+        yield from _migration_metrics(self._snapshot().migrations)
+
+
+def _migration_metrics(totals: MigrationTotals) -> Iterator[Metric]:
+    count = CounterMetricFamily(
+        "pdflow_migrations", "Live migrations by trigger and outcome.", labels=["trigger", "outcome"]
+    )
+    for trigger, outcome, n in totals.counts:
+        count.add_metric([trigger, outcome], n)
+    moved = CounterMetricFamily("pdflow_migration_bytes", "KV bytes moved by live migrations.")
+    moved.add_metric([], totals.wire_bytes)
+    pause = HistogramMetricFamily(
+        "pdflow_migration_pause_seconds", "Seconds a migrated request's stream was frozen (its downtime)."
+    )
+    buckets = [
+        (str(bound), n)
+        for bound, n in zip(PAUSE_BUCKETS_S, totals.paused_buckets or [0] * len(PAUSE_BUCKETS_S), strict=True)
+    ]
+    pause.add_metric([], [*buckets, ("+Inf", totals.paused_count)], totals.paused_sum_s)
+    yield from (count, moved, pause)

@@ -19,7 +19,7 @@ from controller.registry import InstanceRegistry
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.errors import InvalidRequest
 from protocol.migrations import MigrationOutcome, MigrationReport, MigrationTarget
-from protocol.snapshots import InstanceSnapshot, InstanceState, Role
+from protocol.snapshots import PAUSE_BUCKETS_S, InstanceSnapshot, InstanceState, MigrationTotals, Role
 
 log = logging.getLogger(__name__)
 _RECENT = 200
@@ -52,11 +52,29 @@ class DrainResult:
 
 @dataclass
 class MigrationCounters:
-    """Cumulative, for the metrics: count by (trigger, outcome), bytes moved, pause seconds of moved ones."""
+    """Cumulative, for the metrics: count by (trigger, outcome), bytes moved, pauses of the moved ones."""
 
     counts: collections.Counter[tuple[str, str]] = field(default_factory=collections.Counter)
     wire_bytes: int = 0
-    paused: list[float] = field(default_factory=list)
+    paused_buckets: list[int] = field(default_factory=lambda: [0] * len(PAUSE_BUCKETS_S))
+    paused_count: int = 0
+    paused_sum_s: float = 0.0
+
+    def observe_pause(self, seconds: float) -> None:
+        for i, bound in enumerate(PAUSE_BUCKETS_S):
+            if seconds <= bound:
+                self.paused_buckets[i] += 1
+        self.paused_count += 1
+        self.paused_sum_s += seconds
+
+    def totals(self) -> MigrationTotals:
+        return MigrationTotals(
+            counts=tuple((t, o, n) for (t, o), n in sorted(self.counts.items())),
+            wire_bytes=self.wire_bytes,
+            paused_buckets=tuple(self.paused_buckets),
+            paused_count=self.paused_count,
+            paused_sum_s=self.paused_sum_s,
+        )
 
 
 class MigrationCoordinator:
@@ -149,7 +167,7 @@ class MigrationCoordinator:
         self.counters.counts[(str(trigger), report.outcome.value)] += 1
         if report.outcome is MigrationOutcome.MOVED:
             self.counters.wire_bytes += report.wire_bytes
-            self.counters.paused.append(report.paused_s)
+            self.counters.observe_pause(report.paused_s)
         return done
 
     def cordon(self, instance_id: str) -> InstanceSnapshot:

@@ -65,11 +65,27 @@ class InstanceSnapshot:
         return self.kv_blocks_used / self.kv_blocks_total if self.kv_blocks_total else 0.0
 
 
+# Upper bounds of the migration pause histogram (seconds the client's stream was frozen).
+PAUSE_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationTotals:
+    """Cumulative migration figures of the controller, carried in the snapshot for the metrics."""
+
+    counts: tuple[tuple[str, str, int], ...] = ()  # (trigger, outcome, migrations)
+    wire_bytes: int = 0  # KV bytes moved by migrations that moved
+    paused_buckets: tuple[int, ...] = ()  # cumulative counts per PAUSE_BUCKETS_S bound
+    paused_count: int = 0
+    paused_sum_s: float = 0.0
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     version: int
     instances: tuple[InstanceSnapshot, ...] = ()
     taken_at: float = 0.0
+    migrations: MigrationTotals = field(default_factory=MigrationTotals)
 
     def live(self, role: Role) -> tuple[InstanceSnapshot, ...]:
         return tuple(i for i in self.instances if i.role is role and i.state.schedulable)

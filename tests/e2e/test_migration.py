@@ -188,3 +188,15 @@ def test_pdctl_drain_empties_a_worker_without_failing_requests(two_decoders: E2E
     assert [r.status_code for r in results] == [200] * 3, [r.text for r in results]
     assert all(r.json()["usage"]["completion_tokens"] == 80 for r in results)
     _idle(cluster)
+
+    def drained_metric() -> float:
+        text = httpx.get(f"{cluster.http_url}/metrics", timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("pdflow_migrations_total{")
+            and 'trigger="drain"' in line
+            and 'outcome="moved"' in line
+        )
+
+    assert _wait("the drain in the front door's metrics", lambda: drained_metric() >= 3) >= 3

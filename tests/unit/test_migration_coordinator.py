@@ -152,3 +152,28 @@ def test_drain_gives_up_at_its_deadline_and_says_how_many_remain() -> None:
     actors["actor-decode-0"].fail.add("stuck")
     result = asyncio.run(c.drain("decode-0", timeout_s=0.5))
     assert result.remaining == 1 and result.moved == 0
+
+
+def test_migration_metrics_count_by_trigger_and_outcome_with_a_pause_histogram() -> None:
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    from controller.metrics import _migration_metrics
+
+    c, actors = _setup(_inst("decode-0"), _inst("decode-1"), where={"r1": "decode-0", "r2": "decode-0"})
+    actors["actor-decode-0"].running.extend(["r1", "r2"])
+    actors["actor-decode-0"].fail.add("r2")
+    asyncio.run(c.migrate("r1"))
+    asyncio.run(c.migrate("r2"))
+
+    class Source:
+        def collect(self) -> Any:
+            return _migration_metrics(c.counters.totals())
+
+    registry = CollectorRegistry()
+    registry.register(Source())  # type: ignore[arg-type]
+    text = generate_latest(registry).decode()
+    assert 'pdflow_migrations_total{outcome="moved",trigger="manual"} 1.0' in text
+    assert 'pdflow_migrations_total{outcome="failed",trigger="manual"} 1.0' in text
+    assert "pdflow_migration_bytes_total 100.0" in text
+    assert 'pdflow_migration_pause_seconds_bucket{le="0.05"} 1.0' in text  # the fake pauses 0 s
+    assert "pdflow_migration_pause_seconds_count 1.0" in text
