@@ -199,4 +199,4 @@ def test_pdctl_drain_empties_a_worker_without_failing_requests(two_decoders: E2E
             and 'outcome="moved"' in line
         )
 
-    assert _wait("the drain in the front door's metrics", lambda: drained_metric() >= 3) >= 3
+    _wait("the drain in the front door's metrics", lambda: drained_metric() >= 3)
