@@ -44,6 +44,8 @@ class Controller:
             self, self.config.controller.admin_host, self.config.controller.admin_port
         )
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
+        if self.config.migration.auto:
+            self._tasks.append(asyncio.create_task(self.migrations.policy_loop()))
         return self.admin_port
 
     async def report(self, snapshot: InstanceSnapshot) -> None:

@@ -14,7 +14,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.policy.migration import MigrationTrigger
+from controller.policy.migration import (
+    MigrationPolicyConfig,
+    MigrationState,
+    MigrationTrigger,
+    RunningRequest,
+)
+from controller.policy.migration import decide as decide_migrations
 from controller.registry import InstanceRegistry
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.errors import InvalidRequest
@@ -95,6 +101,7 @@ class MigrationCoordinator:
         self._in_flight: dict[str, MigrationEntry] = {}
         self._recent: collections.deque[MigrationEntry] = collections.deque(maxlen=_RECENT)
         self.counters = MigrationCounters()
+        self._policy_state = MigrationState()
 
     def in_flight(self) -> list[MigrationEntry]:
         return list(self._in_flight.values())
@@ -169,6 +176,48 @@ class MigrationCoordinator:
             self.counters.wire_bytes += report.wire_bytes
             self.counters.observe_pause(report.paused_s)
         return done
+
+    async def policy_loop(self) -> None:
+        """With ``migration.auto``: run the migration policy on every snapshot interval and start what it
+        plans (load balance, de-fragmentation, priority headroom, draining cordoned workers)."""
+        config = MigrationPolicyConfig(
+            trigger_gap=self._config.trigger_gap,
+            max_concurrent=self._config.max_concurrent,
+            cooldown_s=self._config.cooldown_s,
+        )
+        while True:
+            await asyncio.sleep(self._config.policy_interval_s)
+            try:
+                self._plan_once(config)
+            except Exception:  # one bad round must not stop the loop
+                log.exception("migration policy round failed")
+
+    def _plan_once(self, config: MigrationPolicyConfig) -> list[asyncio.Task[MigrationEntry | None]]:
+        snapshot = self._registry.snapshot(time.time())
+        busy = {e.request_id for e in self._in_flight.values()}
+        requests = [
+            RunningRequest(r.request_id, inst.instance_id, r.priority, r.kv_blocks, r.kv_blocks)
+            for inst in snapshot.instances
+            if inst.role is Role.DECODE
+            for r in inst.requests
+        ]
+        plan, self._policy_state = decide_migrations(
+            snapshot, requests, self._policy_state, config, time.monotonic()
+        )
+        return [
+            asyncio.create_task(self._planned(i.request_id, i.source, i.destination, i.trigger))
+            for i in plan.intents
+            if i.request_id not in busy
+        ]
+
+    async def _planned(
+        self, request_id: str, source: str, destination: str, trigger: MigrationTrigger
+    ) -> MigrationEntry | None:
+        try:
+            return await self.migrate(request_id, destination, source=source, trigger=trigger)
+        except InvalidRequest as err:  # it finished, or moved, since the snapshot
+            log.info("policy migration of %s skipped: %s", request_id, err.message)
+            return None
 
     def cordon(self, instance_id: str) -> InstanceSnapshot:
         self._known(instance_id)

@@ -14,7 +14,7 @@ from protocol.config import MigrationMode
 from protocol.ids import RequestId
 from protocol.messages import DecodeRequest, SamplingSpec, TokenChunk
 from protocol.migrations import MigrationReport, MigrationTarget
-from protocol.snapshots import Role
+from protocol.snapshots import InstanceSnapshot, Role, RunningKV
 
 
 class DecodeWorker(EngineWorker):
@@ -64,3 +64,7 @@ class DecodeWorker(EngineWorker):
 
     def running_requests(self) -> list[str]:
         return self.migrations.running()
+
+    def snapshot(self) -> InstanceSnapshot:
+        running = tuple(RunningKV(RequestId(rid), blocks) for rid, blocks in self.migrations.kv_of_running())
+        return replace(super().snapshot(), requests=running)

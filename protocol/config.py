@@ -121,6 +121,17 @@ class MigrationConfig(_Section):
         4, ge=0, description="Pause and copy the rest once at most this many KV blocks are left (live mode)."
     )
     timeout_s: float = Field(60.0, gt=0, description="Deadline for one migration, all stages included.")
+    auto: bool = Field(
+        False, description="Let the migration policy move requests between decode workers on its own."
+    )
+    policy_interval_s: float = Field(0.5, gt=0, description="How often the migration policy runs (auto).")
+    trigger_gap: float = Field(
+        8.0,
+        ge=0,
+        description="Move only when decode workers' freeness (free KV blocks per request) differs more.",
+    )
+    max_concurrent: int = Field(2, ge=1, description="Policy migrations in flight at once, cluster-wide.")
+    cooldown_s: float = Field(5.0, ge=0, description="A worker's pause between two policy moves.")
 
 
 class ClusterConfig(_Section):

@@ -39,6 +39,15 @@ class TransferCounters:
 
 
 @dataclass(frozen=True, slots=True)
+class RunningKV:
+    """A request decoding on an instance, as the migration policy sees it."""
+
+    request_id: RequestId
+    kv_blocks: int
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class InstanceSnapshot:
     instance_id: InstanceId
     role: Role
@@ -54,6 +63,7 @@ class InstanceSnapshot:
     transfer: TransferCounters = field(default_factory=TransferCounters)
     reported_at: float = 0.0  # seconds on the reporter's clock
     kv_endpoint: str = ""  # side-channel address where KV is pushed to this worker (pdflow connector)
+    requests: tuple[RunningKV, ...] = ()  # decode workers: what runs there and the KV blocks each holds
 
     @property
     def load(self) -> int:

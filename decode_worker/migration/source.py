@@ -122,6 +122,13 @@ class MigrationSource:
     def running(self) -> list[str]:
         return [rid for rid, s in self._streams.items() if not s.finished]
 
+    def kv_of_running(self) -> list[tuple[str, int]]:
+        """(request id, KV blocks it holds here) of every request running here."""
+        bs = max(self._engine.block_size, 1)
+        return [
+            (rid, -(-s.kv_tokens(s.produced + 1) // bs)) for rid, s in self._streams.items() if not s.finished
+        ]
+
     def migrating(self) -> dict[str, str]:
         return {rid: s.migration for rid, s in self._streams.items() if s.migration}
 

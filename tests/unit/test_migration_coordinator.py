@@ -177,3 +177,43 @@ def test_migration_metrics_count_by_trigger_and_outcome_with_a_pause_histogram()
     assert "pdflow_migration_bytes_total 100.0" in text
     assert 'pdflow_migration_pause_seconds_bucket{le="0.05"} 1.0' in text  # the fake pauses 0 s
     assert "pdflow_migration_pause_seconds_count 1.0" in text
+
+
+def test_policy_moves_requests_from_a_crowded_decode_worker_to_an_idle_one() -> None:
+    from dataclasses import replace
+
+    from controller.policy.migration import MigrationPolicyConfig
+    from protocol.snapshots import RunningKV
+
+    crowded = replace(
+        _inst("decode-0", used=60, running=6),
+        requests=tuple(RunningKV(f"r{i}", kv_blocks=10 - i) for i in range(6)),  # type: ignore[arg-type]
+    )
+    c, actors = _setup(crowded, _inst("decode-1"), _inst("prefill-0", role=Role.PREFILL))
+    actors["actor-decode-0"].running.extend(f"r{i}" for i in range(6))
+
+    async def one_round() -> list[Any]:
+        tasks = c._plan_once(MigrationPolicyConfig(trigger_gap=8.0, max_concurrent=2, cooldown_s=0.0))
+        return [await t for t in tasks]
+
+    entries = asyncio.run(one_round())
+    # max_concurrent moves, least KV to copy first, while the freeness gap stays above the trigger
+    assert [e.request_id for e in entries] == ["r5", "r4"]
+    assert {(e.destination, e.trigger) for e in entries} == {("decode-1", "load_balance")}
+    assert c.counters.counts[("load_balance", "moved")] == 2
+
+
+def test_policy_leaves_a_balanced_cluster_alone() -> None:
+    from dataclasses import replace
+
+    from controller.policy.migration import MigrationPolicyConfig
+    from protocol.snapshots import RunningKV
+
+    a = replace(_inst("decode-0", used=20, running=2), requests=(RunningKV("a", 10), RunningKV("b", 10)))  # type: ignore[arg-type]
+    b = replace(_inst("decode-1", used=20, running=2), requests=(RunningKV("c", 10), RunningKV("d", 10)))  # type: ignore[arg-type]
+    c, _ = _setup(a, b)
+
+    async def one_round() -> int:
+        return len(c._plan_once(MigrationPolicyConfig(cooldown_s=0.0)))
+
+    assert asyncio.run(one_round()) == 0
