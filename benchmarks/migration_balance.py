@@ -1,0 +1,122 @@
+"""The migration policy against skewed dispatch, on real engines: a 1P+2D cluster where every request of a
+burst lands on decode-0 (decode-1 is cordoned while they are placed, then uncordoned, as when a worker has
+just joined), run once with ``migration.auto`` off and once on. Prints p50/p99 time per output token and the
+migrations the policy made, and writes ``results/migration_balance.json``.
+
+    .venv/bin/python benchmarks/migration_balance.py [--requests 12] [--max-tokens 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+async def _stream(stub: Any, model: str, prompt: list[int], max_tokens: int) -> list[float]:
+    from protocol.proto import router_pb2
+
+    request = router_pb2.GenerateRequest(
+        model=model,
+        prompt_token_ids=router_pb2.TokenIds(ids=prompt),
+        sampling=router_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
+    times = []
+    async for resp in stub.Generate(request, timeout=900):
+        times.extend([time.monotonic()] * len(resp.token_ids))
+    return times
+
+
+async def _burst(grpc_address: str, model: str, args: argparse.Namespace, admin: Any) -> list[list[float]]:
+    import grpc
+
+    from protocol.proto import router_pb2_grpc
+
+    async with grpc.aio.insecure_channel(grpc_address) as channel:
+        stub = router_pb2_grpc.RouterStub(channel)
+        prompts = [
+            [1000 + (i * 31 + j) % 5000 for j in range(args.prompt_tokens)] for i in range(args.requests)
+        ]
+        tasks = [asyncio.create_task(_stream(stub, model, p, args.max_tokens)) for p in prompts]
+        await asyncio.sleep(args.skew_s)  # every request is placed (on decode-0) by now
+        admin.uncordon("decode-1")
+        return await asyncio.gather(*tasks)
+
+
+def _run(auto: bool, args: argparse.Namespace) -> dict[str, Any]:
+    from pdctl.admin_client import AdminClient
+    from pdctl.local_cluster import LocalCluster
+    from pdctl.model_cache import prepare_model
+    from protocol.config import ClusterConfig
+
+    config = ClusterConfig.load(
+        overrides={
+            "decode.replicas": 2,
+            "frontdoor.http_port": 0,
+            "frontdoor.grpc_port": 0,
+            "controller.admin_port": 0,
+            "migration.auto": auto,
+            "migration.cooldown_s": args.cooldown_s,
+        }
+    )
+    cluster = LocalCluster(config, prepare_model())
+    cluster.start(say=lambda m: print(f"  {m}", flush=True))
+    try:
+        cluster.wait_until_serving()
+        with AdminClient(cluster.handle.admin_address) as admin:
+            admin.cordon("decode-1")
+            time.sleep(1.0)  # the front doors get the snapshot
+            times = asyncio.run(_burst(cluster.handle.grpc_address, config.model.name, args, admin))
+            migrations = admin.migrations(200)
+    finally:
+        cluster.stop()
+    tpots = sorted((t[-1] - t[0]) / (len(t) - 1) for t in times if len(t) > 1)
+    moved = [m for m in migrations.recent if m.outcome == "moved"]
+    return {
+        "auto": auto,
+        "requests": len(times),
+        "tokens": [len(t) for t in times],
+        "tpot_p50_ms": statistics.median(tpots) * 1e3,
+        "tpot_p99_ms": tpots[min(len(tpots) - 1, round(0.99 * (len(tpots) - 1)))] * 1e3,
+        "tpot_mean_ms": statistics.mean(tpots) * 1e3,
+        "migrations_moved": len(moved),
+        "migrations_other": len(migrations.recent) - len(moved),
+        "mean_pause_ms": statistics.mean([m.paused_seconds for m in moved]) * 1e3 if moved else 0.0,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--requests", type=int, default=12)
+    parser.add_argument("--prompt-tokens", type=int, default=200)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--skew-s", type=float, default=2.0, help="Seconds decode-1 stays cordoned.")
+    parser.add_argument("--cooldown-s", type=float, default=1.0, help="migration.cooldown_s for the run.")
+    parser.add_argument("--out", type=Path, default=ROOT / "results" / "migration_balance.json")
+    args = parser.parse_args()
+    rows = []
+    for auto in (False, True):
+        print(f"migration policy {'on' if auto else 'off'}:", flush=True)
+        row = _run(auto, args)
+        rows.append(row)
+        print(
+            f"  TPOT p50 {row['tpot_p50_ms']:.1f} ms, p99 {row['tpot_p99_ms']:.1f} ms, "
+            f"mean {row['tpot_mean_ms']:.1f} ms; {row['migrations_moved']} moved "
+            f"({row['migrations_other']} not), mean pause {row['mean_pause_ms']:.0f} ms",
+            flush=True,
+        )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"rows": rows, "args": vars(args) | {"out": str(args.out)}}, indent=2))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
