@@ -62,6 +62,21 @@ class DecodeWorker(EngineWorker):
         chosen = MigrationMode(mode) if mode else self.config.migration.mode
         return await self.migrations.migrate(request_id, migration_id, target, chosen)
 
+    def cancel_migration(self, request_id: str) -> bool:
+        return self.migrations.cancel(request_id)
+
+    async def leak_check(self) -> dict[str, int]:
+        """What this worker still holds: KV blocks, requests, streams, and the connector's staging state.
+        All zero when idle."""
+        load = self.engine.load()
+        figures = {
+            "kv_blocks_used": load.kv_blocks_used,
+            "requests": load.num_running + load.num_waiting + load.in_flight,
+            "streams": len(self.migrations.running()),
+            "migrating": len(self.migrations.migrating()),
+        }
+        return figures | await self.engine.kv_held()
+
     def running_requests(self) -> list[str]:
         return self.migrations.running()
 

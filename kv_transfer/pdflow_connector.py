@@ -446,6 +446,14 @@ class PdflowConnector(KVConnectorBase_V1):
         del self._pushes[transfer_id]
         return dict(future.result())
 
+    def held(self) -> dict[str, int]:
+        """Leak-check figures of this worker half: staging regions, landed and reserved transfers, pushes
+        running, loads waiting for their KV."""
+        figures = dict(self._endpoint.held) if self._endpoint is not None else {}
+        figures["pushes"] = sum(1 for f in self._pushes.values() if not f.done())
+        figures["pending_loads"] = len(self._pending_loads)
+        return figures
+
     def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         """Best effort: have ``destination`` free pushed transfers that will never be loaded (their leases
         free them anyway if this is lost)."""

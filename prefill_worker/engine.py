@@ -218,6 +218,11 @@ class VllmEngine:
     async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         await self._rpc("pdflow_drop_pushed", (destination, transfer_ids, why))
 
+    async def kv_held(self) -> dict[str, int]:
+        """Leak-check figures of the pdflow connector in the engine (regions, transfers, pushes, loads)."""
+        held: dict[str, int] = (await self._rpc("pdflow_kv_held", ()))[0]
+        return held
+
     async def _rpc(self, method: str, args: tuple[Any, ...]) -> list[Any]:
         if self._llm is None:
             raise WorkerFailed("engine is not started")

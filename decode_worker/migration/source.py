@@ -118,9 +118,19 @@ class MigrationSource:
         self._instance_id = instance_id
         self._config = config
         self._streams: dict[str, LiveStream] = {}
+        self._moves: dict[str, asyncio.Future[None]] = {}
 
     def running(self) -> list[str]:
         return [rid for rid, s in self._streams.items() if not s.finished]
+
+    def cancel(self, request_id: str) -> bool:
+        """Abort the migration of ``request_id`` wherever it is; before the hand-over the request goes on
+        here (the stream thaws, the parts pushed so far are dropped). False if none is in flight."""
+        move = self._moves.get(request_id)
+        if move is None or move.done():
+            return False
+        move.cancel()
+        return True
 
     def kv_of_running(self) -> list[tuple[str, int]]:
         """(request id, KV blocks it holds here) of every request running here."""
@@ -190,12 +200,20 @@ class MigrationSource:
             return replace(report, error="the destination is the source")
         stream.migration = migration_id
         plan = _Plan(stream, migration_id, target)
+        move = asyncio.ensure_future(self._move(plan, mode))
+        self._moves[request_id] = move
         try:
-            await asyncio.wait_for(self._move(plan, mode), self._config.timeout_s)
+            await asyncio.wait({move}, timeout=self._config.timeout_s)
+            if not move.done():
+                move.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await move
+                raise TimeoutError(f"migration did not finish within {self._config.timeout_s:g} s")
+            if move.cancelled():
+                raise MigrationFailed("migration cancelled")
+            move.result()
         except Exception as exc:
             error = str(exc) or type(exc).__name__
-            if isinstance(exc, TimeoutError):
-                error = f"migration did not finish within {self._config.timeout_s:g} s"
             if plan.frozen_at is not None:
                 stream.queue.put_nowait(_THAW)
             if plan.parts:
@@ -213,6 +231,9 @@ class MigrationSource:
             return replace(report, outcome=outcome, error=error, **plan.figures(started))
         finally:
             stream.migration = ""
+            self._moves.pop(request_id, None)
+            if not move.done():  # the caller went away: stop here too (the stream thaws)
+                move.cancel()
         log.info("migration %s of %s to %s: moved", migration_id, request_id, target.instance_id)
         return replace(report, outcome=MigrationOutcome.MOVED, **plan.figures(started))
 

@@ -54,6 +54,11 @@ class MigrationWorkerExtension:
             connector.drop_pushed(destination, transfer_ids, why)
 
 
+    def pdflow_kv_held(self) -> dict[str, int]:
+        connector = _connector()
+        return connector.held() if connector is not None else {}
+
+
 def _connector() -> Any:
     """The engine's pdflow connector (worker half), or None under another connector."""
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
