@@ -20,6 +20,7 @@ decode side computes its own tokens over the padding.
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -70,6 +71,54 @@ class PagedLayout:
     def token_bytes(self, dtype: torch.dtype) -> int:
         """Raw bytes of K plus V for one token of one layer."""
         return 2 * self.num_kv_heads * self.head_dim * dtype.itemsize
+
+
+def block_format(layout: PagedLayout, dtype: torch.dtype) -> str:
+    """A signature of how a block is stored: two engines with the same one can exchange raw block images."""
+    order = "".join(
+        "t" if slots is None else f"p{zlib.crc32(slots.to(torch.int64).numpy().tobytes()):08x}"
+        for slots in (layout.key_slots, layout.value_slots)
+    )
+    fused = "cpu" if layout.cpu_fused else "split"
+    return f"{fused}/{layout.block_size}x{layout.num_kv_heads}x{layout.head_dim}/{dtype}/{order}"
+
+
+def block_images(
+    layer: torch.Tensor, layout: PagedLayout, block_ids: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Copies of the blocks exactly as stored, split in two halves shaped ``[n * block_size, heads, dim]``
+    (keys and values on the split layout; the first and second half of each block image on the fused CPU
+    layout). Only ``put_block_images`` on a layout with the same ``block_format`` reads them back."""
+    index = torch.tensor(block_ids, dtype=torch.long, device=layer.device)
+    heads, dim = layout.num_kv_heads, layout.head_dim
+    if layout.cpu_fused:
+        images = layer.view(layer.shape[0], 2, -1).index_select(0, index)
+        return images[:, 0].reshape(-1, heads, dim), images[:, 1].reshape(-1, heads, dim)
+    return (
+        layer[0].index_select(0, index).reshape(-1, heads, dim),
+        layer[1].index_select(0, index).reshape(-1, heads, dim),
+    )
+
+
+def put_block_images(
+    layer: torch.Tensor, layout: PagedLayout, block_ids: list[int], first: torch.Tensor, second: torch.Tensor
+) -> None:
+    """Write block images from ``block_images`` into the first ``n`` of ``block_ids``."""
+    needed = int(first.shape[0]) // layout.block_size
+    if needed * layout.block_size != first.shape[0] or first.shape != second.shape:
+        raise ValueError(
+            f"block images of {tuple(first.shape)} and {tuple(second.shape)} are not whole blocks"
+        )
+    if needed > len(block_ids):
+        raise ValueError(f"{needed} block images, the request holds {len(block_ids)} blocks")
+    index = torch.tensor(block_ids[:needed], dtype=torch.long, device=layer.device)
+    if layout.cpu_fused:
+        images = torch.stack((first.reshape(needed, -1), second.reshape(needed, -1)), dim=1)
+        layer.view(layer.shape[0], 2, -1).index_copy_(0, index, images.to(layer.dtype))
+    else:
+        shape = (needed, layout.block_size, layout.num_kv_heads, layout.head_dim)
+        layer[0].index_copy_(0, index, first.to(layer.dtype).reshape(shape))
+        layer[1].index_copy_(0, index, second.to(layer.dtype).reshape(shape))
 
 
 def _blocks_view(layer: torch.Tensor, layout: PagedLayout) -> torch.Tensor:

@@ -10,3 +10,6 @@ REMOTE_TOKENS = "pdflow_remote_tokens"  # decode side: prompt tokens whose KV co
 # decode side, optional: the transfers the KV travels in, in token order, as [transfer id, first block] pairs
 # (a live migration's pre-copy stages); absent, the whole KV travels in TRANSFER_ID from block 0
 PARTS = "pdflow_parts"
+# decode side, optional: the parts carry raw block images of a layout with this signature (a migration between
+# engines that store blocks alike); the receiver checks it against its own before copying them in
+BLOCK_FORMAT = "pdflow_block_format"

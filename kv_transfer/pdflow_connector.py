@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -31,8 +32,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kv_transfer.codec import get_codec
 from kv_transfer.codec_choice import CodecChooser
 from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, TransferFailed
-from kv_transfer.paged import PagedLayout, gather, scatter
-from kv_transfer.params import CODEC, PARTS, REMOTE_TOKENS
+from kv_transfer.paged import PagedLayout, block_format, block_images, gather, put_block_images, scatter
+from kv_transfer.params import BLOCK_FORMAT, CODEC, PARTS, REMOTE_TOKENS
 from kv_transfer.params import DESTINATION as DEST
 from kv_transfer.params import TRANSFER_ID as TRANSFER
 from kv_transfer.transport.nixl import NixlTransport
@@ -63,6 +64,7 @@ class LoadSpec:
     block_ids: list[int]
     tokens: int
     local_tokens: int  # a local prefix-cache hit (whole blocks): those blocks are shared, never written
+    block_format: str = ""  # set: the parts are raw block images of this layout (see paged.block_format)
 
 
 @dataclass
@@ -179,7 +181,9 @@ class PdflowConnector(KVConnectorBase_V1):
         if num_external_tokens > 0 and TRANSFER in params:
             local = self._local_hits.pop(request.request_id, 0)
             parts = _parts(params)
-            self._to_load[request.request_id] = LoadSpec(parts, block_ids, num_external_tokens, local)
+            self._to_load[request.request_id] = LoadSpec(
+                parts, block_ids, num_external_tokens, local, str(params.get(BLOCK_FORMAT, ""))
+            )
             self._loading[request.request_id] = [tid for tid, _ in parts]
         elif params.get(DEST) and TRANSFER in params and request.request_id not in self._to_save:
             self._to_save[request.request_id] = SaveSpec(
@@ -409,26 +413,32 @@ class PdflowConnector(KVConnectorBase_V1):
             )
         names = list(self._layers)
         local_blocks = spec.local_tokens // bs
+        put: Callable[[torch.Tensor, PagedLayout, list[int], torch.Tensor, torch.Tensor], None] = scatter
+        if spec.block_format:
+            mine = block_format(self._layout, next(iter(self._layers.values())).dtype)
+            if spec.block_format != mine:
+                raise ValueError(f"block images of layout {spec.block_format}, this engine stores {mine}")
+            put = put_block_images
         for (_, first), incoming in zip(spec.parts, landed, strict=True):
             skip = max(0, local_blocks - first)  # blocks of this part that a prefix-cache hit holds
             if skip * bs >= incoming.tokens:
                 continue
             blocks = spec.block_ids[first + skip :]
             for index, key, value in self._endpoint.decode_layers(incoming):
-                scatter(
-                    self._layers[names[index]], self._layout, blocks, key[skip * bs :], value[skip * bs :]
-                )
+                layer = self._layers[names[index]]
+                put(layer, self._layout, blocks, key[skip * bs :], value[skip * bs :])
 
     # ---- live migration (source side) -------------------------------------------------------------------
 
     def push_blocks(
         self, request_id: str, transfer_id: str, destination: str, block_ids: list[int], *, background: bool
     ) -> dict[str, Any] | None:
-        """Push whole blocks of a request's KV (every layer, an exact codec) to ``destination`` in one
-        transfer. The caller guarantees the blocks stay the request's and stay unchanged until the push ends
-        (a running request never rewrites a full block). With ``background`` the push runs on the
-        connector's push thread while the engine goes on (``push_status`` reports it); otherwise it blocks.
-        Returns the transfer's record as a dict (FAILED with an error on any failure)."""
+        """Push whole blocks of a request's KV to ``destination`` in one transfer: every layer, as raw block
+        images (exact, and no reordering on either side; the record's ``block_format`` names the layout).
+        The caller guarantees the blocks stay the request's and stay unchanged until the push ends (a
+        running request never rewrites a full block). With ``background`` the push runs on the connector's
+        push thread while the engine goes on (``push_status`` reports it); otherwise it blocks. Returns the
+        transfer's record as a dict (FAILED with an error on any failure)."""
         if background:
             self._pushes[transfer_id] = self._push_pool.submit(
                 self._push, request_id, transfer_id, destination, list(block_ids)
@@ -484,9 +494,10 @@ class PdflowConnector(KVConnectorBase_V1):
             return exc.record.to_dict()
         try:
             for index, layer in enumerate(self._layers.values()):
-                key, value = gather(layer, layout, block_ids)
-                endpoint.send_layer(transfer, index, key, value)
-            return endpoint.finish(transfer).to_dict()
+                first, second = block_images(layer, layout, block_ids)
+                endpoint.send_layer(transfer, index, first, second)
+            record = endpoint.finish(transfer).to_dict()
+            return record | {"block_format": block_format(layout, dtype)}
         except TransferFailed as exc:
             return exc.record.to_dict()
         except Exception as exc:

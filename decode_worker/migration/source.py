@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from kv_transfer.params import PARTS, TRANSFER_ID
+from kv_transfer.params import BLOCK_FORMAT, PARTS, TRANSFER_ID
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.ids import RequestId
 from protocol.messages import DecodeRequest, SamplingSpec, TokenChunk
@@ -266,7 +266,11 @@ class MigrationSource:
                 await self._push(plan, end, background=False)
             if stream.ended.is_set():  # the client left or the engine failed during the last push
                 raise MigrationFailed(f"request {stream.request_id} ended during the final copy")
-            handle = {TRANSFER_ID: plan.parts[-1][0], PARTS: [list(p) for p in plan.parts]}
+            handle = {
+                TRANSFER_ID: plan.parts[-1][0],
+                PARTS: [list(p) for p in plan.parts],
+                BLOCK_FORMAT: plan.block_format,
+            }
         plan.tokens = stream.kv_tokens(len(stream.delivered))
         plan.handed_at = time.monotonic()
         stream.queue.put_nowait(Handover(plan.migration_id, plan.target, stream.continuation(handle)))
@@ -294,6 +298,7 @@ class MigrationSource:
         if record.get("outcome") != "success":
             raise MigrationFailed(str(record.get("error") or f"push {transfer_id} {record.get('outcome')}"))
         plan.wire_bytes += int(record.get("wire_bytes", 0))
+        plan.block_format = str(record.get("block_format", ""))
         plan.pushed = end
 
     async def _pump(self, stream: LiveStream, chunks: AsyncIterator[TokenChunk]) -> None:
@@ -319,6 +324,7 @@ class _Plan:
     block_ids: list[int] = field(default_factory=list)
     pushed: int = 0  # blocks pushed so far
     wire_bytes: int = 0
+    block_format: str = ""  # how the source stores blocks: the parts are raw images of that layout
     tokens: int = 0
     frozen_at: float | None = None
     handed_at: float | None = None

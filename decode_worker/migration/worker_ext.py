@@ -53,7 +53,6 @@ class MigrationWorkerExtension:
         if connector is not None:
             connector.drop_pushed(destination, transfer_ids, why)
 
-
     def pdflow_kv_held(self) -> dict[str, int]:
         connector = _connector()
         return connector.held() if connector is not None else {}

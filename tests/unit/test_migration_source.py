@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from decode_worker.migration.source import LiveStream, MigrationSource
-from kv_transfer.params import PARTS, TRANSFER_ID
+from kv_transfer.params import BLOCK_FORMAT, PARTS, TRANSFER_ID
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.ids import RequestId
 from protocol.messages import DecodeRequest, FinishReason, SamplingSpec, TokenChunk
@@ -55,7 +55,11 @@ class FakeEngine:
         injected = self.fail.get(k)
         if injected is not None and "outcome" not in injected:
             return injected
-        record = injected or {"outcome": "success", "wire_bytes": 100 * (blocks[1] - blocks[0])}
+        record = injected or {
+            "outcome": "success",
+            "wire_bytes": 100 * (blocks[1] - blocks[0]),
+            "block_format": "fake/4",
+        }
         if background:
             self._records[transfer_id] = record
             return {"block_ids": list(range(blocks[1])), "record": None}
@@ -235,7 +239,11 @@ async def test_baseline_modes(mode: MigrationMode) -> None:
     else:
         [push] = engine.pushes
         assert push.blocks == (0, final_end(stream, 6)) and push.background is False
-        assert cont.kv_handle == {TRANSFER_ID: push.transfer_id, PARTS: [[push.transfer_id, 0]]}
+        assert cont.kv_handle == {
+            TRANSFER_ID: push.transfer_id,
+            PARTS: [[push.transfer_id, 0]],
+            BLOCK_FORMAT: "fake/4",  # the destination checks it against its own layout
+        }
         assert report.stages == 1
 
 
