@@ -26,18 +26,17 @@ class InstanceRegistry:
     def cordon(self, instance_id: str) -> InstanceSnapshot:
         """No new requests for ``instance_id`` from the next snapshot on (it keeps what it runs). KeyError if
         unknown; a DEAD instance stays DEAD."""
-        current = self._instances[instance_id]
         self._cordoned.add(instance_id)
-        if current.state is InstanceState.READY:
-            self._instances[instance_id] = replace(current, state=InstanceState.CORDONED)
-            self._version += 1
-        return self._instances[instance_id]
+        return self._set_state(instance_id, InstanceState.READY, InstanceState.CORDONED)
 
     def uncordon(self, instance_id: str) -> InstanceSnapshot:
-        current = self._instances[instance_id]
         self._cordoned.discard(instance_id)
-        if current.state is InstanceState.CORDONED:
-            self._instances[instance_id] = replace(current, state=InstanceState.READY)
+        return self._set_state(instance_id, InstanceState.CORDONED, InstanceState.READY)
+
+    def _set_state(self, instance_id: str, old: InstanceState, new: InstanceState) -> InstanceSnapshot:
+        current = self._instances[instance_id]
+        if current.state is old:
+            self._instances[instance_id] = replace(current, state=new)
             self._version += 1
         return self._instances[instance_id]
 
