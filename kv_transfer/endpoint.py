@@ -358,7 +358,9 @@ class KVEndpoint:
 
     @property
     def held(self) -> dict[str, int]:
-        """Leak-check figures: staging regions held, landed and reserved transfers."""
+        """Leak-check figures: staging regions held, landed and reserved transfers (after ending those
+        whose lease ran out)."""
+        self.expire()
         with self._lock:
             return {
                 "regions": len(self._arena.keys),
@@ -378,6 +380,7 @@ class KVEndpoint:
         op = msg.get("op")
         transfer_id = str(msg.get("transfer_id", ""))
         if op == "reserve":
+            self.expire()  # an idle engine never calls ``take``: free lapsed regions before taking room
             peer = peer_from_wire(msg["peer"])
             self._transport.add_peer(peer)
             with self._lock:

@@ -312,6 +312,8 @@ class PdflowConnector(KVConnectorBase_V1):
         self._failed_saves.clear()
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self._endpoint is not None:
+            self._endpoint.expire()  # transfers nobody loaded (a client gone after a hand-over) end here
         self._progress_loads()
         received, self._received = self._received, set()
         return None, received or None

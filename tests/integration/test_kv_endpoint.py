@@ -147,6 +147,18 @@ def test_an_unloaded_transfer_expires_aborted(pair) -> None:
     assert receiver.held["regions"] == 0
 
 
+def test_an_idle_receiver_still_frees_a_lapsed_transfer(pair) -> None:
+    """Nobody calls ``take`` on an idle engine (a client left right after a migration's hand-over): the
+    leak check and the next reservation end lapsed transfers themselves."""
+    sender, receiver, _, clock = pair
+    _send(sender, receiver, "none", _layers())
+    assert receiver.held == {"regions": 1, "landed": 1, "reserved": 0}
+    clock.now += 11
+    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+    (record,) = receiver.drain_records()
+    assert record.outcome is TransferOutcome.ABORTED and "lease expired" in record.error
+
+
 def test_an_unreachable_receiver_fails_fast(pair) -> None:
     sender, _, _, _ = pair
     with pytest.raises(TransferFailed, match="no reply"):
