@@ -119,6 +119,7 @@ class MigrationSource:
         self._config = config
         self._streams: dict[str, LiveStream] = {}
         self._moves: dict[str, asyncio.Future[None]] = {}
+        self._background: set[asyncio.Future[None]] = set()
 
     def running(self) -> list[str]:
         return [rid for rid, s in self._streams.items() if not s.finished]
@@ -232,8 +233,16 @@ class MigrationSource:
         finally:
             stream.migration = ""
             self._moves.pop(request_id, None)
-            if not move.done():  # the caller went away: stop here too (the stream thaws)
+            if not move.done():  # the caller went away: stop here too, thaw, drop what landed
                 move.cancel()
+                if plan.frozen_at is not None:
+                    stream.queue.put_nowait(_THAW)
+                if plan.parts:
+                    drop = self._engine.drop_pushed(
+                        target.kv_endpoint, plan.part_ids(), "migration abandoned"
+                    )
+                    self._background.add(task := asyncio.ensure_future(drop))
+                    task.add_done_callback(self._background.discard)
         log.info("migration %s of %s to %s: moved", migration_id, request_id, target.instance_id)
         return replace(report, outcome=MigrationOutcome.MOVED, **plan.figures(started))
 

@@ -345,3 +345,28 @@ async def test_relay_that_ends_during_the_final_push_is_not_reported_moved() -> 
 
     assert report.outcome is not MOVED
     assert engine.dropped and engine.dropped[0][1] == [p.transfer_id for p in engine.pushes]
+
+
+async def test_caller_that_gives_up_mid_freeze_leaves_the_request_flowing_here() -> None:
+    """The controller's call to ``migrate`` is cancelled (its deadline, or the controller went away) while the
+    stream is frozen: the stream thaws, nothing is lost, and the parts pushed so far are dropped."""
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    await produce(stream, tokens, 5)
+    stuck = asyncio.Event()
+
+    async def on_push(k: int, background: bool) -> None:
+        if not background:
+            await produce(stream, tokens, 2)  # held back while frozen
+            await stuck.wait()  # the final push never answers
+
+    engine.on_push = on_push
+    caller = asyncio.create_task(source.migrate(RID, "m1", DEST, LIVE))
+    await until(lambda: len(engine.pushes) == 1)
+    caller.cancel()
+    await until(lambda: bool(engine.dropped))
+    await produce(stream, tokens, 3, FinishReason.LENGTH)
+    chunks = await relay
+    assert relayed(chunks) == tokens.made and all(c.handover is None for c in chunks)
+    assert engine.dropped[0][1] == [p.transfer_id for p in engine.pushes]
+    assert source.migrating() == {}
