@@ -11,7 +11,7 @@ import itertools
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from controller.policy.migration import (
@@ -102,6 +102,7 @@ class MigrationCoordinator:
         self._recent: collections.deque[MigrationEntry] = collections.deque(maxlen=_RECENT)
         self.counters = MigrationCounters()
         self._policy_state = MigrationState()
+        self._planned_tasks: set[asyncio.Task[MigrationEntry | None]] = set()
 
     def in_flight(self) -> list[MigrationEntry]:
         return list(self._in_flight.values())
@@ -160,16 +161,7 @@ class MigrationCoordinator:
             )
         finally:
             self._in_flight.pop(migration_id, None)
-        done = MigrationEntry(
-            entry.request_id,
-            entry.migration_id,
-            entry.source,
-            entry.destination,
-            entry.mode,
-            entry.trigger,
-            entry.started_at,
-            report,
-        )
+        done = replace(entry, report=report)
         self._recent.append(done)
         self.counters.counts[(str(trigger), report.outcome.value)] += 1
         if report.outcome is MigrationOutcome.MOVED:
@@ -204,11 +196,15 @@ class MigrationCoordinator:
         plan, self._policy_state = decide_migrations(
             snapshot, requests, self._policy_state, config, time.monotonic()
         )
-        return [
+        started = [
             asyncio.create_task(self._planned(i.request_id, i.source, i.destination, i.trigger))
             for i in plan.intents
             if i.request_id not in busy
         ]
+        for task in started:  # the loop keeps only weak references to tasks
+            self._planned_tasks.add(task)
+            task.add_done_callback(self._planned_tasks.discard)
+        return started
 
     async def _planned(
         self, request_id: str, source: str, destination: str, trigger: MigrationTrigger
@@ -252,7 +248,8 @@ class MigrationCoordinator:
             if any(tried.values()):
                 await asyncio.sleep(_DRAIN_POLL_S)  # a failed attempt: give the worker a moment
             entries = await asyncio.gather(
-                *(self._drain_one(rid, instance_id) for rid in movable), return_exceptions=True
+                *(self.migrate(rid, source=instance_id, trigger=MigrationTrigger.DRAIN) for rid in movable),
+                return_exceptions=True,
             )
             for rid, entry in zip(movable, entries, strict=True):
                 tried[rid] += 1
@@ -270,9 +267,6 @@ class MigrationCoordinator:
         )
         result.seconds = time.monotonic() - started
         return result
-
-    async def _drain_one(self, request_id: str, source: str) -> MigrationEntry:
-        return await self.migrate(request_id, source=source, trigger=MigrationTrigger.DRAIN)
 
     def _known(self, instance_id: str) -> InstanceSnapshot:
         found = self._registry.snapshot(time.time()).by_id(instance_id)
