@@ -4,14 +4,16 @@ unregistered colocated engine as the reference. Every scenario ends with a leak 
 
 from __future__ import annotations
 
+import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import pytest
 
 from pdctl.local_cluster import NAMESPACE, ClusterHandle, LocalCluster, free_port
 from protocol.config import ClusterConfig
+from protocol.messages import SamplingSpec
 from protocol.snapshots import InstanceSnapshot, Role
 
 REFERENCE_NAME = "pdflow-reference"
@@ -26,6 +28,7 @@ class E2ECluster:
         self.grpc_address = handle.grpc_address
         self.admin_address = handle.admin_address
         self.model = handle.config.model.name
+        self._reference_ids = itertools.count()
 
     def worker(self, role: Role) -> Any:
         return next(iter(self.handle.workers(role).values()))
@@ -36,17 +39,32 @@ class E2ECluster:
         return ray.get(self.worker(role).snapshot.remote(), timeout=10)
 
     def wait_idle(self, timeout_s: float = 30.0) -> dict[str, InstanceSnapshot]:
-        """Wait until no worker holds a KV block or a request; return the snapshots, or raise with them."""
+        """Leak check: wait until no worker (every prefill and decode worker in the cluster) holds a KV block
+        or a request; return the first worker's snapshot per role, or raise with them all."""
+        import ray
+
         deadline = time.monotonic() + timeout_s
         while True:
-            snaps = {role.value: self.snapshot(role) for role in (Role.PREFILL, Role.DECODE)}
-            if all(
-                s.kv_blocks_used == 0 and s.num_running == 0 and s.num_waiting == 0 for s in snaps.values()
-            ):
-                return snaps
+            snaps = {
+                name: ray.get(actor.snapshot.remote(), timeout=10)
+                for role in (Role.PREFILL, Role.DECODE)
+                for name, actor in self.handle.workers(role).items()
+            }
+            if all(s.kv_blocks_used == 0 and s.load == 0 for s in snaps.values()):
+                return {role.value: self.snapshot(role) for role in (Role.PREFILL, Role.DECODE)}
             if time.monotonic() > deadline:
                 raise AssertionError(f"KV or requests still held after {timeout_s}s: {snaps}")
             time.sleep(0.1)
+
+    async def reference_tokens(self, prompt_ids: Sequence[int], sampling: SamplingSpec) -> list[int]:
+        """The colocated reference engine's tokens for ``prompt_ids``, run on their own."""
+        ids: list[int] = []
+        request_id = f"ref-{next(self._reference_ids)}"
+        async for ref in self.reference.generate.options(num_returns="streaming").remote(
+            request_id, tuple(prompt_ids), sampling
+        ):
+            ids.extend((await ref).token_ids)
+        return ids
 
 
 @pytest.fixture(scope="session")

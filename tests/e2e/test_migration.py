@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -54,29 +55,6 @@ def two_decoders(e2e_cluster: E2ECluster) -> Iterator[E2ECluster]:
         ray.kill(second)
         cluster.handle.actors.pop(name, None)
         _wait("the front door to drop decode-2", lambda: _decode_workers_seen(cluster) == 1)
-
-
-def _idle(cluster: E2ECluster) -> None:
-    """Leak check on every worker, decode-2 included: no KV block, no request, no transfer held."""
-
-    def quiet() -> bool:
-        snaps = [
-            ray.get(w.snapshot.remote(), timeout=10) for w in cluster.handle.workers(Role.DECODE).values()
-        ]
-        snaps.append(cluster.snapshot(Role.PREFILL))
-        return all(s.kv_blocks_used == 0 and s.load == 0 for s in snaps)
-
-    _wait("every worker to free its KV blocks", quiet)
-
-
-async def _reference(cluster: E2ECluster, prompt_ids: tuple[int, ...]) -> list[int]:
-    sampling = SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    ids: list[int] = []
-    async for ref in cluster.reference.generate.options(num_returns="streaming").remote(
-        f"ref-migration-{time.monotonic_ns()}", prompt_ids, sampling
-    ):
-        ids.extend((await ref).token_ids)
-    return ids
 
 
 def _decoding_on(admin: AdminClient, request_id: str) -> str:
@@ -129,7 +107,8 @@ async def test_migrated_request_gives_the_unmigrated_tokens(
 ) -> None:
     cluster = two_decoders
     prompt_ids = tuple(model_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
-    reference = await _reference(cluster, prompt_ids)
+    sampling = SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
+    reference = await cluster.reference_tokens(prompt_ids, sampling)
     request_id = f"mig-{len(moves)}-{time.monotonic_ns()}"
     tokens, reports = await _generate_with_moves(cluster, request_id, prompt_ids, moves)
     assert [r.outcome for r in reports] == ["moved"] * len(moves), [r.error for r in reports]
@@ -147,7 +126,7 @@ async def test_migrated_request_gives_the_unmigrated_tokens(
     states = [e.state for e in record.events]
     assert states.count("MIGRATING") == len(moves), states
     assert record.output_tokens == MAX_TOKENS
-    await asyncio.to_thread(_idle, cluster)
+    await asyncio.to_thread(cluster.wait_idle)
 
 
 def test_pdctl_drain_empties_a_worker_without_failing_requests(two_decoders: E2ECluster) -> None:
@@ -160,8 +139,6 @@ def test_pdctl_drain_empties_a_worker_without_failing_requests(two_decoders: E2E
 
     def one() -> None:
         results.append(httpx.post(f"{cluster.http_url}/v1/completions", json=body, timeout=300))
-
-    import threading
 
     clients = [threading.Thread(target=one) for _ in range(3)]
     for c in clients:
@@ -187,7 +164,7 @@ def test_pdctl_drain_empties_a_worker_without_failing_requests(two_decoders: E2E
     assert "3 moved" in drained.stdout and "it is empty" in drained.stdout, drained.stdout
     assert [r.status_code for r in results] == [200] * 3, [r.text for r in results]
     assert all(r.json()["usage"]["completion_tokens"] == 80 for r in results)
-    _idle(cluster)
+    cluster.wait_idle()
 
     def drained_metric() -> float:
         text = httpx.get(f"{cluster.http_url}/metrics", timeout=10).text

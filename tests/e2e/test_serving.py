@@ -36,13 +36,9 @@ async def _grpc_generate(stub: Any, model: str, prompt: str, max_tokens: int) ->
 
 
 async def _reference(cluster: E2ECluster, prompt_ids: list[int], max_tokens: int) -> list[int]:
-    sampling = SamplingSpec(max_tokens=max_tokens, temperature=0.0, seed=0)
-    ids: list[int] = []
-    async for ref in cluster.reference.generate.options(num_returns="streaming").remote(
-        f"ref-{len(prompt_ids)}-{hash(tuple(prompt_ids))}", tuple(prompt_ids), sampling
-    ):
-        ids.extend((await ref).token_ids)
-    return ids
+    return await cluster.reference_tokens(
+        prompt_ids, SamplingSpec(max_tokens=max_tokens, temperature=0.0, seed=0)
+    )
 
 
 async def test_disaggregated_tokens_equal_colocated_engine(cluster: E2ECluster, model_tokenizer: Any) -> None:
