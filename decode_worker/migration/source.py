@@ -90,7 +90,6 @@ class LiveStream:
     delivered: list[int] = field(default_factory=list)
     produced: int = 0  # tokens the engine gave so far (delivered, queued or held back)
     finished: bool = False
-    migration: str = ""
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)  # the client has a token from here
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # the relay returned or failed
@@ -118,7 +117,7 @@ class MigrationSource:
         self._instance_id = instance_id
         self._config = config
         self._streams: dict[str, LiveStream] = {}
-        self._moves: dict[str, asyncio.Future[None]] = {}
+        self._moves: dict[str, tuple[str, asyncio.Future[None]]] = {}  # request -> (migration id, its move)
         self._background: set[asyncio.Future[None]] = set()
 
     def running(self) -> list[str]:
@@ -127,7 +126,7 @@ class MigrationSource:
     def cancel(self, request_id: str) -> bool:
         """Abort the migration of ``request_id`` wherever it is; before the hand-over the request goes on
         here (the stream thaws, the parts pushed so far are dropped). False if none is in flight."""
-        move = self._moves.get(request_id)
+        _, move = self._moves.get(request_id, ("", None))
         if move is None or move.done():
             return False
         move.cancel()
@@ -141,7 +140,7 @@ class MigrationSource:
         ]
 
     def migrating(self) -> dict[str, str]:
-        return {rid: s.migration for rid, s in self._streams.items() if s.migration}
+        return {rid: migration_id for rid, (migration_id, _) in self._moves.items()}
 
     async def serve(self, stream: LiveStream, chunks: AsyncIterator[TokenChunk]) -> AsyncIterator[TokenChunk]:
         """Relay ``chunks`` (the engine's stream for ``stream``) unless and until the request moves."""
@@ -195,14 +194,15 @@ class MigrationSource:
         stream = self._streams.get(request_id)
         if stream is None or stream.finished:
             return replace(report, error=f"request {request_id} is not running on {self._instance_id}")
-        if stream.migration:
-            return replace(report, error=f"request {request_id} is already migrating ({stream.migration})")
+        if request_id in self._moves:
+            return replace(
+                report, error=f"request {request_id} is already migrating ({self._moves[request_id][0]})"
+            )
         if target.instance_id == self._instance_id:
             return replace(report, error="the destination is the source")
-        stream.migration = migration_id
         plan = _Plan(stream, migration_id, target)
         move = asyncio.ensure_future(self._move(plan, mode))
-        self._moves[request_id] = move
+        self._moves[request_id] = (migration_id, move)
         try:
             await asyncio.wait({move}, timeout=self._config.timeout_s)
             if not move.done():
@@ -231,7 +231,6 @@ class MigrationSource:
             )
             return replace(report, outcome=outcome, error=error, **plan.figures(started))
         finally:
-            stream.migration = ""
             self._moves.pop(request_id, None)
             if not move.done():  # the caller went away: stop here too, thaw, drop what landed
                 move.cancel()
