@@ -1,6 +1,10 @@
 """The NIXL transport: one agent per worker on the UCX backend, one registered host (or device) buffer, and
 one-sided WRITE/READ between buffers. The agent's progress thread moves the bytes; posting never blocks.
 
+The progress thread waits for UCX events at most ``PROGRESS_DELAY_US`` between rounds. NIXL's Python API
+fixes that delay at 0, which makes the thread spin: about 0.8 of a core per agent while idle, three agents on
+a 2-core laptop cluster, and slower transfers besides (measured in ``benchmarks/nixl_progress.py``).
+
 ``nixl`` is imported when a transport is made, so importing this module stays cheap.
 """
 
@@ -17,6 +21,38 @@ from kv_transfer.transport.base import PeerInfo, TransportError, XferState
 log = logging.getLogger(__name__)
 
 _STATES = {"DONE": XferState.DONE, "PROC": XferState.PENDING, "ERR": XferState.FAILED}
+
+PROGRESS_DELAY_US = 1000
+_AGENT_LOCK = threading.Lock()
+
+
+def make_agent(name: str, progress_delay_us: int | None = PROGRESS_DELAY_US) -> Any:
+    """A NIXL agent on UCX with a progress thread that waits up to ``progress_delay_us`` between rounds
+    (``None``: NIXL's own busy-polling thread)."""
+    import nixl._api as api
+
+    config = api.nixl_agent_config(enable_prog_thread=True, backends=["UCX"])
+    if progress_delay_us is None:
+        return api.nixl_agent(name, config)
+    native = api.nixlBind.nixlAgentConfig
+
+    class _Config(native):  # type: ignore[misc,valid-type]
+        """NIXL's native config, except that the API's ``pthrDelay = 0`` becomes ``progress_delay_us``."""
+
+        @property
+        def pthrDelay(self) -> int:
+            return int(native.pthrDelay.__get__(self))
+
+        @pthrDelay.setter
+        def pthrDelay(self, _: int) -> None:
+            native.pthrDelay.__set__(self, progress_delay_us)
+
+    with _AGENT_LOCK:  # the API builds its config from the module's name: swap it for this one call
+        api.nixlBind.nixlAgentConfig = _Config
+        try:
+            return api.nixl_agent(name, config)
+        finally:
+            api.nixlBind.nixlAgentConfig = native
 
 
 class _NixlXfer:
@@ -44,13 +80,11 @@ class NixlTransport:
     """``capacity`` bytes of staging memory registered with a NIXL agent called ``name``."""
 
     def __init__(self, name: str, capacity: int, *, device: str = "cpu") -> None:
-        from nixl._api import nixl_agent, nixl_agent_config
-
         self._name = name
         self._buffer = torch.zeros(capacity, dtype=torch.uint8, device=device)
         self._mem = "DRAM" if self._buffer.device.type == "cpu" else "VRAM"
         self._dev = self._buffer.device.index or 0
-        self._agent = nixl_agent(name, nixl_agent_config(enable_prog_thread=True, backends=["UCX"]))
+        self._agent = make_agent(name)
         self._reg = self._agent.register_memory(self._buffer)
         self._peers: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
