@@ -329,6 +329,21 @@ class KVEndpoint:
             self._arena.release(transfer_id)
             self._end_incoming(transfer_id, outcome, decode_s or 0.0, error, record=record)
 
+    def renew(self, transfer_ids: list[str]) -> list[str]:
+        """Give the landed transfers among ``transfer_ids`` a fresh lease: their requests still wait in the
+        engine's queue for their turn to load. Returns the ids held here no more (never landed, expired or
+        released)."""
+        self.expire()
+        now, lost = self._clock(), []
+        with self._lock:
+            for transfer_id in transfer_ids:
+                incoming = self._landed.get(transfer_id)
+                if incoming is None:
+                    lost.append(transfer_id)
+                    continue
+                self._arena.reserve(transfer_id, incoming.region.nbytes, now=now, lease_s=self._lease_s)
+        return lost
+
     def expire(self) -> None:
         """End every transfer whose lease ran out (sender died, or nobody came to load it)."""
         with self._lock:

@@ -13,3 +13,10 @@ PARTS = "pdflow_parts"
 # decode side, optional: the parts carry raw block images of a layout with this signature (a migration between
 # engines that store blocks alike); the receiver checks it against its own before copying them in
 BLOCK_FORMAT = "pdflow_block_format"
+
+
+def parts(params: dict[str, object]) -> tuple[tuple[str, int], ...]:
+    """The ``(transfer id, first block)`` pairs a decode request's KV travels in, in token order."""
+    if PARTS in params:
+        return tuple((str(tid), int(first)) for tid, first in params[PARTS])  # type: ignore[attr-defined]
+    return ((str(params[TRANSFER_ID]), 0),)

@@ -33,9 +33,10 @@ from kv_transfer.codec import get_codec
 from kv_transfer.codec_choice import CodecChooser
 from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, TransferFailed
 from kv_transfer.paged import PagedLayout, block_format, block_images, gather, put_block_images, scatter
-from kv_transfer.params import BLOCK_FORMAT, CODEC, PARTS, REMOTE_TOKENS
+from kv_transfer.params import BLOCK_FORMAT, CODEC, REMOTE_TOKENS
 from kv_transfer.params import DESTINATION as DEST
 from kv_transfer.params import TRANSFER_ID as TRANSFER
+from kv_transfer.params import parts as transfer_parts
 from kv_transfer.transport.nixl import NixlTransport
 
 if TYPE_CHECKING:
@@ -180,7 +181,7 @@ class PdflowConnector(KVConnectorBase_V1):
         block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
         if num_external_tokens > 0 and TRANSFER in params:
             local = self._local_hits.pop(request.request_id, 0)
-            parts = _parts(params)
+            parts = transfer_parts(params)
             self._to_load[request.request_id] = LoadSpec(
                 parts, block_ids, num_external_tokens, local, str(params.get(BLOCK_FORMAT, ""))
             )
@@ -466,6 +467,10 @@ class PdflowConnector(KVConnectorBase_V1):
         figures["pending_loads"] = len(self._pending_loads)
         return figures
 
+    def renew(self, transfer_ids: list[str]) -> list[str]:
+        """Keep the landed KV of requests still queued in this engine (see ``KVEndpoint.renew``)."""
+        return self._endpoint.renew(transfer_ids) if self._endpoint is not None else list(transfer_ids)
+
     def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         """Best effort: have ``destination`` free pushed transfers that will never be loaded (their leases
         free them anyway if this is lost)."""
@@ -507,7 +512,3 @@ class PdflowConnector(KVConnectorBase_V1):
             return {"transfer_id": transfer_id, "outcome": "failed", "error": f"push failed: {exc}"}
 
 
-def _parts(params: dict[str, Any]) -> tuple[tuple[str, int], ...]:
-    if PARTS in params:
-        return tuple((str(tid), int(first)) for tid, first in params[PARTS])
-    return ((str(params[TRANSFER]), 0),)

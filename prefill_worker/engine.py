@@ -18,6 +18,7 @@ from kv_transfer.params import CODEC as _CODEC
 from kv_transfer.params import DESTINATION as _DEST
 from kv_transfer.params import REMOTE_TOKENS as _REMOTE_TOKENS
 from kv_transfer.params import TRANSFER_ID as _TRANSFER
+from kv_transfer.params import parts as _parts
 from prefill_worker.engine_stats import EngineStats
 from protocol.config import EngineConfig, KVConnectorKind
 from protocol.engine import EngineLoad
@@ -56,6 +57,10 @@ class VllmEngine:
         self._llm: Any = None
         self._stats = EngineStats()
         self._live: set[str] = set()
+        # Decode requests whose KV has landed here and waits for vLLM to schedule them: a queue longer than
+        # the landed KV's lease must not lose it, so a task renews those leases while any wait.
+        self._queued_kv: dict[str, tuple[str, ...]] = {}
+        self._renewer: asyncio.Task[None] | None = None
         self.kv_endpoint = ""  # where other workers push KV to this one (pdflow connector)
         self.block_size = 0  # tokens per KV block, once started
 
@@ -180,13 +185,19 @@ class VllmEngine:
         )
         prompt = (*request.prompt_token_ids, request.first_token_id)
         first = _TRANSFER in kv_params
-        async for out in self._run(request.request_id, prompt, params):
-            chunk = _chunk(request.request_id, out)
-            if first:
-                first = False
-                record = self._stats.record_of(kv_params[_TRANSFER])
-                chunk = replace(chunk, transfer=record) if record is not None else chunk
-            yield chunk
+        if first:
+            self._hold_queued_kv(request.request_id, tuple(tid for tid, _ in _parts(kv_params)))
+        try:
+            async for out in self._run(request.request_id, prompt, params):
+                chunk = _chunk(request.request_id, out)
+                if first:  # scheduled, so its KV is loaded
+                    first = False
+                    self._queued_kv.pop(request.request_id, None)
+                    record = self._stats.record_of(kv_params[_TRANSFER])
+                    chunk = replace(chunk, transfer=record) if record is not None else chunk
+                yield chunk
+        finally:
+            self._queued_kv.pop(request.request_id, None)
 
     async def generate(
         self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
@@ -218,6 +229,27 @@ class VllmEngine:
     async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         await self._rpc("pdflow_drop_pushed", (destination, transfer_ids, why))
 
+    def _hold_queued_kv(self, request_id: str, transfer_ids: tuple[str, ...]) -> None:
+        self._queued_kv[request_id] = transfer_ids
+        if self._renewer is None or self._renewer.done():
+            self._renewer = asyncio.create_task(self._renew_queued_kv())
+
+    async def _renew_queued_kv(self) -> None:
+        """Every third of a lease, renew the leases of the landed KV of requests still queued in vLLM; ends
+        when none waits."""
+        while self._queued_kv:
+            await asyncio.sleep(self._config.kv_lease_seconds / 3)
+            ids = [tid for tids in list(self._queued_kv.values()) for tid in tids]
+            if not ids:
+                continue
+            try:
+                lost = (await self._rpc("pdflow_renew", (ids,)))[0]
+            except Exception as exc:  # the engine is dying; its requests fail on their own
+                log.warning("renewing the leases of queued KV failed: %s", exc)
+                continue
+            if lost:
+                log.debug("queued KV no longer held here: %s", lost)
+
     async def kv_held(self) -> dict[str, int]:
         """Leak-check figures of the pdflow connector in the engine (regions, transfers, pushes, loads)."""
         held: dict[str, int] = (await self._rpc("pdflow_kv_held", ()))[0]
@@ -246,6 +278,8 @@ class VllmEngine:
         return self._llm is not None and bool(self._llm.errored)
 
     async def shutdown(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
         if self._llm is not None:
             llm, self._llm = self._llm, None
             llm.shutdown()

@@ -133,10 +133,13 @@ class MigrationSource:
         return True
 
     def kv_of_running(self) -> list[tuple[str, int]]:
-        """(request id, KV blocks it holds here) of every request running here."""
+        """(request id, KV blocks it holds here) of every request running here: the engine has produced a
+        token for it. A request still queued in the engine holds no blocks yet and cannot move."""
         bs = max(self._engine.block_size, 1)
         return [
-            (rid, -(-s.kv_tokens(s.produced + 1) // bs)) for rid, s in self._streams.items() if not s.finished
+            (rid, -(-s.kv_tokens(s.produced + 1) // bs))
+            for rid, s in self._streams.items()
+            if s.produced and not s.finished
         ]
 
     def migrating(self) -> dict[str, str]:

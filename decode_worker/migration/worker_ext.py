@@ -53,6 +53,10 @@ class MigrationWorkerExtension:
         if connector is not None:
             connector.drop_pushed(destination, transfer_ids, why)
 
+    def pdflow_renew(self, transfer_ids: list[str]) -> list[str]:
+        connector = _connector()
+        return connector.renew(transfer_ids) if connector is not None else list(transfer_ids)
+
     def pdflow_kv_held(self) -> dict[str, int]:
         connector = _connector()
         return connector.held() if connector is not None else {}

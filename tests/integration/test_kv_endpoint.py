@@ -159,6 +159,24 @@ def test_an_idle_receiver_still_frees_a_lapsed_transfer(pair) -> None:
     assert record.outcome is TransferOutcome.ABORTED and "lease expired" in record.error
 
 
+def test_renewed_kv_outlives_its_lease_while_the_request_waits(pair) -> None:
+    """A decode request queued behind a full batch for longer than the lease keeps its landed KV as long as
+    its engine renews it; once renewals stop, the lease frees it."""
+    sender, receiver, _, clock = pair
+    layers = _layers(3)
+    tid = _send(sender, receiver, "none", layers)
+    for _ in range(5):  # 20 s queued, lease 10 s
+        clock.now += 4
+        assert receiver.renew([tid, "never-sent"]) == ["never-sent"]
+    incoming = receiver.take(tid)
+    assert incoming is not None
+    for (k, v), (index, k2, v2) in zip(layers, receiver.decode_layers(incoming), strict=True):
+        assert torch.equal(k, k2) and torch.equal(v, v2), index
+    clock.now += 11
+    assert receiver.take(tid) is None and receiver.renew([tid]) == [tid]
+    assert receiver.held["regions"] == 0
+
+
 def test_an_unreachable_receiver_fails_fast(pair) -> None:
     sender, _, _, _ = pair
     with pytest.raises(TransferFailed, match="no reply"):

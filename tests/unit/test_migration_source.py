@@ -370,3 +370,15 @@ async def test_caller_that_gives_up_mid_freeze_leaves_the_request_flowing_here()
     assert relayed(chunks) == tokens.made and all(c.handover is None for c in chunks)
     assert engine.dropped[0][1] == [p.transfer_id for p in engine.pushes]
     assert source.migrating() == {}
+
+
+async def test_a_request_still_queued_in_the_engine_is_not_offered_for_migration() -> None:
+    """The policy moves running requests only: one the engine has not scheduled yet holds no blocks."""
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, prompt_len=10)
+    assert source.kv_of_running() == []
+    await produce(stream, tokens, 3)  # its next step holds the KV of 10 + 3 tokens: 4 blocks of 4
+    assert source.kv_of_running() == [(RID, 4)]
+    await produce(stream, tokens, 1, FinishReason.STOP)
+    await relay
+    assert source.kv_of_running() == []
