@@ -1,7 +1,8 @@
 """Robustness of live migration on real engines: two vLLM CPU decode workers (SmolLM2) in this process, a
 steady load of greedy requests on both, and N random migrations between them, a share of them disturbed at a
-random moment: the source cancels the migration, the destination is unreachable (a refused reservation), or
-the client goes away. At the end every request must have finished exactly once (a finish reason, or the
+random moment: the source cancels the migration, the destination is unreachable (a refused reservation), the
+destination loses the KV that landed (dropped just before the hand-over reaches it: it must recompute), or the
+client goes away. At the end every request must have finished exactly once (a finish reason, or the
 client's own cancel) with every token it was owed, and both workers must hold nothing: no KV block, no
 request, no staging region, landed or reserved transfer, push or pending load (leak check).
 
@@ -26,7 +27,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-FAULTS = ("none", "cancel_source", "bad_destination", "client_abort")
+FAULTS = ("none", "cancel_source", "bad_destination", "destination_loses_kv", "client_abort")
 
 
 class Flight:
@@ -38,9 +39,12 @@ class Flight:
         self.worker = 0  # index of the worker it decodes on
         self.cancelled = False
         self.error = ""
+        self.lose_kv = False  # drop the parts on the destination before following the next hand-over
+        self.recomputed = 0
 
 
 async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -> None:
+    from kv_transfer.params import PARTS
     from protocol.messages import SamplingSpec
 
     sampling = SamplingSpec(max_tokens=flight.max_tokens, temperature=0.0, ignore_eos=True)
@@ -52,7 +56,13 @@ async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -
             except StopAsyncIteration:
                 break
             if chunk.handover is not None:
-                flight.worker = 1 - flight.worker
+                source, flight.worker = workers[flight.worker], 1 - flight.worker
+                handle = chunk.handover.continuation.kv_handle or {}
+                if flight.lose_kv and PARTS in handle:
+                    flight.lose_kv = False
+                    flight.recomputed += 1
+                    ids = [tid for tid, _ in handle[PARTS]]
+                    await source.engine.drop_pushed(chunk.handover.target.kv_endpoint, ids, "chaos")
                 stream = workers[flight.worker].decode(chunk.handover.continuation)
                 continue
             flight.tokens.extend(chunk.token_ids)
@@ -110,6 +120,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
             endpoint = dst.engine.kv_endpoint if fault != "bad_destination" else "127.0.0.1:9"
             target = MigrationTarget(dst.instance_id, dst.actor_name, endpoint)
             mode = rng.choice(("live", "live", "stop_and_copy", "recompute"))
+            flight.lose_kv = fault == "destination_loses_kv"
             migrate = asyncio.create_task(src.migrate(flight.rid, f"x{done_migrations}", target, mode))
             if fault in ("cancel_source", "client_abort"):
                 await asyncio.sleep(rng.uniform(0.0, 0.3))
@@ -149,6 +160,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "migrations": args.migrations,
         "requests": len(flights),
         "cancelled_by_client": sum(f.cancelled for f in flights),
+        "recomputed_after_kv_loss": sum(f.recomputed for f in flights),
         "outcomes": dict(sorted(tally.items())),
         "leaks": leaks,
         "problems": problems,

@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from kv_transfer.params import CODEC as _CODEC
 from kv_transfer.params import DESTINATION as _DEST
+from kv_transfer.params import PARTS as _PARTS
 from kv_transfer.params import REMOTE_TOKENS as _REMOTE_TOKENS
 from kv_transfer.params import TRANSFER_ID as _TRANSFER
 from kv_transfer.params import parts as _parts
@@ -174,6 +175,15 @@ class VllmEngine:
                 yield chunk
             return
         kv_params = dict(request.kv_handle)
+        if _PARTS in kv_params:  # a migration arriving: its KV must still be here, or it is recomputed
+            lost = (await self._rpc("pdflow_renew", ([tid for tid, _ in _parts(kv_params)],)))[0]
+            if lost:
+                log.warning(
+                    "%s: migrated KV %s is no longer here; recomputing it", request.request_id, lost
+                )
+                async for chunk in self.decode(replace(request, kv_handle=None)):
+                    yield chunk
+                return
         if _TRANSFER not in kv_params:  # vLLM's NixlConnector pulls
             kv_params["do_remote_prefill"] = True
             kv_params["do_remote_decode"] = False

