@@ -92,6 +92,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     flights: list[Flight] = []
     clients: dict[str, asyncio.Task[None]] = {}
     tally: collections.Counter[str] = collections.Counter()
+    unprovoked: list[str] = []  # why migrations with no fault injected failed
     started = time.monotonic()
     try:
 
@@ -130,6 +131,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                     clients[flight.rid].cancel()
             report = await migrate
             tally[f"{fault}/{report.outcome.value}"] += 1
+            if fault == "none" and report.outcome.value == "failed":
+                unprovoked.append(report.error)
             done_migrations += 1
             if done_migrations % 10 == 0:
                 print(f"  {done_migrations} migrations: {dict(sorted(tally.items()))}", flush=True)
@@ -164,6 +167,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         "outcomes": dict(sorted(tally.items())),
         "leaks": leaks,
         "problems": problems,
+        "unprovoked_failures": unprovoked,
         "seconds": time.monotonic() - started,
     }
 
