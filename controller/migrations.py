@@ -24,6 +24,7 @@ from controller.policy.migration import decide as decide_migrations
 from controller.registry import InstanceRegistry
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.errors import InvalidRequest
+from protocol.ids import InstanceId
 from protocol.migrations import MigrationOutcome, MigrationReport, MigrationTarget
 from protocol.snapshots import PAUSE_BUCKETS_S, InstanceSnapshot, InstanceState, MigrationTotals, Role
 
@@ -102,6 +103,7 @@ class MigrationCoordinator:
         self._recent: collections.deque[MigrationEntry] = collections.deque(maxlen=_RECENT)
         self.counters = MigrationCounters()
         self._policy_state = MigrationState()
+        self._draining: set[str] = set()  # instances a drain is emptying (cordoned ones only stop taking)
         self._planned_tasks: set[asyncio.Task[MigrationEntry | None]] = set()
 
     def in_flight(self) -> list[MigrationEntry]:
@@ -171,7 +173,7 @@ class MigrationCoordinator:
 
     async def policy_loop(self) -> None:
         """With ``migration.auto``: run the migration policy on every snapshot interval and start what it
-        plans (load balance, de-fragmentation, priority headroom, draining cordoned workers)."""
+        plans (load balance, de-fragmentation, priority headroom, helping a drain in progress)."""
         config = MigrationPolicyConfig(
             trigger_gap=self._config.trigger_gap,
             max_concurrent=self._config.max_concurrent,
@@ -193,8 +195,9 @@ class MigrationCoordinator:
             if inst.role is Role.DECODE
             for r in inst.requests
         ]
+        draining = frozenset(InstanceId(i) for i in self._draining)
         plan, self._policy_state = decide_migrations(
-            snapshot, requests, self._policy_state, config, time.monotonic()
+            snapshot, requests, self._policy_state, config, time.monotonic(), draining
         )
         started = [
             asyncio.create_task(self._planned(i.request_id, i.source, i.destination, i.trigger))
@@ -228,6 +231,14 @@ class MigrationCoordinator:
         runs none (requests that finish meanwhile count as finished) or ``timeout_s`` passes."""
         src = self._decode_instance(instance_id, "instance")
         self._registry.cordon(instance_id)
+        self._draining.add(instance_id)
+        try:
+            return await self._empty(src, timeout_s)
+        finally:
+            self._draining.discard(instance_id)
+
+    async def _empty(self, src: InstanceSnapshot, timeout_s: float) -> DrainResult:
+        instance_id = src.instance_id
         started = time.monotonic()
         deadline = started + (timeout_s or self._config.timeout_s * 4)
         result = DrainResult()

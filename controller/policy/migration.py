@@ -3,8 +3,9 @@ the tests and the simulator call the same ``decide``; an actuator carries out th
 
 Load metric (Llumnix): ``freeness = (total blocks - virtual usage) / max(batch, 1)``, ``batch`` being the
 running requests. Virtual usage is the used blocks, plus the head-of-line waiting request's demand
-(de-fragmentation), plus a headroom per high-priority request; a draining (cordoned) instance has infinite
-usage, so freeness -inf.
+(de-fragmentation), plus a headroom per high-priority request; a draining instance has infinite usage, so
+freeness -inf. A cordoned instance takes no new request, migrations included, but keeps the ones it runs
+unless it is also draining (``pdctl drain``, a scale-in).
 """
 
 from __future__ import annotations
@@ -106,6 +107,7 @@ class _Load:
     hol_blocks: int  # head-of-line demand, 0 when nothing waits
     headroom_blocks: int
     draining: bool
+    receives: bool  # may be a destination (READY, not cordoned)
 
     @property
     def freeness(self) -> float:
@@ -132,7 +134,10 @@ class _Load:
 
 
 def _load(
-    instance: InstanceSnapshot, requests: Sequence[RunningRequest], config: MigrationPolicyConfig
+    instance: InstanceSnapshot,
+    requests: Sequence[RunningRequest],
+    config: MigrationPolicyConfig,
+    draining: bool = False,
 ) -> _Load:
     # The waiting queue's head is not visible in the snapshot; approximate its demand by the largest running
     # request in the cluster (a waiting request may well be that big), counted only when something waits.
@@ -145,7 +150,8 @@ def _load(
         high_priority=sum(1 for r in mine if r.priority > 0),
         hol_blocks=largest if instance.num_waiting > 0 else 0,
         headroom_blocks=config.headroom_blocks,
-        draining=instance.state is InstanceState.CORDONED,
+        draining=draining,
+        receives=instance.state is InstanceState.READY and not draining,
     )
 
 
@@ -180,22 +186,23 @@ def decide(
     state: MigrationState,
     config: MigrationPolicyConfig,
     now: float,
+    draining: frozenset[InstanceId] = frozenset(),
 ) -> tuple[MigrationPlan, MigrationState]:
     """Plan migrations; ``now`` is on the clock the returned state's times use. Never mutates its inputs.
 
-    Decode instances that are READY may send and receive; CORDONED ones are drained (every running request
-    moves away, trigger DRAIN, ignoring cooldowns) and never receive; STARTING and DEAD ones are left out.
-    Then, repeatedly, the lowest-freeness instance sends to the highest-freeness one, neither in cooldown,
-    while their gap exceeds ``trigger_gap`` and a request exists whose move shrinks it (the first in
-    ``config.choice`` order that does). At most ``max_concurrent`` migrations are in flight, planned included;
-    a request already migrating is never planned again.
+    Decode instances that are READY may send and receive; CORDONED ones may send but never receive; those in
+    ``draining`` are emptied (every running request moves away, trigger DRAIN, ignoring cooldowns); STARTING
+    and DEAD ones are left out. Then, repeatedly, the lowest-freeness instance sends to the highest-freeness
+    one that receives, neither in cooldown, while their gap exceeds ``trigger_gap`` and a request exists whose
+    move shrinks it (the first in ``config.choice`` order that does). At most ``max_concurrent`` migrations
+    are in flight, planned included; a request already migrating is never planned again.
     """
     where = {r.request_id: r.instance_id for r in requests}
     in_flight = [m for m in state.in_flight if where.get(m.request_id) == m.source]
     busy = {m.request_id for m in in_flight}
     last = dict(state.last_migration)
     loads = {
-        i.instance_id: _load(i, requests, config)
+        i.instance_id: _load(i, requests, config, i.instance_id in draining)
         for i in snapshot.instances
         if i.role is Role.DECODE and i.state in (InstanceState.READY, InstanceState.CORDONED)
     }
@@ -218,7 +225,7 @@ def decide(
             break
         if not loads[r.instance_id].draining:
             continue
-        targets = [(load.freeness, iid) for iid, load in loads.items() if not load.draining and load.fits(r)]
+        targets = [(load.freeness, iid) for iid, load in loads.items() if load.receives and load.fits(r)]
         if targets:
             dst = max(targets)[1]
             plan(r, dst, MigrationTrigger.DRAIN, f"{r.instance_id} is draining")
@@ -230,10 +237,11 @@ def decide(
         ready = sorted(
             (load.freeness, iid) for iid, load in loads.items() if not load.draining and not cooling(iid)
         )
-        if len(ready) < 2:
+        receivers = [(f, iid) for f, iid in ready if loads[iid].receives]
+        if len(ready) < 2 or not receivers:
             break
-        (low, src), (high, dst) = ready[0], ready[-1]
-        if high - low <= config.trigger_gap:
+        (low, src), (high, dst) = ready[0], receivers[-1]
+        if src == dst or high - low <= config.trigger_gap:
             break
         pick = next(
             (

@@ -105,17 +105,31 @@ def test_a_move_that_would_not_shrink_the_gap_is_not_planned() -> None:
     assert plan.intents == () and state == MigrationState()
 
 
-def test_cordoned_instance_is_drained_up_to_the_limit_and_never_receives() -> None:
+def test_draining_instance_is_emptied_up_to_the_limit_and_a_cordoned_one_never_receives() -> None:
     reqs = [req(f"r{k}", "d0", 5, copy=k) for k in range(4)] + [req("x", "d1", 60), req("y", "d2", 10)]
     s = cluster(reqs, d0=InstanceState.CORDONED, d1=InstanceState.CORDONED)
-    plan, state = decide(s, reqs, MigrationState(), replace(CFG, max_concurrent=3), 0.0)
+    draining = frozenset({InstanceId("d0")})
+    plan, state = decide(s, reqs, MigrationState(), replace(CFG, max_concurrent=3), 0.0, draining)
     assert all(i.trigger is MigrationTrigger.DRAIN for i in plan.intents)
     assert [(i.request_id, i.destination) for i in plan.intents] == [("r0", "d2"), ("r1", "d2"), ("r2", "d2")]
     assert len(state.in_flight) == 3
     # Next round, one finished: the drain goes on without a cooldown wait.
     done = [r for r in reqs if r.request_id not in {"r0"}]
-    plan2, _ = decide(s, done, state.finished(RequestId("r0")), replace(CFG, max_concurrent=3), 0.5)
+    plan2, _ = decide(s, done, state.finished(RequestId("r0")), replace(CFG, max_concurrent=3), 0.5, draining)
     assert [i.request_id for i in plan2.intents] == ["r3"]
+
+
+def test_a_cordoned_instance_keeps_its_requests_and_takes_none() -> None:
+    """``pdctl cordon`` only stops new work: it drains nothing, and no load-balancing move goes into it."""
+    busy = [req(f"b{k}", "d1", 8) for k in range(8)]
+    reqs = [req("c", "d0", 5), *busy]
+    plan, _ = decide(cluster(reqs, d0=InstanceState.CORDONED), reqs, MigrationState(), CFG, 0.0)
+    assert plan.intents == ()
+    # With a worker that takes requests, the overloaded one sheds load there, never into the cordoned one.
+    s2 = cluster(reqs, d0=InstanceState.CORDONED, d2=InstanceState.READY)
+    plan2, _ = decide(s2, reqs, MigrationState(), CFG, 0.0)
+    assert plan2.intents and all((i.source, i.destination) == ("d1", "d2") for i in plan2.intents)
+    assert all(i.trigger is MigrationTrigger.LOAD_BALANCE for i in plan2.intents)
 
 
 def test_high_priority_headroom_makes_an_instance_look_fuller() -> None:
