@@ -1,12 +1,12 @@
 """Live migration downtime on real engines: two vLLM CPU decode workers (SmolLM2) in this process, one greedy
-request per run moved from A to B once its sequence reaches 256, 1024 or 4096 tokens, by live pre-copy,
-blocking stop-and-copy and recompute. A second request keeps decoding on A throughout, so that the source's
-time per token during the migration can be compared with before it.
+request per run moved from A to B once its sequence reaches 256, 1024, 4096 or 8144 tokens (SmolLM2 has 8192
+positions), by live pre-copy, blocking stop-and-copy and recompute. A second request keeps decoding on A
+throughout, so that the source's time per token during the migration can be compared with before it.
 
 Downtime is what the migrated request's client sees: the largest gap between two of its tokens from the
 migration's start to the first token after the hand-over, minus its median gap before the migration.
 
-    .venv/bin/python benchmarks/migration.py [--lengths 256,1024,4096] [--modes live,stop_and_copy,recompute]
+    .venv/bin/python benchmarks/migration.py [--lengths 256,1024,4096,8144] [--modes live,recompute]
 
 Prints a table and writes ``results/migration.json``.
 """
@@ -126,7 +126,8 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
     model = prepare_model()
     lengths = [int(x) for x in args.lengths.split(",")]
     cfg = ClusterConfig.load(
-        overrides={"engine.max_model_len": max(lengths) + 256, "engine.prefix_caching": False}
+        # SmolLM2 has 8192 positions: the longest sequence may take 8192 - TAIL tokens (--lengths ...,8144)
+        overrides={"engine.max_model_len": min(max(lengths) + 256, 8192), "engine.prefix_caching": False}
     ).model_dump(mode="json")
     workers = [DecodeWorker(f"decode-{c}", f"bench-{c}", str(model), cfg, "", "pdflow") for c in "AB"]
     for w in workers:
@@ -176,7 +177,7 @@ def _line(r: dict[str, Any]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--lengths", default="256,1024,4096")
+    parser.add_argument("--lengths", default="256,1024,4096,8144")
     parser.add_argument("--modes", default="live,stop_and_copy,recompute")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per cell; the median is reported.")
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "migration.json")
