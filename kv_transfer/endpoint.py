@@ -36,6 +36,7 @@ from kv_transfer.wire import (
 from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
+_POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.002  # how often a sender checks its writes: first, and at most
 
 
 class TransferFailed(Exception):
@@ -453,14 +454,18 @@ class KVEndpoint:
         return self._transport.write(t.peer, t.local.offset + offset, t.remote_offset + offset, nbytes)
 
     def _wait(self, t: OutgoingTransfer, xfers: list[tuple[int, Xfer]]) -> None:
+        """Poll the writes until done, backing off from 0.2 ms to ``_POLL_MAX_S``: this thread shares the
+        engine's process (and GIL) and must not wake thousands of times a second during a long push."""
         deadline = self._clock() + self._timeout_s
+        pause = _POLL_MIN_S
         for index, xfer in xfers:
             while (state := xfer.state()) is XferState.PENDING:
                 if self._clock() > deadline:
                     raise TimeoutError(
                         f"layer {index} not delivered to {t.peer} within {self._timeout_s:g} s"
                     )
-                time.sleep(0.0002)
+                time.sleep(pause)
+                pause = min(pause * 2, _POLL_MAX_S)
             if state is XferState.FAILED:
                 raise TransportError(f"write of layer {index} to {t.peer} failed")
 
