@@ -71,6 +71,7 @@ class EngineWorker:
             transfer=load.transfer,
             reported_at=time.time(),
             kv_endpoint=self.engine.kv_endpoint,
+            max_batch=self.config.engine.max_num_seqs,
         )
 
     async def abort(self, request_id: str) -> None:

@@ -108,6 +108,8 @@ class _Load:
     headroom_blocks: int
     draining: bool
     receives: bool  # may be a destination (READY, not cordoned)
+    waiting: int = 0
+    max_batch: int = 0  # 0: no batch limit known
 
     @property
     def freeness(self) -> float:
@@ -122,7 +124,10 @@ class _Load:
         return (self.total - self.used) / max(self.batch, 1)
 
     def fits(self, r: RunningRequest) -> bool:
-        return self.total - self.used >= r.kv_blocks
+        """Room for ``r``: its KV blocks, and a place in the batch (a request moved into a full batch would
+        only wait there)."""
+        full = self.max_batch > 0 and self.batch + self.waiting >= self.max_batch
+        return not full and self.total - self.used >= r.kv_blocks
 
     def shed(self, r: RunningRequest) -> _Load:
         hp = self.high_priority - (r.priority > 0)
@@ -152,6 +157,8 @@ def _load(
         headroom_blocks=config.headroom_blocks,
         draining=draining,
         receives=instance.state is InstanceState.READY and not draining,
+        waiting=instance.num_waiting,
+        max_batch=instance.max_batch,
     )
 
 

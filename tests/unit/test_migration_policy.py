@@ -132,6 +132,20 @@ def test_a_cordoned_instance_keeps_its_requests_and_takes_none() -> None:
     assert all(i.trigger is MigrationTrigger.LOAD_BALANCE for i in plan2.intents)
 
 
+def test_no_request_moves_into_a_full_batch() -> None:
+    """A destination running its engine's most requests at once would only queue a moved request."""
+    reqs = [req(f"a{k}", "d0", 10) for k in range(6)] + [req(f"b{k}", "d1", 5) for k in range(2)]
+    free = decide(cluster(reqs), reqs, MigrationState(), CFG, 0.0)[0]
+    assert free.intents and all(i.destination == "d1" for i in free.intents)
+    capped = snap(
+        *(
+            replace(i, max_batch=2) if i.instance_id == "d1" else i
+            for i in cluster(reqs).instances
+        )
+    )
+    assert decide(capped, reqs, MigrationState(), CFG, 0.0)[0].intents == ()
+
+
 def test_high_priority_headroom_makes_an_instance_look_fuller() -> None:
     reqs = [req(rid, "d0", 10) for rid in "abcd"] + [req(rid, "d1", 10) for rid in "efgh"]
     s, cfg = cluster(reqs), replace(CFG, headroom_blocks=40)
