@@ -186,6 +186,9 @@ class PdflowConnector(KVConnectorBase_V1):
                 parts, block_ids, num_external_tokens, local, str(params.get(BLOCK_FORMAT, ""))
             )
             self._loading[request.request_id] = [tid for tid, _ in parts]
+            # Loaded once: if vLLM preempts the request later, it recomputes its KV here, since the
+            # transfer is gone by then (asked again, it would wait for it and fail).
+            params.pop(REMOTE_TOKENS, None)
         elif params.get(DEST) and TRANSFER in params and request.request_id not in self._to_save:
             self._to_save[request.request_id] = SaveSpec(
                 str(params[TRANSFER]),
