@@ -7,6 +7,8 @@ By default the burst is twice what one decode engine runs at once (``engine.max_
 half of it queues behind the other half, as on a GPU whose batch or KV memory is full. With
 ``--max-num-seqs`` at or above ``--requests`` nothing queues and only the engines' speed is at stake: on a
 2-core laptop two engines share the same cores, so splitting a batch between them gains nothing there.
+``--kv-blocks`` shrinks each engine's KV cache instead, so that the burst outgrows decode-0's memory and vLLM
+preempts (and recomputes) requests there unless the policy moves some away.
 
     .venv/bin/python benchmarks/migration_balance.py [--requests 12] [--max-num-seqs 6] [--max-tokens 256]
 """
@@ -72,6 +74,7 @@ def _run(auto: bool, args: argparse.Namespace) -> dict[str, Any]:
             "migration.auto": auto,
             "migration.cooldown_s": args.cooldown_s,
             "engine.max_num_seqs": args.max_num_seqs,
+            "engine.kv_blocks": args.kv_blocks,
         }
     )
     cluster = LocalCluster(config, prepare_model())
@@ -106,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--max-num-seqs", type=int, default=6, help="engine.max_num_seqs (batch cap).")
+    parser.add_argument("--kv-blocks", type=int, default=0, help="engine.kv_blocks (0: from kv_cache_gib).")
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--skew-s", type=float, default=2.0, help="Seconds decode-1 stays cordoned.")
