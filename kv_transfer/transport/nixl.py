@@ -2,7 +2,7 @@
 one-sided WRITE/READ between buffers. The agent's progress thread moves the bytes; posting never blocks.
 
 The progress thread waits for UCX events at most ``PROGRESS_DELAY_US`` between rounds. NIXL's Python API
-fixes that delay at 0, which makes the thread spin: about 0.8 of a core per agent while idle, three agents on
+fixes that delay at 0, which makes the thread spin: about a core per agent even while idle, three agents on
 a 2-core laptop cluster, and slower transfers besides (measured in ``benchmarks/nixl_progress.py``).
 
 ``nixl`` is imported when a transport is made, so importing this module stays cheap.
