@@ -74,8 +74,8 @@ def _run(auto: bool, args: argparse.Namespace) -> dict[str, Any]:
             "migration.auto": auto,
             "migration.cooldown_s": args.cooldown_s,
             "engine.max_num_seqs": args.max_num_seqs,
-            "engine.kv_blocks": args.kv_blocks,
         }
+        | ({"engine.kv_blocks": args.kv_blocks} if args.kv_blocks else {})
     )
     cluster = LocalCluster(config, prepare_model())
     cluster.start(say=lambda m: print(f"  {m}", flush=True))
@@ -109,7 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=12)
     parser.add_argument("--max-num-seqs", type=int, default=6, help="engine.max_num_seqs (batch cap).")
-    parser.add_argument("--kv-blocks", type=int, default=0, help="engine.kv_blocks (0: from kv_cache_gib).")
+    parser.add_argument("--kv-blocks", type=int, help="engine.kv_blocks (default: from kv_cache_gib).")
     parser.add_argument("--prompt-tokens", type=int, default=200)
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--skew-s", type=float, default=2.0, help="Seconds decode-1 stays cordoned.")

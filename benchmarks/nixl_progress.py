@@ -23,14 +23,9 @@ SIZES = (1 << 20, 64 << 20, 256 << 20)
 
 
 def _transport(name: str, delay: int | None, capacity: int) -> Any:
-    import kv_transfer.transport.nixl as nixl
+    from kv_transfer.transport.nixl import NixlTransport
 
-    original = nixl.make_agent
-    nixl.make_agent = lambda agent_name: original(agent_name, delay)  # type: ignore[assignment]
-    try:
-        return nixl.NixlTransport(name, capacity)
-    finally:
-        nixl.make_agent = original  # type: ignore[assignment]
+    return NixlTransport(name, capacity, progress_delay_us=delay)
 
 
 def _target(conn: Any, delay: int | None) -> None:

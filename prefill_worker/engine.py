@@ -99,7 +99,7 @@ class VllmEngine:
             dtype=cast(Any, cfg.dtype),
             max_model_len=cfg.max_model_len,
             max_num_seqs=cfg.max_num_seqs,
-            num_gpu_blocks_override=cfg.kv_blocks or None,
+            num_gpu_blocks_override=cfg.kv_blocks,
             enforce_eager=cfg.enforce_eager,
             # No chunked prefill: vLLM CPU rewinds a seeded request's torch generator after a partial
             # prefill, which the CPU generator cannot do, and the whole engine dies

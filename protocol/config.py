@@ -59,12 +59,12 @@ class ModelConfig(_Section):
 class EngineConfig(_Section):
     max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output tokens).")
     kv_cache_gib: int = Field(1, ge=1, description="KV cache per engine in GiB (VLLM_CPU_KVCACHE_SPACE).")
-    kv_blocks: int = Field(
-        0,
-        ge=0,
+    kv_blocks: int | None = Field(
+        None,
+        ge=1,
         description=(
             "KV blocks per engine, overriding kv_cache_gib (vLLM num_gpu_blocks_override): a smaller cache"
-            " for capacity experiments. 0: as many as kv_cache_gib holds."
+            " for capacity experiments. Unset: as many as kv_cache_gib holds."
         ),
     )
     max_num_seqs: int = Field(32, ge=1, description="Most requests one engine runs at once.")

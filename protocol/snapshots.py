@@ -64,7 +64,7 @@ class InstanceSnapshot:
     reported_at: float = 0.0  # seconds on the reporter's clock
     kv_endpoint: str = ""  # side-channel address where KV is pushed to this worker (pdflow connector)
     requests: tuple[RunningKV, ...] = ()  # decode workers: what runs there and the KV blocks each holds
-    max_batch: int = 0  # most requests its engine runs at once (engine.max_num_seqs); 0: not known
+    max_batch: int | None = None  # most requests its engine runs at once (engine.max_num_seqs), if known
 
     @property
     def load(self) -> int:

@@ -109,7 +109,7 @@ class _Load:
     draining: bool
     receives: bool  # may be a destination (READY, not cordoned)
     waiting: int = 0
-    max_batch: int = 0  # 0: no batch limit known
+    max_batch: int | None = None  # None: no batch limit known
 
     @property
     def freeness(self) -> float:
@@ -126,7 +126,7 @@ class _Load:
     def fits(self, r: RunningRequest) -> bool:
         """Room for ``r``: its KV blocks, and a place in the batch (a request moved into a full batch would
         only wait there)."""
-        full = self.max_batch > 0 and self.batch + self.waiting >= self.max_batch
+        full = self.max_batch is not None and self.batch + self.waiting >= self.max_batch
         return not full and self.total - self.used >= r.kv_blocks
 
     def shed(self, r: RunningRequest) -> _Load:

@@ -79,12 +79,19 @@ class _NixlXfer:
 class NixlTransport:
     """``capacity`` bytes of staging memory registered with a NIXL agent called ``name``."""
 
-    def __init__(self, name: str, capacity: int, *, device: str = "cpu") -> None:
+    def __init__(
+        self,
+        name: str,
+        capacity: int,
+        *,
+        device: str = "cpu",
+        progress_delay_us: int | None = PROGRESS_DELAY_US,
+    ) -> None:
         self._name = name
         self._buffer = torch.zeros(capacity, dtype=torch.uint8, device=device)
         self._mem = "DRAM" if self._buffer.device.type == "cpu" else "VRAM"
         self._dev = self._buffer.device.index or 0
-        self._agent = make_agent(name)
+        self._agent = make_agent(name, progress_delay_us)
         self._reg = self._agent.register_memory(self._buffer)
         self._peers: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
