@@ -112,9 +112,10 @@ def put_block_images(
     if needed > len(block_ids):
         raise ValueError(f"{needed} block images, the request holds {len(block_ids)} blocks")
     index = torch.tensor(block_ids[:needed], dtype=torch.long, device=layer.device)
-    if layout.cpu_fused:
-        images = torch.stack((first.reshape(needed, -1), second.reshape(needed, -1)), dim=1)
-        layer.view(layer.shape[0], 2, -1).index_copy_(0, index, images.to(layer.dtype))
+    if layout.cpu_fused:  # each half straight into its place: one copy (stacking them first took two)
+        halves = layer.view(layer.shape[0], 2, -1)
+        halves[:, 0].index_copy_(0, index, first.to(layer.dtype).reshape(needed, -1))
+        halves[:, 1].index_copy_(0, index, second.to(layer.dtype).reshape(needed, -1))
     else:
         shape = (needed, layout.block_size, layout.num_kv_heads, layout.head_dim)
         layer[0].index_copy_(0, index, first.to(layer.dtype).reshape(shape))
@@ -159,7 +160,9 @@ def scatter(
         k = key.to(layer.dtype).reshape(needed, bs, heads, dim).permute(0, 2, 1, 3)
         v = value.to(layer.dtype).reshape(needed, bs, heads, dim).permute(0, 2, 1, 3)
         k, v = _block_order(k, layout.key_slots), _block_order(v, layout.value_slots)
-        _blocks_view(layer, layout)[index] = torch.stack((k, v), dim=2)
+        blocks = _blocks_view(layer, layout)
+        blocks[:, :, 0].index_copy_(0, index, k)
+        blocks[:, :, 1].index_copy_(0, index, v)
     else:
         layer[0][index] = key.to(layer.dtype).reshape(needed, bs, heads, dim)
         layer[1][index] = value.to(layer.dtype).reshape(needed, bs, heads, dim)
