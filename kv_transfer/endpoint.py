@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -37,6 +38,7 @@ from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
 _POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.002  # how often a sender checks its writes: first, and at most
+_GONE_KEPT = 4096  # ended transfers remembered for ``gone``
 
 
 class TransferFailed(Exception):
@@ -115,8 +117,12 @@ class KVEndpoint:
         self._lock = threading.Lock()
         self._landed: dict[str, IncomingTransfer] = {}
         self._incoming: dict[str, str] = {}  # reserved, not yet committed: transfer id -> request id
+        # transfers that ended here without being loaded (dropped by the sender, expired, failed), so that a
+        # load waiting for one can fail at once: transfer id -> why; the newest _GONE_KEPT
+        self._gone: OrderedDict[str, str] = OrderedDict()
         self._records: list[TransferRecord] = []
         self._clients: dict[tuple[int, str], SideChannelClient] = {}  # per sending thread and peer
+        self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
         self._server = SideChannelServer(self._handle, host=host, port=port)
         self.address = self._server.address
 
@@ -289,6 +295,17 @@ class KVEndpoint:
         with self._lock:
             return self._landed.get(transfer_id)
 
+    def add_op(self, op: str, handler: Callable[[dict[str, Any]], dict[str, Any]]) -> None:
+        """Serve side-channel requests ``{"op": op, ...}`` with ``handler`` (on the side channel's thread;
+        it must not block)."""
+        self._ops[op] = handler
+
+    def gone(self, transfer_id: str) -> str | None:
+        """Why ``transfer_id`` will never be loaded here (the sender dropped it, its lease ran out, it
+        failed), or None: it landed, or may still land."""
+        with self._lock:
+            return self._gone.get(transfer_id)
+
     def landed_ids(self) -> list[str]:
         """Transfers landed and not yet released, oldest first."""
         with self._lock:
@@ -359,6 +376,10 @@ class KVEndpoint:
         transfer's record is the sender's, from the manifest, completed here."""
         incoming = self._landed.pop(transfer_id, None)
         request_id = self._incoming.pop(transfer_id, None)
+        if outcome is not TransferOutcome.SUCCESS:
+            self._gone[transfer_id] = error or outcome.value
+            while len(self._gone) > _GONE_KEPT:
+                self._gone.popitem(last=False)
         if not record:
             return
         if incoming is not None:
@@ -411,6 +432,9 @@ class KVEndpoint:
             # The sender records the failure it aborts for; this side only frees.
             self.release(transfer_id, error=str(msg.get("why", "aborted by the sender")), record=False)
             return {}
+        extra = self._ops.get(str(op))
+        if extra is not None:
+            return extra(msg)
         raise ValueError(f"unknown side-channel op {op!r}")
 
     def _commit(self, transfer_id: str, manifest: dict[str, Any]) -> list[int]:

@@ -13,6 +13,10 @@ PARTS = "pdflow_parts"
 # decode side, optional: the parts carry raw block images of a layout with this signature (a migration between
 # engines that store blocks alike); the receiver checks it against its own before copying them in
 BLOCK_FORMAT = "pdflow_block_format"
+# decode side, optional: ids among PARTS still on their way when the request was handed over (a live migration
+# hands the request over as its last stage starts); the receiver loads the other parts meanwhile and waits for
+# these, and recomputes the KV if one never lands
+IN_FLIGHT = "pdflow_in_flight"
 
 
 def parts(params: dict[str, object]) -> tuple[tuple[str, int], ...]:

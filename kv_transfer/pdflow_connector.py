@@ -15,6 +15,8 @@ finished-receiving set (worker → scheduler). Records of every transfer leave t
 from __future__ import annotations
 
 import logging
+import os
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -66,6 +68,20 @@ class LoadSpec:
     tokens: int
     local_tokens: int  # a local prefix-cache hit (whole blocks): those blocks are shared, never written
     block_format: str = ""  # set: the parts are raw block images of this layout (see paged.block_format)
+
+
+@dataclass(slots=True)
+class _Load:
+    """A load in progress on the worker half: the parts copied in so far (their position in ``spec.parts``
+    -> tokens they carried)."""
+
+    spec: LoadSpec
+    deadline: float
+    loaded: dict[int, int] = field(default_factory=dict)
+
+
+class _LoadFailed(Exception):
+    pass
 
 
 @dataclass
@@ -152,12 +168,18 @@ class PdflowConnector(KVConnectorBase_V1):
         self._chooser: CodecChooser | None = None
         self._sending: dict[str, OutgoingTransfer] = {}
         self._failed_saves: set[str] = set()
-        self._pending_loads: dict[str, tuple[LoadSpec, float]] = {}
+        self._pending_loads: dict[str, _Load] = {}
         self._received: set[str] = set()
         self._load_errors: set[int] = set()
         self._records: list[dict[str, Any]] = []
         self._timeout_s = float(extra.get("timeout_s", 30.0))
-        self._push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push")
+        # pre-copy pushes run at a lower priority than the engine; a last push (the request is paused for
+        # it) does not wait behind them
+        self._push_pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="pdflow-push", initializer=_yield_to_the_engine
+        )
+        self._last_push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push-last")
+        self._runner_requests: dict[str, Any] | None = None  # the model runner's, once attached
         self._pushes: dict[str, Future[dict[str, Any]]] = {}
 
     # ---- scheduler half ---------------------------------------------------------------------------------
@@ -252,6 +274,10 @@ class PdflowConnector(KVConnectorBase_V1):
             group_size=int(self._extra.get("group_size", 64)),
         )
         self._chooser.bind_probe(self._endpoint.probe)
+        self._endpoint.add_op("push", self.start_push)
+        self._endpoint.add_op(
+            "push_status", lambda msg: {"record": self.push_status(str(msg["transfer_id"]))}
+        )
         log.info(
             "pdflow connector %s: %d layers %s, side channel %s",
             self._engine_id,
@@ -267,7 +293,7 @@ class PdflowConnector(KVConnectorBase_V1):
         for transfer_id in meta.drops:
             self._endpoint.release(transfer_id)
         for rid, spec in meta.loads.items():
-            self._pending_loads[rid] = (spec, time.monotonic() + self._timeout_s)
+            self._pending_loads[rid] = _Load(spec, time.monotonic() + self._timeout_s)
         self._progress_loads()
 
     def wait_for_layer_load(self, layer_name: str) -> None:
@@ -339,6 +365,7 @@ class PdflowConnector(KVConnectorBase_V1):
 
     def shutdown(self) -> None:
         self._push_pool.shutdown(wait=True, cancel_futures=True)
+        self._last_push_pool.shutdown(wait=True, cancel_futures=True)
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
@@ -374,86 +401,119 @@ class PdflowConnector(KVConnectorBase_V1):
         self._records.append(record)
 
     def _progress_loads(self) -> None:
-        """Decode every pending load whose transfers have all landed; fail those past their deadline."""
+        """Copy every landed part of a pending load into its request's blocks (a migration's earlier stages
+        go in while its last one is still on the wire); report a load once all its parts are in, and fail it
+        when a part is gone or past the deadline."""
         if self._endpoint is None or self._layout is None or not self._pending_loads:
             return
         now = time.monotonic()
-        for rid, (spec, deadline) in list(self._pending_loads.items()):
-            landed = [self._endpoint.take(tid) for tid, _ in spec.parts]
-            if any(incoming is None for incoming in landed):
-                if now > deadline:
-                    missing = [tid for (tid, _), got in zip(spec.parts, landed, strict=True) if got is None]
-                    log.warning("pdflow: KV of %s (transfers %s) never landed", rid, missing)
-                    self._load_errors.update(spec.block_ids)
-                    self._received.add(rid)
-                    del self._pending_loads[rid]
-                    for tid, _ in spec.parts:
-                        self._endpoint.release(tid, error="never landed before the load deadline")
-                continue
-            del self._pending_loads[rid]
-            started = time.perf_counter()
+        for rid, load in list(self._pending_loads.items()):
             try:
-                self._load_parts(spec, [got for got in landed if got is not None])
-                for tid, _ in spec.parts:
+                for position, (tid, first) in enumerate(load.spec.parts):
+                    if position in load.loaded:
+                        continue
+                    if (why := self._endpoint.gone(tid)) is not None:
+                        raise _LoadFailed(f"transfer {tid} will not land: {why}")
+                    incoming = self._endpoint.take(tid)
+                    if incoming is None:
+                        continue
+                    started = time.perf_counter()
+                    self._load_part(load.spec, first, incoming)
+                    load.loaded[position] = incoming.tokens
                     self._endpoint.release(tid, decode_s=time.perf_counter() - started)
+                if len(load.loaded) < len(load.spec.parts):
+                    if now > load.deadline:
+                        missing = [tid for i, (tid, _) in enumerate(load.spec.parts) if i not in load.loaded]
+                        raise _LoadFailed(f"transfers {missing} never landed before the load deadline")
+                    continue
+                self._check_coverage(load)
             except Exception as exc:
                 log.warning("pdflow: loading KV of %s failed: %s", rid, exc)
-                self._load_errors.update(spec.block_ids)
-                for tid, _ in spec.parts:
-                    self._endpoint.release(tid, error=f"decode into the KV cache failed: {exc}")
+                self._load_errors.update(load.spec.block_ids)
+                for i, (tid, _) in enumerate(load.spec.parts):
+                    if i not in load.loaded:
+                        self._endpoint.release(tid, error=f"the KV of {rid} failed to load: {exc}")
+            del self._pending_loads[rid]
             self._received.add(rid)
 
-    def _load_parts(self, spec: LoadSpec, landed: list[IncomingTransfer]) -> None:
-        """Scatter each landed part into the request's blocks from its first block on, leaving the blocks of a
-        local prefix-cache hit alone. The parts must cover every token the request expects, contiguously."""
+    def _load_part(self, spec: LoadSpec, first: int, incoming: IncomingTransfer) -> None:
+        """Copy one landed part into the request's blocks from block ``first`` on, leaving the blocks of a
+        local prefix-cache hit alone."""
         assert self._endpoint is not None and self._layout is not None
         bs = self._layout.block_size
-        covered = 0
-        for (tid, first), incoming in zip(spec.parts, landed, strict=True):
-            if first * bs != covered:
-                raise ValueError(f"transfer {tid} starts at block {first}, the KV so far ends at {covered}")
-            covered += incoming.tokens
-        if covered < spec.local_tokens + spec.tokens:
+        if first * bs + incoming.tokens > len(spec.block_ids) * bs:
             raise ValueError(
-                f"transfers carry {covered} tokens, the request needs {spec.local_tokens + spec.tokens}"
+                f"transfer {incoming.transfer_id} runs past the request's {len(spec.block_ids)} blocks"
             )
-        names = list(self._layers)
-        local_blocks = spec.local_tokens // bs
         put: Callable[[torch.Tensor, PagedLayout, list[int], torch.Tensor, torch.Tensor], None] = scatter
         if spec.block_format:
             mine = block_format(self._layout, next(iter(self._layers.values())).dtype)
             if spec.block_format != mine:
                 raise ValueError(f"block images of layout {spec.block_format}, this engine stores {mine}")
             put = put_block_images
-        for (_, first), incoming in zip(spec.parts, landed, strict=True):
-            skip = max(0, local_blocks - first)  # blocks of this part that a prefix-cache hit holds
-            if skip * bs >= incoming.tokens:
-                continue
-            blocks = spec.block_ids[first + skip :]
-            for index, key, value in self._endpoint.decode_layers(incoming):
-                layer = self._layers[names[index]]
-                put(layer, self._layout, blocks, key[skip * bs :], value[skip * bs :])
+        skip = max(0, spec.local_tokens // bs - first)  # blocks of this part that a prefix-cache hit holds
+        if skip * bs >= incoming.tokens:
+            return
+        names = list(self._layers)
+        blocks = spec.block_ids[first + skip :]
+        for index, key, value in self._endpoint.decode_layers(incoming):
+            put(self._layers[names[index]], self._layout, blocks, key[skip * bs :], value[skip * bs :])
+
+    def _check_coverage(self, load: _Load) -> None:
+        """The loaded parts must cover every token the request expects, contiguously from block 0."""
+        assert self._layout is not None
+        bs, covered = self._layout.block_size, 0
+        for position, (tid, first) in enumerate(load.spec.parts):
+            if first * bs != covered:
+                raise ValueError(
+                    f"transfer {tid} starts at block {first}, the KV before it ends at token {covered}"
+                )
+            covered += load.loaded[position]
+        if covered < load.spec.local_tokens + load.spec.tokens:
+            need = load.spec.local_tokens + load.spec.tokens
+            raise ValueError(f"transfers carry {covered} tokens, the request needs {need}")
 
     # ---- live migration (source side) -------------------------------------------------------------------
 
-    def push_blocks(
-        self, request_id: str, transfer_id: str, destination: str, block_ids: list[int], *, background: bool
-    ) -> dict[str, Any] | None:
-        """Push whole blocks of a request's KV to ``destination`` in one transfer: every layer, as raw block
-        images (exact, and no reordering on either side; the record's ``block_format`` names the layout).
-        The caller guarantees the blocks stay the request's and stay unchanged until the push ends (a
-        running request never rewrites a full block). With ``background`` the push runs on the connector's
-        push thread while the engine goes on (``push_status`` reports it); otherwise it blocks. Returns the
-        transfer's record as a dict (FAILED with an error on any failure)."""
-        if background:
-            self._pushes[transfer_id] = self._push_pool.submit(
-                self._push, request_id, transfer_id, destination, list(block_ids)
-            )
-            return None
-        return self._push(request_id, transfer_id, destination, list(block_ids))
+    def attach(self, requests: dict[str, Any]) -> None:
+        """Give the worker half the model runner's request states (``pdflow_attach`` of the worker
+        extension), so that a push can find a running request's blocks without waiting for a step."""
+        self._runner_requests = requests
+
+    def start_push(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Push blocks ``[first_block, end_block)`` of a running request to ``destination`` on a push thread
+        (a ``background`` one yields to the engine); ``push_status`` reports how it ended. ``expected`` is the
+        block table the earlier stages pushed from: a request preempted since then holds other blocks, and
+        the migration must stop. Called between two steps (worker extension ``pdflow_push``) or on the side
+        channel's thread during one (op ``push``, from this worker's own host): it only reads the block table,
+        which a running request's only grows. Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the
+        push cannot start."""
+        request_id, transfer_id = str(msg["request_id"]), str(msg["transfer_id"])
+        first, end = int(msg["first_block"]), int(msg["end_block"])
+        if self._runner_requests is None:
+            return {"error": "the engine's model runner is not attached to the pdflow connector"}
+        state = running_state(self._runner_requests, request_id)
+        if state is None:
+            return {"error": f"request {request_id} is not running on this engine"}
+        blocks = [int(b) for b in state.block_ids[0]]
+        if blocks[: len(msg["expected"])] != list(msg["expected"]):
+            return {"error": f"request {request_id} was preempted since the last stage (its blocks changed)"}
+        if not 0 <= first <= end <= len(blocks):
+            return {"error": f"blocks [{first}, {end}) of {request_id}: it holds {len(blocks)}"}
+        held = blocks[:end]
+
+        def unchanged() -> bool:  # still this request's blocks: nothing could have been written over them
+            now = running_state(self._runner_requests or {}, request_id)
+            return now is state and [int(b) for b in state.block_ids[0][:end]] == held
+
+        pool = self._push_pool if msg.get("background") else self._last_push_pool
+        self._pushes[transfer_id] = pool.submit(
+            self._push, request_id, transfer_id, str(msg["destination"]), blocks[first:end], unchanged
+        )
+        return {"block_ids": held}
 
     def push_status(self, transfer_id: str) -> dict[str, Any] | None:
-        """The record of a background push once it ended (then forgotten), None while it runs."""
+        """The record of a push once it ended (then forgotten), None while it runs."""
         future = self._pushes.get(transfer_id)
         if future is None:
             return {"transfer_id": transfer_id, "outcome": "failed", "error": "no such push"}
@@ -481,8 +541,19 @@ class PdflowConnector(KVConnectorBase_V1):
             self._endpoint.drop_remote(destination, transfer_ids, why)
 
     def _push(
-        self, request_id: str, transfer_id: str, destination: str, block_ids: list[int]
+        self,
+        request_id: str,
+        transfer_id: str,
+        destination: str,
+        block_ids: list[int],
+        unchanged: Callable[[], bool],
     ) -> dict[str, Any]:
+        """Push whole blocks of a request's KV in one transfer: every layer, as raw block images (exact, and
+        no reordering on either side; the record's ``block_format`` names the layout). A running request
+        never rewrites a full block, nor the slots of tokens it has already produced the next token for; but
+        one that ends or is preempted meanwhile gives its blocks back, so once every layer is copied out,
+        ``unchanged`` must confirm the blocks are still its own, or the transfer fails. Returns the record
+        as a dict (FAILED with an error on any failure)."""
         endpoint, layout = self._endpoint, self._layout
         if endpoint is None or layout is None:
             return {"transfer_id": transfer_id, "outcome": "failed", "error": "connector not registered"}
@@ -506,6 +577,8 @@ class PdflowConnector(KVConnectorBase_V1):
             for index, layer in enumerate(self._layers.values()):
                 first, second = block_images(layer, layout, block_ids)
                 endpoint.send_layer(transfer, index, first, second)
+            if not unchanged():
+                raise ValueError(f"request {request_id} ended or was preempted during the push")
             record = endpoint.finish(transfer).to_dict()
             return record | {"block_format": block_format(layout, dtype)}
         except TransferFailed as exc:
@@ -515,3 +588,28 @@ class PdflowConnector(KVConnectorBase_V1):
             return {"transfer_id": transfer_id, "outcome": "failed", "error": f"push failed: {exc}"}
 
 
+PUSH_NICE = 10
+"""How much lower the push thread's CPU priority is than the engine's (Linux nice, per thread). A background
+migration push copies the request's KV while the engine keeps stepping on the same cores; on a CPU engine
+every core it takes from the engine is time per token lost by every request here."""
+
+
+def _yield_to_the_engine() -> None:
+    """Run on the push thread: lower its priority (Linux: a thread's own nice value; elsewhere nothing)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUSH_NICE)
+    except (AttributeError, OSError) as exc:
+        log.debug("pdflow: cannot lower the push thread's priority: %s", exc)
+
+
+def running_state(requests: dict[str, Any], request_id: str) -> Any:
+    """The model runner's state of ``request_id``: vLLM keys requests by the client's id plus ``-`` and eight
+    random characters (``InputProcessor``)."""
+    if request_id in requests:
+        return requests[request_id]
+    found = [
+        s
+        for key, s in list(requests.items())
+        if key.startswith(f"{request_id}-") and len(key) == len(request_id) + 9
+    ]
+    return found[0] if len(found) == 1 else None

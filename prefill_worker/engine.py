@@ -10,16 +10,19 @@ import logging
 import socket
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
 from kv_transfer.params import CODEC as _CODEC
 from kv_transfer.params import DESTINATION as _DEST
+from kv_transfer.params import IN_FLIGHT as _IN_FLIGHT
 from kv_transfer.params import PARTS as _PARTS
 from kv_transfer.params import REMOTE_TOKENS as _REMOTE_TOKENS
 from kv_transfer.params import TRANSFER_ID as _TRANSFER
 from kv_transfer.params import parts as _parts
+from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
 from prefill_worker.engine_stats import EngineStats
 from protocol.config import EngineConfig, KVConnectorKind
 from protocol.engine import EngineLoad
@@ -45,6 +48,7 @@ _RECORD_WAIT_S = 2.0
 # vLLM mixes this into its worker so that live migration can reach a running request's blocks
 _WORKER_EXTENSION = "decode_worker.migration.worker_ext.MigrationWorkerExtension"
 _RPC_DEADLINE_S = 30.0
+_SIDE_CALL_DEADLINE_S = 10.0
 
 
 class VllmEngine:
@@ -63,6 +67,10 @@ class VllmEngine:
         self._queued_kv: dict[str, tuple[str, ...]] = {}
         self._renewer: asyncio.Task[None] | None = None
         self.kv_endpoint = ""  # where other workers push KV to this one (pdflow connector)
+        # this host's own calls to that side channel (migration pushes): one thread, one client
+        self._side_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-side-call")
+        self._side_client: SideChannelClient | None = None
+        self._urgent_pushes: set[str] = set()  # last pushes, polled over the side channel
         self.block_size = 0  # tokens per KV block, once started
 
     async def start(self) -> None:
@@ -116,6 +124,8 @@ class VllmEngine:
         total = self._llm.vllm_config.cache_config.num_gpu_blocks or 0
         self.block_size = int(self._llm.vllm_config.cache_config.block_size)
         self._stats.set_total_blocks(int(total))
+        if cfg.kv_connector is KVConnectorKind.PDFLOW:
+            await self._rpc("pdflow_attach", ())
         log.info("engine %s ready: %d KV blocks", self._engine_id, total)
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
@@ -176,12 +186,13 @@ class VllmEngine:
                 yield chunk
             return
         kv_params = dict(request.kv_handle)
-        if _PARTS in kv_params:  # a migration arriving: its KV must still be here, or it is recomputed
-            lost = (await self._rpc("pdflow_renew", ([tid for tid, _ in _parts(kv_params)],)))[0]
+        migrated = _PARTS in kv_params
+        if migrated:  # a migration arriving: the KV that landed must still be here, or it is recomputed
+            in_flight = set(kv_params.get(_IN_FLIGHT, ()))
+            landed = [tid for tid, _ in _parts(kv_params) if tid not in in_flight]
+            lost = (await self._rpc("pdflow_renew", (landed,)))[0] if landed else []
             if lost:
-                log.warning(
-                    "%s: migrated KV %s is no longer here; recomputing it", request.request_id, lost
-                )
+                log.warning("%s: migrated KV %s is no longer here; recomputing it", request.request_id, lost)
                 async for chunk in self.decode(replace(request, kv_handle=None)):
                     yield chunk
                 return
@@ -201,6 +212,14 @@ class VllmEngine:
         try:
             async for out in self._run(request.request_id, prompt, params):
                 chunk = _chunk(request.request_id, out)
+                if migrated and first and chunk.finish_reason is FinishReason.ERROR and not chunk.token_ids:
+                    # its KV failed to load (a last stage that never landed): nothing went out yet, so the
+                    # request is recomputed here rather than failed
+                    log.warning("%s: migrated KV failed to load; recomputing it", request.request_id)
+                    self._queued_kv.pop(request.request_id, None)
+                    async for recomputed in self.decode(replace(request, kv_handle=None)):
+                        yield recomputed
+                    return
                 if first:  # scheduled, so its KV is loaded
                     first = False
                     self._queued_kv.pop(request.request_id, None)
@@ -227,15 +246,54 @@ class VllmEngine:
         *,
         background: bool,
     ) -> dict[str, Any]:
-        """Push blocks ``[first, end)`` of a running request's KV to another worker's KV endpoint (live
-        migration); see ``MigrationWorkerExtension.pdflow_push_blocks``. Runs between two engine steps."""
-        args = (request_id, transfer_id, destination, blocks[0], blocks[1], expected, background)
-        result: dict[str, Any] = (await self._rpc("pdflow_push_blocks", args))[0]
-        return result
+        """Start pushing blocks ``[first, end)`` of a running request's KV to another worker's KV endpoint
+        (live migration); ``push_status`` says how it ended (see ``PdflowConnector.start_push``). Returns
+        ``{"block_ids": [...]}`` or ``{"error": ...}``.
+
+        A ``background`` push (a pre-copy stage) is asked for, and polled, between two engine steps, through
+        the engine core: its thread yields to the engine, and nothing else in the engine's process competes
+        with the engine for the interpreter while it runs. A last push (the client waits for it) goes over the
+        connector's side channel instead, so that it starts at once rather than after the current step."""
+        message = {
+            "request_id": request_id,
+            "transfer_id": transfer_id,
+            "destination": destination,
+            "first_block": blocks[0],
+            "end_block": blocks[1],
+            "expected": list(expected),
+            "background": background,
+        }
+        if background:
+            result: dict[str, Any] = (await self._rpc("pdflow_push", (message,)))[0]
+            return result
+        self._urgent_pushes.add(transfer_id)
+        return await self._side_call({"op": "push", **message})
 
     async def push_status(self, transfer_id: str) -> dict[str, Any] | None:
-        status: dict[str, Any] | None = (await self._rpc("pdflow_push_status", (transfer_id,)))[0]
+        status: dict[str, Any] | None
+        if transfer_id in self._urgent_pushes:
+            status = (await self._side_call({"op": "push_status", "transfer_id": transfer_id}))["record"]
+            if status is not None:
+                self._urgent_pushes.discard(transfer_id)
+        else:
+            status = (await self._rpc("pdflow_push_status", (transfer_id,)))[0]
         return status
+
+    async def _side_call(self, message: dict[str, Any]) -> dict[str, Any]:
+        """One request to this engine's own pdflow connector over its side channel (a thread of the engine's
+        worker process that answers between and during steps)."""
+        if self._llm is None or not self.kv_endpoint:
+            raise WorkerFailed("the engine is not started with the pdflow connector")
+
+        def call() -> dict[str, Any]:
+            if self._side_client is None:
+                self._side_client = SideChannelClient(self.kv_endpoint)
+            return self._side_client.call(message, timeout_s=_SIDE_CALL_DEADLINE_S)
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._side_thread, call)
+        except SideChannelError as exc:
+            raise WorkerFailed(f"the engine's KV connector did not answer: {exc}") from exc
 
     async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         await self._rpc("pdflow_drop_pushed", (destination, transfer_ids, why))
@@ -294,6 +352,10 @@ class VllmEngine:
         if self._llm is not None:
             llm, self._llm = self._llm, None
             llm.shutdown()
+        client, self._side_client = self._side_client, None
+        if client is not None:
+            self._side_thread.submit(client.close)
+        self._side_thread.shutdown(wait=False)
 
     async def _run(self, request_id: str, prompt: tuple[int, ...], params: Any) -> AsyncIterator[Any]:
         """One vLLM request; the request is aborted in vLLM if the caller stops iterating early."""

@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
-from kv_transfer.params import BLOCK_FORMAT, PARTS, TRANSFER_ID
+from kv_transfer.params import BLOCK_FORMAT, IN_FLIGHT, PARTS, TRANSFER_ID
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.ids import RequestId
 from protocol.messages import DecodeRequest, SamplingSpec, TokenChunk
@@ -93,6 +93,9 @@ class LiveStream:
     queue: asyncio.Queue[Any] = field(default_factory=asyncio.Queue)
     started: asyncio.Event = field(default_factory=asyncio.Event)  # the client has a token from here
     ended: asyncio.Event = field(default_factory=asyncio.Event)  # the relay returned or failed
+    # a migration's last push, still reading this request's blocks after the hand-over: the request (and so
+    # its blocks) stays in the engine until it ends
+    last_push: asyncio.Future[None] | None = None
 
     def kv_tokens(self, produced: int) -> int:
         """Tokens whose KV the engine holds once it produced ``produced`` tokens (the last one's KV is
@@ -182,6 +185,9 @@ class MigrationSource:
             stream.finished = True
             stream.ended.set()  # wakes a migration waiting on a stream that ended
             stream.started.set()
+            if stream.last_push is not None:
+                with contextlib.suppress(Exception):
+                    await asyncio.wait({stream.last_push}, timeout=self._config.timeout_s)
             pump.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pump
@@ -218,6 +224,9 @@ class MigrationSource:
             move.result()
         except Exception as exc:
             error = str(exc) or type(exc).__name__
+            if plan.handed_at is not None:  # the destination has it; only the last push failed or hangs
+                log.warning("migration %s of %s: moved, but %s", migration_id, request_id, error)
+                return replace(report, outcome=MigrationOutcome.MOVED, error=error, **plan.figures(started))
             if plan.frozen_at is not None:
                 stream.queue.put_nowait(_THAW)
             if plan.parts:
@@ -235,7 +244,7 @@ class MigrationSource:
             return replace(report, outcome=outcome, error=error, **plan.figures(started))
         finally:
             self._moves.pop(request_id, None)
-            if not move.done():  # the caller went away: stop here too, thaw, drop what landed
+            if not move.done() and plan.handed_at is None:  # the caller went away: stop, thaw, drop
                 move.cancel()
                 if plan.frozen_at is not None:
                     stream.queue.put_nowait(_THAW)
@@ -260,7 +269,7 @@ class MigrationSource:
                 full = kv_tokens // bs
                 if left <= self._config.final_blocks or full <= plan.pushed or stream.finished:
                     break
-                await self._push(plan, full, background=True)
+                await self._push(plan, plan.add_part(), full, background=True)
         plan.frozen_at = time.monotonic()
         freeze = _Freeze()
         stream.queue.put_nowait(freeze)
@@ -271,26 +280,43 @@ class MigrationSource:
         if not stream.delivered:
             raise MigrationFailed(f"request {stream.request_id} has no token yet; nothing to migrate")
         handle: dict[str, Any] | None = None
+        last: asyncio.Future[None] | None = None
         if mode is not MigrationMode.RECOMPUTE:
             end = -(-stream.kv_tokens(len(stream.delivered)) // bs)
-            if end > plan.pushed:
-                await self._push(plan, end, background=False)
+            if end > plan.pushed and mode is MigrationMode.LIVE and plan.parts:
+                # Hand over as the last push starts: the destination copies the earlier stages into its
+                # blocks while the last one travels (it waits for it, and recomputes if it never lands).
+                # The push runs between two engine steps, before the abort that follows the hand-over.
+                last = asyncio.ensure_future(self._push(plan, plan.add_part(), end, background=False))
+                stream.last_push = last
+            elif end > plan.pushed:
+                await self._push(plan, plan.add_part(), end, background=False)
             if stream.ended.is_set():  # the client left or the engine failed during the last push
+                if last is not None:  # let it end before its part is dropped
+                    await asyncio.wait({last}, timeout=self._config.timeout_s)
                 raise MigrationFailed(f"request {stream.request_id} ended during the final copy")
             handle = {
                 TRANSFER_ID: plan.parts[-1][0],
                 PARTS: [list(p) for p in plan.parts],
                 BLOCK_FORMAT: plan.block_format,
             }
+            if last is not None:
+                handle[IN_FLIGHT] = [plan.parts[-1][0]]
         plan.tokens = stream.kv_tokens(len(stream.delivered))
         plan.handed_at = time.monotonic()
         stream.queue.put_nowait(Handover(plan.migration_id, plan.target, stream.continuation(handle)))
+        if last is not None:
+            try:
+                await asyncio.shield(last)  # a cancelled migration still lets it end (the relay waits on it)
+            except Exception as exc:  # have the destination give up waiting for it, and recompute
+                with contextlib.suppress(Exception):
+                    await self._engine.drop_pushed(plan.target.kv_endpoint, [plan.parts[-1][0]], str(exc))
+                raise MigrationFailed(f"the last stage failed after the hand-over: {exc}") from exc
 
-    async def _push(self, plan: _Plan, end: int, *, background: bool) -> None:
-        """Push blocks ``[plan.pushed, end)`` as the next part; raise ``MigrationFailed`` if it fails."""
+    async def _push(self, plan: _Plan, transfer_id: str, end: int, *, background: bool) -> None:
+        """Push blocks ``[plan.pushed, end)`` as part ``transfer_id`` (``plan.add_part``); raise
+        ``MigrationFailed`` if it fails."""
         stream = plan.stream
-        transfer_id = f"{stream.request_id}/{plan.migration_id}/{len(plan.parts)}"
-        plan.parts.append((transfer_id, plan.pushed))  # from here on the destination may hold it
         result = await self._engine.push_blocks(
             stream.request_id,
             transfer_id,
@@ -339,6 +365,12 @@ class _Plan:
     tokens: int = 0
     frozen_at: float | None = None
     handed_at: float | None = None
+
+    def add_part(self) -> str:
+        """The next part's transfer id; from here on the destination may hold it."""
+        transfer_id = f"{self.stream.request_id}/{self.migration_id}/{len(self.parts)}"
+        self.parts.append((transfer_id, self.pushed))
+        return transfer_id
 
     def part_ids(self) -> list[str]:
         return [tid for tid, _ in self.parts]

@@ -1,7 +1,8 @@
 """Mixed into vLLM's worker class (``parallel_config.worker_extension_cls``) so that the decode worker can
-reach a running request's KV blocks through ``AsyncLLM.collective_rpc``. Those calls run in the engine core
-between two steps, so the request's block table cannot change under them; the pushes themselves run on the
-connector's push thread unless asked to block. Imported only inside vLLM's engine process."""
+reach the pdflow connector through ``AsyncLLM.collective_rpc`` (calls that run in the engine core between two
+steps): attach the model runner's request states to it, start and poll pre-copy pushes, renew, drop and
+count KV. A migration's last push goes over the connector's side channel instead, so that it never waits for
+a step. Imported only inside vLLM's engine process."""
 
 from __future__ import annotations
 
@@ -11,35 +12,23 @@ from typing import Any
 class MigrationWorkerExtension:
     model_runner: Any  # vLLM's worker has it
 
-    def pdflow_push_blocks(
-        self,
-        request_id: str,
-        transfer_id: str,
-        destination: str,
-        first_block: int,
-        end_block: int,
-        expected: list[int],
-        background: bool,
-    ) -> dict[str, Any]:
-        """Push blocks ``[first_block, end_block)`` of ``request_id`` to ``destination``. ``expected`` is the
-        block table the earlier stages pushed from: a request preempted since then holds other blocks, and the
-        migration must stop. Returns ``{"block_ids": [...], "record": {...} | None}``, or ``{"error": ...}``
-        when the push cannot start."""
-        state = _running(self.model_runner.requests, request_id)
-        if state is None:
-            return {"error": f"request {request_id} is not running on this engine"}
-        blocks = [int(b) for b in state.block_ids[0]]
-        if blocks[: len(expected)] != list(expected):
-            return {"error": f"request {request_id} was preempted since the last stage (its blocks changed)"}
-        if not 0 <= first_block <= end_block <= len(blocks):
-            return {"error": f"blocks [{first_block}, {end_block}) of {request_id}: it holds {len(blocks)}"}
+    def pdflow_attach(self) -> bool:
+        """Hand the pdflow connector the model runner's request states, so that migration pushes (asked for
+        over the connector's side channel) find a request's blocks without waiting for a step. False under
+        another connector."""
+        connector = _connector()
+        if connector is None:
+            return False
+        connector.attach(self.model_runner.requests)
+        return True
+
+    def pdflow_push(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Start a migration push (``PdflowConnector.start_push``) between two steps."""
         connector = _connector()
         if connector is None:
             return {"error": "the engine's KV connector cannot migrate (pdflow connector required)"}
-        record = connector.push_blocks(
-            request_id, transfer_id, destination, blocks[first_block:end_block], background=background
-        )
-        return {"block_ids": blocks[:end_block], "record": record}
+        result: dict[str, Any] = connector.start_push(message)
+        return result
 
     def pdflow_push_status(self, transfer_id: str) -> dict[str, Any] | None:
         connector = _connector()
@@ -67,17 +56,4 @@ def _connector() -> Any:
     from vllm.distributed.kv_transfer import get_kv_transfer_group, has_kv_transfer_group
 
     connector = get_kv_transfer_group() if has_kv_transfer_group() else None
-    return connector if hasattr(connector, "push_blocks") else None
-
-
-def _running(requests: dict[str, Any], request_id: str) -> Any:
-    """The runner's state of ``request_id``: vLLM keys requests by the client's id plus ``-`` and eight
-    random characters (``InputProcessor``)."""
-    if request_id in requests:
-        return requests[request_id]
-    found = [
-        s
-        for key, s in requests.items()
-        if key.startswith(f"{request_id}-") and len(key) == len(request_id) + 9
-    ]
-    return found[0] if len(found) == 1 else None
+    return connector if hasattr(connector, "attach") else None

@@ -18,7 +18,8 @@ import httpx
 import pytest
 import ray
 
-from kv_transfer.params import PARTS, TRANSFER_ID
+from kv_transfer.params import BLOCK_FORMAT, IN_FLIGHT, PARTS, TRANSFER_ID
+from kv_transfer.transport.side_channel import SideChannelClient
 from pdctl.admin_client import AdminClient
 from protocol.ids import RequestId
 from protocol.messages import DecodeRequest, FinishReason, SamplingSpec
@@ -29,6 +30,25 @@ from tests.e2e.conftest import E2ECluster
 pytestmark = pytest.mark.e2e
 
 PROMPT = "Write a detailed story about a lighthouse keeper who finds a message in a bottle."
+# about 330 tokens: with 128-token blocks the migration pre-copies two full blocks, then hands over while the
+# last (partial) block travels
+LONG_PROMPT = (
+    "Here are a lighthouse keeper's log entries for one week.\n"
+    + "".join(
+        f"Day {d}: the lamp was lit at {17 + d % 3} o'clock, the wind blew from the {side}, "
+        f"{ships} ships passed, and the keeper repaired the {part}.\n"
+        for d, side, ships, part in [
+            (1, "north", 3, "stairs"),
+            (2, "east", 5, "lens"),
+            (3, "south", 2, "door"),
+            (4, "west", 7, "foghorn"),
+            (5, "north-east", 4, "railing"),
+            (6, "south-west", 6, "window"),
+            (7, "north", 1, "roof"),
+        ]
+    )
+    + "Write a detailed story of that week from the keeper's point of view, day by day."
+)
 MAX_TOKENS = 96
 
 
@@ -103,17 +123,26 @@ async def _generate_with_moves(
     return tokens, reports
 
 
-@pytest.mark.parametrize("moves", [[16], [10, 40, 70]], ids=["once", "three-times"])
+@pytest.mark.parametrize(
+    ("prompt", "moves"),
+    [(PROMPT, [16]), (PROMPT, [10, 40, 70]), (LONG_PROMPT, [16])],
+    ids=["once", "three-times", "pre-copied"],
+)
 async def test_migrated_request_gives_the_unmigrated_tokens(
-    two_decoders: E2ECluster, model_tokenizer: Any, moves: list[int]
+    two_decoders: E2ECluster, model_tokenizer: Any, prompt: str, moves: list[int]
 ) -> None:
     cluster = two_decoders
-    prompt_ids = tuple(model_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    prompt_ids = tuple(model_tokenizer.apply_chat_template([{"role": "user", "content": prompt}]))
+    if prompt == LONG_PROMPT:
+        assert 256 < len(prompt_ids) < 384, len(prompt_ids)
     sampling = SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     reference = await cluster.reference_tokens(prompt_ids, sampling)
     request_id = f"mig-{len(moves)}-{time.monotonic_ns()}"
     tokens, reports = await _generate_with_moves(cluster, request_id, prompt_ids, moves)
     assert [r.outcome for r in reports] == ["moved"] * len(moves), [r.error for r in reports]
+    assert all(r.error == "" for r in reports), [r.error for r in reports]
+    if prompt == LONG_PROMPT:
+        assert [r.stages for r in reports] == [2], "a pre-copy stage, then the last push"
     assert all(r.tokens >= len(prompt_ids) and r.wire_bytes > 0 for r in reports)
     assert len(tokens) == MAX_TOKENS, "the client's stream lost or repeated tokens"
     assert tokens == reference
@@ -160,6 +189,46 @@ async def test_a_migration_whose_kv_is_lost_on_the_destination_is_recomputed_the
         tokens.extend(chunk.token_ids)
         finish = chunk.finish_reason or finish
     assert finish is FinishReason.LENGTH and tokens == reference[cut:]
+    await asyncio.to_thread(cluster.wait_idle)
+
+
+async def test_a_migration_whose_last_stage_never_lands_is_recomputed_on_the_destination(
+    two_decoders: E2ECluster, model_tokenizer: Any
+) -> None:
+    """The hand-over reached the destination while the last push was on its way, and that push failed (the
+    source dropped it): the destination stops waiting for it at once and recomputes the request."""
+    cluster = two_decoders
+    prompt_ids = tuple(model_tokenizer.apply_chat_template([{"role": "user", "content": PROMPT}]))
+    budget = 40
+    reference = await cluster.reference_tokens(
+        prompt_ids, SamplingSpec(max_tokens=budget, temperature=0.0, ignore_eos=True)
+    )
+    cut = 12
+    rid = RequestId(f"dropped-last-{time.monotonic_ns()}")
+    last = f"{rid}/m/0"
+    destination = cluster.handle.workers(Role.DECODE)["pdflow-decode-2"]
+    address = (await destination.snapshot.remote()).kv_endpoint
+    client = SideChannelClient(address)
+    try:  # what the source sends when its last push fails after the hand-over
+        client.call({"op": "abort", "transfer_id": last, "why": "the source failed"}, timeout_s=10)
+    finally:
+        client.close()
+    continuation = DecodeRequest(
+        rid,
+        (*prompt_ids, *reference[: cut - 1]),
+        reference[cut - 1],
+        SamplingSpec(max_tokens=budget - cut + 1, temperature=0.0, ignore_eos=True),
+        {TRANSFER_ID: last, PARTS: [[last, 0]], IN_FLIGHT: [last], BLOCK_FORMAT: "any"},
+    )
+    started = time.monotonic()
+    tokens: list[int] = []
+    finish = None
+    async for ref in destination.decode.options(num_returns="streaming").remote(continuation):
+        chunk = await ref
+        tokens.extend(chunk.token_ids)
+        finish = chunk.finish_reason or finish
+    assert finish is FinishReason.LENGTH and tokens == reference[cut:]
+    assert time.monotonic() - started < 25, "it waited for the load deadline (30 s) instead"
     await asyncio.to_thread(cluster.wait_idle)
 
 

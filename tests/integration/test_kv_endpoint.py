@@ -182,3 +182,20 @@ def test_an_unreachable_receiver_fails_fast(pair) -> None:
     with pytest.raises(TransferFailed, match="no reply"):
         sender.open("x", "req", "127.0.0.1:9", layers=1, raw_bytes=100, tokens=1, codec=get_codec("none"))
     assert sender.held["regions"] == 0
+
+
+def test_a_receiver_knows_which_transfers_will_never_land(pair) -> None:
+    """A load waiting for a part still on its way (a migration's last stage) must learn at once when the
+    sender dropped it, or when it lapsed, rather than wait out its deadline; a loaded transfer is not gone."""
+    sender, receiver, _, clock = pair
+    assert receiver.gone("on-its-way") is None
+    sender.drop_remote(receiver.address, ["on-its-way"], "the source failed")
+    assert receiver.gone("on-its-way") == "the source failed"
+    lapsing = _send(sender, receiver, "none", _layers())
+    loaded = _send(sender, receiver, "none", _layers())
+    assert receiver.gone(lapsing) is None and receiver.take(loaded) is not None
+    receiver.release(loaded, decode_s=0.01)
+    clock.now += 11
+    assert receiver.take(lapsing) is None
+    assert "lease expired" in (receiver.gone(lapsing) or "")
+    assert receiver.gone(loaded) is None

@@ -137,12 +137,7 @@ def test_no_request_moves_into_a_full_batch() -> None:
     reqs = [req(f"a{k}", "d0", 10) for k in range(6)] + [req(f"b{k}", "d1", 5) for k in range(2)]
     free = decide(cluster(reqs), reqs, MigrationState(), CFG, 0.0)[0]
     assert free.intents and all(i.destination == "d1" for i in free.intents)
-    capped = snap(
-        *(
-            replace(i, max_batch=2) if i.instance_id == "d1" else i
-            for i in cluster(reqs).instances
-        )
-    )
+    capped = snap(*(replace(i, max_batch=2) if i.instance_id == "d1" else i for i in cluster(reqs).instances))
     assert decide(capped, reqs, MigrationState(), CFG, 0.0)[0].intents == ()
 
 

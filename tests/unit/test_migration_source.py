@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from decode_worker.migration.source import LiveStream, MigrationSource
-from kv_transfer.params import BLOCK_FORMAT, PARTS, TRANSFER_ID
+from kv_transfer.params import BLOCK_FORMAT, IN_FLIGHT, PARTS, TRANSFER_ID
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.ids import RequestId
 from protocol.messages import DecodeRequest, FinishReason, SamplingSpec, TokenChunk
@@ -81,6 +81,7 @@ class Tokens:
     def __init__(self, first: int = 1000) -> None:
         self.queue: asyncio.Queue[tuple[int, FinishReason | None]] = asyncio.Queue()
         self.made: list[int] = []
+        self.closed = False
         self._next = first
 
     def feed(self, n: int, finish: FinishReason | None = None) -> list[int]:
@@ -92,12 +93,15 @@ class Tokens:
         return new
 
     async def chunks(self) -> AsyncIterator[TokenChunk]:
-        while True:
-            tok, finish = await self.queue.get()
-            await asyncio.sleep(0.001)
-            yield TokenChunk(RID, (tok,), finish)
-            if finish is not None:
-                return
+        try:
+            while True:
+                tok, finish = await self.queue.get()
+                await asyncio.sleep(0.001)
+                yield TokenChunk(RID, (tok,), finish)
+                if finish is not None:
+                    return
+        finally:
+            self.closed = True  # the request ended or was aborted in the engine
 
 
 async def until(cond: Callable[[], bool], timeout: float = 2.0) -> None:
@@ -176,10 +180,12 @@ async def test_live_migration_hands_over_the_cut_and_drops_later_tokens() -> Non
     assert report.stages == len(engine.pushes) == 2 and not engine.dropped
 
 
+# With no pre-copy stage (the KV is few blocks), the one push runs before the hand-over: if it fails, the
+# request goes on here.
 @pytest.mark.parametrize("failure", [{"error": "link lost"}, {"outcome": "failed", "error": "link lost"}])
-async def test_failed_final_push_thaws_the_stream(failure: dict[str, Any]) -> None:
-    engine = FakeEngine(fail={1: failure})
-    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+async def test_failed_final_push_before_the_hand_over_thaws_the_stream(failure: dict[str, Any]) -> None:
+    engine = FakeEngine(fail={0: failure})
+    source, stream, tokens, relay = start(engine, final_blocks=10, max_stages=3)
     await produce(stream, tokens, 5)
     held: list[int] = []
 
@@ -199,6 +205,62 @@ async def test_failed_final_push_thaws_the_stream(failure: dict[str, Any]) -> No
     ids = [p.transfer_id for p in engine.pushes]
     # every part tried is dropped: a push that failed (or timed out) may have left a reservation there
     assert engine.dropped == [(DEST.kv_endpoint, ids, "link lost")]
+    assert not source.migrating() and not source.running()
+
+
+async def test_live_migration_hands_over_as_its_last_push_starts() -> None:
+    """After a pre-copy, the hand-over goes out while the last push runs (the destination loads the earlier
+    stages meanwhile and waits for the last, ``IN_FLIGHT``); the request stays in the engine, its blocks
+    with it, until that push ends."""
+    engine = FakeEngine()
+    source = MigrationSource(engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3))
+    stream = LiveStream(RID, tuple(range(10)), SamplingSpec(max_tokens=101), 100)
+    tokens, got = Tokens(), []
+
+    async def client() -> None:
+        async for chunk in source.serve(stream, tokens.chunks()):
+            got.append(chunk)
+
+    relay = asyncio.create_task(client())
+    await produce(stream, tokens, 5)
+    seen: dict[str, bool] = {}
+
+    async def on_push(k: int, background: bool) -> None:
+        if background:
+            await produce(stream, tokens, 2)
+        else:
+            await until(lambda: bool(got) and got[-1].handover is not None)  # the client has it already
+            await asyncio.sleep(0.01)
+            seen["engine stream open during the last push"] = not tokens.closed
+
+    engine.on_push = on_push
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    await relay
+    cont = continuation(got)
+
+    assert report.outcome is MOVED and report.error == ""
+    assert seen == {"engine stream open during the last push": True}
+    handle = cont.kv_handle or {}
+    assert handle[IN_FLIGHT] == [engine.pushes[-1].transfer_id] == [handle[PARTS][-1][0]]
+    assert handle[BLOCK_FORMAT] == "fake/4" and report.stages == 2 and not engine.dropped
+    await until(lambda: tokens.closed)  # then the request is aborted here
+
+
+@pytest.mark.parametrize("failure", [{"error": "link lost"}, {"outcome": "failed", "error": "link lost"}])
+async def test_last_push_that_fails_after_the_hand_over_is_dropped_on_the_destination(
+    failure: dict[str, Any],
+) -> None:
+    """The request moved: the destination gives up waiting for the dropped part and recomputes its KV."""
+    engine = FakeEngine(fail={1: failure})
+    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    await produce(stream, tokens, 5)
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    cont = continuation(await relay)
+
+    assert report.outcome is MOVED and "link lost" in report.error
+    last = engine.pushes[-1].transfer_id
+    assert (cont.kv_handle or {})[IN_FLIGHT] == [last]
+    assert engine.dropped == [(DEST.kv_endpoint, [last], "link lost")]
     assert not source.migrating() and not source.running()
 
 
@@ -310,8 +372,8 @@ async def test_retry_right_after_a_failed_migration_cuts_after_the_thawed_tokens
             return await aw
 
     monkeypatch.setattr(asyncio, "wait_for", wait_for_312)
-    engine = FakeEngine(fail={1: {"error": "link lost"}})
-    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    engine = FakeEngine(fail={0: {"error": "link lost"}})
+    source, stream, tokens, relay = start(engine, final_blocks=10, max_stages=3)
     await produce(stream, tokens, 5)
 
     async def on_push(k: int, background: bool) -> None:
@@ -332,7 +394,7 @@ async def test_retry_right_after_a_failed_migration_cuts_after_the_thawed_tokens
 # nowhere: the report must not say MOVED, and the parts that landed on the destination are dropped.
 async def test_relay_that_ends_during_the_final_push_is_not_reported_moved() -> None:
     engine = FakeEngine()
-    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    source, stream, tokens, relay = start(engine, final_blocks=10, max_stages=3)
     await produce(stream, tokens, 5)
 
     async def on_push(k: int, background: bool) -> None:
@@ -351,7 +413,7 @@ async def test_caller_that_gives_up_mid_freeze_leaves_the_request_flowing_here()
     """The controller's call to ``migrate`` is cancelled (its deadline, or the controller went away) while the
     stream is frozen: the stream thaws, nothing is lost, and the parts pushed so far are dropped."""
     engine = FakeEngine()
-    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    source, stream, tokens, relay = start(engine, final_blocks=10, max_stages=3)
     await produce(stream, tokens, 5)
     stuck = asyncio.Event()
 
