@@ -1,12 +1,14 @@
 """Live migration downtime on real engines: two vLLM CPU decode workers (SmolLM2) in this process, one greedy
 request per run moved from A to B once its sequence reaches 256, 1024, 4096 or 8144 tokens (SmolLM2 has 8192
 positions), by live pre-copy, blocking stop-and-copy and recompute. A second request keeps decoding on A
-throughout, so that the source's time per token during the migration can be compared with before it.
+throughout, so that the source's time per token during the migration can be compared with before it; another
+keeps decoding on B, so that both engines share the cores before the migration as after it.
 
 Downtime is what the migrated request's client sees: the largest gap between two of its tokens from the
 migration's start to the first token after the hand-over, minus its median gap before the migration.
 
     .venv/bin/python benchmarks/migration.py [--lengths 256,1024,4096,8144] [--modes live,recompute]
+        [--repeats 3] [--idle-destination]
 
 Prints a table and writes ``results/migration.json``.
 """
@@ -40,7 +42,7 @@ async def _companion(
         n += 1
         sampling = SamplingSpec(max_tokens=4000, temperature=0.0, ignore_eos=True)
         last = time.monotonic()
-        async for chunk in worker.generate(f"companion-{n}", prompt, sampling):
+        async for chunk in worker.generate(f"companion-{worker.instance_id}-{n}", prompt, sampling):
             now = time.monotonic()
             if chunk.token_ids:
                 gaps.append((now, now - last))
@@ -62,12 +64,14 @@ async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str
     migrating: asyncio.Task[Any] | None = None
     started = moved_at = None
     handed_at_token = None
+    handover_at = None  # when the client got the hand-over, and how many tokens it had then
     while True:
         try:
             chunk = await stream.__anext__()
         except StopAsyncIteration:
             break
         if chunk.handover is not None:
+            handover_at = (time.monotonic(), len(times))
             stream = dest.decode(chunk.handover.continuation)
             continue
         for _ in chunk.token_ids:
@@ -90,6 +94,12 @@ async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str
         times[i] - times[i - 1]
         for i in range(first_after, min(len(times), (handed_at_token or len(times)) + 2))
     ]
+    # the hand-over gap split: the source's part (last token from it to the hand-over) and the
+    # destination's (hand-over to its first token)
+    split = (float("nan"), float("nan"))
+    if handover_at is not None and 0 < handover_at[1] < len(times):
+        at, n = handover_at
+        split = ((at - times[n - 1]) * 1e3, (times[n] - at) * 1e3)
     return {
         "length": length,
         "mode": mode,
@@ -99,6 +109,8 @@ async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str
         "max_gap_ms": max(window) * 1e3,
         "downtime_ms": (max(window) - normal) * 1e3,
         "paused_ms": report.paused_s * 1e3,
+        "handover_source_ms": split[0],
+        "handover_dest_ms": split[1],
         "migration_ms": report.duration_s * 1e3,
         "stages": report.stages,
         "wire_mb": report.wire_bytes / 1e6,
@@ -137,7 +149,22 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
         companion_gaps: list[tuple[float, float]] = []
         stop = asyncio.Event()
         companion = asyncio.create_task(_companion(workers[0], tuple(range(500, 756)), stop, companion_gaps))
+        # The destination decodes a request of its own too, so that both engines share the machine's cores
+        # before the migration as after it: the source's time per token then shows what the migration costs
+        # it, not the destination starting to compute next to it on the same cores.
+        busy = asyncio.create_task(
+            _companion(workers[1], tuple(range(800, 1056)), stop, [])
+            if not args.idle_destination
+            else stop.wait()
+        )
         await asyncio.sleep(3)
+        # The first migration between two engines also sets up their NIXL connection (UCX endpoints, both
+        # ways); that one-time cost is reported on its own, not in the cells.
+        first = await _one(workers, lengths[0], "live", 0)
+        first.pop("window")
+        rows.append({**first, "mode": "first (connection set-up)"})
+        print(f"first migration (sets up the connection): {first['downtime_ms']:.1f} ms", flush=True)
+        await asyncio.sleep(0.5)
         run = 0
         for length in lengths:
             for mode in args.modes.split(","):
@@ -159,7 +186,7 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 rows.append(row)
                 print(_line(row), flush=True)
         stop.set()
-        await asyncio.wait_for(companion, 60)
+        await asyncio.wait_for(asyncio.gather(companion, busy), 60)
     finally:
         for w in workers:
             await w.shutdown()
@@ -170,6 +197,7 @@ def _line(r: dict[str, Any]) -> str:
     return (
         f"{r['length']:>6} {r['mode']:<14} {r['outcome']:<8} downtime {r['downtime_ms']:8.1f} ms "
         f"(max gap {r['max_gap_ms']:7.1f}, normal {r['normal_gap_ms']:6.1f}) paused {r['paused_ms']:7.1f} ms "
+        f"(gap: source {r['handover_source_ms']:6.1f} + destination {r['handover_dest_ms']:6.1f} ms) "
         f"stages {r['stages']} {r['wire_mb']:6.1f} MB  source TPOT {r['source_tpot_before_ms']:6.1f} -> "
         f"{r['source_tpot_during_ms']:6.1f} ms  runs {r.get('downtimes_ms', '')} {r['error']}"
     )
@@ -180,6 +208,12 @@ def main() -> None:
     parser.add_argument("--lengths", default="256,1024,4096,8144")
     parser.add_argument("--modes", default="live,stop_and_copy,recompute")
     parser.add_argument("--repeats", type=int, default=3, help="Runs per cell; the median is reported.")
+    parser.add_argument(
+        "--idle-destination",
+        action="store_true",
+        help="No request of its own on the destination (then it competes with the source for the cores only "
+        "once the moved request runs there)",
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "migration.json")
     args = parser.parse_args()
     from pdctl.local_cluster import apply_env_defaults

@@ -83,9 +83,10 @@ def main() -> None:
     if args.tls:
         os.environ["UCX_TLS"] = args.tls
     print(f"UCX_TLS={os.environ.get('UCX_TLS', '(default)')}")
-    print(f"{'progress delay':>16} {'idle cores':>10} {'target cores':>12} " + " ".join(
-        f"{s >> 20:>5} MiB GB/s" for s in SIZES
-    ))
+    print(
+        f"{'progress delay':>16} {'idle cores':>10} {'target cores':>12} "
+        + " ".join(f"{s >> 20:>5} MiB GB/s" for s in SIZES)
+    )
     for token in args.delays.split(","):
         delay = None if token == "none" else int(token)
         row = _measure(delay, args.idle_s, args.repeats)
