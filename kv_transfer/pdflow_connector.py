@@ -35,7 +35,7 @@ from kv_transfer.codec import get_codec
 from kv_transfer.codec_choice import CodecChooser
 from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, TransferFailed
 from kv_transfer.paged import PagedLayout, block_format, block_images, gather, put_block_images, scatter
-from kv_transfer.params import BLOCK_FORMAT, CODEC, REMOTE_TOKENS
+from kv_transfer.params import BLOCK_FORMAT, CODEC, IN_FLIGHT, PARTS, REMOTE_TOKENS
 from kv_transfer.params import DESTINATION as DEST
 from kv_transfer.params import TRANSFER_ID as TRANSFER
 from kv_transfer.params import parts as transfer_parts
@@ -68,6 +68,9 @@ class LoadSpec:
     tokens: int
     local_tokens: int  # a local prefix-cache hit (whole blocks): those blocks are shared, never written
     block_format: str = ""  # set: the parts are raw block images of this layout (see paged.block_format)
+    # parts that landed before the request was handed over (a migration's, but its last in flight): one that
+    # is not here when the load starts is lost, and the load fails at once instead of waiting
+    landed_before: frozenset[str] = frozenset()
 
 
 @dataclass(slots=True)
@@ -204,8 +207,16 @@ class PdflowConnector(KVConnectorBase_V1):
         if num_external_tokens > 0 and TRANSFER in params:
             local = self._local_hits.pop(request.request_id, 0)
             parts = transfer_parts(params)
+            in_flight = set(params.get(IN_FLIGHT, ()))
             self._to_load[request.request_id] = LoadSpec(
-                parts, block_ids, num_external_tokens, local, str(params.get(BLOCK_FORMAT, ""))
+                parts,
+                block_ids,
+                num_external_tokens,
+                local,
+                str(params.get(BLOCK_FORMAT, "")),
+                frozenset(tid for tid, _ in parts if tid not in in_flight)
+                if PARTS in params
+                else frozenset(),
             )
             self._loading[request.request_id] = [tid for tid, _ in parts]
             # Loaded once: if vLLM preempts the request later, it recomputes its KV here, since the
@@ -415,6 +426,8 @@ class PdflowConnector(KVConnectorBase_V1):
                     if (why := self._endpoint.gone(tid)) is not None:
                         raise _LoadFailed(f"transfer {tid} will not land: {why}")
                     incoming = self._endpoint.take(tid)
+                    if incoming is None and tid in load.spec.landed_before:
+                        raise _LoadFailed(f"transfer {tid} is no longer here (its lease ran out, or dropped)")
                     if incoming is None:
                         continue
                     started = time.perf_counter()

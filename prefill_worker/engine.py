@@ -17,7 +17,6 @@ from typing import Any, cast
 
 from kv_transfer.params import CODEC as _CODEC
 from kv_transfer.params import DESTINATION as _DEST
-from kv_transfer.params import IN_FLIGHT as _IN_FLIGHT
 from kv_transfer.params import PARTS as _PARTS
 from kv_transfer.params import REMOTE_TOKENS as _REMOTE_TOKENS
 from kv_transfer.params import TRANSFER_ID as _TRANSFER
@@ -186,16 +185,9 @@ class VllmEngine:
                 yield chunk
             return
         kv_params = dict(request.kv_handle)
+        # A migration arriving: if its KV fails to load (a part no longer here, or a last part that never
+        # lands; the connector tells at once), it is recomputed here rather than failed.
         migrated = _PARTS in kv_params
-        if migrated:  # a migration arriving: the KV that landed must still be here, or it is recomputed
-            in_flight = set(kv_params.get(_IN_FLIGHT, ()))
-            landed = [tid for tid, _ in _parts(kv_params) if tid not in in_flight]
-            lost = (await self._rpc("pdflow_renew", (landed,)))[0] if landed else []
-            if lost:
-                log.warning("%s: migrated KV %s is no longer here; recomputing it", request.request_id, lost)
-                async for chunk in self.decode(replace(request, kv_handle=None)):
-                    yield chunk
-                return
         if _TRANSFER not in kv_params:  # vLLM's NixlConnector pulls
             kv_params["do_remote_prefill"] = True
             kv_params["do_remote_decode"] = False
@@ -213,8 +205,7 @@ class VllmEngine:
             async for out in self._run(request.request_id, prompt, params):
                 chunk = _chunk(request.request_id, out)
                 if migrated and first and chunk.finish_reason is FinishReason.ERROR and not chunk.token_ids:
-                    # its KV failed to load (a last stage that never landed): nothing went out yet, so the
-                    # request is recomputed here rather than failed
+                    # nothing went out yet: recompute it (the connector logged which part was missing)
                     log.warning("%s: migrated KV failed to load; recomputing it", request.request_id)
                     self._queued_kv.pop(request.request_id, None)
                     async for recomputed in self.decode(replace(request, kv_handle=None)):
@@ -304,20 +295,18 @@ class VllmEngine:
             self._renewer = asyncio.create_task(self._renew_queued_kv())
 
     async def _renew_queued_kv(self) -> None:
-        """Every third of a lease, renew the leases of the landed KV of requests still queued in vLLM; ends
-        when none waits."""
+        """Renew the leases of the landed KV of requests still queued in vLLM at once, then every third of a
+        lease; ends when none waits."""
         while self._queued_kv:
-            await asyncio.sleep(self._config.kv_lease_seconds / 3)
             ids = [tid for tids in list(self._queued_kv.values()) for tid in tids]
-            if not ids:
-                continue
             try:
-                lost = (await self._rpc("pdflow_renew", (ids,)))[0]
+                lost = (await self._rpc("pdflow_renew", (ids,)))[0] if ids else []
             except Exception as exc:  # the engine is dying; its requests fail on their own
                 log.warning("renewing the leases of queued KV failed: %s", exc)
-                continue
+                lost = []
             if lost:
                 log.debug("queued KV no longer held here: %s", lost)
+            await asyncio.sleep(self._config.kv_lease_seconds / 3)
 
     async def kv_held(self) -> dict[str, int]:
         """Leak-check figures of the pdflow connector in the engine (regions, transfers, pushes, loads)."""
