@@ -21,7 +21,17 @@ from dataclasses import dataclass
 
 import torch
 
-from kv_transfer.codec.base import EncodedKV, KVCodec, KVHeader, KVKind, KVPart, PartSpec, kv_shape
+from kv_transfer.codec.base import (
+    EXACT_TOKENS,
+    EncodedKV,
+    KVCodec,
+    KVHeader,
+    KVKind,
+    KVPart,
+    PartSpec,
+    check_exact_tokens,
+    kv_shape,
+)
 from kv_transfer.codec.groups import (
     DEFAULT_GROUP_SIZE,
     check_group_size,
@@ -52,8 +62,9 @@ class AffineCodec(KVCodec):
     bits: int
     lossless = False
 
-    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE, exact_tokens: int = EXACT_TOKENS) -> None:
         self.group_size = check_group_size(group_size, self.name)
+        self.exact_tokens = check_exact_tokens(exact_tokens, self.name)
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         return codes
@@ -64,7 +75,7 @@ class AffineCodec(KVCodec):
     def packed_len(self, count: int) -> int:
         return count
 
-    def part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
+    def _part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
         group_size = check_group_size(header.param("group_size"), f"{self.name} header")
         groups = scale_shape(header, group_size)
         return (

@@ -14,7 +14,17 @@ import math
 
 import torch
 
-from kv_transfer.codec.base import EncodedKV, KVCodec, KVHeader, KVKind, KVPart, PartSpec, kv_shape
+from kv_transfer.codec.base import (
+    EXACT_TOKENS,
+    EncodedKV,
+    KVCodec,
+    KVHeader,
+    KVKind,
+    KVPart,
+    PartSpec,
+    check_exact_tokens,
+    kv_shape,
+)
 from kv_transfer.codec.groups import (
     DEFAULT_GROUP_SIZE,
     HEAD_DIM_AXIS,
@@ -47,10 +57,11 @@ class Fp8Codec(KVCodec):
     name = "fp8"
     lossless = False
 
-    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE) -> None:
+    def __init__(self, group_size: int = DEFAULT_GROUP_SIZE, exact_tokens: int = EXACT_TOKENS) -> None:
         self.group_size = check_group_size(group_size, self.name)
+        self.exact_tokens = check_exact_tokens(exact_tokens, self.name)
 
-    def part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
+    def _part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
         group_size = check_group_size(header.param("group_size"), f"{self.name} header")
         return (
             PartSpec("codes", torch.uint8, (math.prod(header.shape),)),
@@ -60,7 +71,7 @@ class Fp8Codec(KVCodec):
     def _encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
         header = KVHeader(self.name, kind, kv_shape(kv), kv.dtype, {"group_size": self.group_size})
         codes = torch.empty(kv.shape, dtype=torch.float8_e4m3fn, device=kv.device)
-        scale = torch.empty(self.part_specs(header)[1].shape, dtype=torch.float16, device=kv.device)
+        scale = torch.empty(self._part_specs(header)[1].shape, dtype=torch.float16, device=kv.device)
         for tokens in token_chunks(kv, align=1):  # groups run along head_dim: any token split works
             groups = split_groups(kv[tokens].float(), HEAD_DIM_AXIS, self.group_size)  # [t, H, G, g]
             chunk_scale = fp16_round_up((groups.abs().amax(dim=-1) / E4M3_MAX).clamp_min(FP16_TINY))

@@ -34,7 +34,7 @@ class LosslessCodec(KVCodec):
     name = "lossless"
     lossless = True
 
-    def part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
+    def _part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
         plane_bytes = header.raw_nbytes // header.dtype.itemsize
         specs = []
         for i in range(header.dtype.itemsize):

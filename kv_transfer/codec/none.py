@@ -15,7 +15,7 @@ class NoneCodec(KVCodec):
     name = "none"
     lossless = True
 
-    def part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
+    def _part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:
         return (PartSpec("raw", torch.uint8, (header.raw_nbytes,)),)
 
     def _encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
