@@ -123,6 +123,32 @@ async def _generate_with_moves(
     return tokens, reports
 
 
+async def _continue_on(
+    destination: Any,
+    rid: RequestId,
+    prompt_ids: tuple[int, ...],
+    reference: list[int],
+    cut: int,
+    handle: dict[str, Any],
+) -> tuple[list[int], FinishReason | None]:
+    """Hand ``destination`` the request as a migration would once the client had ``cut`` tokens of
+    ``reference`` (greedy, ``len(reference)`` tokens in all); returns the tokens it streams and its finish."""
+    continuation = DecodeRequest(
+        rid,
+        (*prompt_ids, *reference[: cut - 1]),
+        reference[cut - 1],
+        SamplingSpec(max_tokens=len(reference) - cut + 1, temperature=0.0, ignore_eos=True),
+        handle,
+    )
+    tokens: list[int] = []
+    finish = None
+    async for ref in destination.decode.options(num_returns="streaming").remote(continuation):
+        chunk = await ref
+        tokens.extend(chunk.token_ids)
+        finish = chunk.finish_reason or finish
+    return tokens, finish
+
+
 @pytest.mark.parametrize(
     ("prompt", "moves"),
     [(PROMPT, [16]), (PROMPT, [10, 40, 70]), (LONG_PROMPT, [16])],
@@ -174,20 +200,9 @@ async def test_a_migration_whose_kv_is_lost_on_the_destination_is_recomputed_the
     cut = 12  # the client has had 12 tokens when the request moves
     rid = RequestId(f"lost-kv-{time.monotonic_ns()}")
     lost = [[f"{rid}/gone/0", 0], [f"{rid}/gone/1", 4]]
-    continuation = DecodeRequest(
-        rid,
-        (*prompt_ids, *reference[: cut - 1]),
-        reference[cut - 1],
-        SamplingSpec(max_tokens=budget - cut + 1, temperature=0.0, ignore_eos=True),
-        {TRANSFER_ID: lost[-1][0], PARTS: lost},
-    )
     destination = cluster.handle.workers(Role.DECODE)["pdflow-decode-2"]
-    tokens: list[int] = []
-    finish = None
-    async for ref in destination.decode.options(num_returns="streaming").remote(continuation):
-        chunk = await ref
-        tokens.extend(chunk.token_ids)
-        finish = chunk.finish_reason or finish
+    handle = {TRANSFER_ID: lost[-1][0], PARTS: lost}
+    tokens, finish = await _continue_on(destination, rid, prompt_ids, reference, cut, handle)
     assert finish is FinishReason.LENGTH and tokens == reference[cut:]
     await asyncio.to_thread(cluster.wait_idle)
 
@@ -213,20 +228,9 @@ async def test_a_migration_whose_last_stage_never_lands_is_recomputed_on_the_des
         client.call({"op": "abort", "transfer_id": last, "why": "the source failed"}, timeout_s=10)
     finally:
         client.close()
-    continuation = DecodeRequest(
-        rid,
-        (*prompt_ids, *reference[: cut - 1]),
-        reference[cut - 1],
-        SamplingSpec(max_tokens=budget - cut + 1, temperature=0.0, ignore_eos=True),
-        {TRANSFER_ID: last, PARTS: [[last, 0]], IN_FLIGHT: [last], BLOCK_FORMAT: "any"},
-    )
+    handle = {TRANSFER_ID: last, PARTS: [[last, 0]], IN_FLIGHT: [last], BLOCK_FORMAT: "any"}
     started = time.monotonic()
-    tokens: list[int] = []
-    finish = None
-    async for ref in destination.decode.options(num_returns="streaming").remote(continuation):
-        chunk = await ref
-        tokens.extend(chunk.token_ids)
-        finish = chunk.finish_reason or finish
+    tokens, finish = await _continue_on(destination, rid, prompt_ids, reference, cut, handle)
     assert finish is FinishReason.LENGTH and tokens == reference[cut:]
     assert time.monotonic() - started < 25, "it waited for the load deadline (30 s) instead"
     await asyncio.to_thread(cluster.wait_idle)
