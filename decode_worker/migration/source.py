@@ -5,10 +5,12 @@ queue and the worker's generator relays them. A migration (``MigrationSource.mig
 stages while the stream flows: stage k pushes the blocks that filled since stage k-1 (whole blocks only,
 which a running request never rewrites). When few blocks are left, or after the stage limit, the stream
 freezes: from then on the client gets nothing from here, and the cut is every token it already has. The last
-blocks (the partial one included) are pushed while the engine is paused between two steps, then the
-generator yields a ``Handover`` and returns, which aborts the request here and frees its blocks. If anything
-fails before the hand-over, the stream thaws (the tokens held back go out) and the request goes on here: it
-runs on exactly one worker either way.
+blocks (the partial one included) are pushed while the engine goes on (tokens past the cut never reach the
+client), and the generator yields a ``Handover`` as that push starts; once the push has ended the generator
+returns, which aborts the request here and frees its blocks. The destination copies the earlier stages in
+meanwhile, and recomputes the request if the last push never lands. (With no earlier stage the push ends
+before the hand-over.) If anything fails before the hand-over, the stream thaws (the tokens held back go out)
+and the request goes on here: it runs on exactly one worker either way.
 
 Pushes are keyed by ``{request}/{migration}/{stage}``: each lands in its own reservation on the destination,
 which frees it when it is loaded, dropped, or its lease ends.
@@ -286,7 +288,8 @@ class MigrationSource:
             if end > plan.pushed and mode is MigrationMode.LIVE and plan.parts:
                 # Hand over as the last push starts: the destination copies the earlier stages into its
                 # blocks while the last one travels (it waits for it, and recomputes if it never lands).
-                # The push runs between two engine steps, before the abort that follows the hand-over.
+                # The relay waits for this push before it ends, and so before the abort that frees the
+                # request's blocks here.
                 last = asyncio.ensure_future(self._push(plan, plan.add_part(), end, background=False))
                 stream.last_push = last
             elif end > plan.pushed:
