@@ -258,7 +258,14 @@ class VllmEngine:
             result: dict[str, Any] = (await self._rpc("pdflow_push", (message,)))[0]
             return result
         self._urgent_pushes.add(transfer_id)
-        return await self._side_call({"op": "push", **message})
+        try:
+            started = await self._side_call({"op": "push", **message})
+        except BaseException:
+            self._urgent_pushes.discard(transfer_id)
+            raise
+        if "error" in started:  # it never started: there is nothing to poll
+            self._urgent_pushes.discard(transfer_id)
+        return started
 
     async def push_status(self, transfer_id: str) -> dict[str, Any] | None:
         status: dict[str, Any] | None
