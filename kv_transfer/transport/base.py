@@ -58,12 +58,21 @@ class Transport(Protocol):
 
     def remove_peer(self, name: str) -> None: ...
 
-    def write(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> Xfer:
-        """Post a one-sided write of ``nbytes`` from this buffer into ``peer``'s; returns at once."""
+    def write(
+        self, peer: str, local_offset: int, remote_offset: int, nbytes: int, notif: bytes = b""
+    ) -> Xfer:
+        """Post a one-sided write of ``nbytes`` from this buffer into ``peer``'s; returns at once. A
+        non-empty ``notif`` reaches ``peer``'s ``notifications`` once the write is done (it may come before
+        the bytes are visible there: a receiver checks what it reads)."""
         ...
 
     def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> Xfer:
         """Post a one-sided read of ``nbytes`` from ``peer``'s buffer into this one; returns at once."""
+        ...
+
+    def notifications(self) -> list[bytes]:
+        """The notifications of writes into this buffer that arrived since the last call, oldest first.
+        Called from one thread only."""
         ...
 
     def close(self) -> None: ...

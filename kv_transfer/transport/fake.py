@@ -3,6 +3,7 @@ post time. ``corrupt_writes`` flips one byte in the next N writes so that checks
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
@@ -15,6 +16,7 @@ class FakeFabric:
     """The shared 'network': every in-process transport registers its buffer here."""
 
     buffers: dict[str, torch.Tensor] = field(default_factory=dict)
+    notifs: dict[str, deque[bytes]] = field(default_factory=dict)
     corrupt_writes: int = 0
     fail_writes: int = 0
     moves: int = 0
@@ -38,6 +40,7 @@ class InProcessTransport:
         self._buffer = torch.zeros(capacity, dtype=torch.uint8)
         self._peers: set[str] = set()
         fabric.buffers[name] = self._buffer
+        fabric.notifs[name] = deque()
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -52,7 +55,9 @@ class InProcessTransport:
     def remove_peer(self, name: str) -> None:
         self._peers.discard(name)
 
-    def write(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _Done:
+    def write(
+        self, peer: str, local_offset: int, remote_offset: int, nbytes: int, notif: bytes = b""
+    ) -> _Done:
         remote = self._remote(peer)
         if self._fabric.fail_writes > 0:
             self._fabric.fail_writes -= 1
@@ -64,6 +69,8 @@ class InProcessTransport:
             self._fabric.corrupt_writes -= 1
             remote[remote_offset] ^= 0xFF
         self._fabric.moves += 1
+        if notif:
+            self._fabric.notifs[peer].append(notif)
         return _Done(XferState.DONE)
 
     def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _Done:
@@ -73,6 +80,12 @@ class InProcessTransport:
         )
         self._fabric.moves += 1
         return _Done(XferState.DONE)
+
+    def notifications(self) -> list[bytes]:
+        queue, out = self._fabric.notifs.get(self._name, deque()), []
+        while queue:
+            out.append(queue.popleft())
+        return out
 
     def close(self) -> None:
         self._fabric.buffers.pop(self._name, None)

@@ -31,7 +31,9 @@ def make_agent(name: str, progress_delay_us: int | None = PROGRESS_DELAY_US) -> 
     (``None``: NIXL's own busy-polling thread)."""
     import nixl._api as api
 
-    config = api.nixl_agent_config(enable_prog_thread=True, backends=["UCX"])
+    config = api.nixl_agent_config(
+        enable_prog_thread=True, backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
+    )
     if progress_delay_us is None:
         return api.nixl_agent(name, config)
     native = api.nixlBind.nixlAgentConfig
@@ -123,11 +125,21 @@ class NixlTransport:
                 except Exception as exc:
                     log.debug("removing NIXL peer %s: %s", name, exc)
 
-    def write(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
-        return self._post("WRITE", peer, local_offset, remote_offset, nbytes)
+    def write(
+        self, peer: str, local_offset: int, remote_offset: int, nbytes: int, notif: bytes = b""
+    ) -> _NixlXfer:
+        return self._post("WRITE", peer, local_offset, remote_offset, nbytes, notif)
 
     def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
         return self._post("READ", peer, local_offset, remote_offset, nbytes)
+
+    def notifications(self) -> list[bytes]:
+        try:
+            notifs = self._agent.get_new_notifs()
+        except Exception as exc:  # a peer that died mid-notification; nothing to deliver
+            log.debug("polling NIXL notifications: %s", exc)
+            return []
+        return [msg for msgs in notifs.values() for msg in msgs]
 
     def close(self) -> None:
         for name in list(self._peers):
@@ -137,7 +149,9 @@ class NixlTransport:
         except Exception as exc:
             log.debug("deregistering the NIXL buffer: %s", exc)
 
-    def _post(self, op: str, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
+    def _post(
+        self, op: str, peer: str, local_offset: int, remote_offset: int, nbytes: int, notif: bytes = b""
+    ) -> _NixlXfer:
         info = self._peers.get(peer)
         if info is None:
             raise TransportError(f"{self._name}: unknown peer {peer!r} (no handshake)")
@@ -152,7 +166,7 @@ class NixlTransport:
         )
         remote = self._agent.get_xfer_descs([(info.base_addr + remote_offset, nbytes, self._dev)], self._mem)
         try:
-            handle = self._agent.initialize_xfer(op, local, remote, peer)
+            handle = self._agent.initialize_xfer(op, local, remote, peer, notif)
             state = _STATES.get(self._agent.transfer(handle), XferState.FAILED)
         except Exception as exc:  # nixl raises its own exception types on a dead peer
             raise TransportError(f"{op} to {peer} failed to post: {exc}") from exc
