@@ -7,14 +7,20 @@ while later layers are still being computed. ``finish`` waits for the last write
 checks sizes and checksums, asks for a layer again if it is corrupt (once), and keeps the landed transfer
 until the engine loads it (``take`` + ``decode_layers``) or its lease runs out. Every transfer ends in exactly
 one ``TransferRecord``, emitted by the side that ends it.
+
+Each compressed layer's write carries a NIXL notification. The receiver decodes a layer as soon as its
+notification comes and its checksum holds, on a thread of its own, while later layers are still on the wire:
+the load then finds most layers decoded (within ``predecode_bytes`` of decoded memory; a layer over budget,
+without a checksum, or not yet decoded is decoded at load as before).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,6 +45,9 @@ from protocol.transfers import TransferOutcome, TransferRecord
 log = logging.getLogger(__name__)
 _POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.002  # how often a sender checks its writes: first, and at most
 _GONE_KEPT = 4096  # ended transfers remembered for ``gone``
+_LAYER_NOTE = b"pdflow-layer:"  # prefix of the notification that comes with each compressed layer's write
+_WINDOW_BYTES = 8 << 20  # a transfer's writes on the wire at once, at most (one layer, whatever its size)
+_PREDECODE_POLL_S = 0.001  # how often the decoding thread polls notifications while a transfer is on the way
 
 
 class TransferFailed(Exception):
@@ -76,6 +85,9 @@ class OutgoingTransfer:
     wire_bytes: int = 0
     encode_s: float = 0.0
     first_post: float | None = None
+    queued: deque[int] = field(default_factory=deque)  # slots encoded, their writes not posted yet
+    in_flight: dict[int, int] = field(default_factory=dict)  # slot -> bytes, posted and not seen done
+    failed: list[int] = field(default_factory=list)  # slots whose write failed
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +104,16 @@ class IncomingTransfer:
         return int(self.manifest["tokens"])
 
 
+@dataclass(slots=True)
+class _Predecoded:
+    """The layers of one incoming transfer decoded before its load, by slot position."""
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    verified: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (offset, nbytes, crc) checked
+    nbytes: int = 0  # decoded bytes held or being decoded, counted against the budget
+    seconds: float = 0.0
+
+
 class KVEndpoint:
     """One per worker process. Sending calls (``open``, ``send_layer``, ``finish``, ``abort``) come from one
     thread (the engine's); the side channel serves the receiving half from its own thread; ``take``,
@@ -106,8 +128,11 @@ class KVEndpoint:
         lease_s: float = 12.0,
         timeout_s: float = 30.0,
         checksum: bool = True,
+        predecode_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``predecode_bytes``: decoded layers held ahead of their load, at most (default: the staging
+        buffer's size; 0 turns early decoding off)."""
         self._transport = transport
         self._arena = Arena(transport.buffer.numel())
         self._lease_s = lease_s
@@ -123,8 +148,19 @@ class KVEndpoint:
         self._records: list[TransferRecord] = []
         self._clients: dict[tuple[int, str], SideChannelClient] = {}  # per sending thread and peer
         self._ops: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {}
+        self._predecode_budget = transport.buffer.numel() if predecode_bytes is None else predecode_bytes
+        self._predecoded: dict[str, _Predecoded] = {}
+        self._predecoded_bytes = 0
+        self._wake = threading.Event()  # set when a transfer is reserved here
+        self._closed = threading.Event()
         self._server = SideChannelServer(self._handle, host=host, port=port)
         self.address = self._server.address
+        self._decoder: threading.Thread | None = None
+        if self._predecode_budget > 0:
+            self._decoder = threading.Thread(
+                target=self._predecode_loop, name="pdflow-kv-decode", daemon=True
+            )
+            self._decoder.start()
 
     # ---- sending ----
 
@@ -178,7 +214,9 @@ class KVEndpoint:
 
     def send_layer(self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Encode one layer's K and V (``[tokens, kv_heads, head_dim]``) into local staging and post its
-        write. Never waits for the wire."""
+        write, or queue it while ``_WINDOW_BYTES`` of this transfer are on the wire: the layers then land one
+        after the other (not all at the end, sharing the link), and the receiver decodes each as it lands.
+        Never waits for the wire."""
         started = time.perf_counter()
         encoded = (t.codec.encode(key, KVKind.KEY), t.codec.encode(value, KVKind.VALUE))
         buf = self._transport.buffer
@@ -202,7 +240,8 @@ class KVEndpoint:
         t.slots.append(slot)
         if t.first_post is None:
             t.first_post = self._clock()
-        t.xfers.append((len(t.slots) - 1, self._post(t, slot)))
+        t.queued.append(len(t.slots) - 1)
+        self._pump(t)
 
     def finish(self, t: OutgoingTransfer, *, compute_done_at: float | None = None) -> TransferRecord:
         """Wait for every write, commit on the receiver (one resend of any layer it finds corrupt), free the
@@ -213,7 +252,7 @@ class KVEndpoint:
         try:
             if len(t.slots) != t.layers:
                 raise ValueError(f"{len(t.slots)} of {t.layers} layers were sent")
-            self._wait(t, t.xfers)
+            self._drain(t)
             landed_at = self._clock()
             while True:
                 sent = self._sent_record(t, retries, landed_at, done_computing)
@@ -236,7 +275,9 @@ class KVEndpoint:
                 log.warning(
                     "transfer %s: layers %s corrupt on arrival; sending them again", t.transfer_id, bad
                 )
-                self._wait(t, [(i, self._post(t, t.slots[i])) for i in bad])
+                resent = [(i, self._post(t, t.slots[i])) for i in bad]
+                t.xfers += resent  # released with the others
+                self._wait(t, resent)
                 landed_at = self._clock()
         except Exception as exc:
             self.abort(t, str(exc))
@@ -306,39 +347,39 @@ class KVEndpoint:
         with self._lock:
             return self._gone.get(transfer_id)
 
+    def early_layers(self, transfer_id: str) -> int:
+        """How many layers of ``transfer_id`` are decoded and waiting for its load."""
+        with self._lock:
+            entry = self._predecoded.get(transfer_id)
+            return len(entry.layers) if entry is not None else 0
+
     def landed_ids(self) -> list[str]:
         """Transfers landed and not yet released, oldest first."""
         with self._lock:
             return list(self._landed)
 
     def decode_layers(self, incoming: IncomingTransfer) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        """Decode each layer's K and V from the arena, in layer order; ValueError on a malformed payload."""
-        buf = self._transport.buffer
-        base = incoming.region.offset
-        for slot in incoming.manifest["slots"]:
-            cursor = int(slot["offset"])
-            tensors = []
-            for name in ("k", "v"):
-                header = header_from_wire(slot[name])
-                codec = get_codec(header.codec)
-                placed, cursor = place_parts(codec.part_specs(header), cursor)
-                if cursor > incoming.region.nbytes:
-                    raise ValueError(f"transfer {incoming.transfer_id}: payload runs past its region")
-                parts = tuple(
-                    KVPart(
-                        spec.name,
-                        buf[base + off : base + off + spec.nbytes].view(spec.dtype).view(spec.shape),
-                    )
-                    for off, spec in placed
-                )
-                tensors.append(codec.decode(EncodedKV(header, parts)))
-            yield int(slot["index"]), tensors[0], tensors[1]
+        """Decode each layer's K and V from the arena, in layer order (layers decoded early come as they
+        are); ValueError on a malformed payload."""
+        for position, slot in enumerate(incoming.manifest["slots"]):
+            with self._lock:
+                entry = self._predecoded.get(incoming.transfer_id)
+                early = entry.layers.pop(position, None) if entry is not None else None
+                if entry is not None and early is not None:
+                    size = sum(_raw_nbytes(slot[name]) for name in ("k", "v"))
+                    entry.nbytes -= size
+                    self._predecoded_bytes -= size
+            key, value = (
+                early if early is not None else self._decode_slot(incoming.transfer_id, incoming.region, slot)
+            )
+            yield int(slot["index"]), key, value
 
     def release(
         self, transfer_id: str, *, decode_s: float | None = None, error: str = "", record: bool = True
     ) -> None:
         """Free a landed (or reserved) transfer. With ``decode_s`` it was loaded: its SUCCESS record is
-        emitted; otherwise it ends ABORTED (or FAILED with ``error``). Idempotent."""
+        emitted (its ``decode_s`` adds the seconds spent decoding layers early); otherwise it ends ABORTED
+        (or FAILED with ``error``). Idempotent."""
         if error:
             outcome = TransferOutcome.FAILED
         else:
@@ -376,6 +417,10 @@ class KVEndpoint:
         transfer's record is the sender's, from the manifest, completed here."""
         incoming = self._landed.pop(transfer_id, None)
         request_id = self._incoming.pop(transfer_id, None)
+        early = self._predecoded.pop(transfer_id, None)
+        if early is not None:
+            self._predecoded_bytes -= early.nbytes
+            decode_s += early.seconds
         if outcome is not TransferOutcome.SUCCESS:
             self._gone[transfer_id] = error or outcome.value
             while len(self._gone) > _GONE_KEPT:
@@ -395,17 +440,22 @@ class KVEndpoint:
 
     @property
     def held(self) -> dict[str, int]:
-        """Leak-check figures: staging regions held, landed and reserved transfers (after ending those
-        whose lease ran out)."""
+        """Leak-check figures: staging regions held, landed and reserved transfers, transfers with layers
+        decoded early (after ending those whose lease ran out)."""
         self.expire()
         with self._lock:
             return {
                 "regions": len(self._arena.keys),
                 "landed": len(self._landed),
                 "reserved": len(self._incoming),
+                "predecoded": len(self._predecoded),
             }
 
     def close(self) -> None:
+        self._closed.set()
+        self._wake.set()
+        if self._decoder is not None:
+            self._decoder.join(timeout=2.0)
         self._server.close()
         for client in self._clients.values():
             client.close()
@@ -425,6 +475,7 @@ class KVEndpoint:
                     transfer_id, int(msg["nbytes"]), now=self._clock(), lease_s=self._lease_s
                 )
                 self._incoming[transfer_id] = str(msg["request_id"])
+            self._wake.set()
             return {"offset": region.offset, "peer": peer_to_wire(self._transport.peer_info())}
         if op == "commit":
             return {"bad": self._commit(transfer_id, msg["manifest"])}
@@ -444,6 +495,8 @@ class KVEndpoint:
             if region is None or request_id is None:
                 raise ValueError(f"transfer {transfer_id} has no reservation here (expired or aborted)")
             bad = []
+            early = self._predecoded.get(transfer_id)
+            checked = early.verified if early is not None else {}
             for i, slot in enumerate(manifest["slots"]):
                 offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
                 if offset < 0 or offset + nbytes > region.nbytes:
@@ -452,6 +505,7 @@ class KVEndpoint:
                     )
                 if (
                     "crc" in slot
+                    and checked.get(i) != (offset, nbytes, slot["crc"])
                     and crc32(self._transport.buffer, region.offset + offset, nbytes) != slot["crc"]
                 ):
                     bad.append(i)
@@ -463,6 +517,90 @@ class KVEndpoint:
             self._arena.reserve(transfer_id, region.nbytes, now=self._clock(), lease_s=self._lease_s)
         return []
 
+    # ---- early decoding (its own thread) ----
+
+    def _predecode_loop(self) -> None:
+        """Decode each compressed layer as its notification comes; poll often only while a transfer is
+        reserved here (an idle engine's process keeps its core)."""
+        while not self._closed.is_set():
+            with self._lock:
+                expecting = bool(self._incoming)
+            if not expecting:
+                self._wake.wait(0.5)
+                self._wake.clear()
+            notes = self._transport.notifications()
+            for note in notes:
+                try:
+                    self._predecode(note)
+                except Exception as exc:  # the load decodes (and reports) whatever failed here
+                    log.debug("early decode of a layer failed: %s", exc)
+            if expecting and not notes:
+                time.sleep(_PREDECODE_POLL_S)
+
+    def _predecode(self, note: bytes) -> None:
+        """Decode the layer ``note`` announces if its transfer is still here, the budget allows and its
+        bytes pass their checksum (a notification may beat its bytes; the commit's check stands then)."""
+        if not note.startswith(_LAYER_NOTE):
+            return
+        body = json.loads(note[len(_LAYER_NOTE) :])
+        transfer_id, position, slot = str(body["t"]), int(body["p"]), body["s"]
+        if "crc" not in slot:
+            return
+        size = sum(_raw_nbytes(slot[name]) for name in ("k", "v"))
+        with self._lock:
+            region = self._arena.region(transfer_id)
+            if region is None or self._predecoded_bytes + size > self._predecode_budget:
+                return
+            if transfer_id not in self._incoming and transfer_id not in self._landed:
+                return
+            entry = self._predecoded.setdefault(transfer_id, _Predecoded())
+            entry.nbytes += size
+            self._predecoded_bytes += size
+        started = time.perf_counter()
+        offset, nbytes, crc = int(slot["offset"]), int(slot["nbytes"]), int(slot["crc"])
+        layer = None
+        try:
+            if (
+                offset + nbytes <= region.nbytes
+                and crc32(self._transport.buffer, region.offset + offset, nbytes) == crc
+            ):
+                layer = self._decode_slot(transfer_id, region, slot)
+        finally:
+            with self._lock:
+                if self._predecoded.get(transfer_id) is entry:  # else it ended meanwhile, budget returned
+                    entry.seconds += time.perf_counter() - started
+                    if layer is None:
+                        entry.nbytes -= size
+                        self._predecoded_bytes -= size
+                    else:
+                        entry.layers[position] = layer
+                        entry.verified[position] = (offset, nbytes, crc)
+
+    def _decode_slot(
+        self, transfer_id: str, region: Region, slot: dict[str, Any]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer's K and V, decoded from its slot in ``region``."""
+        buf = self._transport.buffer
+        cursor = int(slot["offset"])
+        tensors = []
+        for name in ("k", "v"):
+            header = header_from_wire(slot[name])
+            codec = get_codec(header.codec)
+            placed, cursor = place_parts(codec.part_specs(header), cursor)
+            if cursor > region.nbytes:
+                raise ValueError(f"transfer {transfer_id}: payload runs past its region")
+            parts = tuple(
+                KVPart(
+                    spec.name,
+                    buf[region.offset + off : region.offset + off + spec.nbytes]
+                    .view(spec.dtype)
+                    .view(spec.shape),
+                )
+                for off, spec in placed
+            )
+            tensors.append(codec.decode(EncodedKV(header, parts)))
+        return tensors[0], tensors[1]
+
     # ---- helpers ----
 
     def _client(self, destination: str) -> SideChannelClient:
@@ -473,9 +611,47 @@ class KVEndpoint:
             client = self._clients[key] = SideChannelClient(destination)
         return client
 
-    def _post(self, t: OutgoingTransfer, slot: dict[str, Any]) -> Xfer:
+    def _post(self, t: OutgoingTransfer, slot: dict[str, Any], note: bytes = b"") -> Xfer:
         offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
-        return self._transport.write(t.peer, t.local.offset + offset, t.remote_offset + offset, nbytes)
+        return self._transport.write(t.peer, t.local.offset + offset, t.remote_offset + offset, nbytes, note)
+
+    def _pump(self, t: OutgoingTransfer) -> None:
+        """Without waiting: note the writes that ended (NIXL completes some writes, and sends their
+        notifications, only when their state is checked), then post queued layers while the window has
+        room. A compressed layer's write carries a notification, so that the receiver decodes it early."""
+        for position in list(t.in_flight):
+            state = t.xfers[position][1].state()
+            if state is not XferState.PENDING:
+                del t.in_flight[position]
+                if state is XferState.FAILED:
+                    t.failed.append(position)
+        while t.queued and not t.failed:
+            slot = t.slots[t.queued[0]]
+            if t.in_flight and sum(t.in_flight.values()) + int(slot["nbytes"]) > _WINDOW_BYTES:
+                return
+            position = t.queued.popleft()
+            note = b""
+            if t.codec.name != "none":  # a raw layer needs no decoding: nothing to start early
+                note = _LAYER_NOTE + json.dumps({"t": t.transfer_id, "p": position, "s": slot}).encode()
+            t.xfers.append((position, self._post(t, slot, note)))
+            t.in_flight[position] = int(slot["nbytes"])
+
+    def _drain(self, t: OutgoingTransfer) -> None:
+        """Post every queued layer and wait for every write, backing off as ``_wait`` does."""
+        deadline = self._clock() + self._timeout_s
+        pause = _POLL_MIN_S
+        while True:
+            self._pump(t)
+            if t.failed:
+                index = t.slots[t.failed[0]]["index"]
+                raise TransportError(f"write of layer {index} to {t.peer} failed")
+            if not t.queued and not t.in_flight:
+                return
+            if self._clock() > deadline:
+                index = t.slots[t.queued[0] if t.queued else min(t.in_flight)]["index"]
+                raise TimeoutError(f"layer {index} not delivered to {t.peer} within {self._timeout_s:g} s")
+            time.sleep(pause)
+            pause = min(pause * 2, _POLL_MAX_S)
 
     def _wait(self, t: OutgoingTransfer, xfers: list[tuple[int, Xfer]]) -> None:
         """Poll the writes until done, backing off from 0.2 ms to ``_POLL_MAX_S``: this thread shares the
@@ -536,3 +712,8 @@ class KVEndpoint:
         with self._lock:
             self._records.append(record)
         return record
+
+
+def _raw_nbytes(header: dict[str, Any]) -> int:
+    """Decoded size of one K or V from its wire header."""
+    return header_from_wire(header).raw_nbytes

@@ -1,15 +1,19 @@
 """Two KV endpoints on loopback side channels, moving layers through the in-process transport (every codec,
-checksum retry, failure and lease paths) and through real NIXL/UCX."""
+checksum retry, failure, lease and early-decoding paths), and early decoding through real NIXL/UCX."""
 
 from __future__ import annotations
 
 import itertools
+import threading
+import time
 
 import pytest
 import torch
 
+import kv_transfer.endpoint as endpoint_module
 from kv_transfer.codec import get_codec
 from kv_transfer.endpoint import KVEndpoint, TransferFailed
+from kv_transfer.transport.base import XferState
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from protocol.transfers import TransferOutcome
 
@@ -84,9 +88,142 @@ def test_layers_arrive_decoded_and_everything_is_freed(pair, codec: str) -> None
             assert (k.float() - k0.float()).abs().max() < tol * k0.float().abs().max()
     receiver.release(tid, decode_s=0.01)
     (record,) = receiver.drain_records()
-    assert record.outcome is TransferOutcome.SUCCESS and record.codec == codec and record.decode_s == 0.01
+    assert record.outcome is TransferOutcome.SUCCESS and record.codec == codec and record.decode_s >= 0.01
     assert sender.drain_records() == []
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+
+
+def _wait_early(receiver: KVEndpoint, tid: str, layers: int) -> None:
+    deadline = time.monotonic() + 5
+    while receiver.early_layers(tid) < layers:
+        assert time.monotonic() < deadline, f"{receiver.early_layers(tid)} of {layers} layers decoded early"
+        time.sleep(0.002)
+
+
+def test_compressed_layers_are_decoded_while_later_ones_are_on_the_way(pair) -> None:
+    """The receiver decodes each layer as it lands, before the sender finishes: the load only collects
+    them (here the staging bytes are wiped after the commit, and the load still gets every value)."""
+    sender, receiver, _, _ = pair
+    layers = _layers(5)
+    out = sender.open(
+        "early",
+        "req",
+        receiver.address,
+        layers=LAYERS,
+        raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
+        tokens=TOKENS,
+        codec=get_codec("lossless"),
+    )
+    for i, (k, v) in enumerate(layers[:-1]):
+        sender.send_layer(out, i, k, v)
+    _wait_early(receiver, "early", LAYERS - 1)
+    sender.send_layer(out, LAYERS - 1, *layers[-1])
+    _wait_early(receiver, "early", LAYERS)
+    sender.finish(out)
+    landed = receiver.take("early")
+    assert landed is not None
+    receiver._transport.buffer.zero_()
+    for (_, k, v), (k0, v0) in zip(receiver.decode_layers(landed), layers, strict=True):
+        assert torch.equal(k, k0) and torch.equal(v, v0)
+    receiver.release("early", decode_s=0.0)
+    (record,) = receiver.drain_records()
+    assert record.decode_s > 0  # the early decoding is counted
+    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+
+
+def test_layers_over_the_decoding_budget_or_corrupt_are_decoded_at_load(pair) -> None:
+    sender, _, fabric, clock = pair
+    tight = KVEndpoint(InProcessTransport("d2", 1 << 20, fabric), clock=clock, lease_s=10, predecode_bytes=1)
+    try:
+        layers = _layers(6)
+        fabric.corrupt_writes = 1
+        tid = _send(sender, tight, "int8", layers)
+        landed = tight.take(tid)
+        assert landed is not None and landed.manifest["retries"] == 1 and tight.early_layers(tid) == 0
+        got = [k for _, k, _ in tight.decode_layers(landed)]
+        assert all((k.float() - k0.float()).abs().max() < 0.1 for k, (k0, _) in zip(got, layers, strict=True))
+        tight.release(tid, decode_s=0.0)
+        assert tight.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    finally:
+        tight.close()
+
+
+class _Pending:
+    """A write on a slow link: it lands when the test says so."""
+
+    def __init__(self, land) -> None:
+        self._land = land
+        self._state = XferState.PENDING
+
+    def land(self) -> None:
+        self._state = self._land().state()
+
+    def state(self) -> XferState:
+        return self._state
+
+    def release(self) -> None:
+        return None
+
+
+class _SlowLink(InProcessTransport):
+    def __init__(self, name: str, capacity: int, fabric: FakeFabric) -> None:
+        super().__init__(name, capacity, fabric)
+        self.posted: list[_Pending] = []
+
+    def write(self, peer, local_offset, remote_offset, nbytes, notif=b""):
+        write = super().write
+        self.posted.append(_Pending(lambda: write(peer, local_offset, remote_offset, nbytes, notif)))
+        return self.posted[-1]
+
+
+def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_lands(monkeypatch) -> None:
+    """Layers posted all at once would share the link and land together at the end; within the window
+    (here one layer) each lands in turn, and the receiver decodes it while the next is on the wire."""
+    monkeypatch.setattr(endpoint_module, "_WINDOW_BYTES", 1)
+    fabric = FakeFabric()
+    link = _SlowLink("slow-p", 1 << 20, fabric)
+    sender = KVEndpoint(link)
+    receiver = KVEndpoint(InProcessTransport("slow-d", 1 << 20, fabric))
+    try:
+        layers = _layers(8)
+        out = sender.open(
+            "slow",
+            "req",
+            receiver.address,
+            layers=LAYERS,
+            raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
+            tokens=TOKENS,
+            codec=get_codec("int8"),
+        )
+        for i, (k, v) in enumerate(layers):
+            sender.send_layer(out, i, k, v)
+        assert len(link.posted) == 1  # the others wait for the window
+        finishing = threading.Thread(target=sender.finish, args=(out,))
+        finishing.start()
+        for landed in range(1, LAYERS + 1):
+            link.posted[landed - 1].land()
+            _wait_early(receiver, "slow", landed)
+            if landed < LAYERS:
+                deadline = time.monotonic() + 5
+                while len(link.posted) == landed:
+                    assert time.monotonic() < deadline, "the next layer was never posted"
+                    time.sleep(0.002)
+        finishing.join(timeout=5)
+        incoming = receiver.take("slow")
+        assert incoming is not None
+        assert [i for i, _, _ in receiver.decode_layers(incoming)] == list(range(LAYERS))
+        receiver.release("slow", decode_s=0.0)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_an_aborted_transfer_frees_its_early_decoded_layers(pair) -> None:
+    sender, receiver, _, _ = pair
+    out = _one_layer_sent(sender, receiver, "gone", "int4")
+    _wait_early(receiver, "gone", 1)
+    sender.abort(out, "client left")
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
 
 
 def test_a_layer_corrupted_once_is_sent_again(pair) -> None:
@@ -125,7 +262,7 @@ def test_corrupted_twice_fails_with_a_clear_error_and_frees_both_sides(pair) -> 
     (record,) = sender.drain_records()
     assert record.outcome is TransferOutcome.FAILED and "checksum" in record.error
     assert receiver.drain_records() == []  # one record per transfer: the sender's
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
 
 
 def test_a_failed_write_fails_the_transfer(pair) -> None:
@@ -134,7 +271,7 @@ def test_a_failed_write_fails_the_transfer(pair) -> None:
     out = _one_layer_sent(sender, receiver, "w", "int8")
     with pytest.raises(TransferFailed, match="write of layer 0"):
         sender.finish(out)
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
 
 
 def test_an_unloaded_transfer_expires_aborted(pair) -> None:
@@ -152,9 +289,9 @@ def test_an_idle_receiver_still_frees_a_lapsed_transfer(pair) -> None:
     leak check and the next reservation end lapsed transfers themselves."""
     sender, receiver, _, clock = pair
     _send(sender, receiver, "none", _layers())
-    assert receiver.held == {"regions": 1, "landed": 1, "reserved": 0}
+    assert receiver.held == {"regions": 1, "landed": 1, "reserved": 0, "predecoded": 0}
     clock.now += 11
-    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0}
+    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
     (record,) = receiver.drain_records()
     assert record.outcome is TransferOutcome.ABORTED and "lease expired" in record.error
 
@@ -199,3 +336,36 @@ def test_a_receiver_knows_which_transfers_will_never_land(pair) -> None:
     assert receiver.take(lapsing) is None
     assert "lease expired" in (receiver.gone(lapsing) or "")
     assert receiver.gone(loaded) is None
+
+
+def test_over_real_nixl_layers_are_decoded_as_they_land() -> None:
+    """The same, through two real NIXL agents on UCX: each compressed layer's notification reaches the
+    receiver, which decodes every layer ahead of the load."""
+    from kv_transfer.transport.nixl import NixlTransport
+
+    sender = KVEndpoint(NixlTransport("it-p", 4 << 20), timeout_s=10)
+    receiver = KVEndpoint(NixlTransport("it-d", 4 << 20), timeout_s=10)
+    try:
+        layers = _layers(7)
+        out = sender.open(
+            "nixl-early",
+            "req",
+            receiver.address,
+            layers=LAYERS,
+            raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
+            tokens=TOKENS,
+            codec=get_codec("lossless"),
+        )
+        for i, (k, v) in enumerate(layers):
+            sender.send_layer(out, i, k, v)
+        sender.finish(out)
+        _wait_early(receiver, "nixl-early", LAYERS)
+        landed = receiver.take("nixl-early")
+        assert landed is not None
+        for (_, k, v), (k0, v0) in zip(receiver.decode_layers(landed), layers, strict=True):
+            assert torch.equal(k, k0) and torch.equal(v, v0)
+        receiver.release("nixl-early", decode_s=0.0)
+        assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    finally:
+        sender.close()
+        receiver.close()
