@@ -2,16 +2,18 @@
 delivery time between two processes over real NIXL/UCX, on loopback and on emulated 10 and 1 Gbit/s links
 (a veth pair between two network namespaces, shaped with ``tc tbf``; needs root), against a raw bf16 move.
 
-    .venv/bin/python benchmarks/kv_transfer.py                      # everything (~10 min)
+    .venv/bin/python benchmarks/kv_transfer.py                      # everything, 3 runs each (~15 min)
     .venv/bin/python benchmarks/kv_transfer.py --links loopback --tokens 512,2048 --shapes smollm2
 
 Delivery: every layer is ready at t0 (prefill done); t0 → the last layer decoded on the receiver. The sender
-encodes layer by layer and writes each layer as soon as it is encoded, through pdflow's ``KVEndpoint``. The
-baseline, "raw", moves the bf16 bytes in one write with no codec: what vLLM's ``NixlConnector`` moves (it
-reads the raw blocks in one NIXL transfer); its staging copy is not counted. ``auto`` is the adaptive policy
-(probe at first contact, floor int4), deciding per transfer. Pipelining: layers computed at an emulated rate
-(``--layer-ms``), each sent as it is done; the tail after the last layer, as a fraction of the unpipelined
-transfer. The KV is random normal bf16 (lossless compresses real KV about as well: 0.68 vs 0.676 measured).
+encodes layer by layer and writes each layer as soon as it is encoded, through pdflow's ``KVEndpoint``; the
+receiver decodes each layer as it lands (``decode_s``: all its decoding; ``load_s``: what was left at the
+load; ``--no-early-decode`` decodes everything at the load instead). The baseline, "raw", moves the bf16
+bytes in one write with no codec: what vLLM's ``NixlConnector`` moves (it reads the raw blocks in one NIXL
+transfer); its staging copy is not counted. ``auto`` is the adaptive policy (probe at first contact, floor
+int4), deciding per transfer. Pipelining: layers computed at an emulated rate (``--layer-ms``), each sent as
+it is done; the tail after the last layer, as a fraction of the unpipelined transfer. The KV is random normal
+bf16 (lossless compresses real KV about as well: 0.68 vs 0.676 measured).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ SHAPES = {"smollm2": (30, 3, 64), "llama3-8b": (32, 8, 128)}  # layers, KV heads
 CODECS = ("none", "lossless", "fp8", "int8", "int4")
 NS_SEND, NS_RECV = "pdflow-bench-p", "pdflow-bench-d"
 IP_SEND, IP_RECV = "10.77.0.1", "10.77.0.2"
+_EARLY_ENV = "PDFLOW_BENCH_EARLY_DECODE"  # how the driver tells the receiver process
 
 
 # ---- the two processes ----
@@ -43,7 +46,10 @@ def _endpoint(name: str, host: str, arena_mib: int) -> Any:
     from kv_transfer.endpoint import KVEndpoint
     from kv_transfer.transport.nixl import NixlTransport
 
-    return KVEndpoint(NixlTransport(name, arena_mib << 20), host=host, timeout_s=120, lease_s=300)
+    early = None if os.environ.get(_EARLY_ENV, "1") == "1" else 0
+    return KVEndpoint(
+        NixlTransport(name, arena_mib << 20), host=host, timeout_s=120, lease_s=300, predecode_bytes=early
+    )
 
 
 def serve(host: str, arena_mib: int) -> None:
@@ -58,9 +64,14 @@ def serve(host: str, arena_mib: int) -> None:
             started = time.perf_counter()
             for _ in endpoint.decode_layers(incoming):
                 pass
-            decode_s = time.perf_counter() - started
-            endpoint.release(tid, decode_s=decode_s)
-            print(json.dumps({"tid": tid, "done_at": time.time(), "decode_s": decode_s}), flush=True)
+            load_s = time.perf_counter() - started
+            done_at = time.time()
+            endpoint.release(tid, decode_s=load_s)
+            decode_s = sum(r.decode_s for r in endpoint.drain_records() if r.transfer_id == tid)
+            print(
+                json.dumps({"tid": tid, "done_at": done_at, "decode_s": decode_s, "load_s": load_s}),
+                flush=True,
+            )
         time.sleep(0.0005)
 
 
@@ -151,9 +162,13 @@ def _sh(*cmd: str) -> None:
 
 
 @contextlib.contextmanager
-def shaped_link(rate: str | None) -> Iterator[tuple[list[str], list[str], str, str, dict[str, str]]]:
-    """(sender prefix, receiver prefix, sender host, receiver host, UCX env) for one link."""
-    if rate is None:
+def shaped_link(
+    shape: tuple[str, str] | None,
+) -> Iterator[tuple[list[str], list[str], str, str, dict[str, str]]]:
+    """(sender prefix, receiver prefix, sender host, receiver host, UCX env) for one link, shaped to
+    ``(rate, burst)``: the burst is 8 ms at line rate (the token bucket needs at least one timer tick's
+    worth; a larger one lets a small transfer through faster than the link would)."""
+    if shape is None:
         yield [], [], "127.0.0.1", "127.0.0.1", {"UCX_NET_DEVICES": "lo"}
         return
     for ns in (NS_SEND, NS_RECV):
@@ -178,9 +193,9 @@ def shaped_link(rate: str | None) -> Iterator[tuple[list[str], list[str], str, s
                 "root",
                 "tbf",
                 "rate",
-                rate,
+                shape[0],
                 "burst",
-                "4mb",
+                shape[1],
                 "latency",
                 "100ms",
             )
@@ -214,9 +229,11 @@ class _Proc:
         self.p.wait()
 
 
-def run_link(name: str, rate: str | None, jobs: list[dict[str, Any]], arena_mib: int) -> list[dict[str, Any]]:
+def run_link(
+    name: str, shape: tuple[str, str] | None, jobs: list[dict[str, Any]], arena_mib: int
+) -> list[dict[str, Any]]:
     rows = []
-    with shaped_link(rate) as (sp, rp, shost, rhost, ucx):
+    with shaped_link(shape) as (sp, rp, shost, rhost, ucx):
         env = {**os.environ, "NIXL_LOG_LEVEL": "WARN", "OMP_NUM_THREADS": "1", **ucx}
         me = [sys.executable, str(Path(__file__).resolve())]
         recv = _Proc([*rp, *me, "--serve", "--host", rhost, "--arena-mib", str(arena_mib)], env)
@@ -231,7 +248,14 @@ def run_link(name: str, rate: str | None, jobs: list[dict[str, Any]], arena_mib:
                 landed = recv.line()
                 delivery = landed["done_at"] - record["t0"] - record["staging_s"]
                 rows.append(
-                    {**job, "link": name, **record, "decode_s": landed["decode_s"], "delivery_s": delivery}
+                    {
+                        **job,
+                        "link": name,
+                        **record,
+                        "decode_s": landed["decode_s"],
+                        "load_s": landed["load_s"],
+                        "delivery_s": delivery,
+                    }
                 )
                 _progress(rows[-1])
         finally:
@@ -262,6 +286,8 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,2048,8192")
     ap.add_argument("--shapes", default="smollm2,llama3-8b")
     ap.add_argument("--group", type=int, default=64, help="group size of fp8/int8/int4 scales")
+    ap.add_argument("--no-early-decode", action="store_true", help="decode every layer at the load")
+    ap.add_argument("--repeats", type=int, default=3, help="runs of each transfer; the median is reported")
     ap.add_argument(
         "--layer-ms",
         type=float,
@@ -270,6 +296,7 @@ def main() -> None:
     )
     ap.add_argument("--json", default=str(ROOT / "results" / "kv_transfer.json"))
     args = ap.parse_args()
+    os.environ[_EARLY_ENV] = "0" if args.no_early_decode else os.environ.get(_EARLY_ENV, "1")
     if args.serve:
         serve(args.host, args.arena_mib)
         return
@@ -277,13 +304,13 @@ def main() -> None:
         send(args.host, args.arena_mib, args.send)
         return
 
-    links = {"loopback": None, "10gbit": "10gbit", "1gbit": "1gbit"}
+    links = {"loopback": None, "10gbit": ("10gbit", "10mb"), "1gbit": ("1gbit", "1mb")}
     all_rows: list[dict[str, Any]] = []
     for link in args.links.split(","):
         jobs = []
         for shape in args.shapes.split(","):
             for tokens in (int(t) for t in args.tokens.split(",")):
-                for codec in ("raw", *CODECS, "auto"):
+                for codec in [c for _ in range(args.repeats) for c in ("raw", *CODECS, "auto")]:
                     jobs.append(
                         {
                             "shape": shape,
@@ -306,11 +333,24 @@ def main() -> None:
                     }
                 )
         print(f"link {link}: {len(jobs)} transfers", file=sys.stderr, flush=True)
-        all_rows += run_link(link, links[link], jobs, args.arena_mib)
+        all_rows += median_rows(run_link(link, links[link], jobs, args.arena_mib))
     report(all_rows)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(all_rows, indent=1))
     print(f"\nrows written to {args.json}")
+
+
+def median_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (link, shape, tokens, codec): the run with the median delivery time, with every run's
+    delivery time beside it (``delivery_runs_s``)."""
+    groups: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["link"], r["shape"], r["tokens"], r["job_codec"]), []).append(r)
+    out = []
+    for runs in groups.values():
+        ranked = sorted(runs, key=lambda r: r["delivery_s"])
+        out.append({**ranked[(len(ranked) - 1) // 2], "delivery_runs_s": [r["delivery_s"] for r in runs]})
+    return out
 
 
 def report(rows: list[dict[str, Any]]) -> None:
