@@ -66,6 +66,17 @@ class Transport(Protocol):
         the bytes are visible there: a receiver checks what it reads)."""
         ...
 
+    def register(self, tensor: torch.Tensor) -> None:
+        """Let ``write_from`` read straight out of ``tensor`` (contiguous; it must outlive this transport).
+        Idempotent; raises TransportError if the memory cannot be registered."""
+        ...
+
+    def write_from(self, peer: str, spans: list[tuple[int, int, int]], notif: bytes = b"") -> Xfer:
+        """Post one write of ``(address, remote_offset, nbytes)`` spans, each read from registered memory
+        at ``address`` (all in one registered tensor) into ``peer``'s buffer at ``remote_offset``; returns
+        at once. ``notif`` as in ``write``."""
+        ...
+
     def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> Xfer:
         """Post a one-sided read of ``nbytes`` from ``peer``'s buffer into this one; returns at once."""
         ...

@@ -39,6 +39,7 @@ class InProcessTransport:
         self._fabric = fabric
         self._buffer = torch.zeros(capacity, dtype=torch.uint8)
         self._peers: set[str] = set()
+        self._sources: dict[int, torch.Tensor] = {}  # address -> the registered bytes
         fabric.buffers[name] = self._buffer
         fabric.notifs[name] = deque()
 
@@ -73,6 +74,20 @@ class InProcessTransport:
             self._fabric.notifs[peer].append(notif)
         return _Done(XferState.DONE)
 
+    def register(self, tensor: torch.Tensor) -> None:
+        if not tensor.is_contiguous():
+            raise TransportError("only contiguous memory can be registered")
+        self._sources[tensor.data_ptr()] = tensor.view(-1).view(torch.uint8)
+
+    def write_from(self, peer: str, spans: list[tuple[int, int, int]], notif: bytes = b"") -> _Done:
+        remote = self._remote(peer)
+        for address, remote_offset, nbytes in spans:
+            remote[remote_offset : remote_offset + nbytes].copy_(self._source(address, nbytes))
+        self._fabric.moves += 1
+        if notif:
+            self._fabric.notifs[peer].append(notif)
+        return _Done(XferState.DONE)
+
     def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _Done:
         remote = self._remote(peer)
         self._buffer[local_offset : local_offset + nbytes].copy_(
@@ -89,6 +104,12 @@ class InProcessTransport:
 
     def close(self) -> None:
         self._fabric.buffers.pop(self._name, None)
+
+    def _source(self, address: int, nbytes: int) -> torch.Tensor:
+        for start, data in self._sources.items():
+            if start <= address and address + nbytes <= start + data.numel():
+                return data[address - start : address - start + nbytes]
+        raise TransportError(f"write of {nbytes} B from {address:#x}: not registered memory")
 
     def _remote(self, peer: str) -> torch.Tensor:
         if peer not in self._peers:

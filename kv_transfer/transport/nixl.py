@@ -11,6 +11,7 @@ a 2-core laptop cluster, and slower transfers besides (measured in ``benchmarks/
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -78,8 +79,28 @@ class _NixlXfer:
                 log.debug("release of a NIXL transfer handle failed: %s", exc)
 
 
+def _thread_ids() -> set[int]:
+    """This process's threads (Linux; elsewhere none)."""
+    try:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+    except OSError:
+        return set()
+
+
+def _lower_priority(threads: set[int], nice: int) -> None:
+    """Raise the nice value of ``threads`` by ``nice`` (Linux: per thread)."""
+    for tid in threads if nice > 0 else ():
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + nice)
+        except OSError as exc:  # the thread ended, or no permission: it keeps its priority
+            log.debug("cannot lower the priority of NIXL thread %d: %s", tid, exc)
+
+
 class NixlTransport:
-    """``capacity`` bytes of staging memory registered with a NIXL agent called ``name``."""
+    """``capacity`` bytes of staging memory registered with a NIXL agent called ``name``. The agent's own
+    threads (progress, UCX) run ``nice`` steps below the thread that makes the transport: on a CPU engine
+    they move bytes on the cores that compute tokens, and while moving a migration's KV they took up to half
+    the source's core (``benchmarks/migration.py --pin``)."""
 
     def __init__(
         self,
@@ -88,13 +109,17 @@ class NixlTransport:
         *,
         device: str = "cpu",
         progress_delay_us: int | None = PROGRESS_DELAY_US,
+        nice: int = 0,
     ) -> None:
         self._name = name
         self._buffer = torch.zeros(capacity, dtype=torch.uint8, device=device)
         self._mem = "DRAM" if self._buffer.device.type == "cpu" else "VRAM"
         self._dev = self._buffer.device.index or 0
+        before = _thread_ids()
         self._agent = make_agent(name, progress_delay_us)
+        _lower_priority(_thread_ids() - before, nice)
         self._reg = self._agent.register_memory(self._buffer)
+        self._sources: dict[tuple[int, int], Any] = {}  # (address, nbytes) -> registration
         self._peers: dict[str, PeerInfo] = {}
         self._lock = threading.Lock()
 
@@ -130,6 +155,37 @@ class NixlTransport:
     ) -> _NixlXfer:
         return self._post("WRITE", peer, local_offset, remote_offset, nbytes, notif)
 
+    def register(self, tensor: torch.Tensor) -> None:
+        if not tensor.is_contiguous():
+            raise TransportError("only contiguous memory can be registered")
+        key = (tensor.data_ptr(), tensor.numel() * tensor.element_size())
+        with self._lock:
+            if key in self._sources:
+                return
+            try:
+                self._sources[key] = self._agent.register_memory(tensor)
+            except Exception as exc:
+                raise TransportError(
+                    f"registering {key[1]} B at {key[0]:#x} with NIXL failed: {exc}"
+                ) from exc
+
+    def write_from(self, peer: str, spans: list[tuple[int, int, int]], notif: bytes = b"") -> _NixlXfer:
+        info = self._peers.get(peer)
+        if info is None:
+            raise TransportError(f"{self._name}: unknown peer {peer!r} (no handshake)")
+        if not spans:
+            raise TransportError("a write needs at least one span")
+        low, high = min(a for a, _, _ in spans), max(a + n for a, _, n in spans)
+        if not any(start <= low and high <= start + size for start, size in self._sources):
+            raise TransportError(f"write from {low:#x}..{high:#x}: not within one registered tensor")
+        if min(o for _, o, _ in spans) < 0 or max(o + n for _, o, n in spans) > info.capacity:
+            raise TransportError(f"write of {len(spans)} spans leaves {peer}'s buffer")
+        local = self._agent.get_xfer_descs([(a, n, self._dev) for a, _, n in spans], self._mem)
+        remote = self._agent.get_xfer_descs(
+            [(info.base_addr + offset, n, self._dev) for _, offset, n in spans], self._mem
+        )
+        return self._start("WRITE", local, remote, peer, notif)
+
     def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
         return self._post("READ", peer, local_offset, remote_offset, nbytes)
 
@@ -144,10 +200,11 @@ class NixlTransport:
     def close(self) -> None:
         for name in list(self._peers):
             self.remove_peer(name)
-        try:
-            self._agent.deregister_memory(self._reg)
-        except Exception as exc:
-            log.debug("deregistering the NIXL buffer: %s", exc)
+        for reg in [self._reg, *self._sources.values()]:
+            try:
+                self._agent.deregister_memory(reg)
+            except Exception as exc:
+                log.debug("deregistering memory from NIXL: %s", exc)
 
     def _post(
         self, op: str, peer: str, local_offset: int, remote_offset: int, nbytes: int, notif: bytes = b""
@@ -165,6 +222,9 @@ class NixlTransport:
             [(self._buffer.data_ptr() + local_offset, nbytes, self._dev)], self._mem
         )
         remote = self._agent.get_xfer_descs([(info.base_addr + remote_offset, nbytes, self._dev)], self._mem)
+        return self._start(op, local, remote, peer, notif)
+
+    def _start(self, op: str, local: Any, remote: Any, peer: str, notif: bytes) -> _NixlXfer:
         try:
             handle = self._agent.initialize_xfer(op, local, remote, peer, notif)
             state = _STATES.get(self._agent.transfer(handle), XferState.FAILED)
