@@ -28,7 +28,7 @@ from typing import Any
 import torch
 
 from kv_transfer.codec import KVCodec, KVKind, KVPart, get_codec
-from kv_transfer.codec.base import EncodedKV
+from kv_transfer.codec.base import EncodedKV, KVHeader
 from kv_transfer.transport.arena import Arena, Region
 from kv_transfer.transport.base import Transport, TransportError, Xfer, XferState
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError, SideChannelServer
@@ -88,6 +88,16 @@ class OutgoingTransfer:
     queued: deque[int] = field(default_factory=deque)  # slots encoded, their writes not posted yet
     in_flight: dict[int, int] = field(default_factory=dict)  # slot -> bytes, posted and not seen done
     failed: list[int] = field(default_factory=list)  # slots whose write failed
+    sources: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # slot -> registered spans
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredKV:
+    """One layer's K or V exactly as it sits in memory registered with the transport: its header (codec
+    ``none``) and its bytes, in order, as ``(address, nbytes)`` spans of one registered tensor."""
+
+    header: KVHeader
+    spans: list[tuple[int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,9 +224,9 @@ class KVEndpoint:
 
     def send_layer(self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Encode one layer's K and V (``[tokens, kv_heads, head_dim]``) into local staging and post its
-        write, or queue it while ``_WINDOW_BYTES`` of this transfer are on the wire: the layers then land one
-        after the other (not all at the end, sharing the link), and the receiver decodes each as it lands.
-        Never waits for the wire."""
+        write. A compressed transfer keeps at most ``_WINDOW_BYTES`` on the wire (a layer waits in a queue):
+        its layers then land one after the other, not all at the end sharing the link, and the receiver
+        decodes each as it lands. Never waits for the wire."""
         started = time.perf_counter()
         encoded = (t.codec.encode(key, KVKind.KEY), t.codec.encode(value, KVKind.VALUE))
         buf = self._transport.buffer
@@ -243,16 +253,59 @@ class KVEndpoint:
         t.queued.append(len(t.slots) - 1)
         self._pump(t)
 
-    def finish(self, t: OutgoingTransfer, *, compute_done_at: float | None = None) -> TransferRecord:
-        """Wait for every write, commit on the receiver (one resend of any layer it finds corrupt), free the
-        local staging. Blocks up to ``timeout_s``. Returns the sender's view of the record; raises
-        ``TransferFailed`` with a FAILED record on any error (the receiver's reservation is released)."""
+    def send_layer_from(
+        self, t: OutgoingTransfer, index: int, key: RegisteredKV, value: RegisteredKV
+    ) -> None:
+        """Queue one layer's write straight out of registered memory, as ``send_layer`` does, for a transfer
+        with codec ``none``: no encoding, no staging copy, and no checksum (the bytes are read while on the
+        wire; the caller keeps them unchanged until ``finish``, or checks in its ``before_commit`` that
+        they were). Never waits for the wire."""
+        if t.codec.name != "none":
+            raise ValueError(f"transfer {t.transfer_id}: only codec none sends from registered memory")
+        started = time.perf_counter()
+        slot: dict[str, Any] = {"index": index, "offset": t.cursor}
+        spans = []
+        for name, part in (("k", key), ("v", value)):
+            ((offset, spec),), end = place_parts(t.codec.part_specs(part.header), t.cursor)
+            if sum(n for _, n in part.spans) != spec.nbytes:
+                raise ValueError(f"layer {index} {name}: spans hold other than the header's {spec.nbytes} B")
+            for address, nbytes in part.spans:
+                spans.append((address, t.remote_offset + offset, nbytes))
+                offset += nbytes
+            slot[name] = header_to_wire(part.header)
+            t.cursor = end
+            t.raw_bytes += part.header.raw_nbytes
+            t.wire_bytes += spec.nbytes
+        if t.cursor > t.local.nbytes:
+            raise ValueError(f"transfer {t.transfer_id}: {t.cursor} B sent, {t.local.nbytes} B reserved")
+        slot["nbytes"] = t.cursor - int(slot["offset"])
+        t.encode_s += time.perf_counter() - started
+        t.slots.append(slot)
+        t.sources[len(t.slots) - 1] = spans
+        if t.first_post is None:
+            t.first_post = self._clock()
+        t.queued.append(len(t.slots) - 1)
+        self._pump(t)
+
+    def finish(
+        self,
+        t: OutgoingTransfer,
+        *,
+        compute_done_at: float | None = None,
+        before_commit: Callable[[], None] | None = None,
+    ) -> TransferRecord:
+        """Wait for every write, call ``before_commit`` (an exception from it fails the transfer), commit
+        on the receiver (one resend of any layer it finds corrupt), free the local staging. Blocks up to
+        ``timeout_s``. Returns the sender's view of the record; raises ``TransferFailed`` with a FAILED
+        record on any error (the receiver's reservation is released)."""
         done_computing = compute_done_at if compute_done_at is not None else self._clock()
         retries = 0
         try:
             if len(t.slots) != t.layers:
                 raise ValueError(f"{len(t.slots)} of {t.layers} layers were sent")
             self._drain(t)
+            if before_commit is not None:
+                before_commit()
             landed_at = self._clock()
             while True:
                 sent = self._sent_record(t, retries, landed_at, done_computing)
@@ -275,7 +328,7 @@ class KVEndpoint:
                 log.warning(
                     "transfer %s: layers %s corrupt on arrival; sending them again", t.transfer_id, bad
                 )
-                resent = [(i, self._post(t, t.slots[i])) for i in bad]
+                resent = [(i, self._post(t, i)) for i in bad]
                 t.xfers += resent  # released with the others
                 self._wait(t, resent)
                 landed_at = self._clock()
@@ -611,7 +664,12 @@ class KVEndpoint:
             client = self._clients[key] = SideChannelClient(destination)
         return client
 
-    def _post(self, t: OutgoingTransfer, slot: dict[str, Any], note: bytes = b"") -> Xfer:
+    def _post(self, t: OutgoingTransfer, position: int, note: bytes = b"") -> Xfer:
+        """Post slot ``position``'s write: from registered memory if it was sent so, else from staging."""
+        spans = t.sources.get(position)
+        if spans is not None:
+            return self._transport.write_from(t.peer, spans, note)
+        slot = t.slots[position]
         offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
         return self._transport.write(t.peer, t.local.offset + offset, t.remote_offset + offset, nbytes, note)
 
@@ -627,13 +685,14 @@ class KVEndpoint:
                     t.failed.append(position)
         while t.queued and not t.failed:
             slot = t.slots[t.queued[0]]
-            if t.in_flight and sum(t.in_flight.values()) + int(slot["nbytes"]) > _WINDOW_BYTES:
+            windowed = t.codec.name != "none"  # only a layer that is decoded on landing gains from its order
+            if windowed and t.in_flight and sum(t.in_flight.values()) + int(slot["nbytes"]) > _WINDOW_BYTES:
                 return
             position = t.queued.popleft()
             note = b""
             if t.codec.name != "none":  # a raw layer needs no decoding: nothing to start early
                 note = _LAYER_NOTE + json.dumps({"t": t.transfer_id, "p": position, "s": slot}).encode()
-            t.xfers.append((position, self._post(t, slot, note)))
+            t.xfers.append((position, self._post(t, position, note)))
             t.in_flight[position] = int(slot["nbytes"])
 
     def _drain(self, t: OutgoingTransfer) -> None:

@@ -100,6 +100,35 @@ def block_images(
     )
 
 
+def block_spans(
+    layer: torch.Tensor, layout: PagedLayout, block_ids: list[int]
+) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """Where the two halves of ``block_images`` sit in memory, as ``(address, nbytes)`` spans in order
+    (adjacent spans merged), so that a transport can send them without copying. ``layer`` must be
+    contiguous."""
+    if not layer.is_contiguous():
+        raise ValueError("block spans need a contiguous layer")
+    base, blocks = layer.data_ptr(), int(layer.shape[1] if not layout.cpu_fused else layer.shape[0])
+    half = layout.block_size * layout.num_kv_heads * layout.head_dim * layer.element_size()
+    if layout.cpu_fused:  # block b: [first half | second half], 2 * half bytes
+        first = [(base + b * 2 * half, half) for b in block_ids]
+        second = [(base + b * 2 * half + half, half) for b in block_ids]
+    else:  # [2, blocks, ...]: all key blocks, then all value blocks
+        first = [(base + b * half, half) for b in block_ids]
+        second = [(base + (blocks + b) * half, half) for b in block_ids]
+    return _merged(first), _merged(second)
+
+
+def _merged(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for address, nbytes in spans:
+        if out and out[-1][0] + out[-1][1] == address:
+            out[-1] = (out[-1][0], out[-1][1] + nbytes)
+        else:
+            out.append((address, nbytes))
+    return out
+
+
 def put_block_images(
     layer: torch.Tensor, layout: PagedLayout, block_ids: list[int], first: torch.Tensor, second: torch.Tensor
 ) -> None:

@@ -31,14 +31,23 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from kv_transfer.codec import get_codec
+from kv_transfer.codec import KVHeader, KVKind, get_codec
 from kv_transfer.codec_choice import CodecChooser
-from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, TransferFailed
-from kv_transfer.paged import PagedLayout, block_format, block_images, gather, put_block_images, scatter
+from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, RegisteredKV, TransferFailed
+from kv_transfer.paged import (
+    PagedLayout,
+    block_format,
+    block_images,
+    block_spans,
+    gather,
+    put_block_images,
+    scatter,
+)
 from kv_transfer.params import BLOCK_FORMAT, CODEC, IN_FLIGHT, PARTS, REMOTE_TOKENS
 from kv_transfer.params import DESTINATION as DEST
 from kv_transfer.params import TRANSFER_ID as TRANSFER
 from kv_transfer.params import parts as transfer_parts
+from kv_transfer.transport.base import TransportError
 from kv_transfer.transport.nixl import NixlTransport
 
 if TYPE_CHECKING:
@@ -166,6 +175,7 @@ class PdflowConnector(KVConnectorBase_V1):
         # worker half
         self._endpoint: KVEndpoint | None = None
         self._layers: dict[str, torch.Tensor] = {}
+        self._zero_copy = False  # the layers are registered with the transport: pushes send from them
         self._layer_index: dict[str, int] = {}
         self._layout: PagedLayout | None = None
         self._chooser: CodecChooser | None = None
@@ -268,7 +278,13 @@ class PdflowConnector(KVConnectorBase_V1):
                 *probe_block_order(self._layout, first.dtype, kv_dtype)
             )
         capacity = int(self._extra.get("arena_mib", 256)) << 20
-        transport = NixlTransport(f"pdflow-{self._engine_id}", capacity, device=str(first.device))
+        transport = NixlTransport(
+            f"pdflow-{self._engine_id}",
+            capacity,
+            device=str(first.device),
+            nice=int(self._extra.get("transfer_nice", 0)),
+        )
+        self._zero_copy = bool(self._extra.get("zero_copy", True)) and self._register_layers(transport)
         self._endpoint = KVEndpoint(
             transport,
             port=int(self._extra.get("side_channel_port", 0)),
@@ -296,6 +312,17 @@ class PdflowConnector(KVConnectorBase_V1):
             tuple(first.shape),
             self._endpoint.address,
         )
+
+    def _register_layers(self, transport: NixlTransport) -> bool:
+        """Register every KV layer with NIXL, so that migration pushes read blocks straight from the cache
+        (no gather, no staging copy). False, and pushes copy as before, where that is not possible."""
+        try:
+            for layer in self._layers.values():
+                transport.register(layer)
+        except TransportError as exc:
+            log.warning("pdflow: KV cache not registered with NIXL, pushes will copy it: %s", exc)
+            return False
+        return True
 
     def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
         meta = self._meta()
@@ -586,14 +613,31 @@ class PdflowConnector(KVConnectorBase_V1):
             )
         except TransferFailed as exc:
             return exc.record.to_dict()
-        try:
-            for index, layer in enumerate(self._layers.values()):
-                first, second = block_images(layer, layout, block_ids)
-                endpoint.send_layer(transfer, index, first, second)
+
+        def still_its_own() -> None:
             if not unchanged():
                 raise ValueError(f"request {request_id} ended or was preempted during the push")
-            record = endpoint.finish(transfer).to_dict()
-            return record | {"block_format": block_format(layout, dtype)}
+
+        shape = (len(block_ids) * layout.block_size, layout.num_kv_heads, layout.head_dim)
+        try:
+            for index, layer in enumerate(self._layers.values()):
+                if self._zero_copy:  # read by the transport while on the wire: checked once landed
+                    spans = block_spans(layer, layout, block_ids)
+                    endpoint.send_layer_from(
+                        transfer,
+                        index,
+                        *(
+                            RegisteredKV(KVHeader("none", kind, shape, dtype), half)
+                            for kind, half in zip((KVKind.KEY, KVKind.VALUE), spans, strict=True)
+                        ),
+                    )
+                else:
+                    first, second = block_images(layer, layout, block_ids)
+                    endpoint.send_layer(transfer, index, first, second)
+            if not self._zero_copy:  # copied out: check now
+                still_its_own()
+            landed = endpoint.finish(transfer, before_commit=still_its_own if self._zero_copy else None)
+            return landed.to_dict() | {"block_format": block_format(layout, dtype)}
         except TransferFailed as exc:
             return exc.record.to_dict()
         except Exception as exc:

@@ -91,6 +91,8 @@ class VllmEngine:
                 "group_size": cfg.kv_group_size,
                 "arena_mib": cfg.kv_arena_mib,
                 "checksum": cfg.kv_checksum,
+                "zero_copy": cfg.kv_zero_copy,
+                "transfer_nice": cfg.kv_transfer_nice,
             }
         kv_transfer = KVTransferConfig(
             kv_connector=connector,

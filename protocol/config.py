@@ -84,6 +84,18 @@ class EngineConfig(_Section):
     kv_group_size: int = Field(64, ge=8, le=4096, description="Group size of the fp8/int8/int4 scales.")
     kv_arena_mib: int = Field(256, ge=8, description="Registered staging memory per worker for KV transfers.")
     kv_checksum: bool = Field(True, description="crc32 of every layer, checked on arrival (resent once).")
+    kv_transfer_nice: int = Field(
+        10,
+        ge=0,
+        le=19,
+        description="How much lower the priority of NIXL's threads (which move the KV bytes) is than the "
+        "engine's: on CPU they share the cores that compute tokens; 0 keeps them equal.",
+    )
+    kv_zero_copy: bool = Field(
+        True,
+        description="Migration pushes read blocks straight from the KV cache, registered with NIXL (no "
+        "gather or staging copy, no checksum); off: they copy the blocks into staging first.",
+    )
     kv_lease_seconds: int = Field(
         12,
         ge=6,

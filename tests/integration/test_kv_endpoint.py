@@ -4,6 +4,7 @@ checksum retry, failure, lease and early-decoding paths), and early decoding thr
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import time
 
@@ -11,8 +12,9 @@ import pytest
 import torch
 
 import kv_transfer.endpoint as endpoint_module
-from kv_transfer.codec import get_codec
-from kv_transfer.endpoint import KVEndpoint, TransferFailed
+from kv_transfer.codec import KVHeader, KVKind, get_codec
+from kv_transfer.endpoint import KVEndpoint, RegisteredKV, TransferFailed
+from kv_transfer.paged import PagedLayout, block_images, block_spans
 from kv_transfer.transport.base import XferState
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from protocol.transfers import TransferOutcome
@@ -218,6 +220,58 @@ def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_
         receiver.close()
 
 
+def _registered_send(sender: KVEndpoint, receiver: KVEndpoint, tid: str, layer, ids, before_commit=None):
+    layout = PagedLayout.infer(layer, HEADS)
+    sender._transport.register(layer)
+    shape = (len(ids) * layout.block_size, HEADS, DIM)
+    out = sender.open(
+        tid,
+        "req",
+        receiver.address,
+        layers=1,
+        raw_bytes=2 * shape[0] * HEADS * DIM * 2,
+        tokens=shape[0],
+        codec=get_codec("none"),
+    )
+    halves = [
+        RegisteredKV(KVHeader("none", kind, shape, torch.bfloat16), spans)
+        for kind, spans in zip((KVKind.KEY, KVKind.VALUE), block_spans(layer, layout, ids), strict=True)
+    ]
+    sender.send_layer_from(out, 0, *halves)
+    return sender.finish(out, before_commit=before_commit), layout
+
+
+def test_blocks_sent_straight_from_registered_memory_land_as_their_block_images(pair) -> None:
+    sender, receiver, fabric, _ = pair
+    layer = torch.randn(10, HEADS, 16, 2 * DIM).to(torch.bfloat16)  # CPU layout, blocks of 16
+    ids = [4, 1, 2, 8]
+    moves = fabric.moves
+    record, layout = _registered_send(sender, receiver, "zero-copy", layer, ids)
+    assert record.outcome is TransferOutcome.SUCCESS and fabric.moves == moves + 1  # one write a layer
+    landed = receiver.take("zero-copy")
+    assert landed is not None
+    ((_, first, second),) = receiver.decode_layers(landed)
+    want = block_images(layer, layout, ids)
+    assert torch.equal(first, want[0]) and torch.equal(second, want[1])
+    receiver.release("zero-copy", decode_s=0.0)
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+
+
+def test_blocks_that_changed_hands_on_the_wire_fail_the_transfer_and_free_both_sides(pair) -> None:
+    """The bytes are read while on the wire: a request preempted meanwhile may have lost its blocks, so
+    the sender's check after the writes fails the transfer instead of committing garbage."""
+    sender, receiver, _, _ = pair
+
+    def preempted() -> None:
+        raise ValueError("request req was preempted during the push")
+
+    layer = torch.randn(10, HEADS, 16, 2 * DIM).to(torch.bfloat16)
+    with pytest.raises(TransferFailed, match="preempted"):
+        _registered_send(sender, receiver, "moved", layer, [0, 1], before_commit=preempted)
+    assert receiver.take("moved") is None and receiver.gone("moved") is not None
+    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+
+
 def test_an_aborted_transfer_frees_its_early_decoded_layers(pair) -> None:
     sender, receiver, _, _ = pair
     out = _one_layer_sent(sender, receiver, "gone", "int4")
@@ -369,3 +423,20 @@ def test_over_real_nixl_layers_are_decoded_as_they_land() -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def test_nixl_threads_yield_to_the_engine() -> None:
+    """NIXL's progress and UCX threads move bytes on the engine's cores: they run ``nice`` steps lower."""
+    from kv_transfer.transport.nixl import NixlTransport
+
+    def threads() -> dict[int, int]:
+        return {int(t): os.getpriority(os.PRIO_PROCESS, int(t)) for t in os.listdir("/proc/self/task")}
+
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    before = threads()
+    transport = NixlTransport("it-nice", 1 << 20, nice=7)
+    try:
+        started = [nice for tid, nice in threads().items() if tid not in before]
+        assert mine + 7 in started  # NIXL's progress thread (and UCX's, in a fresh process); torch's stay
+    finally:
+        transport.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.paged import PagedLayout, gather, scatter
+from kv_transfer.paged import PagedLayout, block_images, block_spans, gather, scatter
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -29,6 +29,24 @@ def test_scatter_then_gather_returns_the_tokens_and_touches_only_their_blocks(fu
         assert torch.equal(rows[7, 0, 1], key[1, 0]) and torch.equal(rows[7, 0, block + 1], value[1, 0])
     else:
         assert torch.equal(layer[:, untouched], before[:, untouched])
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_spans_point_at_exactly_the_bytes_of_the_block_images(fused: bool) -> None:
+    """A transport sends a migration's blocks straight from these spans: they must hold the block images'
+    bytes, in their order (adjacent blocks in one span where they touch)."""
+    heads, dim, block, blocks = 3, 8, 4, 10
+    shape = (blocks, heads, block, 2 * dim) if fused else (2, blocks, block, heads, dim)
+    layer = torch.randn(shape).to(torch.bfloat16)
+    layout = PagedLayout.infer(layer, heads)
+    memory = layer.view(-1).view(torch.uint8)
+    ids = [7, 2, 3, 5]
+    for image, spans in zip(block_images(layer, layout, ids), block_spans(layer, layout, ids), strict=True):
+        got = torch.cat([memory[a - layer.data_ptr() : a - layer.data_ptr() + n] for a, n in spans])
+        assert torch.equal(got, image.contiguous().view(-1).view(torch.uint8))
+        assert len(spans) == (4 if fused else 3)  # blocks 2 and 3 touch on the split layout
+    with pytest.raises(ValueError, match="contiguous"):
+        block_spans(layer.transpose(0, 1), layout, ids)
 
 
 def test_too_few_blocks_is_an_error() -> None:
