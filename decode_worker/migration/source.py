@@ -33,7 +33,8 @@ from protocol.messages import DecodeRequest, SamplingSpec, TokenChunk
 from protocol.migrations import Handover, MigrationOutcome, MigrationReport, MigrationTarget
 
 log = logging.getLogger(__name__)
-_POLL_S = 0.002
+_POLL_S = 0.002  # how often the last push is polled: it is on the hand-over's critical path
+_BACKGROUND_POLL_S = 0.02  # a pre-copy stage: each poll is an RPC into the busy source engine
 
 
 class MigrationEngine(Protocol):
@@ -333,7 +334,7 @@ class MigrationSource:
         plan.block_ids = list(result["block_ids"])
         record = result.get("record")
         while record is None:
-            await asyncio.sleep(_POLL_S)
+            await asyncio.sleep(_BACKGROUND_POLL_S if background else _POLL_S)
             record = await self._engine.push_status(transfer_id)
         if record.get("outcome") != "success":
             raise MigrationFailed(str(record.get("error") or f"push {transfer_id} {record.get('outcome')}"))
