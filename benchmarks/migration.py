@@ -5,10 +5,12 @@ throughout, so that the source's time per token during the migration can be comp
 keeps decoding on B, so that both engines share the cores before the migration as after it.
 
 Downtime is what the migrated request's client sees: the largest gap between two of its tokens from the
-migration's start to the first token after the hand-over, minus its median gap before the migration.
+migration's start to the first token after the hand-over, minus its median gap before the migration. The
+source's time per token is shown for the median run and, pooled over all runs, as a growth (one run's
+migration window holds only a few of the companion's tokens).
 
     .venv/bin/python benchmarks/migration.py [--lengths 256,1024,4096,8144] [--modes live,recompute]
-        [--repeats 3] [--idle-destination]
+        [--repeats 3] [--idle-destination] [--copy-push] [--pin]
 
 Prints a table and writes ``results/migration.json``.
 """
@@ -126,6 +128,15 @@ def _median_row(tries: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(tries, key=lambda r: r["downtime_ms"])
     row = dict(ordered[len(ordered) // 2])
     row["downtimes_ms"] = [round(r["downtime_ms"], 1) for r in tries]
+    for key in ("source_tpot_before_ms", "source_tpot_during_ms"):
+        row[key.replace("_ms", "_runs_ms")] = [round(r[key], 1) for r in tries]
+    finite = [r for r in tries if r["source_tpot_during_ms"] == r["source_tpot_during_ms"]]
+    if finite:  # every run's tokens, pooled: one run's migration window holds only a few of them
+        row["source_tpot_growth"] = (
+            statistics.mean(r["source_tpot_during_ms"] for r in finite)
+            / (statistics.mean(r["source_tpot_before_ms"] for r in finite))
+            - 1
+        )
     row["outcomes"] = [r["outcome"] for r in tries]
     return row
 
@@ -139,10 +150,16 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
     lengths = [int(x) for x in args.lengths.split(",")]
     cfg = ClusterConfig.load(
         # SmolLM2 has 8192 positions: the longest sequence may take 8192 - TAIL tokens (--lengths ...,8144)
-        overrides={"engine.max_model_len": min(max(lengths) + 256, 8192), "engine.prefix_caching": False}
+        overrides={
+            "engine.max_model_len": min(max(lengths) + 256, 8192),
+            "engine.prefix_caching": False,
+            "engine.kv_zero_copy": not args.copy_push,
+        }
     ).model_dump(mode="json")
     workers = [DecodeWorker(f"decode-{c}", f"bench-{c}", str(model), cfg, "", "pdflow") for c in "AB"]
-    for w in workers:
+    for core, w in enumerate(workers):
+        if args.pin:  # the engine's compute thread, and every thread it starts later, on a core of its own
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core % (os.cpu_count() or 1))
         await w.start()
     rows = []
     try:
@@ -199,7 +216,9 @@ def _line(r: dict[str, Any]) -> str:
         f"(max gap {r['max_gap_ms']:7.1f}, normal {r['normal_gap_ms']:6.1f}) paused {r['paused_ms']:7.1f} ms "
         f"(gap: source {r['handover_source_ms']:6.1f} + destination {r['handover_dest_ms']:6.1f} ms) "
         f"stages {r['stages']} {r['wire_mb']:6.1f} MB  source TPOT {r['source_tpot_before_ms']:6.1f} -> "
-        f"{r['source_tpot_during_ms']:6.1f} ms  runs {r.get('downtimes_ms', '')} {r['error']}"
+        f"{r['source_tpot_during_ms']:6.1f} ms "
+        f"(all runs {100 * r.get('source_tpot_growth', float('nan')):+.0f}%)"
+        f"  runs {r.get('downtimes_ms', '')} {r['error']}"
     )
 
 
@@ -213,6 +232,17 @@ def main() -> None:
         action="store_true",
         help="No request of its own on the destination (then it competes with the source for the cores only "
         "once the moved request runs there)",
+    )
+    parser.add_argument(
+        "--copy-push",
+        action="store_true",
+        help="Pushes copy the blocks into staging first (engine.kv_zero_copy off), as before zero-copy",
+    )
+    parser.add_argument(
+        "--pin",
+        action="store_true",
+        help="Bind the source engine to core 0 and the destination's to core 1, as on two machines: the "
+        "destination's work then no longer slows the source through the shared cores",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "migration.json")
     args = parser.parse_args()
