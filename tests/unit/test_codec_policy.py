@@ -10,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kv_transfer.codec_policy import (
+    TIE_MARGIN,
     CodecProfile,
     LinkEstimate,
     QualityFloor,
@@ -40,12 +41,13 @@ def test_on_fast_loopback_raw_wins_whatever_the_floor() -> None:
     ("floor", "expected"),
     [
         (QualityFloor.INT4, "int4"),
-        (QualityFloor.FP8, "fp8"),
+        (QualityFloor.FP8, "int8"),  # fp8 is predicted 3% faster: a tie, which the more exact int8 wins
         (QualityFloor.INT8, "int8"),
         (QualityFloor.LOSSLESS, "lossless"),
     ],
 )
 def test_on_a_1_gbit_link_the_smallest_admitted_codec_wins(floor: QualityFloor, expected: str) -> None:
+    """(Or a more exact one predicted within the tie margin of it.)"""
     choice = choose_codec(KV_512, ONE_GBIT, MEASURED, floor)
     assert choice.codec == expected
     raw = dict(choice.predictions)["none"]
@@ -93,5 +95,14 @@ def test_the_choice_is_never_predicted_slower_than_raw_or_any_admitted_codec(
     raw: int, gbps: float, chunks: int, floor: QualityFloor
 ) -> None:
     choice = choose_codec(raw, LinkEstimate(gbps * GB / 8), MEASURED, floor, chunks)
-    assert all(choice.predicted_s <= t for _, t in choice.predictions)
+    assert all(choice.predicted_s <= t * (1 + TIE_MARGIN) for _, t in choice.predictions)
     assert choice.predicted_s <= dict(choice.predictions)["none"]
+
+
+def test_a_codec_predicted_only_slightly_faster_than_raw_loses_to_raw() -> None:
+    """On a 10 Gbit/s link fp8 was predicted 3% faster than raw and measured 1.4-4x slower (the model's
+    throughputs come from an idle worker): a win inside the margin is not worth the codec. (Here, at 9
+    Gbit/s, fp8 is predicted 7% faster.)"""
+    link = LinkEstimate(9e9 / 8)
+    assert choose_codec(KV_512, link, MEASURED, QualityFloor.INT4, chunks=30).codec == "none"
+    assert choose_codec(KV_512, link, MEASURED, QualityFloor.INT4, chunks=30, margin=0.0).codec == "fp8"
