@@ -41,6 +41,9 @@ class Flight:
         self.error = ""
         self.lose_kv = False  # drop the parts on the destination before following the next hand-over
         self.recomputed = 0
+        # not a candidate for a migration: between a hand-over and its first chunk from the new worker (where
+        # nobody serves it yet), or its client was cancelled (the cancellation may still be finishing)
+        self.in_transit = False
 
 
 async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -> None:
@@ -56,6 +59,7 @@ async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -
             except StopAsyncIteration:
                 break
             if chunk.handover is not None:
+                flight.in_transit = True
                 source, flight.worker = workers[flight.worker], 1 - flight.worker
                 handle = chunk.handover.continuation.kv_handle or {}
                 if flight.lose_kv and PARTS in handle:
@@ -65,6 +69,7 @@ async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -
                     await source.engine.drop_pushed(chunk.handover.target.kv_endpoint, ids, "chaos")
                 stream = workers[flight.worker].decode(chunk.handover.continuation)
                 continue
+            flight.in_transit = False
             flight.tokens.extend(chunk.token_ids)
             if chunk.finish_reason is not None:
                 flight.finishes += 1
@@ -111,7 +116,11 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 if task.done():
                     del clients[rid]
                     launch()
-            live = [f for f in flights if f.rid in clients and len(f.tokens) >= 1 and f.finishes == 0]
+            live = [
+                f
+                for f in flights
+                if f.rid in clients and len(f.tokens) >= 1 and f.finishes == 0 and not f.in_transit
+            ]
             if not live:
                 await asyncio.sleep(0.05)
                 continue
@@ -128,6 +137,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 if fault == "cancel_source":
                     src.cancel_migration(flight.rid)
                 else:
+                    flight.in_transit = True  # for good: its relay may wait for a last push before it ends
                     clients[flight.rid].cancel()
             report = await migrate
             tally[f"{fault}/{report.outcome.value}"] += 1
