@@ -241,17 +241,11 @@ class KVEndpoint:
             t.cursor = end
             t.raw_bytes += enc.header.raw_nbytes
             t.wire_bytes += enc.nbytes
-        if t.cursor > t.local.nbytes:
-            raise ValueError(f"transfer {t.transfer_id}: {t.cursor} B encoded, {t.local.nbytes} B reserved")
+        self._check_room(t)
         slot["nbytes"] = t.cursor - start
         if self._checksum:
             slot["crc"] = crc32(buf, t.local.offset + start, slot["nbytes"])
-        t.encode_s += time.perf_counter() - started
-        t.slots.append(slot)
-        if t.first_post is None:
-            t.first_post = self._clock()
-        t.queued.append(len(t.slots) - 1)
-        self._pump(t)
+        self._queue(t, slot, started)
 
     def send_layer_from(
         self, t: OutgoingTransfer, index: int, key: RegisteredKV, value: RegisteredKV
@@ -276,16 +270,9 @@ class KVEndpoint:
             t.cursor = end
             t.raw_bytes += part.header.raw_nbytes
             t.wire_bytes += spec.nbytes
-        if t.cursor > t.local.nbytes:
-            raise ValueError(f"transfer {t.transfer_id}: {t.cursor} B sent, {t.local.nbytes} B reserved")
+        self._check_room(t)
         slot["nbytes"] = t.cursor - int(slot["offset"])
-        t.encode_s += time.perf_counter() - started
-        t.slots.append(slot)
-        t.sources[len(t.slots) - 1] = spans
-        if t.first_post is None:
-            t.first_post = self._clock()
-        t.queued.append(len(t.slots) - 1)
-        self._pump(t)
+        self._queue(t, slot, started, spans)
 
     def finish(
         self,
@@ -672,6 +659,28 @@ class KVEndpoint:
         slot = t.slots[position]
         offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
         return self._transport.write(t.peer, t.local.offset + offset, t.remote_offset + offset, nbytes, note)
+
+    def _check_room(self, t: OutgoingTransfer) -> None:
+        if t.cursor > t.local.nbytes:
+            raise ValueError(f"transfer {t.transfer_id}: {t.cursor} B encoded, {t.local.nbytes} B reserved")
+
+    def _queue(
+        self,
+        t: OutgoingTransfer,
+        slot: dict[str, Any],
+        started: float,
+        spans: list[tuple[int, int, int]] | None = None,
+    ) -> None:
+        """Add a layer's slot (written from ``spans`` of registered memory, or else from staging) to the
+        transfer and post what the window allows."""
+        t.encode_s += time.perf_counter() - started
+        t.slots.append(slot)
+        if spans is not None:
+            t.sources[len(t.slots) - 1] = spans
+        if t.first_post is None:
+            t.first_post = self._clock()
+        t.queued.append(len(t.slots) - 1)
+        self._pump(t)
 
     def _pump(self, t: OutgoingTransfer) -> None:
         """Without waiting: note the writes that ended (NIXL completes some writes, and sends their

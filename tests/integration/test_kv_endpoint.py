@@ -95,6 +95,19 @@ def test_layers_arrive_decoded_and_everything_is_freed(pair, codec: str) -> None
     assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
 
 
+def _open(sender: KVEndpoint, receiver: KVEndpoint, tid: str, codec: str):
+    """A transfer of LAYERS layers of TOKENS tokens, open."""
+    return sender.open(
+        tid,
+        "req",
+        receiver.address,
+        layers=LAYERS,
+        raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
+        tokens=TOKENS,
+        codec=get_codec(codec),
+    )
+
+
 def _wait_early(receiver: KVEndpoint, tid: str, layers: int) -> None:
     deadline = time.monotonic() + 5
     while receiver.early_layers(tid) < layers:
@@ -107,15 +120,7 @@ def test_compressed_layers_are_decoded_while_later_ones_are_on_the_way(pair) -> 
     them (here the staging bytes are wiped after the commit, and the load still gets every value)."""
     sender, receiver, _, _ = pair
     layers = _layers(5)
-    out = sender.open(
-        "early",
-        "req",
-        receiver.address,
-        layers=LAYERS,
-        raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
-        tokens=TOKENS,
-        codec=get_codec("lossless"),
-    )
+    out = _open(sender, receiver, "early", "lossless")
     for i, (k, v) in enumerate(layers[:-1]):
         sender.send_layer(out, i, k, v)
     _wait_early(receiver, "early", LAYERS - 1)
@@ -188,15 +193,7 @@ def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_
     receiver = KVEndpoint(InProcessTransport("slow-d", 1 << 20, fabric))
     try:
         layers = _layers(8)
-        out = sender.open(
-            "slow",
-            "req",
-            receiver.address,
-            layers=LAYERS,
-            raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
-            tokens=TOKENS,
-            codec=get_codec("int8"),
-        )
+        out = _open(sender, receiver, "slow", "int8")
         for i, (k, v) in enumerate(layers):
             sender.send_layer(out, i, k, v)
         assert len(link.posted) == 1  # the others wait for the window
@@ -401,15 +398,7 @@ def test_over_real_nixl_layers_are_decoded_as_they_land() -> None:
     receiver = KVEndpoint(NixlTransport("it-d", 4 << 20), timeout_s=10)
     try:
         layers = _layers(7)
-        out = sender.open(
-            "nixl-early",
-            "req",
-            receiver.address,
-            layers=LAYERS,
-            raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
-            tokens=TOKENS,
-            codec=get_codec("lossless"),
-        )
+        out = _open(sender, receiver, "nixl-early", "lossless")
         for i, (k, v) in enumerate(layers):
             sender.send_layer(out, i, k, v)
         sender.finish(out)
