@@ -86,7 +86,7 @@ class OutgoingTransfer:
     encode_s: float = 0.0
     first_post: float | None = None
     queued: deque[int] = field(default_factory=deque)  # slots encoded, their writes not posted yet
-    in_flight: dict[int, int] = field(default_factory=dict)  # slot -> bytes, posted and not seen done
+    in_flight: dict[int, tuple[Xfer, int]] = field(default_factory=dict)  # slot -> its write, bytes; not done
     failed: list[int] = field(default_factory=list)  # slots whose write failed
     sources: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # slot -> registered spans
 
@@ -315,9 +315,8 @@ class KVEndpoint:
                 log.warning(
                     "transfer %s: layers %s corrupt on arrival; sending them again", t.transfer_id, bad
                 )
-                resent = [(i, self._post(t, i)) for i in bad]
-                t.xfers += resent  # released with the others
-                self._wait(t, resent)
+                t.queued.extend(bad)
+                self._drain(t)
                 landed_at = self._clock()
         except Exception as exc:
             self.abort(t, str(exc))
@@ -686,8 +685,8 @@ class KVEndpoint:
         """Without waiting: note the writes that ended (NIXL completes some writes, and sends their
         notifications, only when their state is checked), then post queued layers while the window has
         room. A compressed layer's write carries a notification, so that the receiver decodes it early."""
-        for position in list(t.in_flight):
-            state = t.xfers[position][1].state()
+        for position, (xfer, _) in list(t.in_flight.items()):
+            state = xfer.state()
             if state is not XferState.PENDING:
                 del t.in_flight[position]
                 if state is XferState.FAILED:
@@ -695,14 +694,16 @@ class KVEndpoint:
         while t.queued and not t.failed:
             slot = t.slots[t.queued[0]]
             windowed = t.codec.name != "none"  # only a layer that is decoded on landing gains from its order
-            if windowed and t.in_flight and sum(t.in_flight.values()) + int(slot["nbytes"]) > _WINDOW_BYTES:
+            on_wire = sum(n for _, n in t.in_flight.values())
+            if windowed and t.in_flight and on_wire + int(slot["nbytes"]) > _WINDOW_BYTES:
                 return
             position = t.queued.popleft()
             note = b""
             if t.codec.name != "none":  # a raw layer needs no decoding: nothing to start early
                 note = _LAYER_NOTE + json.dumps({"t": t.transfer_id, "p": position, "s": slot}).encode()
-            t.xfers.append((position, self._post(t, position, note)))
-            t.in_flight[position] = int(slot["nbytes"])
+            xfer = self._post(t, position, note)
+            t.xfers.append((position, xfer))  # all released at the end
+            t.in_flight[position] = (xfer, int(slot["nbytes"]))
 
     def _drain(self, t: OutgoingTransfer) -> None:
         """Post every queued layer and wait for every write, backing off as ``_wait`` does."""
