@@ -284,14 +284,18 @@ class PdflowConnector(KVConnectorBase_V1):
             device=str(first.device),
             nice=int(self._extra.get("transfer_nice", 0)),
         )
-        self._zero_copy = bool(self._extra.get("zero_copy", True)) and self._register_layers(transport)
-        self._endpoint = KVEndpoint(
-            transport,
-            port=int(self._extra.get("side_channel_port", 0)),
-            lease_s=float(self._extra.get("lease_s", 12.0)),
-            timeout_s=self._timeout_s,
-            checksum=bool(self._extra.get("checksum", True)),
-        )
+        try:
+            self._zero_copy = bool(self._extra.get("zero_copy", True)) and self._register_layers(transport)
+            self._endpoint = KVEndpoint(
+                transport,
+                port=int(self._extra.get("side_channel_port", 0)),
+                lease_s=float(self._extra.get("lease_s", 12.0)),
+                timeout_s=self._timeout_s,
+                checksum=bool(self._extra.get("checksum", True)),
+            )
+        except BaseException:
+            transport.close()  # now, not in a garbage collection during the engine's shutdown (see close)
+            raise
         self._chooser = CodecChooser.for_layout(
             self._layout,
             first.dtype,
@@ -561,6 +565,12 @@ class PdflowConnector(KVConnectorBase_V1):
             return None
         del self._pushes[transfer_id]
         return dict(future.result())
+
+    @property
+    def address(self) -> str:
+        """``host:port`` of this worker's side channel, where other workers push KV to it ("" before
+        ``register_kv_caches``)."""
+        return self._endpoint.address if self._endpoint is not None else ""
 
     def held(self) -> dict[str, int]:
         """Leak-check figures of this worker half: staging regions, landed and reserved transfers, pushes

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator
 from concurrent.futures import ThreadPoolExecutor
@@ -81,10 +80,8 @@ class VllmEngine:
         module, connector = _CONNECTORS[cfg.kv_connector]
         extra: dict[str, Any] = {"kv_lease_duration": cfg.kv_lease_seconds}
         if cfg.kv_connector is KVConnectorKind.PDFLOW:
-            port = _free_port()
-            self.kv_endpoint = f"127.0.0.1:{port}"
             extra = {
-                "side_channel_port": port,
+                "side_channel_port": cfg.kv_side_channel_port,
                 "lease_s": cfg.kv_lease_seconds,
                 "codec": cfg.kv_codec.value,
                 "quality_floor": cfg.kv_quality_floor.value,
@@ -121,12 +118,17 @@ class VllmEngine:
             disable_log_stats=False,
             enable_log_requests=False,
         )
-        self._llm = AsyncLLM.from_engine_args(args, stat_loggers=[self._stats.logger_factory])
+        # vLLM builds the engine synchronously (half a minute on CPU): a thread keeps this event loop, and so
+        # the caller's start deadline and the actor's other calls, alive meanwhile
+        self._llm = await asyncio.to_thread(
+            AsyncLLM.from_engine_args, args, stat_loggers=[self._stats.logger_factory]
+        )
         total = self._llm.vllm_config.cache_config.num_gpu_blocks or 0
         self.block_size = int(self._llm.vllm_config.cache_config.block_size)
         self._stats.set_total_blocks(int(total))
         if cfg.kv_connector is KVConnectorKind.PDFLOW:
-            await self._rpc("pdflow_attach", ())
+            # the connector binds its side channel itself (any free port unless configured): its address
+            self.kv_endpoint = str((await self._rpc("pdflow_attach", ()))[0])
         log.info("engine %s ready: %d KV blocks", self._engine_id, total)
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
@@ -388,12 +390,6 @@ class VllmEngine:
             detokenize=False,
             extra_args=extra,
         )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _chunk(request_id: RequestId, out: Any) -> TokenChunk:

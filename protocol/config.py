@@ -91,6 +91,13 @@ class EngineConfig(_Section):
         description="How much lower the priority of NIXL's threads (which move the KV bytes) is than the "
         "engine's: on CPU they share the cores that compute tokens; 0 keeps them equal.",
     )
+    kv_side_channel_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Port of the worker's KV side channel (handshakes, push requests); 0: any free port, "
+        "bound by the connector itself and reported back, so that two workers never race for one.",
+    )
     kv_zero_copy: bool = Field(
         True,
         description="Migration pushes read blocks straight from the KV cache, registered with NIXL (no "

@@ -12,15 +12,15 @@ from typing import Any
 class MigrationWorkerExtension:
     model_runner: Any  # vLLM's worker has it
 
-    def pdflow_attach(self) -> bool:
+    def pdflow_attach(self) -> str:
         """Hand the pdflow connector the model runner's request states, so that migration pushes (asked for
-        over the connector's side channel) find a request's blocks without waiting for a step. False under
-        another connector."""
+        over the connector's side channel) find a request's blocks without waiting for a step. Returns the
+        side channel's ``host:port`` (where other workers push KV to this one); "" under another connector."""
         connector = _connector()
         if connector is None:
-            return False
+            return ""
         connector.attach(self.model_runner.requests)
-        return True
+        return str(connector.address)
 
     def pdflow_push(self, message: dict[str, Any]) -> dict[str, Any]:
         """Start a migration push (``PdflowConnector.start_push``) between two steps."""

@@ -198,6 +198,12 @@ class NixlTransport:
         return [msg for msgs in notifs.values() for msg in msgs]
 
     def close(self) -> None:
+        """Deregister the memory and free the NIXL agent now; the transport is unusable after. An agent left
+        to the garbage collector can be freed just as vLLM's shutdown signal arrives: the ``SystemExit`` of
+        the signal handler is then raised inside the agent's ``__del__``, which swallows it, and a worker
+        whose engine failed to start never exits (its engine then hung at start until the deadline)."""
+        if self._agent is None:
+            return
         for name in list(self._peers):
             self.remove_peer(name)
         for reg in [self._reg, *self._sources.values()]:
@@ -205,6 +211,8 @@ class NixlTransport:
                 self._agent.deregister_memory(reg)
             except Exception as exc:
                 log.debug("deregistering memory from NIXL: %s", exc)
+        self._sources.clear()
+        self._agent = None
 
     def _post(
         self, op: str, peer: str, local_offset: int, remote_offset: int, nbytes: int, notif: bytes = b""

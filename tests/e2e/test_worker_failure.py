@@ -4,14 +4,17 @@ shared cluster and kills it."""
 
 from __future__ import annotations
 
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import pytest
 import ray
 
 from pdctl.admin_client import AdminClient
+from pdctl.local_cluster import NAMESPACE
 from protocol.snapshots import Role
 from tests.e2e.conftest import E2ECluster
 
@@ -135,3 +138,39 @@ def test_prefill_worker_death_mid_prefill_gives_a_clear_error(e2e_cluster: E2ECl
     ray.get(busy, timeout=120)
     cluster.cluster.handle.actors.pop(name, None)
     cluster.wait_idle()
+
+
+def test_a_worker_whose_kv_connector_fails_to_start_reports_the_failure(
+    e2e_cluster: E2ECluster, model_dir: Any
+) -> None:
+    """The connector's side channel cannot bind (its configured port is taken): the worker's start fails with
+    an error instead of hanging until its deadline (the engine's half-built NIXL agent once swallowed the
+    signal that ends vLLM's worker process), and the cluster goes on serving."""
+    from decode_worker.actor import DecodeWorker
+
+    config = e2e_cluster.handle.config.model_copy(deep=True)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config.engine.kv_side_channel_port = taken.getsockname()[1]
+        worker = (
+            ray.remote(DecodeWorker)
+            .options(
+                num_cpus=0,
+                runtime_env={"env_vars": {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "1"}},
+            )
+            .remote(
+                "doomed-0", "pdflow-doomed", str(model_dir), config.model_dump(mode="json"), "", NAMESPACE
+            )
+        )
+        try:
+            with pytest.raises(ray.exceptions.RayTaskError, match="Engine core initialization failed"):
+                ray.get(worker.start.remote(), timeout=config.worker.start_timeout_s)
+        finally:
+            ray.kill(worker)
+    ok = httpx.post(
+        f"{e2e_cluster.http_url}/v1/completions",
+        json={"model": e2e_cluster.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0},
+        timeout=60,
+    )
+    assert ok.status_code == 200, ok.text
