@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -357,8 +357,11 @@ class PdflowConnector(KVConnectorBase_V1):
                     transfer = self._open(rid, spec)
                     self._sending[rid] = transfer
                 blocks = spec.block_ids[: -(-spec.tokens // self._layout.block_size)]
-                key, value = gather(kv_layer, self._layout, blocks)
-                self._endpoint.send_layer(transfer, index, key, value)
+                if self._sends_blocks(transfer):
+                    self._send_blocks(transfer, index, self._layers[layer_name], blocks)
+                else:
+                    key, value = gather(kv_layer, self._layout, blocks)
+                    self._endpoint.send_layer(transfer, index, key, value)
             except TransferFailed as exc:
                 self._fail_save(rid, exc.record.to_dict())
             except Exception as exc:  # never let a transfer problem kill the engine step
@@ -376,6 +379,8 @@ class PdflowConnector(KVConnectorBase_V1):
                 record = self._endpoint.finish(transfer, compute_done_at=done_computing)
                 if self._chooser is not None:
                     self._chooser.observe(transfer.peer, record.wire_bytes, record.wire_s)
+                if self._sends_blocks(transfer):
+                    record = replace(record, block_format=self._block_format())
                 self._records.append(record.to_dict())
             except TransferFailed as exc:
                 log.warning("pdflow: transfer of %s failed: %s", rid, exc)
@@ -436,6 +441,33 @@ class PdflowConnector(KVConnectorBase_V1):
             codec=get_codec(choice.codec, **self._chooser.options(choice.codec)),
             reason=choice.reason,
         )
+
+    def _sends_blocks(self, transfer: OutgoingTransfer) -> bool:
+        """A hand-off with codec ``none`` goes out as raw block images straight from the registered KV cache,
+        as vLLM's NixlConnector moves it: no gather, no staging copy, no checksum."""
+        return self._zero_copy and transfer.codec.name == "none"
+
+    def _send_blocks(
+        self, transfer: OutgoingTransfer, index: int, layer: torch.Tensor, block_ids: list[int]
+    ) -> None:
+        """Queue layer ``index``'s blocks ``block_ids`` as raw block images read from ``layer`` in place
+        (registered with the transport): the blocks must stay unchanged until the transfer finishes."""
+        assert self._endpoint is not None and self._layout is not None
+        layout = self._layout
+        shape = (len(block_ids) * layout.block_size, layout.num_kv_heads, layout.head_dim)
+        spans = block_spans(layer, layout, block_ids)
+        self._endpoint.send_layer_from(
+            transfer,
+            index,
+            *(
+                RegisteredKV(KVHeader("none", kind, shape, layer.dtype), half)
+                for kind, half in zip((KVKind.KEY, KVKind.VALUE), spans, strict=True)
+            ),
+        )
+
+    def _block_format(self) -> str:
+        assert self._layout is not None
+        return block_format(self._layout, next(iter(self._layers.values())).dtype)
 
     def _fail_save(self, rid: str, record: dict[str, Any]) -> None:
         self._failed_saves.add(rid)
@@ -628,26 +660,17 @@ class PdflowConnector(KVConnectorBase_V1):
             if not unchanged():
                 raise ValueError(f"request {request_id} ended or was preempted during the push")
 
-        shape = (len(block_ids) * layout.block_size, layout.num_kv_heads, layout.head_dim)
         try:
             for index, layer in enumerate(self._layers.values()):
                 if self._zero_copy:  # read by the transport while on the wire: checked once landed
-                    spans = block_spans(layer, layout, block_ids)
-                    endpoint.send_layer_from(
-                        transfer,
-                        index,
-                        *(
-                            RegisteredKV(KVHeader("none", kind, shape, dtype), half)
-                            for kind, half in zip((KVKind.KEY, KVKind.VALUE), spans, strict=True)
-                        ),
-                    )
+                    self._send_blocks(transfer, index, layer, block_ids)
                 else:
                     first, second = block_images(layer, layout, block_ids)
                     endpoint.send_layer(transfer, index, first, second)
             if not self._zero_copy:  # copied out: check now
                 still_its_own()
             landed = endpoint.finish(transfer, before_commit=still_its_own if self._zero_copy else None)
-            return landed.to_dict() | {"block_format": block_format(layout, dtype)}
+            return replace(landed, block_format=self._block_format()).to_dict()
         except TransferFailed as exc:
             return exc.record.to_dict()
         except Exception as exc:

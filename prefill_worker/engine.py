@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+from kv_transfer.params import BLOCK_FORMAT as _BLOCK_FORMAT
 from kv_transfer.params import CODEC as _CODEC
 from kv_transfer.params import DESTINATION as _DEST
 from kv_transfer.params import PARTS as _PARTS
@@ -170,6 +171,8 @@ class VllmEngine:
                     transfer.error or f"KV transfer of {request.request_id} {transfer.outcome}"
                 )
             handle = {_TRANSFER: kv_params[_TRANSFER]}
+            if transfer.block_format:  # raw block images: the decode side copies them into its blocks as is
+                handle[_BLOCK_FORMAT] = transfer.block_format
         return PrefillResult(
             request_id=request.request_id,
             first_token_id=first,

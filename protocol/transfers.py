@@ -37,6 +37,9 @@ class TransferRecord:
     error: str = ""
     retries: int = 0
     peer: str = ""
+    # set when the transfer carried raw block images of this KV layout (codec none, read straight from the
+    # sender's KV cache): the receiver copies them into its blocks as they are (``paged.block_format``)
+    block_format: str = ""
 
     @property
     def ratio(self) -> float:
