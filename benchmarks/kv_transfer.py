@@ -42,19 +42,20 @@ _EARLY_ENV = "PDFLOW_BENCH_EARLY_DECODE"  # how the driver tells the receiver pr
 # ---- the two processes ----
 
 
-def _endpoint(name: str, host: str, arena_mib: int) -> Any:
+def _endpoint(name: str, host: str, arena_mib: int) -> tuple[Any, Any]:
+    """(endpoint, its NIXL transport)."""
     from kv_transfer.endpoint import KVEndpoint
     from kv_transfer.transport.nixl import NixlTransport
 
     early = None if os.environ.get(_EARLY_ENV, "1") == "1" else 0
-    return KVEndpoint(
-        NixlTransport(name, arena_mib << 20), host=host, timeout_s=120, lease_s=300, predecode_bytes=early
-    )
+    transport = NixlTransport(name, arena_mib << 20)
+    endpoint = KVEndpoint(transport, host=host, timeout_s=120, lease_s=300, predecode_bytes=early)
+    return endpoint, transport
 
 
 def serve(host: str, arena_mib: int) -> None:
     """Receiver: decode every transfer that lands, print one JSON line per transfer."""
-    endpoint = _endpoint("bench-recv", host, arena_mib)
+    endpoint, _ = _endpoint("bench-recv", host, arena_mib)
     print(json.dumps({"ready": endpoint.address}), flush=True)
     while True:
         for tid in endpoint.landed_ids():
@@ -79,11 +80,12 @@ def send(host: str, arena_mib: int, destination: str) -> None:
     """Sender: read jobs from stdin, run each, print the sender's record as JSON."""
     import torch
 
-    from kv_transfer.codec import get_codec
+    from kv_transfer.codec import KVHeader, KVKind, get_codec
     from kv_transfer.codec_choice import CodecChooser, measure_profiles
+    from kv_transfer.endpoint import RegisteredKV
 
-    endpoint = _endpoint("bench-send", host, arena_mib)
-    cache: dict[tuple[str, int], list[tuple[Any, Any]]] = {}
+    endpoint, transport = _endpoint("bench-send", host, arena_mib)
+    cache: dict[tuple[str, int], list[tuple[Any, Any]]] = {}  # kept: registered with NIXL
     choosers: dict[str, CodecChooser] = {}
     print(json.dumps({"ready": endpoint.address}), flush=True)
     for line in sys.stdin:
@@ -91,14 +93,15 @@ def send(host: str, arena_mib: int, destination: str) -> None:
         layers_n, heads, dim = SHAPES[job["shape"]]
         key = (job["shape"], job["tokens"])
         if key not in cache:
-            cache.clear()
             gen = torch.Generator().manual_seed(0)
-            cache[key] = [
-                tuple(
-                    torch.randn(job["tokens"], heads, dim, generator=gen).to(torch.bfloat16) for _ in range(2)
-                )
+            # one tensor per layer, keys then values, as vLLM's KV cache; registered once, at engine start
+            kv = [
+                torch.randn(2, job["tokens"], heads, dim, generator=gen).to(torch.bfloat16)
                 for _ in range(layers_n)
             ]
+            for layer in kv:
+                transport.register(layer)
+            cache[key] = [(layer[0], layer[1]) for layer in kv]
         layers = cache[key]
         raw = sum(k.numel() * 4 for k, _ in layers)
         codec_name, reason = job["codec"], ""
@@ -149,7 +152,19 @@ def send(host: str, arena_mib: int, destination: str) -> None:
         for i, (k, v) in enumerate(layers):
             if layer_s:
                 time.sleep(layer_s)  # the emulated prefill of this layer
-            endpoint.send_layer(out, i, k, v)
+            if codec.name == "none":  # as the connector sends it: straight from the registered KV cache
+                endpoint.send_layer_from(
+                    out,
+                    i,
+                    *(
+                        RegisteredKV(
+                            KVHeader("none", kind, tuple(t.shape), t.dtype), [(t.data_ptr(), t.nbytes)]
+                        )
+                        for kind, t in ((KVKind.KEY, k), (KVKind.VALUE, v))
+                    ),
+                )
+            else:
+                endpoint.send_layer(out, i, k, v)
         record = endpoint.finish(out)
         print(json.dumps({"t0": t0, "staging_s": 0.0, **record.to_dict()}), flush=True)
 

@@ -73,7 +73,7 @@ class Transport(Protocol):
 
     def write_from(self, peer: str, spans: list[tuple[int, int, int]], notif: bytes = b"") -> Xfer:
         """Post one write of ``(address, remote_offset, nbytes)`` spans, each read from registered memory
-        at ``address`` (all in one registered tensor) into ``peer``'s buffer at ``remote_offset``; returns
+        at ``address`` (each within a registered tensor) into ``peer``'s buffer at ``remote_offset``; returns
         at once. ``notif`` as in ``write``."""
         ...
 

@@ -175,9 +175,10 @@ class NixlTransport:
             raise TransportError(f"{self._name}: unknown peer {peer!r} (no handshake)")
         if not spans:
             raise TransportError("a write needs at least one span")
-        low, high = min(a for a, _, _ in spans), max(a + n for a, _, n in spans)
-        if not any(start <= low and high <= start + size for start, size in self._sources):
-            raise TransportError(f"write from {low:#x}..{high:#x}: not within one registered tensor")
+        sources = self._sources
+        for address, _, nbytes in spans:
+            if not any(start <= address and address + nbytes <= start + size for start, size in sources):
+                raise TransportError(f"write of {nbytes} B from {address:#x}: not within a registered tensor")
         if min(o for _, o, _ in spans) < 0 or max(o + n for _, o, n in spans) > info.capacity:
             raise TransportError(f"write of {len(spans)} spans leaves {peer}'s buffer")
         local = self._agent.get_xfer_descs([(a, n, self._dev) for a, _, n in spans], self._mem)

@@ -182,6 +182,72 @@ class _SlowLink(InProcessTransport):
         self.posted.append(_Pending(lambda: write(peer, local_offset, remote_offset, nbytes, notif)))
         return self.posted[-1]
 
+    def write_from(self, peer, spans, notif=b""):
+        write_from = super().write_from
+        self.posted.append(_Pending(lambda: write_from(peer, spans, notif)))
+        return self.posted[-1]
+
+
+def _send_registered(sender: KVEndpoint, out, layers: list[torch.Tensor]) -> None:
+    """Send each ``[2, tokens, heads, dim]`` layer (keys, values) straight from its registered memory."""
+    for layer in layers:
+        sender._transport.register(layer)
+    for i, layer in enumerate(layers):
+        sender.send_layer_from(
+            out,
+            i,
+            *(
+                RegisteredKV(
+                    KVHeader("none", kind, tuple(half.shape), half.dtype), [(half.data_ptr(), half.nbytes)]
+                )
+                for kind, half in ((KVKind.KEY, layer[0]), (KVKind.VALUE, layer[1]))
+            ),
+        )
+
+
+def _check_landed(receiver: KVEndpoint, tid: str, layers: list[torch.Tensor]) -> None:
+    incoming = receiver.take(tid)
+    assert incoming is not None
+    got = list(receiver.decode_layers(incoming))
+    assert [i for i, _, _ in got] == list(range(len(layers)))
+    for (_, k, v), layer in zip(got, layers, strict=True):
+        assert torch.equal(k, layer[0]) and torch.equal(v, layer[1])
+    receiver.release(tid, decode_s=0.0)
+    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+
+
+def _kv_stack(seed: int) -> list[torch.Tensor]:
+    """Layers as vLLM holds them: one tensor each, keys then values."""
+    return [torch.stack(pair) for pair in _layers(seed)]
+
+
+def test_raw_layers_queued_while_a_write_is_on_the_wire_leave_together(monkeypatch) -> None:
+    """Sent from registered memory (codec none), the first layer goes at once; the layers queued while it
+    travels leave in one write, not one each, and land bit-exact."""
+    fabric = FakeFabric()
+    link = _SlowLink("merge-p", 1 << 20, fabric)
+    sender = KVEndpoint(link)
+    receiver = KVEndpoint(InProcessTransport("merge-d", 1 << 20, fabric))
+    try:
+        layers = _kv_stack(9)
+        out = _open(sender, receiver, "merge", "none")
+        _send_registered(sender, out, layers)
+        assert len(link.posted) == 1  # the others wait for the first write
+        finishing = threading.Thread(target=sender.finish, args=(out,))
+        finishing.start()
+        link.posted[0].land()
+        deadline = time.monotonic() + 5
+        while len(link.posted) == 1:
+            assert time.monotonic() < deadline, "the queued layers were never posted"
+            time.sleep(0.002)
+        link.posted[1].land()
+        finishing.join(timeout=5)
+        assert not finishing.is_alive() and len(link.posted) == 2
+        _check_landed(receiver, "merge", layers)
+    finally:
+        sender.close()
+        receiver.close()
+
 
 def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_lands(monkeypatch) -> None:
     """Layers posted all at once would share the link and land together at the end; within the window
@@ -409,6 +475,46 @@ def test_over_real_nixl_layers_are_decoded_as_they_land() -> None:
             assert torch.equal(k, k0) and torch.equal(v, v0)
         receiver.release("nixl-early", decode_s=0.0)
         assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_over_real_nixl_raw_layers_from_several_registered_tensors_land_in_one_write() -> None:
+    """One NIXL write may read from several registered tensors (vLLM keeps one per layer), so the layers
+    merged into one land bit-exact, through the transport and through the endpoints."""
+    from kv_transfer.transport.nixl import NixlTransport
+
+    here, there = NixlTransport("it-zp", 4 << 20), NixlTransport("it-zd", 4 << 20)
+    try:
+        here.add_peer(there.peer_info())
+        layers = _kv_stack(10)
+        for layer in layers:
+            here.register(layer)
+        spans, offset = [], 0
+        for layer in layers:
+            spans.append((layer.data_ptr(), offset, layer.nbytes))
+            offset += layer.nbytes
+        xfer = here.write_from("it-zd", spans)
+        deadline = time.monotonic() + 10
+        while (state := xfer.state()) is XferState.PENDING:
+            assert time.monotonic() < deadline, "the write never landed"
+            time.sleep(0.001)
+        xfer.release()
+        assert state is XferState.DONE
+        landed = there.buffer[:offset].view(torch.bfloat16).view(len(layers), *layers[0].shape)
+        assert torch.equal(landed, torch.stack(layers))
+    finally:
+        here.close()
+        there.close()
+
+    sender = KVEndpoint(NixlTransport("it-zp2", 4 << 20), timeout_s=10)
+    receiver = KVEndpoint(NixlTransport("it-zd2", 4 << 20), timeout_s=10)
+    try:
+        out = _open(sender, receiver, "nixl-merged", "none")
+        _send_registered(sender, out, layers)
+        assert sender.finish(out).outcome is TransferOutcome.SUCCESS
+        _check_landed(receiver, "nixl-merged", layers)
     finally:
         sender.close()
         receiver.close()
