@@ -11,7 +11,8 @@ receiver decodes each layer as it lands (``decode_s``: all its decoding; ``load_
 load; ``--no-early-decode`` decodes everything at the load instead). The baseline, "raw", moves the bf16
 bytes in one write with no codec: what vLLM's ``NixlConnector`` moves (it reads the raw blocks in one NIXL
 transfer); its staging copy is not counted. ``auto`` is the adaptive policy (probe at first contact, floor
-int4), deciding per transfer. Pipelining: layers computed at an emulated rate (``--layer-ms``), each sent as
+int4), deciding per transfer and learning from each as the connector does (link bandwidth, real encode
+speed). Pipelining: layers computed at an emulated rate (``--layer-ms``), each sent as
 it is done; the tail after the last layer, as a fraction of the unpipelined transfer. The KV is random normal
 bf16 (lossless compresses real KV about as well: 0.68 vs 0.676 measured).
 """
@@ -166,6 +167,15 @@ def send(host: str, arena_mib: int, destination: str) -> None:
             else:
                 endpoint.send_layer(out, i, k, v)
         record = endpoint.finish(out)
+        if job["codec"] == "auto":  # learns as the connector does: link bandwidth, real encode speed
+            choosers[job["shape"]].observe(
+                destination,
+                record.wire_bytes,
+                record.wire_s,
+                codec=record.codec,
+                raw_bytes=record.raw_bytes,
+                encode_s=record.encode_s,
+            )
         print(json.dumps({"t0": t0, "staging_s": 0.0, **record.to_dict()}), flush=True)
 
 

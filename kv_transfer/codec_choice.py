@@ -24,7 +24,8 @@ def measure_profiles(
     shape: tuple[int, int, int], dtype: torch.dtype, group_size: int, repeats: int = 3
 ) -> tuple[CodecProfile, ...]:
     """Ratio and encode/decode throughput of every codec on random data of ``shape`` (best of ``repeats``).
-    ``none`` is free: it is copied into the staging buffer either way."""
+    ``none`` is free: it leaves straight from the KV cache (or is copied into staging, as every codec's
+    output is)."""
     kv = torch.randn(shape).to(dtype)
     profiles = [CodecProfile("none", 1.0, float("inf"), float("inf"))]
     for name in CODEC_NAMES[1:]:
@@ -96,7 +97,21 @@ class CodecChooser:
             self._links[destination] = link
         return choose_codec(raw_bytes, link, self.profiles, self._floor, chunks=self._layers)
 
-    def observe(self, destination: str, wire_bytes: int, wire_s: float) -> None:
+    def observe(
+        self,
+        destination: str,
+        wire_bytes: int,
+        wire_s: float,
+        *,
+        codec: str = "",
+        raw_bytes: int = 0,
+        encode_s: float = 0.0,
+    ) -> None:
+        """Learn from a transfer sent to ``destination``: the link's bandwidth, and how fast ``codec``
+        really encoded its ``raw_bytes``."""
         link = self._links.get(destination)
         if link is not None:
             self._links[destination] = link.observe(wire_bytes, wire_s)
+        self.profiles = tuple(
+            p.observe_encode(raw_bytes, encode_s) if p.name == codec else p for p in self.profiles
+        )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 
 class QualityFloor(enum.StrEnum):
@@ -44,6 +44,16 @@ class CodecProfile:
             raise ValueError(f"unknown codec {self.name!r}; known: {', '.join(QUALITY_RANK)}")
         if not 0 < self.ratio <= 2 or self.encode_bps <= 0 or self.decode_bps <= 0:
             raise ValueError(f"{self.name}: ratio must be in (0, 2] and throughputs > 0")
+
+    def observe_encode(self, raw_bytes: int, seconds: float, alpha: float = 0.5) -> CodecProfile:
+        """The profile after a real transfer encoded ``raw_bytes`` in ``seconds``: its encode throughput
+        moves towards the measured one. The start-up figure comes from an idle worker; under load the same
+        codec ran about half as fast, and a policy that never learns that keeps picking a codec slower than
+        raw. A codec that costs nothing (``none``) stays free."""
+        if raw_bytes <= 0 or seconds <= 0 or self.encode_bps == float("inf"):
+            return self
+        measured = raw_bytes / seconds
+        return replace(self, encode_bps=(1 - alpha) * self.encode_bps + alpha * measured)
 
 
 @dataclass(frozen=True, slots=True)

@@ -378,7 +378,14 @@ class PdflowConnector(KVConnectorBase_V1):
             try:
                 record = self._endpoint.finish(transfer, compute_done_at=done_computing)
                 if self._chooser is not None:
-                    self._chooser.observe(transfer.peer, record.wire_bytes, record.wire_s)
+                    self._chooser.observe(
+                        transfer.peer,
+                        record.wire_bytes,
+                        record.wire_s,
+                        codec=record.codec,
+                        raw_bytes=record.raw_bytes,
+                        encode_s=record.encode_s,
+                    )
                 if self._sends_blocks(transfer):
                     record = replace(record, block_format=self._block_format())
                 self._records.append(record.to_dict())

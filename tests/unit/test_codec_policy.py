@@ -106,3 +106,32 @@ def test_a_codec_predicted_only_slightly_faster_than_raw_loses_to_raw() -> None:
     link = LinkEstimate(9e9 / 8)
     assert choose_codec(KV_512, link, MEASURED, QualityFloor.INT4, chunks=30).codec == "none"
     assert choose_codec(KV_512, link, MEASURED, QualityFloor.INT4, chunks=30, margin=0.0).codec == "fp8"
+
+
+def test_a_codec_that_encodes_slower_in_real_transfers_stops_being_picked() -> None:
+    """Measured idle, fp8 wins on a 6 Gbit/s link; a real transfer under load encodes at a third of that
+    speed, and from then on raw wins. Raw, which costs nothing to encode, stays free."""
+    link = LinkEstimate(6e9 / 8)
+    assert choose_codec(KV_512, link, MEASURED, QualityFloor.FP8, chunks=30).codec == "fp8"
+    loaded = tuple(p.observe_encode(KV_512, 3 * KV_512 / p.encode_bps) for p in MEASURED)
+    assert choose_codec(KV_512, link, loaded, QualityFloor.FP8, chunks=30).codec == "none"
+    assert loaded[0] == MEASURED[0]
+    assert loaded[2].encode_bps == pytest.approx(MEASURED[2].encode_bps * (0.5 + 0.5 / 3))
+    assert loaded[2].observe_encode(KV_512, 0.0) is loaded[2]
+
+
+def test_a_worker_learns_its_codecs_real_speed_from_the_transfers_it_sends() -> None:
+    """Each codec it picks turns out three times slower than measured idle: it tries the next, then raw."""
+    from kv_transfer.codec_choice import CodecChooser
+
+    link_bps = 6e9 / 8
+    chooser = CodecChooser(MEASURED, layers=30, floor="fp8", probe=lambda _: link_bps)
+    picked = []
+    for _ in range(3):
+        codec = chooser.choose("decode-0", KV_512).codec
+        picked.append(codec)
+        profile = next(p for p in MEASURED if p.name == codec)
+        wire = int(KV_512 * profile.ratio)
+        slow = 3 * KV_512 / profile.encode_bps if codec != "none" else 0.0
+        chooser.observe("decode-0", wire, wire / link_bps, codec=codec, raw_bytes=KV_512, encode_s=slow)
+    assert picked == ["fp8", "int8", "none"]
