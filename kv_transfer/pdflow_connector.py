@@ -80,6 +80,9 @@ class LoadSpec:
     # parts that landed before the request was handed over (a migration's, but its last in flight): one that
     # is not here when the load starts is lost, and the load fails at once instead of waiting
     landed_before: frozenset[str] = frozenset()
+    # every part landed before the request came (see ``_all_landed``): vLLM schedules the request in the
+    # step that loads it, and is not told when the load is done
+    sync: bool = False
 
 
 @dataclass(slots=True)
@@ -94,6 +97,13 @@ class _Load:
 
 class _LoadFailed(Exception):
     pass
+
+
+def _all_landed(params: dict[str, Any]) -> bool:
+    """Whether every part of a request's KV had landed before the request was sent here: a prefill's
+    hand-off always (the prefill worker answers only once the decode side committed it), a migration's
+    unless a part was still in flight at the hand-over."""
+    return PARTS not in params or not params.get(IN_FLIGHT)
 
 
 @dataclass
@@ -200,13 +210,15 @@ class PdflowConnector(KVConnectorBase_V1):
     def get_num_new_matched_tokens(
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
-        """Decode side: the prompt's tokens come from the transfer, loaded between steps. Never blocks."""
+        """Decode side: the prompt's tokens come from the transfer. When every part of it has landed already,
+        the worker copies them in at the start of the step that computes the request's next token; otherwise
+        the request waits for them (``get_finished``) and runs a step later. Never blocks."""
         params = request.kv_transfer_params or {}
         if TRANSFER in params and REMOTE_TOKENS in params and not params.get(DEST):
             count = int(params[REMOTE_TOKENS]) - num_computed_tokens
             if count > 0:
                 self._local_hits[request.request_id] = num_computed_tokens
-                return count, True
+                return count, not _all_landed(params)
         return 0, False
 
     def update_state_after_alloc(
@@ -227,6 +239,7 @@ class PdflowConnector(KVConnectorBase_V1):
                 frozenset(tid for tid, _ in parts if tid not in in_flight)
                 if PARTS in params
                 else frozenset(),
+                _all_landed(params),
             )
             self._loading[request.request_id] = [tid for tid, _ in parts]
             # Loaded once: if vLLM preempts the request later, it recomputes its KV here, since the
@@ -496,7 +509,7 @@ class PdflowConnector(KVConnectorBase_V1):
                     if (why := self._endpoint.gone(tid)) is not None:
                         raise _LoadFailed(f"transfer {tid} will not land: {why}")
                     incoming = self._endpoint.take(tid)
-                    if incoming is None and tid in load.spec.landed_before:
+                    if incoming is None and (load.spec.sync or tid in load.spec.landed_before):
                         raise _LoadFailed(f"transfer {tid} is no longer here (its lease ran out, or dropped)")
                     if incoming is None:
                         continue
@@ -512,12 +525,17 @@ class PdflowConnector(KVConnectorBase_V1):
                 self._check_coverage(load)
             except Exception as exc:
                 log.warning("pdflow: loading KV of %s failed: %s", rid, exc)
-                self._load_errors.update(load.spec.block_ids)
+                # the blocks this load was to write: a local prefix-cache hit's are shared with other
+                # requests, which vLLM would fail too (it checks every running request for a synchronous load)
+                self._load_errors.update(
+                    load.spec.block_ids[load.spec.local_tokens // self._layout.block_size :]
+                )
                 for i, (tid, _) in enumerate(load.spec.parts):
                     if i not in load.loaded:
                         self._endpoint.release(tid, error=f"the KV of {rid} failed to load: {exc}")
             del self._pending_loads[rid]
-            self._received.add(rid)
+            if not load.spec.sync:  # vLLM waits to hear of an asynchronous load only
+                self._received.add(rid)
 
     def _load_part(self, spec: LoadSpec, first: int, incoming: IncomingTransfer) -> None:
         """Copy one landed part into the request's blocks from block ``first`` on, leaving the blocks of a

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kv_transfer.params import REMOTE_TOKENS, TRANSFER_ID
+from kv_transfer.params import IN_FLIGHT, PARTS, REMOTE_TOKENS, TRANSFER_ID
 
 
 def _scheduler_half():  # type: ignore[no-untyped-def]
@@ -28,9 +28,27 @@ def test_a_request_preempted_after_its_load_recomputes_instead_of_waiting_for_th
     connector = _scheduler_half()
     params = {TRANSFER_ID: "r1/handoff", REMOTE_TOKENS: 40}
     request = SimpleNamespace(request_id="r1", kv_transfer_params=params, num_prompt_tokens=41)
-    assert connector.get_num_new_matched_tokens(request, 0) == (40, True)
+    assert connector.get_num_new_matched_tokens(request, 0) == (40, False)  # landed: loaded in its step
     connector.update_state_after_alloc(request, _Blocks([0, 1, 2]), 40)
     meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
     assert list(meta.loads) == ["r1"] and meta.loads["r1"].block_ids == [0, 1, 2]
     # vLLM preempts it (its computed tokens back to 0) and schedules it again: nothing to load any more.
     assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
+
+
+def test_kv_that_landed_before_the_request_loads_in_its_step_and_kv_still_on_the_wire_is_waited_for() -> None:
+    """A prefill hand-off has always landed when its decode request arrives (the prefill worker answers once
+    it is committed), and so has a migration's KV when no part was in flight at the hand-over: vLLM loads
+    it in the step that computes the next token. A migration whose last part travels waits for it."""
+    connector = _scheduler_half()
+    handoff = {TRANSFER_ID: "a/handoff", REMOTE_TOKENS: 40}
+    stopped = {TRANSFER_ID: "b/s1", REMOTE_TOKENS: 64, PARTS: [["b/s1", 0]], IN_FLIGHT: []}
+    live = {TRANSFER_ID: "c/s1", REMOTE_TOKENS: 64, PARTS: [["c/s1", 0], ["c/s2", 3]], IN_FLIGHT: ["c/s2"]}
+    waits = {}
+    for rid, params in (("a", handoff), ("b", stopped), ("c", live)):
+        request = SimpleNamespace(request_id=rid, kv_transfer_params=params, num_prompt_tokens=65)
+        count, waits[rid] = connector.get_num_new_matched_tokens(request, 0)
+        connector.update_state_after_alloc(request, _Blocks([0, 1, 2, 3]), count)
+    assert waits == {"a": False, "b": False, "c": True}
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
+    assert {rid: spec.sync for rid, spec in meta.loads.items()} == {"a": True, "b": True, "c": False}
