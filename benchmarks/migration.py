@@ -154,6 +154,7 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
             "engine.max_model_len": min(max(lengths) + 256, 8192),
             "engine.prefix_caching": False,
             "engine.kv_zero_copy": not args.copy_push,
+            **dict(kv.split("=", 1) for kv in args.set),
         }
     ).model_dump(mode="json")
     workers = [DecodeWorker(f"decode-{c}", f"bench-{c}", str(model), cfg, "", "pdflow") for c in "AB"]
@@ -243,6 +244,13 @@ def main() -> None:
         action="store_true",
         help="Bind the source engine to core 0 and the destination's to core 1, as on two machines: the "
         "destination's work then no longer slows the source through the shared cores",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.FIELD=VALUE",
+        help="A config override, as pdctl up --set (e.g. migration.overlap_last_push=false)",
     )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "migration.json")
     args = parser.parse_args()

@@ -153,6 +153,13 @@ class MigrationConfig(_Section):
         4, ge=0, description="Pause and copy the rest once at most this many KV blocks are left (live mode)."
     )
     timeout_s: float = Field(60.0, gt=0, description="Deadline for one migration, all stages included.")
+    overlap_last_push: bool = Field(
+        False,
+        description="Hand the request over as its last push starts: the destination copies the earlier "
+        "stages in while it travels, and runs the request a step after it lands. Off (the default, measured "
+        "faster): hand over once it has landed, and the destination loads everything in the step that "
+        "computes the next token.",
+    )
     auto: bool = Field(
         False, description="Let the migration policy move requests between decode workers on its own."
     )

@@ -6,11 +6,12 @@ stages while the stream flows: stage k pushes the blocks that filled since stage
 which a running request never rewrites). When few blocks are left, or after the stage limit, the stream
 freezes: from then on the client gets nothing from here, and the cut is every token it already has. The last
 blocks (the partial one included) are pushed while the engine goes on (tokens past the cut never reach the
-client), and the generator yields a ``Handover`` as that push starts; once the push has ended the generator
-returns, which aborts the request here and frees its blocks. The destination copies the earlier stages in
-meanwhile, and recomputes the request if the last push never lands. (With no earlier stage the push ends
-before the hand-over.) If anything fails before the hand-over, the stream thaws (the tokens held back go out)
-and the request goes on here: it runs on exactly one worker either way.
+client), and the generator yields a ``Handover`` once that push has landed (the destination then loads every
+part in the step that computes the next token), then returns, which aborts the request here and frees its
+blocks. With ``overlap_last_push`` (and an earlier stage) the ``Handover`` goes out as the last push starts
+instead, and the generator returns once it has ended: the destination copies the earlier stages in meanwhile,
+and recomputes the request if the last push never lands. If anything fails before the hand-over, the stream
+thaws (the tokens held back go out) and the request goes on here: it runs on exactly one worker either way.
 
 Pushes are keyed by ``{request}/{migration}/{stage}``: each lands in its own reservation on the destination,
 which frees it when it is loaded, dropped, or its lease ends.
@@ -286,7 +287,12 @@ class MigrationSource:
         last: asyncio.Future[None] | None = None
         if mode is not MigrationMode.RECOMPUTE:
             end = -(-stream.kv_tokens(len(stream.delivered)) // bs)
-            if end > plan.pushed and mode is MigrationMode.LIVE and plan.parts:
+            if (
+                end > plan.pushed
+                and mode is MigrationMode.LIVE
+                and plan.parts
+                and self._config.overlap_last_push
+            ):
                 # Hand over as the last push starts: the destination copies the earlier stages into its
                 # blocks while the last one travels (it waits for it, and recomputes if it never lands).
                 # The relay waits for this push before it ends, and so before the abort that frees the

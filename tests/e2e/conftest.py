@@ -80,7 +80,7 @@ def e2e_cluster(model_dir: Any) -> Iterator[E2ECluster]:
             "controller.admin_port": 0,
             "frontdoor.token_timeout_s": 30,
             # every full block is pre-copied, so that a migration of a few hundred tokens runs a pre-copy
-            # stage and hands over while its last push travels (the default waits for more than 4 blocks)
+            # stage before its last push (the default waits for more than 4 blocks)
             "migration.final_blocks": 0,
         }
     )

@@ -213,7 +213,9 @@ async def test_live_migration_hands_over_as_its_last_push_starts() -> None:
     stages meanwhile and waits for the last, ``IN_FLIGHT``); the request stays in the engine, its blocks
     with it, until that push ends."""
     engine = FakeEngine()
-    source = MigrationSource(engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3))
+    source = MigrationSource(
+        engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3, overlap_last_push=True)
+    )
     stream = LiveStream(RID, tuple(range(10)), SamplingSpec(max_tokens=101), 100)
     tokens, got = Tokens(), []
 
@@ -246,13 +248,48 @@ async def test_live_migration_hands_over_as_its_last_push_starts() -> None:
     await until(lambda: tokens.closed)  # then the request is aborted here
 
 
+async def test_live_migration_without_overlap_hands_over_once_its_last_push_landed() -> None:
+    """``overlap_last_push`` off (the default): the client gets the hand-over only after the last push
+    ended, and the destination is told nothing is in flight (it loads every part in the step that computes
+    the next token)."""
+    engine = FakeEngine()
+    source = MigrationSource(
+        engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3, overlap_last_push=False)
+    )
+    stream = LiveStream(RID, tuple(range(10)), SamplingSpec(max_tokens=101), 100)
+    tokens, got = Tokens(), []
+
+    async def client() -> None:
+        async for chunk in source.serve(stream, tokens.chunks()):
+            got.append(chunk)
+
+    relay = asyncio.create_task(client())
+    await produce(stream, tokens, 5)
+    handed_over_during_last_push: list[bool] = []
+
+    async def on_push(k: int, background: bool) -> None:
+        if background:
+            await produce(stream, tokens, 2)
+        else:
+            await asyncio.sleep(0.02)
+            handed_over_during_last_push.append(any(c.handover is not None for c in got))
+
+    engine.on_push = on_push
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    await relay
+    handle = continuation(got).kv_handle or {}
+    assert report.outcome is MOVED and report.stages == 2
+    assert handed_over_during_last_push == [False]
+    assert IN_FLIGHT not in handle and handle[PARTS][-1][0] == engine.pushes[-1].transfer_id
+
+
 @pytest.mark.parametrize("failure", [{"error": "link lost"}, {"outcome": "failed", "error": "link lost"}])
 async def test_last_push_that_fails_after_the_hand_over_is_dropped_on_the_destination(
     failure: dict[str, Any],
 ) -> None:
     """The request moved: the destination gives up waiting for the dropped part and recomputes its KV."""
     engine = FakeEngine(fail={1: failure})
-    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3)
+    source, stream, tokens, relay = start(engine, final_blocks=1, max_stages=3, overlap_last_push=True)
     await produce(stream, tokens, 5)
     report = await source.migrate(RID, "m1", DEST, LIVE)
     cont = continuation(await relay)
