@@ -188,6 +188,13 @@ class _SlowLink(InProcessTransport):
         return self.posted[-1]
 
 
+def _slow_pair(name: str) -> tuple[_SlowLink, KVEndpoint, KVEndpoint]:
+    """A sender on a slow link (its writes land when the test says) and a receiver."""
+    fabric = FakeFabric()
+    link = _SlowLink(f"{name}-p", 1 << 20, fabric)
+    return link, KVEndpoint(link), KVEndpoint(InProcessTransport(f"{name}-d", 1 << 20, fabric))
+
+
 def _send_registered(sender: KVEndpoint, out, layers: list[torch.Tensor]) -> None:
     """Send each ``[2, tokens, heads, dim]`` layer (keys, values) straight from its registered memory."""
     for layer in layers:
@@ -221,13 +228,10 @@ def _kv_stack(seed: int) -> list[torch.Tensor]:
     return [torch.stack(pair) for pair in _layers(seed)]
 
 
-def test_raw_layers_queued_while_a_write_is_on_the_wire_leave_together(monkeypatch) -> None:
+def test_raw_layers_queued_while_a_write_is_on_the_wire_leave_together() -> None:
     """Sent from registered memory (codec none), the first layer goes at once; the layers queued while it
     travels leave in one write, not one each, and land bit-exact."""
-    fabric = FakeFabric()
-    link = _SlowLink("merge-p", 1 << 20, fabric)
-    sender = KVEndpoint(link)
-    receiver = KVEndpoint(InProcessTransport("merge-d", 1 << 20, fabric))
+    link, sender, receiver = _slow_pair("merge")
     try:
         layers = _kv_stack(9)
         out = _open(sender, receiver, "merge", "none")
@@ -253,10 +257,7 @@ def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_
     """Layers posted all at once would share the link and land together at the end; within the window
     (here one layer) each lands in turn, and the receiver decodes it while the next is on the wire."""
     monkeypatch.setattr(endpoint_module, "_WINDOW_BYTES", 1)
-    fabric = FakeFabric()
-    link = _SlowLink("slow-p", 1 << 20, fabric)
-    sender = KVEndpoint(link)
-    receiver = KVEndpoint(InProcessTransport("slow-d", 1 << 20, fabric))
+    link, sender, receiver = _slow_pair("slow")
     try:
         layers = _layers(8)
         out = _open(sender, receiver, "slow", "int8")

@@ -208,14 +208,12 @@ async def test_failed_final_push_before_the_hand_over_thaws_the_stream(failure: 
     assert not source.migrating() and not source.running()
 
 
-async def test_live_migration_hands_over_as_its_last_push_starts() -> None:
-    """After a pre-copy, the hand-over goes out while the last push runs (the destination loads the earlier
-    stages meanwhile and waits for the last, ``IN_FLIGHT``); the request stays in the engine, its blocks
-    with it, until that push ends."""
-    engine = FakeEngine()
-    source = MigrationSource(
-        engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3, overlap_last_push=True)
-    )
+def _served(
+    engine: FakeEngine, **config: Any
+) -> tuple[MigrationSource, LiveStream, Tokens, list[TokenChunk], asyncio.Task[None]]:
+    """A source (pre-copying every full block, up to 3 stages) relaying one stream to a client whose
+    chunks collect in the returned list as it reads them."""
+    source = MigrationSource(engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3, **config))
     stream = LiveStream(RID, tuple(range(10)), SamplingSpec(max_tokens=101), 100)
     tokens, got = Tokens(), []
 
@@ -223,7 +221,15 @@ async def test_live_migration_hands_over_as_its_last_push_starts() -> None:
         async for chunk in source.serve(stream, tokens.chunks()):
             got.append(chunk)
 
-    relay = asyncio.create_task(client())
+    return source, stream, tokens, got, asyncio.create_task(client())
+
+
+async def test_live_migration_hands_over_as_its_last_push_starts() -> None:
+    """After a pre-copy, the hand-over goes out while the last push runs (the destination loads the earlier
+    stages meanwhile and waits for the last, ``IN_FLIGHT``); the request stays in the engine, its blocks
+    with it, until that push ends."""
+    engine = FakeEngine()
+    source, stream, tokens, got, relay = _served(engine, overlap_last_push=True)
     await produce(stream, tokens, 5)
     seen: dict[str, bool] = {}
 
@@ -253,17 +259,7 @@ async def test_live_migration_without_overlap_hands_over_once_its_last_push_land
     ended, and the destination is told nothing is in flight (it loads every part in the step that computes
     the next token)."""
     engine = FakeEngine()
-    source = MigrationSource(
-        engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3, overlap_last_push=False)
-    )
-    stream = LiveStream(RID, tuple(range(10)), SamplingSpec(max_tokens=101), 100)
-    tokens, got = Tokens(), []
-
-    async def client() -> None:
-        async for chunk in source.serve(stream, tokens.chunks()):
-            got.append(chunk)
-
-    relay = asyncio.create_task(client())
+    source, stream, tokens, got, relay = _served(engine, overlap_last_push=False)
     await produce(stream, tokens, 5)
     handed_over_during_last_push: list[bool] = []
 
