@@ -94,7 +94,7 @@ class RequestRouter:
         self._metrics.prompt_tokens.inc(len(prompt_token_ids))
         outcome: RequestState | None = None
         try:
-            async for chunk in self._serve(flight, prompt_token_ids, sampling):
+            async for chunk in self._serve(flight, prompt_token_ids, sampling, priority):
                 self._metrics.generation_tokens.inc(len(chunk.token_ids))
                 flight.output_tokens += len(chunk.token_ids)
                 if chunk.finish_reason is not None:
@@ -115,7 +115,7 @@ class RequestRouter:
             self._observe(flight, outcome)
 
     async def _serve(
-        self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec
+        self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
     ) -> AsyncIterator[TokenChunk]:
         rid = flight.request_id
         flight.move(RequestState.PREFILLING)
@@ -131,7 +131,7 @@ class RequestRouter:
             return
         flight.ttft = time.monotonic() - flight.started
         self._metrics.prefill_seconds.observe(result.prefill_seconds)
-        handoff = DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle)
+        handoff = DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle, priority)
         handed_off = False
         try:
             if result.finish_reason is not None:

@@ -34,6 +34,7 @@ class DecodeWorker(EngineWorker):
             (*request.prompt_token_ids, request.first_token_id),
             request.sampling,
             request.sampling.max_tokens - 1,
+            priority=request.priority,
         )
         async for chunk in self.migrations.serve(stream, self.engine.decode(request)):
             yield chunk
@@ -81,5 +82,5 @@ class DecodeWorker(EngineWorker):
         return self.migrations.running()
 
     def snapshot(self) -> InstanceSnapshot:
-        running = tuple(RunningKV(RequestId(rid), blocks) for rid, blocks in self.migrations.kv_of_running())
+        running = tuple(RunningKV(RequestId(rid), *kv) for rid, *kv in self.migrations.kv_of_running())
         return replace(super().snapshot(), requests=running)

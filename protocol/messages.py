@@ -76,6 +76,7 @@ class DecodeRequest:
     first_token_id: int
     sampling: SamplingSpec
     kv_handle: dict[str, Any] | None
+    priority: int = 0  # from the API; higher is more important (the migration policy keeps headroom for > 0)
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,6 +100,7 @@ class LiveStream:
     # a migration's last push, still reading this request's blocks after the hand-over: the request (and so
     # its blocks) stays in the engine until it ends
     last_push: asyncio.Future[None] | None = None
+    priority: int = 0  # the client's, carried to wherever the request moves
 
     def kv_tokens(self, produced: int) -> int:
         """Tokens whose KV the engine holds once it produced ``produced`` tokens (the last one's KV is
@@ -115,6 +116,7 @@ class LiveStream:
             tokens[-1],
             replace(self.sampling, max_tokens=self.budget - len(self.delivered) + 1),
             kv_handle,
+            self.priority,
         )
 
 
@@ -139,12 +141,12 @@ class MigrationSource:
         move.cancel()
         return True
 
-    def kv_of_running(self) -> list[tuple[str, int]]:
-        """(request id, KV blocks it holds here) of every request running here: the engine has produced a
-        token for it. A request still queued in the engine holds no blocks yet and cannot move."""
+    def kv_of_running(self) -> list[tuple[str, int, int]]:
+        """(request id, KV blocks it holds here, priority) of every request running here: the engine has
+        produced a token for it. A request still queued in the engine holds no blocks yet and cannot move."""
         bs = max(self._engine.block_size, 1)
         return [
-            (rid, -(-s.kv_tokens(s.produced + 1) // bs))
+            (rid, -(-s.kv_tokens(s.produced + 1) // bs), s.priority)
             for rid, s in self._streams.items()
             if s.produced and not s.finished
         ]

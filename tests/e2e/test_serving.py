@@ -159,6 +159,29 @@ def test_http_disconnect_mid_stream_frees_kv_on_both_workers(cluster: E2ECluster
     assert snaps["decode"].kv_blocks_used == 0 and snaps["prefill"].kv_blocks_used == 0
 
 
+def test_a_requests_priority_reaches_its_decode_worker(cluster: E2ECluster) -> None:
+    """The migration policy keeps headroom for high-priority requests: it reads their priority there."""
+    import httpx
+
+    body = {
+        "model": cluster.model,
+        "prompt": "Write a very long story about a knight.",
+        "max_tokens": 1500,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "priority": 7,
+    }
+    with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=60) as resp:
+        assert resp.status_code == 200
+        for seen, _ in enumerate(line for line in resp.iter_lines() if line.startswith("data: ")):
+            if seen >= 3:
+                break
+        _wait_running(cluster, Role.DECODE)
+        assert [r.priority for r in cluster.snapshot(Role.DECODE).requests] == [7]
+    cluster.wait_idle(timeout_s=20)
+
+
 async def test_grpc_cancel_and_abort_free_kv(cluster: E2ECluster) -> None:
     request = router_pb2.GenerateRequest(
         model=cluster.model,

@@ -473,7 +473,19 @@ async def test_a_request_still_queued_in_the_engine_is_not_offered_for_migration
     source, stream, tokens, relay = start(engine, prompt_len=10)
     assert source.kv_of_running() == []
     await produce(stream, tokens, 3)  # its next step holds the KV of 10 + 3 tokens: 4 blocks of 4
-    assert source.kv_of_running() == [(RID, 4)]
+    assert source.kv_of_running() == [(RID, 4, 0)]
     await produce(stream, tokens, 1, FinishReason.STOP)
     await relay
     assert source.kv_of_running() == []
+
+
+async def test_a_requests_priority_is_reported_for_the_policy_and_moves_with_it() -> None:
+    engine = FakeEngine()
+    source = MigrationSource(engine, "decode-0", MigrationConfig(final_blocks=1, max_stages=3))
+    stream = LiveStream(RID, tuple(range(10)), SamplingSpec(max_tokens=101), 100, priority=3)
+    tokens = Tokens()
+    relay = asyncio.create_task(collect(source.serve(stream, tokens.chunks())))
+    await produce(stream, tokens, 3)
+    assert source.kv_of_running() == [(RID, 4, 3)]
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    assert report.outcome is MOVED and continuation(await relay).priority == 3
