@@ -174,11 +174,7 @@ class MigrationCoordinator:
     async def policy_loop(self) -> None:
         """With ``migration.auto``: run the migration policy on every snapshot interval and start what it
         plans (load balance, de-fragmentation, priority headroom, helping a drain in progress)."""
-        config = MigrationPolicyConfig(
-            trigger_gap=self._config.trigger_gap,
-            max_concurrent=self._config.max_concurrent,
-            cooldown_s=self._config.cooldown_s,
-        )
+        config = policy_config(self._config)
         while True:
             await asyncio.sleep(self._config.policy_interval_s)
             try:
@@ -304,3 +300,14 @@ class MigrationCoordinator:
         return max(
             candidates, key=lambda i: ((i.kv_blocks_total - i.kv_blocks_used) / (i.load + 1), i.instance_id)
         )
+
+
+def policy_config(config: MigrationConfig) -> MigrationPolicyConfig:
+    """The migration policy's knobs, from the cluster config's ``migration`` section."""
+    return MigrationPolicyConfig(
+        trigger_gap=config.trigger_gap,
+        headroom_blocks=config.headroom_blocks,
+        max_concurrent=config.max_concurrent,
+        cooldown_s=config.cooldown_s,
+        choice=config.request_choice,
+    )

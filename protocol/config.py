@@ -49,6 +49,14 @@ class MigrationMode(enum.StrEnum):
     RECOMPUTE = "recompute"  # the destination re-runs prompt plus generated tokens (baseline)
 
 
+class RequestChoice(enum.StrEnum):
+    """Which running request a decode worker gives up first when the migration policy moves one."""
+
+    LEAST_KV_TO_COPY = "least_kv_to_copy"  # shortest migration, least downtime risk
+    MOST_KV = "most_kv"  # frees the most room per migration
+    LOWEST_PRIORITY = "lowest_priority"  # keep important requests where they are
+
+
 class ModelConfig(_Section):
     name: str = Field("SmolLM2-135M-Instruct", description="Model name served at /v1/models.")
     path: Path | None = Field(
@@ -170,6 +178,16 @@ class MigrationConfig(_Section):
         description="Move only when decode workers' freeness (free KV blocks per request) differs more.",
     )
     max_concurrent: int = Field(2, ge=1, description="Policy migrations in flight at once, cluster-wide.")
+    request_choice: RequestChoice = Field(
+        RequestChoice.LEAST_KV_TO_COPY,
+        description="Which running request a busy decode worker gives up first (least_kv_to_copy: the "
+        "shortest migration; most_kv: frees the most room; lowest_priority: keeps important ones in place).",
+    )
+    headroom_blocks: int = Field(
+        32,
+        ge=0,
+        description="KV blocks the policy keeps free on a decode worker per request of priority > 0.",
+    )
     cooldown_s: float = Field(5.0, ge=0, description="A worker's pause between two policy moves.")
 
 

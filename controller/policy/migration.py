@@ -15,16 +15,9 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
+from protocol.config import RequestChoice
 from protocol.ids import InstanceId, RequestId
 from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, InstanceState, Role
-
-
-class RequestChoice(enum.StrEnum):
-    """Which request a source gives up first."""
-
-    LEAST_KV_TO_COPY = "least_kv_to_copy"  # shortest migration, least downtime risk
-    MOST_KV = "most_kv"  # frees the most room per migration
-    LOWEST_PRIORITY = "lowest_priority"  # keep important requests where they are
 
 
 class MigrationTrigger(enum.StrEnum):

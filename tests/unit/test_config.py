@@ -32,3 +32,18 @@ def test_unknown_fields_and_bad_values_are_rejected_by_name() -> None:
 def test_defaults_are_one_prefill_one_decode_on_loopback() -> None:
     cfg = ClusterConfig.load(environ={})
     assert (cfg.prefill.replicas, cfg.decode.replicas, cfg.frontdoor.host) == (1, 1, "127.0.0.1")
+
+
+def test_the_migration_policy_takes_its_request_choice_and_headroom_from_the_config() -> None:
+    from controller.migrations import policy_config
+    from controller.policy.migration import RequestChoice
+
+    cfg = ClusterConfig.load(
+        overrides={"migration.request_choice": "lowest_priority", "migration.headroom_blocks": "8"},
+        environ={},
+    )
+    policy = policy_config(cfg.migration)
+    assert (policy.choice, policy.headroom_blocks) == (RequestChoice.LOWEST_PRIORITY, 8)
+    assert policy_config(ClusterConfig.load(environ={}).migration).choice is RequestChoice.LEAST_KV_TO_COPY
+    with pytest.raises(ValidationError, match="least_kv_to_copy"):
+        ClusterConfig.load(overrides={"migration.request_choice": "newest"}, environ={})
