@@ -4,6 +4,8 @@ decode side, KV over NIXL, streaming through the official OpenAI client and the 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -134,25 +136,32 @@ def _wait_running(cluster: E2ECluster, role: Role, timeout_s: float = 60) -> Non
         time.sleep(0.05)
 
 
-def test_http_disconnect_mid_stream_frees_kv_on_both_workers(cluster: E2ECluster) -> None:
+@contextlib.contextmanager
+def _streaming(cluster: E2ECluster, prompt: str, **extra: Any) -> Iterator[None]:
+    """A long completion streaming over HTTP, past its first 5 tokens and running on the decode worker;
+    leaving the block closes the connection mid-stream."""
     import httpx
 
     body = {
         "model": cluster.model,
-        "prompt": "Write a very long story about a dragon.",
+        "prompt": prompt,
         "max_tokens": 1500,
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        **extra,
     }
     with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200
-        seen = 0
-        for line in resp.iter_lines():
-            seen += line.startswith("data: ")
-            if seen >= 5:
+        for seen, _ in enumerate(line for line in resp.iter_lines() if line.startswith("data: ")):
+            if seen >= 4:
                 break
         _wait_running(cluster, Role.DECODE)
+        yield
+
+
+def test_http_disconnect_mid_stream_frees_kv_on_both_workers(cluster: E2ECluster) -> None:
+    with _streaming(cluster, "Write a very long story about a dragon."):
         assert cluster.snapshot(Role.DECODE).kv_blocks_used > 0
     # Leaving the block closed the connection mid-stream.
     snaps = cluster.wait_idle(timeout_s=20)
@@ -161,25 +170,8 @@ def test_http_disconnect_mid_stream_frees_kv_on_both_workers(cluster: E2ECluster
 
 def test_a_requests_priority_reaches_its_decode_worker(cluster: E2ECluster) -> None:
     """The migration policy keeps headroom for high-priority requests: it reads their priority there."""
-    import httpx
-
-    body = {
-        "model": cluster.model,
-        "prompt": "Write a very long story about a knight.",
-        "max_tokens": 1500,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "priority": 7,
-    }
-    with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=60) as resp:
-        assert resp.status_code == 200
-        for seen, _ in enumerate(line for line in resp.iter_lines() if line.startswith("data: ")):
-            if seen >= 3:
-                break
-        _wait_running(cluster, Role.DECODE)
+    with _streaming(cluster, "Write a very long story about a knight.", priority=7):
         assert [r.priority for r in cluster.snapshot(Role.DECODE).requests] == [7]
-    cluster.wait_idle(timeout_s=20)
 
 
 async def test_grpc_cancel_and_abort_free_kv(cluster: E2ECluster) -> None:
