@@ -153,9 +153,11 @@ def _streaming(cluster: E2ECluster, prompt: str, **extra: Any) -> Iterator[None]
     }
     with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=60) as resp:
         assert resp.status_code == 200
-        for seen, _ in enumerate(line for line in resp.iter_lines() if line.startswith("data: ")):
-            if seen >= 4:
-                break
+        # held open meanwhile: an abandoned line iterator closes the response, and so the connection
+        lines = resp.iter_lines()
+        seen = 0
+        while seen < 5:
+            seen += next(lines).startswith("data: ")
         _wait_running(cluster, Role.DECODE)
         yield
 
