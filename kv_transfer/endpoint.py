@@ -805,14 +805,18 @@ _HeaderKey = tuple[str, str, tuple[int, ...], str, tuple[tuple[str, int], ...]]
 
 
 def _header_key(wire: dict[str, Any]) -> _HeaderKey:
-    """A wire header as a hashable key (the layers of a transfer mostly share one)."""
-    return (
-        str(wire["codec"]),
-        str(wire["kind"]),
-        tuple(wire["shape"]),
-        str(wire["dtype"]),
-        tuple(sorted(wire["params"].items())),
-    )
+    """A wire header as a hashable key (the layers of a transfer mostly share one); ValueError if it is
+    malformed, as ``header_from_wire`` says."""
+    try:
+        return (
+            str(wire["codec"]),
+            str(wire["kind"]),
+            tuple(wire["shape"]),
+            str(wire["dtype"]),
+            tuple(sorted(wire["params"].items())),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"transfer header: malformed ({exc!r})") from exc
 
 
 @functools.lru_cache(maxsize=256)
