@@ -44,7 +44,8 @@ from kv_transfer.wire import (
 from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
-_POLL_MIN_S, _POLL_MAX_S = 0.0002, 0.002  # how often a sender checks its writes: first, and at most
+_POLL_MIN_S, _POLL_MAX_S = 0.0001, 0.002  # how often a sender checks its writes: first, and at most
+_POLL_SHARE = 0.125  # a sender sleeps at most this share of the time its writes have been on the wire
 _GONE_KEPT = 4096  # ended transfers remembered for ``gone``
 _LAYER_NOTE = b"pdflow-layer:"  # prefix of the notification that comes with each compressed layer's write
 _WINDOW_BYTES = 8 << 20  # a transfer's writes on the wire at once, at most (one layer, whatever its size)
@@ -628,6 +629,11 @@ class KVEndpoint:
             placed, cursor = place_parts(specs, cursor)
             if cursor > region.nbytes:
                 raise ValueError(f"transfer {transfer_id}: payload runs past its region")
+            if codec.name == "none" and not header.params:  # raw bytes: a view, with no codec machinery
+                ((off, spec),) = placed
+                start = region.offset + off
+                tensors.append(buf[start : start + spec.nbytes].view(header.dtype).view(header.shape))
+                continue
             parts = tuple(
                 KVPart(
                     spec.name,
@@ -718,12 +724,12 @@ class KVEndpoint:
     def _drain(self, t: OutgoingTransfer) -> None:
         """Post every queued layer and wait for every write, backing off as ``_wait`` does."""
         deadline = self._clock() + self._timeout_s
-        pause = _POLL_MIN_S
+        since = time.perf_counter()
         while True:
             posted = len(t.xfers)
             self._pump(t)
             if len(t.xfers) != posted:  # a new write: its end is checked for from the shortest pause again
-                pause = _POLL_MIN_S
+                since = time.perf_counter()
             if t.failed:
                 index = t.slots[t.failed[0]]["index"]
                 raise TransportError(f"write of layer {index} to {t.peer} failed")
@@ -732,22 +738,20 @@ class KVEndpoint:
             if self._clock() > deadline:
                 index = t.slots[t.queued[0] if t.queued else min(t.in_flight)]["index"]
                 raise TimeoutError(f"layer {index} not delivered to {t.peer} within {self._timeout_s:g} s")
-            time.sleep(pause)
-            pause = min(pause * 2, _POLL_MAX_S)
+            time.sleep(_pause(since))
 
     def _wait(self, t: OutgoingTransfer, xfers: list[tuple[int, Xfer]]) -> None:
-        """Poll the writes until done, backing off from 0.2 ms to ``_POLL_MAX_S``: this thread shares the
-        engine's process (and GIL) and must not wake thousands of times a second during a long push."""
+        """Poll the writes until done, backing off as ``_pause`` says: this thread shares the engine's
+        process (and GIL) and must not wake thousands of times a second during a long push."""
         deadline = self._clock() + self._timeout_s
-        pause = _POLL_MIN_S
+        since = time.perf_counter()
         for index, xfer in xfers:
             while (state := xfer.state()) is XferState.PENDING:
                 if self._clock() > deadline:
                     raise TimeoutError(
                         f"layer {index} not delivered to {t.peer} within {self._timeout_s:g} s"
                     )
-                time.sleep(pause)
-                pause = min(pause * 2, _POLL_MAX_S)
+                time.sleep(_pause(since))
             if state is XferState.FAILED:
                 raise TransportError(f"write of layer {index} to {t.peer} failed")
 
@@ -794,6 +798,14 @@ class KVEndpoint:
         with self._lock:
             self._records.append(record)
         return record
+
+
+def _pause(since: float) -> float:
+    """How long a sender sleeps before it checks its writes again, their last one posted at ``since``
+    (``perf_counter``): a share of the time waited so far, from ``_POLL_MIN_S`` to ``_POLL_MAX_S``. A write
+    is then noticed at most about an eighth of its time late (doubling pauses noticed a 3 ms write up to
+    2 ms late), with a few dozen checks for a short write and 500 a second for a long one."""
+    return min(_POLL_MAX_S, max(_POLL_MIN_S, (time.perf_counter() - since) * _POLL_SHARE))
 
 
 def _raw_nbytes(header: dict[str, Any]) -> int:

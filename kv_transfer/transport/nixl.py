@@ -79,6 +79,23 @@ class _NixlXfer:
                 log.debug("release of a NIXL transfer handle failed: %s", exc)
 
 
+def _joined(spans: list[tuple[int, int, int]], regions: list[int]) -> list[tuple[int, int, int]]:
+    """``(address, remote offset, nbytes)`` spans with each run that is contiguous on both sides and lies in
+    one registration (``regions``: each span's) made one: every descriptor is a UCX operation of its own,
+    with its own cost (a 30-layer write of 60 spans took 1.7x as long as one span of the same bytes on
+    loopback)."""
+    out: list[tuple[int, int, int]] = []
+    last = None
+    for (address, offset, nbytes), region in zip(spans, regions, strict=True):
+        prev_address, prev_offset, prev_nbytes = out[-1] if out else (-1, -1, 0)
+        if region == last and prev_address + prev_nbytes == address and prev_offset + prev_nbytes == offset:
+            out[-1] = (prev_address, prev_offset, prev_nbytes + nbytes)
+        else:
+            out.append((address, offset, nbytes))
+        last = region
+    return out
+
+
 def _thread_ids() -> set[int]:
     """This process's threads (Linux; elsewhere none)."""
     try:
@@ -175,12 +192,17 @@ class NixlTransport:
             raise TransportError(f"{self._name}: unknown peer {peer!r} (no handshake)")
         if not spans:
             raise TransportError("a write needs at least one span")
-        sources = self._sources
+        regions = []  # the registration each span lies in
         for address, _, nbytes in spans:
-            if not any(start <= address and address + nbytes <= start + size for start, size in sources):
+            region = next(
+                (at for at, size in self._sources if at <= address and address + nbytes <= at + size), None
+            )
+            if region is None:
                 raise TransportError(f"write of {nbytes} B from {address:#x}: not within a registered tensor")
+            regions.append(region)
         if min(o for _, o, _ in spans) < 0 or max(o + n for _, o, n in spans) > info.capacity:
             raise TransportError(f"write of {len(spans)} spans leaves {peer}'s buffer")
+        spans = _joined(spans, regions)
         local = self._agent.get_xfer_descs([(a, n, self._dev) for a, _, n in spans], self._mem)
         remote = self._agent.get_xfer_descs(
             [(info.base_addr + offset, n, self._dev) for _, offset, n in spans], self._mem

@@ -483,7 +483,8 @@ def test_over_real_nixl_layers_are_decoded_as_they_land() -> None:
 
 def test_over_real_nixl_raw_layers_from_several_registered_tensors_land_in_one_write() -> None:
     """One NIXL write may read from several registered tensors (vLLM keeps one per layer), so the layers
-    merged into one land bit-exact, through the transport and through the endpoints."""
+    merged into one land bit-exact, through the transport and through the endpoints. Spans the transport
+    joins (adjacent on both sides) land as exactly as those it cannot (a layer's halves swapped)."""
     from kv_transfer.transport.nixl import NixlTransport
 
     here, there = NixlTransport("it-zp", 4 << 20), NixlTransport("it-zd", 4 << 20)
@@ -492,9 +493,15 @@ def test_over_real_nixl_raw_layers_from_several_registered_tensors_land_in_one_w
         layers = _kv_stack(10)
         for layer in layers:
             here.register(layer)
-        spans, offset = [], 0
-        for layer in layers:
-            spans.append((layer.data_ptr(), offset, layer.nbytes))
+        spans, offset, expected = [], 0, []
+        for i, layer in enumerate(layers):
+            half = layer.nbytes // 2
+            if i == 3:  # halves swapped on arrival: adjacent here, not there
+                spans += [(layer.data_ptr() + half, offset, half), (layer.data_ptr(), offset + half, half)]
+                expected.append(torch.stack([layer[1], layer[0]]))
+            else:  # halves adjacent on both sides
+                spans += [(layer.data_ptr(), offset, half), (layer.data_ptr() + half, offset + half, half)]
+                expected.append(layer)
             offset += layer.nbytes
         xfer = here.write_from("it-zd", spans)
         deadline = time.monotonic() + 10
@@ -504,7 +511,7 @@ def test_over_real_nixl_raw_layers_from_several_registered_tensors_land_in_one_w
         xfer.release()
         assert state is XferState.DONE
         landed = there.buffer[:offset].view(torch.bfloat16).view(len(layers), *layers[0].shape)
-        assert torch.equal(landed, torch.stack(layers))
+        assert torch.equal(landed, torch.stack(expected))
     finally:
         here.close()
         there.close()
