@@ -14,6 +14,7 @@ finished-receiving set (worker → scheduler). Records of every transfer leave t
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -34,6 +35,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 from kv_transfer.codec import KVHeader, KVKind, get_codec
 from kv_transfer.codec_choice import CodecChooser
 from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, RegisteredKV, TransferFailed
+from kv_transfer.layered_copy import LayeredCopy
 from kv_transfer.paged import (
     PagedLayout,
     block_format,
@@ -202,6 +204,11 @@ class PdflowConnector(KVConnectorBase_V1):
             max_workers=1, thread_name_prefix="pdflow-push", initializer=_yield_to_the_engine
         )
         self._last_push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push-last")
+        # this step's copies of landed KV that run beside the forward pass (see ``layered_copy``), and the
+        # loads whose parts they read: request id -> (load, its parts to release once the copies ran)
+        self._copy_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-load")
+        self._copy: LayeredCopy | None = None
+        self._copying: dict[str, tuple[_Load, list[str]]] = {}
         self._runner_requests: dict[str, Any] | None = None  # the model runner's, once attached
         self._pushes: dict[str, Future[dict[str, Any]]] = {}
 
@@ -349,10 +356,21 @@ class PdflowConnector(KVConnectorBase_V1):
             self._endpoint.release(transfer_id)
         for rid, spec in meta.loads.items():
             self._pending_loads[rid] = _Load(spec, time.monotonic() + self._timeout_s)
-        self._progress_loads()
+        copy = LayeredCopy(len(self._layers))
+        self._progress_loads(copy)
+        if copy:
+            copy.start(self._copy_pool)
+            self._copy = copy
 
     def wait_for_layer_load(self, layer_name: str) -> None:
-        return None
+        """Layer ``layer_name``'s attention starts once this step's copies into that layer ran."""
+        copy, index = self._copy, self._layer_index.get(layer_name)
+        if copy is None or index is None:
+            return
+        if not copy.wait(index, self._timeout_s):
+            log.warning("pdflow: KV copies into layer %s took past %g s", layer_name, self._timeout_s)
+            for rid in self._copying:
+                copy.errors.setdefault(rid, TimeoutError(f"copy into layer {layer_name} timed out"))
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -384,6 +402,7 @@ class PdflowConnector(KVConnectorBase_V1):
                     self._endpoint.abort(t, str(exc))
 
     def wait_for_save(self) -> None:
+        self._finish_copy()
         if self._endpoint is None:
             return
         done_computing = time.monotonic()
@@ -411,6 +430,7 @@ class PdflowConnector(KVConnectorBase_V1):
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
         if self._endpoint is not None:
             self._endpoint.expire()  # transfers nobody loaded (a client gone after a hand-over) end here
+        self._finish_copy()
         self._progress_loads()
         received, self._received = self._received, set()
         return None, received or None
@@ -431,6 +451,8 @@ class PdflowConnector(KVConnectorBase_V1):
         return PdflowTransferStats(data=dict(data) if data is not None else {})
 
     def shutdown(self) -> None:
+        self._finish_copy()
+        self._copy_pool.shutdown(wait=True, cancel_futures=True)
         self._push_pool.shutdown(wait=True, cancel_futures=True)
         self._last_push_pool.shutdown(wait=True, cancel_futures=True)
         if self._endpoint is not None:
@@ -494,14 +516,17 @@ class PdflowConnector(KVConnectorBase_V1):
         self._sending.pop(rid, None)
         self._records.append(record)
 
-    def _progress_loads(self) -> None:
+    def _progress_loads(self, copy: LayeredCopy | None = None) -> None:
         """Copy every landed part of a pending load into its request's blocks (a migration's earlier stages
         go in while its last one is still on the wire); report a load once all its parts are in, and fail it
-        when a part is gone or past the deadline."""
+        when a part is gone or past the deadline. With ``copy`` (at the start of a step), a synchronous
+        load of block images queues there what the step's forward pass can wait for layer by layer."""
         if self._endpoint is None or self._layout is None or not self._pending_loads:
             return
         now = time.monotonic()
         for rid, load in list(self._pending_loads.items()):
+            layered = copy if copy is not None and load.spec.sync and load.spec.block_format else None
+            deferred: list[str] = []  # parts read by queued copies: released once those ran
             try:
                 for position, (tid, first) in enumerate(load.spec.parts):
                     if position in load.loaded:
@@ -514,8 +539,11 @@ class PdflowConnector(KVConnectorBase_V1):
                     if incoming is None:
                         continue
                     started = time.perf_counter()
-                    self._load_part(load.spec, first, incoming)
+                    later = self._load_part(load.spec, first, incoming, layered, rid)
                     load.loaded[position] = incoming.tokens
+                    if later:
+                        deferred.append(tid)
+                        continue
                     self._endpoint.release(tid, decode_s=time.perf_counter() - started)
                 if len(load.loaded) < len(load.spec.parts):
                     if now > load.deadline:
@@ -525,21 +553,60 @@ class PdflowConnector(KVConnectorBase_V1):
                 self._check_coverage(load)
             except Exception as exc:
                 log.warning("pdflow: loading KV of %s failed: %s", rid, exc)
-                # the blocks this load was to write: a local prefix-cache hit's are shared with other
-                # requests, which vLLM would fail too (it checks every running request for a synchronous load)
-                self._load_errors.update(
-                    load.spec.block_ids[load.spec.local_tokens // self._layout.block_size :]
-                )
+                self._fail_blocks(load)
+                if layered is not None and deferred:  # its queued copies are skipped; released after
+                    layered.errors.setdefault(rid, exc)
                 for i, (tid, _) in enumerate(load.spec.parts):
                     if i not in load.loaded:
                         self._endpoint.release(tid, error=f"the KV of {rid} failed to load: {exc}")
             del self._pending_loads[rid]
+            if deferred:
+                self._copying[rid] = (load, deferred)
             if not load.spec.sync:  # vLLM waits to hear of an asynchronous load only
                 self._received.add(rid)
 
-    def _load_part(self, spec: LoadSpec, first: int, incoming: IncomingTransfer) -> None:
+    def _fail_blocks(self, load: _Load) -> None:
+        """Report the blocks ``load`` was to write as failed. A local prefix-cache hit's are left out: they
+        are shared with other requests, which vLLM would fail too (it checks every running request for a
+        synchronous load)."""
+        assert self._layout is not None
+        self._load_errors.update(load.spec.block_ids[load.spec.local_tokens // self._layout.block_size :])
+
+    def _finish_copy(self) -> None:
+        """Wait for this step's layered copies, then release the parts they read; a load whose copies
+        failed has its blocks reported failed."""
+        copy, self._copy = self._copy, None
+        if copy is None:
+            return
+        if not copy.join(self._timeout_s):
+            log.warning("pdflow: KV copies still running after %g s; their loads fail", self._timeout_s)
+            for rid in self._copying:
+                copy.errors.setdefault(rid, TimeoutError("the KV copies took too long"))
+        copying, self._copying = self._copying, {}
+        for rid, (load, tids) in copying.items():
+            error = copy.errors.get(rid)
+            if error is not None:
+                log.warning("pdflow: loading KV of %s failed: %s", rid, error)
+                self._fail_blocks(load)
+            for tid in tids:
+                if self._endpoint is None:
+                    break
+                if error is not None:
+                    self._endpoint.release(tid, error=f"the KV of {rid} failed to load: {error}")
+                else:
+                    self._endpoint.release(tid, decode_s=copy.seconds.get(rid, 0.0) / len(tids))
+
+    def _load_part(
+        self,
+        spec: LoadSpec,
+        first: int,
+        incoming: IncomingTransfer,
+        copy: LayeredCopy | None = None,
+        owner: str = "",
+    ) -> bool:
         """Copy one landed part into the request's blocks from block ``first`` on, leaving the blocks of a
-        local prefix-cache hit alone."""
+        local prefix-cache hit alone. With ``copy``, the blocks this step's new tokens cannot land in are
+        queued there instead (under ``owner``); True if any were."""
         assert self._endpoint is not None and self._layout is not None
         bs = self._layout.block_size
         if first * bs + incoming.tokens > len(spec.block_ids) * bs:
@@ -554,11 +621,25 @@ class PdflowConnector(KVConnectorBase_V1):
             put = put_block_images
         skip = max(0, spec.local_tokens // bs - first)  # blocks of this part that a prefix-cache hit holds
         if skip * bs >= incoming.tokens:
-            return
+            return False
         names = list(self._layers)
         blocks = spec.block_ids[first + skip :]
+        # the step writes its new tokens from block (local + loaded tokens) // bs on, before any layer's
+        # attention: those blocks go in now, the ones before may go in beside the forward pass
+        later = max(0, (spec.local_tokens + spec.tokens) // bs - first - skip) if copy is not None else 0
         for index, key, value in self._endpoint.decode_layers(incoming):
-            put(self._layers[names[index]], self._layout, blocks, key[skip * bs :], value[skip * bs :])
+            layer, key, value = self._layers[names[index]], key[skip * bs :], value[skip * bs :]
+            if later * bs < key.shape[0]:
+                put(layer, self._layout, blocks[later:], key[later * bs :], value[later * bs :])
+            if later and copy is not None:
+                copy.add(
+                    index,
+                    owner,
+                    functools.partial(
+                        put, layer, self._layout, blocks[:later], key[: later * bs], value[: later * bs]
+                    ),
+                )
+        return bool(later)
 
     def _check_coverage(self, load: _Load) -> None:
         """The loaded parts must cover every token the request expects, contiguously from block 0."""
