@@ -34,14 +34,21 @@ TAIL = 48  # tokens generated after the migration starts (and before, to learn t
 
 
 async def _companion(
-    worker: Any, prompt: tuple[int, ...], stop: asyncio.Event, gaps: list[tuple[float, float]]
+    worker: Any,
+    prompt: tuple[int, ...],
+    stop: asyncio.Event,
+    gaps: list[tuple[float, float]],
+    restarts: list[int] | None = None,
 ) -> None:
-    """Keep one request decoding on the source; record (time, gap) of each token."""
+    """Keep one request decoding on the source; record (time, gap) of each token. It starts over whenever
+    ``restarts[0]`` changes (before each run), so that its own sequence, whose attention every step pays
+    for, has about the same length in every cell rather than growing over the whole benchmark."""
     from protocol.messages import SamplingSpec
 
-    n = 0
+    n, restarts = 0, restarts if restarts is not None else [0]
     while not stop.is_set():
         n += 1
+        generation = restarts[0]
         sampling = SamplingSpec(max_tokens=4000, temperature=0.0, ignore_eos=True)
         last = time.monotonic()
         async for chunk in worker.generate(f"companion-{worker.instance_id}-{n}", prompt, sampling):
@@ -49,7 +56,7 @@ async def _companion(
             if chunk.token_ids:
                 gaps.append((now, now - last))
                 last = now
-            if stop.is_set():
+            if stop.is_set() or restarts[0] != generation:
                 break
 
 
@@ -166,12 +173,15 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
     try:
         companion_gaps: list[tuple[float, float]] = []
         stop = asyncio.Event()
-        companion = asyncio.create_task(_companion(workers[0], tuple(range(500, 756)), stop, companion_gaps))
+        restarts = [0]
+        companion = asyncio.create_task(
+            _companion(workers[0], tuple(range(500, 756)), stop, companion_gaps, restarts)
+        )
         # The destination decodes a request of its own too, so that both engines share the machine's cores
         # before the migration as after it: the source's time per token then shows what the migration costs
         # it, not the destination starting to compute next to it on the same cores.
         busy = asyncio.create_task(
-            _companion(workers[1], tuple(range(800, 1056)), stop, [])
+            _companion(workers[1], tuple(range(800, 1056)), stop, [], restarts)
             if not args.idle_destination
             else stop.wait()
         )
@@ -183,26 +193,32 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows.append({**first, "mode": "first (connection set-up)"})
         print(f"first migration (sets up the connection): {first['downtime_ms']:.1f} ms", flush=True)
         await asyncio.sleep(0.5)
+        # Lengths and modes take turns, run after run, so that every cell sees the machine alike (a slow
+        # spell does not land on one cell's runs only).
+        cells = [(length, mode) for length in lengths for mode in args.modes.split(",")]
+        tries: dict[tuple[int, str], list[dict[str, Any]]] = {cell: [] for cell in cells}
         run = 0
-        for length in lengths:
-            for mode in args.modes.split(","):
+        for repeat in range(args.repeats):
+            for length, mode in cells:
                 run += 1
-                tries = []
-                for _ in range(args.repeats):
-                    run += 1
-                    row = await _one(workers, length, mode, run)
-                    lo, hi, calm = row.pop("window")
-                    during = [g for t, g in companion_gaps if lo <= t <= hi + 0.05]
-                    baseline = [g for t, g in companion_gaps if calm <= t < lo]
-                    row["source_tpot_before_ms"] = (
-                        statistics.mean(baseline) * 1e3 if baseline else float("nan")
-                    )
-                    row["source_tpot_during_ms"] = statistics.mean(during) * 1e3 if during else float("nan")
-                    tries.append(row)
-                    await asyncio.sleep(0.5)
-                row = _median_row(tries)
-                rows.append(row)
-                print(_line(row), flush=True)
+                restarts[0] += 1
+                row = await _one(workers, length, mode, run)
+                lo, hi, calm = row.pop("window")
+                during = [g for t, g in companion_gaps if lo <= t <= hi + 0.05]
+                baseline = [g for t, g in companion_gaps if calm <= t < lo]
+                row["source_tpot_before_ms"] = statistics.mean(baseline) * 1e3 if baseline else float("nan")
+                row["source_tpot_during_ms"] = statistics.mean(during) * 1e3 if during else float("nan")
+                tries[(length, mode)].append(row)
+                print(
+                    f"  run {repeat + 1}/{args.repeats} {length:>5} {mode:<13} downtime "
+                    f"{row['downtime_ms']:7.1f} ms ({row['outcome']})",
+                    flush=True,
+                )
+                await asyncio.sleep(0.5)
+        for cell in cells:
+            row = _median_row(tries[cell])
+            rows.append(row)
+            print(_line(row), flush=True)
         stop.set()
         await asyncio.wait_for(asyncio.gather(companion, busy), 60)
     finally:
