@@ -69,7 +69,6 @@ class VllmEngine:
         # this host's own calls to that side channel (migration pushes): one thread, one client
         self._side_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-side-call")
         self._side_client: SideChannelClient | None = None
-        self._urgent_pushes: set[str] = set()  # last pushes, polled over the side channel
         self.block_size = 0  # tokens per KV block, once started
 
     async def start(self) -> None:
@@ -248,9 +247,9 @@ class VllmEngine:
         (live migration); ``push_status`` says how it ended (see ``PdflowConnector.start_push``). Returns
         ``{"block_ids": [...]}`` or ``{"error": ...}``.
 
-        A ``background`` push (a pre-copy stage) is asked for, and polled, between two engine steps, through
-        the engine core: its thread yields to the engine, and nothing else in the engine's process competes
-        with the engine for the interpreter while it runs. A last push (the client waits for it) goes over the
+        A ``background`` push (a pre-copy stage) is asked for between two engine steps, through the engine
+        core: its thread yields to the engine, and nothing else in the engine's process competes with the
+        engine for the interpreter while it runs. A last push (the client waits for it) goes over the
         connector's side channel instead, so that it starts at once rather than after the current step."""
         message = {
             "request_id": request_id,
@@ -264,24 +263,16 @@ class VllmEngine:
         if background:
             result: dict[str, Any] = (await self._rpc("pdflow_push", (message,)))[0]
             return result
-        self._urgent_pushes.add(transfer_id)
-        try:
-            started = await self._side_call({"op": "push", **message})
-        except BaseException:
-            self._urgent_pushes.discard(transfer_id)
-            raise
-        if "error" in started:  # it never started: there is nothing to poll
-            self._urgent_pushes.discard(transfer_id)
+        started: dict[str, Any] = await self._side_call({"op": "push", **message})
         return started
 
     async def push_status(self, transfer_id: str) -> dict[str, Any] | None:
-        status: dict[str, Any] | None
-        if transfer_id in self._urgent_pushes:
-            status = (await self._side_call({"op": "push_status", "transfer_id": transfer_id}))["record"]
-            if status is not None:
-                self._urgent_pushes.discard(transfer_id)
-        else:
-            status = (await self._rpc("pdflow_push_status", (transfer_id,)))[0]
+        """How a push ended (its record), or None while it runs. Asked over the connector's side channel,
+        which a thread of the engine's worker answers at once, rather than through the engine core's loop
+        between two steps (a pre-copy push was polled there every 20 ms for its whole length)."""
+        status: dict[str, Any] | None = (
+            await self._side_call({"op": "push_status", "transfer_id": transfer_id})
+        )["record"]
         return status
 
     async def _side_call(self, message: dict[str, Any]) -> dict[str, Any]:

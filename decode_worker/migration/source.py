@@ -35,7 +35,7 @@ from protocol.migrations import Handover, MigrationOutcome, MigrationReport, Mig
 
 log = logging.getLogger(__name__)
 _POLL_S = 0.002  # how often the last push is polled: it is on the hand-over's critical path
-_BACKGROUND_POLL_S = 0.02  # a pre-copy stage: each poll is an RPC into the busy source engine
+_BACKGROUND_POLL_S = 0.02  # a pre-copy stage: off the critical path
 
 
 class MigrationEngine(Protocol):

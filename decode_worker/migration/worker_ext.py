@@ -1,8 +1,8 @@
 """Mixed into vLLM's worker class (``parallel_config.worker_extension_cls``) so that the decode worker can
 reach the pdflow connector through ``AsyncLLM.collective_rpc`` (calls that run in the engine core between two
-steps): attach the model runner's request states to it, start and poll pre-copy pushes, renew, drop and
-count KV. A migration's last push goes over the connector's side channel instead, so that it never waits for
-a step. Imported only inside vLLM's engine process."""
+steps): attach the model runner's request states to it, start pre-copy pushes, renew, drop and count KV.
+A migration's last push, and every push's polling, go over the connector's side channel instead, so that
+they never wait for a step, nor hold one up. Imported only inside vLLM's engine process."""
 
 from __future__ import annotations
 
@@ -29,13 +29,6 @@ class MigrationWorkerExtension:
             return {"error": "the engine's KV connector cannot migrate (pdflow connector required)"}
         result: dict[str, Any] = connector.start_push(message)
         return result
-
-    def pdflow_push_status(self, transfer_id: str) -> dict[str, Any] | None:
-        connector = _connector()
-        if connector is None:
-            return {"transfer_id": transfer_id, "outcome": "failed", "error": "no pdflow connector"}
-        status: dict[str, Any] | None = connector.push_status(transfer_id)
-        return status
 
     def pdflow_drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         connector = _connector()
