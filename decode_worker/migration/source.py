@@ -36,6 +36,8 @@ from protocol.migrations import Handover, MigrationOutcome, MigrationReport, Mig
 log = logging.getLogger(__name__)
 _POLL_S = 0.002  # how often the last push is polled: it is on the hand-over's critical path
 _BACKGROUND_POLL_S = 0.02  # a pre-copy stage: off the critical path
+# how long the freeze waits for the engine's next token: twice the last gap between two, within these bounds
+_FREEZE_WAIT_MIN_S, _FREEZE_WAIT_MAX_S = 0.02, 0.5
 
 
 class MigrationEngine(Protocol):
@@ -101,6 +103,9 @@ class LiveStream:
     # its blocks) stays in the engine until it ends
     last_push: asyncio.Future[None] | None = None
     priority: int = 0  # the client's, carried to wherever the request moves
+    ticked: asyncio.Event = field(default_factory=asyncio.Event)  # set as each engine chunk is queued
+    last_chunk_at: float = 0.0
+    gap_s: float = 0.0  # between the engine's last two chunks
 
     def kv_tokens(self, produced: int) -> int:
         """Tokens whose KV the engine holds once it produced ``produced`` tokens (the last one's KV is
@@ -276,6 +281,7 @@ class MigrationSource:
                 if left <= self._config.final_blocks or full <= plan.pushed or stream.finished:
                     break
                 await self._push(plan, plan.add_part(), full, background=True)
+        await _just_after_a_token(stream)
         plan.frozen_at = time.monotonic()
         freeze = _Freeze()
         stream.queue.put_nowait(freeze)
@@ -353,9 +359,12 @@ class MigrationSource:
     async def _pump(self, stream: LiveStream, chunks: AsyncIterator[TokenChunk]) -> None:
         try:
             async for chunk in chunks:
+                now = time.monotonic()
+                stream.gap_s, stream.last_chunk_at = now - (stream.last_chunk_at or now), now
                 stream.produced += len(chunk.token_ids)
                 stream.finished = chunk.finish_reason is not None
                 stream.queue.put_nowait(chunk)
+                stream.ticked.set()
         except Exception as exc:
             stream.finished = True
             stream.queue.put_nowait(exc)
@@ -397,6 +406,18 @@ class _Plan:
             "paused_s": paused,
             "duration_s": time.monotonic() - started,
         }
+
+
+async def _just_after_a_token(stream: LiveStream) -> None:
+    """Wait, briefly, for the engine's next token: a freeze queued right behind it lets that token out and
+    holds back the next, a whole step away. The client's gap is then the last push and the destination's
+    first step; frozen at any moment, it also held the time since its last token, half a step on average."""
+    if stream.finished:
+        return
+    stream.ticked.clear()
+    bound = min(_FREEZE_WAIT_MAX_S, max(_FREEZE_WAIT_MIN_S, 2 * stream.gap_s))
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(_first(stream.ticked, stream.ended), bound)
 
 
 def _merge(request_id: RequestId, chunks: list[TokenChunk]) -> TokenChunk | None:

@@ -489,3 +489,44 @@ async def test_a_requests_priority_is_reported_for_the_policy_and_moves_with_it(
     assert source.kv_of_running() == [(RID, 4, 3)]
     report = await source.migrate(RID, "m1", DEST, LIVE)
     assert report.outcome is MOVED and continuation(await relay).priority == 3
+
+
+async def test_the_freeze_comes_right_after_the_engines_next_token() -> None:
+    """A request frozen at any moment made its client wait, on top of the hand-over, for the time since its
+    last token. The source waits for the engine's next token, lets it out, and holds back the ones after."""
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, final_blocks=100, max_stages=3)  # no pre-copy stage
+    await produce(stream, tokens, 3)
+    await asyncio.sleep(0.15)  # the engine's pace: a token every 150 ms
+    await produce(stream, tokens, 1)
+    late: list[int] = []
+
+    async def on_push(k: int, background: bool) -> None:  # tokens made once frozen never reach the client
+        late.extend(await produce(stream, tokens, 2))
+
+    engine.on_push = on_push
+    migrating = asyncio.create_task(source.migrate(RID, "m1", DEST, LIVE))
+    await asyncio.sleep(0.05)
+    assert not engine.pushes, "frozen before the engine's next token came"
+    nxt = await produce(stream, tokens, 1)
+    report = await migrating
+    chunks = await relay
+
+    assert report.outcome is MOVED, report.error
+    assert relayed(chunks) == tokens.made[:5] and relayed(chunks)[-1] == nxt[0]
+    assert late and not set(late) & set(relayed(chunks))
+    assert continuation(chunks).first_token_id == nxt[0]
+
+
+async def test_a_quiet_engine_does_not_hold_up_the_freeze_for_long() -> None:
+    engine = FakeEngine()
+    source, stream, tokens, relay = start(engine, final_blocks=100, max_stages=3)
+    await produce(stream, tokens, 4)
+    started = asyncio.get_running_loop().time()
+    report = await source.migrate(RID, "m1", DEST, LIVE)  # the engine makes no token meanwhile
+    waited = asyncio.get_running_loop().time() - started
+    chunks = await relay
+
+    assert report.outcome is MOVED, report.error
+    assert relayed(chunks) == tokens.made[:4]
+    assert waited < 1.0, f"the freeze waited {waited:.2f} s for a token that never came"
