@@ -22,7 +22,7 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -256,6 +256,22 @@ class KVEndpoint:
         with codec ``none``: no encoding, no staging copy, and no checksum (the bytes are read while on the
         wire; the caller keeps them unchanged until ``finish``, or checks in its ``before_commit`` that
         they were). Never waits for the wire."""
+        self._stage_from(t, index, key, value)
+        self._pump(t)
+
+    def send_layers_from(
+        self, t: OutgoingTransfer, layers: Iterable[tuple[int, RegisteredKV, RegisteredKV]]
+    ) -> None:
+        """``send_layer_from`` for layers that are all ready now (a migration's blocks): queued together,
+        they leave in one write. Sent one by one, the first went alone and the others after it, and each
+        call competed with the engine's own thread for the interpreter (a 4-block last push spent 6 to 19
+        ms queueing its 30 layers while the source engine stepped)."""
+        for index, key, value in layers:
+            self._stage_from(t, index, key, value)
+        self._pump(t)
+
+    def _stage_from(self, t: OutgoingTransfer, index: int, key: RegisteredKV, value: RegisteredKV) -> None:
+        """Add one layer read from registered memory to the transfer's queue (``send_layer_from``)."""
         if t.codec.name != "none":
             raise ValueError(f"transfer {t.transfer_id}: only codec none sends from registered memory")
         started = time.perf_counter()
@@ -274,7 +290,7 @@ class KVEndpoint:
             t.wire_bytes += spec.nbytes
         self._check_room(t)
         slot["nbytes"] = t.cursor - int(slot["offset"])
-        self._queue(t, slot, started, spans)
+        self._queue(t, slot, started, spans, pump=False)
 
     def finish(
         self,
@@ -672,9 +688,11 @@ class KVEndpoint:
         slot: dict[str, Any],
         started: float,
         spans: list[tuple[int, int, int]] | None = None,
+        *,
+        pump: bool = True,
     ) -> None:
         """Add a layer's slot (written from ``spans`` of registered memory, or else from staging) to the
-        transfer and post what the window allows."""
+        transfer and (``pump``) post what the window allows."""
         t.encode_s += time.perf_counter() - started
         t.slots.append(slot)
         if spans is not None:
@@ -682,7 +700,8 @@ class KVEndpoint:
         if t.first_post is None:
             t.first_post = self._clock()
         t.queued.append(len(t.slots) - 1)
-        self._pump(t)
+        if pump:
+            self._pump(t)
 
     def _pump(self, t: OutgoingTransfer) -> None:
         """Without waiting: note the writes that ended (NIXL completes some writes, and sends their

@@ -494,18 +494,21 @@ class PdflowConnector(KVConnectorBase_V1):
     ) -> None:
         """Queue layer ``index``'s blocks ``block_ids`` as raw block images read from ``layer`` in place
         (registered with the transport): the blocks must stay unchanged until the transfer finishes."""
-        assert self._endpoint is not None and self._layout is not None
+        assert self._endpoint is not None
+        self._endpoint.send_layer_from(transfer, index, *self._block_kv(layer, block_ids))
+
+    def _block_kv(self, layer: torch.Tensor, block_ids: list[int]) -> tuple[RegisteredKV, RegisteredKV]:
+        """Blocks ``block_ids`` of ``layer`` as the two halves of their raw block images, in place."""
+        assert self._layout is not None
         layout = self._layout
         shape = (len(block_ids) * layout.block_size, layout.num_kv_heads, layout.head_dim)
-        spans = block_spans(layer, layout, block_ids)
-        self._endpoint.send_layer_from(
-            transfer,
-            index,
-            *(
-                RegisteredKV(KVHeader("none", kind, shape, layer.dtype), half)
-                for kind, half in zip((KVKind.KEY, KVKind.VALUE), spans, strict=True)
-            ),
+        first, second = (
+            RegisteredKV(KVHeader("none", kind, shape, layer.dtype), half)
+            for kind, half in zip(
+                (KVKind.KEY, KVKind.VALUE), block_spans(layer, layout, block_ids), strict=True
+            )
         )
+        return first, second
 
     def _block_format(self) -> str:
         assert self._layout is not None
@@ -767,14 +770,19 @@ class PdflowConnector(KVConnectorBase_V1):
                 raise ValueError(f"request {request_id} ended or was preempted during the push")
 
         try:
-            for index, layer in enumerate(self._layers.values()):
-                if self._zero_copy:  # read by the transport while on the wire: checked once landed
-                    self._send_blocks(transfer, index, layer, block_ids)
-                else:
+            if self._zero_copy:  # every layer in one write, read while on the wire: checked once landed
+                endpoint.send_layers_from(
+                    transfer,
+                    (
+                        (index, *self._block_kv(layer, block_ids))
+                        for index, layer in enumerate(self._layers.values())
+                    ),
+                )
+            else:
+                for index, layer in enumerate(self._layers.values()):
                     first, second = block_images(layer, layout, block_ids)
                     endpoint.send_layer(transfer, index, first, second)
-            if not self._zero_copy:  # copied out: check now
-                still_its_own()
+                still_its_own()  # copied out: check now
             landed = endpoint.finish(transfer, before_commit=still_its_own if self._zero_copy else None)
             return replace(landed, block_format=self._block_format()).to_dict()
         except TransferFailed as exc:

@@ -195,21 +195,24 @@ def _slow_pair(name: str) -> tuple[_SlowLink, KVEndpoint, KVEndpoint]:
     return link, KVEndpoint(link), KVEndpoint(InProcessTransport(f"{name}-d", 1 << 20, fabric))
 
 
-def _send_registered(sender: KVEndpoint, out, layers: list[torch.Tensor]) -> None:
-    """Send each ``[2, tokens, heads, dim]`` layer (keys, values) straight from its registered memory."""
+def _registered_kv(layer: torch.Tensor) -> tuple[RegisteredKV, RegisteredKV]:
+    key, value = (
+        RegisteredKV(KVHeader("none", kind, tuple(half.shape), half.dtype), [(half.data_ptr(), half.nbytes)])
+        for kind, half in ((KVKind.KEY, layer[0]), (KVKind.VALUE, layer[1]))
+    )
+    return key, value
+
+
+def _send_registered(sender: KVEndpoint, out, layers: list[torch.Tensor], *, together: bool = False) -> None:
+    """Send each ``[2, tokens, heads, dim]`` layer (keys, values) straight from its registered memory, one
+    call each or (``together``) in one call."""
     for layer in layers:
         sender._transport.register(layer)
+    if together:
+        sender.send_layers_from(out, ((i, *_registered_kv(layer)) for i, layer in enumerate(layers)))
+        return
     for i, layer in enumerate(layers):
-        sender.send_layer_from(
-            out,
-            i,
-            *(
-                RegisteredKV(
-                    KVHeader("none", kind, tuple(half.shape), half.dtype), [(half.data_ptr(), half.nbytes)]
-                )
-                for kind, half in ((KVKind.KEY, layer[0]), (KVKind.VALUE, layer[1]))
-            ),
-        )
+        sender.send_layer_from(out, i, *_registered_kv(layer))
 
 
 def _check_landed(receiver: KVEndpoint, tid: str, layers: list[torch.Tensor]) -> None:
@@ -248,6 +251,26 @@ def test_raw_layers_queued_while_a_write_is_on_the_wire_leave_together() -> None
         finishing.join(timeout=5)
         assert not finishing.is_alive() and len(link.posted) == 2
         _check_landed(receiver, "merge", layers)
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_raw_layers_that_are_all_ready_leave_in_one_write() -> None:
+    """A migration's blocks are all there when it pushes them: sent together, every layer goes in one
+    write (one by one, the first went alone), and they land bit-exact."""
+    link, sender, receiver = _slow_pair("together")
+    try:
+        layers = _kv_stack(11)
+        out = _open(sender, receiver, "together", "none")
+        _send_registered(sender, out, layers, together=True)
+        assert len(link.posted) == 1
+        finishing = threading.Thread(target=sender.finish, args=(out,))
+        finishing.start()
+        link.posted[0].land()
+        finishing.join(timeout=5)
+        assert not finishing.is_alive() and len(link.posted) == 1
+        _check_landed(receiver, "together", layers)
     finally:
         sender.close()
         receiver.close()
