@@ -193,13 +193,17 @@ class NixlTransport:
         if not spans:
             raise TransportError("a write needs at least one span")
         regions = []  # the registration each span lies in
+        at, size = -1, 0
         for address, _, nbytes in spans:
-            region = next(
-                (at for at, size in self._sources if at <= address and address + nbytes <= at + size), None
-            )
-            if region is None:
-                raise TransportError(f"write of {nbytes} B from {address:#x}: not within a registered tensor")
-            regions.append(region)
+            # the spans of one layer share its registration: look further only when one leaves it (a
+            # search per span scanned every layer's for each of a 4096-token push's 15,000 spans)
+            if not at <= address <= address + nbytes <= at + size:
+                at, size = next(
+                    ((a, n) for a, n in self._sources if a <= address and address + nbytes <= a + n), (-1, 0)
+                )
+                if at < 0:
+                    raise TransportError(f"write of {nbytes} B from {address:#x}: not in a registered tensor")
+            regions.append(at)
         if min(o for _, o, _ in spans) < 0 or max(o + n for _, o, n in spans) > info.capacity:
             raise TransportError(f"write of {len(spans)} spans leaves {peer}'s buffer")
         spans = _joined(spans, regions)

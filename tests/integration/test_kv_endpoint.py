@@ -15,7 +15,7 @@ import kv_transfer.endpoint as endpoint_module
 from kv_transfer.codec import KVHeader, KVKind, get_codec
 from kv_transfer.endpoint import KVEndpoint, RegisteredKV, TransferFailed
 from kv_transfer.paged import PagedLayout, block_images, block_spans
-from kv_transfer.transport.base import XferState
+from kv_transfer.transport.base import TransportError, XferState
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from protocol.transfers import TransferOutcome
 
@@ -535,6 +535,12 @@ def test_over_real_nixl_raw_layers_from_several_registered_tensors_land_in_one_w
         assert state is XferState.DONE
         landed = there.buffer[:offset].view(torch.bfloat16).view(len(layers), *layers[0].shape)
         assert torch.equal(landed, torch.stack(expected))
+        # a span running past its tensor, or from memory never registered, is refused before anything moves
+        stray = torch.zeros(64, dtype=torch.uint8)
+        past = layers[0].data_ptr() + layers[0].nbytes - 8
+        for bad in ([(stray.data_ptr(), 0, 64)], [(layers[1].data_ptr(), 0, 64), (past, 64, 16)]):
+            with pytest.raises(TransportError, match="not in a registered tensor"):
+                here.write_from("it-zd", bad)
     finally:
         here.close()
         there.close()
