@@ -231,46 +231,30 @@ def _kv_stack(seed: int) -> list[torch.Tensor]:
     return [torch.stack(pair) for pair in _layers(seed)]
 
 
-def test_raw_layers_queued_while_a_write_is_on_the_wire_leave_together() -> None:
-    """Sent from registered memory (codec none), the first layer goes at once; the layers queued while it
-    travels leave in one write, not one each, and land bit-exact."""
-    link, sender, receiver = _slow_pair("merge")
+@pytest.mark.parametrize("together", [False, True], ids=["one-by-one", "together"])
+def test_raw_layers_leave_in_as_few_writes_as_they_can(together: bool) -> None:
+    """Sent from registered memory (codec none) one by one, the first layer goes at once and the layers
+    queued while it travels leave in one write, not one each; sent together (a migration's blocks, all
+    ready at once), they all leave in one write. Either way they land bit-exact."""
+    name = f"merge-{together}"
+    link, sender, receiver = _slow_pair(name)
     try:
         layers = _kv_stack(9)
-        out = _open(sender, receiver, "merge", "none")
-        _send_registered(sender, out, layers)
-        assert len(link.posted) == 1  # the others wait for the first write
+        out = _open(sender, receiver, name, "none")
+        _send_registered(sender, out, layers, together=together)
+        assert len(link.posted) == 1  # one by one: the others wait for the first write
         finishing = threading.Thread(target=sender.finish, args=(out,))
         finishing.start()
-        link.posted[0].land()
-        deadline = time.monotonic() + 5
-        while len(link.posted) == 1:
-            assert time.monotonic() < deadline, "the queued layers were never posted"
-            time.sleep(0.002)
-        link.posted[1].land()
+        writes = 1 if together else 2
+        for k in range(writes):
+            deadline = time.monotonic() + 5
+            while len(link.posted) <= k:
+                assert time.monotonic() < deadline, "the queued layers were never posted"
+                time.sleep(0.002)
+            link.posted[k].land()
         finishing.join(timeout=5)
-        assert not finishing.is_alive() and len(link.posted) == 2
-        _check_landed(receiver, "merge", layers)
-    finally:
-        sender.close()
-        receiver.close()
-
-
-def test_raw_layers_that_are_all_ready_leave_in_one_write() -> None:
-    """A migration's blocks are all there when it pushes them: sent together, every layer goes in one
-    write (one by one, the first went alone), and they land bit-exact."""
-    link, sender, receiver = _slow_pair("together")
-    try:
-        layers = _kv_stack(11)
-        out = _open(sender, receiver, "together", "none")
-        _send_registered(sender, out, layers, together=True)
-        assert len(link.posted) == 1
-        finishing = threading.Thread(target=sender.finish, args=(out,))
-        finishing.start()
-        link.posted[0].land()
-        finishing.join(timeout=5)
-        assert not finishing.is_alive() and len(link.posted) == 1
-        _check_landed(receiver, "together", layers)
+        assert not finishing.is_alive() and len(link.posted) == writes
+        _check_landed(receiver, name, layers)
     finally:
         sender.close()
         receiver.close()
