@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,6 +34,7 @@ from kv_transfer.codec import KVHeader, KVKind, get_codec
 from kv_transfer.codec_choice import CodecChooser
 from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, RegisteredKV, TransferFailed
 from kv_transfer.layered_copy import LayeredCopy
+from kv_transfer.pacing import Pacer, precopy_rate
 from kv_transfer.paged import (
     PagedLayout,
     block_format,
@@ -198,11 +197,9 @@ class PdflowConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._records: list[dict[str, Any]] = []
         self._timeout_s = float(extra.get("timeout_s", 30.0))
-        # pre-copy pushes run at a lower priority than the engine; a last push (the request is paused for
-        # it) does not wait behind them
-        self._push_pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="pdflow-push", initializer=_yield_to_the_engine
-        )
+        # pre-copy pushes are paced (``pacing``); a last push (the request is paused for it) does not wait
+        # behind them
+        self._push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push")
         self._last_push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push-last")
         # this step's copies of landed KV that run beside the forward pass (see ``layered_copy``), and the
         # loads whose parts they read: request id -> (load, its parts to release once the copies ran)
@@ -211,6 +208,7 @@ class PdflowConnector(KVConnectorBase_V1):
         self._copying: dict[str, tuple[_Load, list[str]]] = {}
         self._runner_requests: dict[str, Any] | None = None  # the model runner's, once attached
         self._pushes: dict[str, Future[dict[str, Any]]] = {}
+        self._precopy_bps: float | None = None  # the pre-copy's cap (``pacing``), once the cache is known
 
     # ---- scheduler half ---------------------------------------------------------------------------------
 
@@ -297,6 +295,7 @@ class PdflowConnector(KVConnectorBase_V1):
             self._layout = self._layout.with_block_order(
                 *probe_block_order(self._layout, first.dtype, kv_dtype)
             )
+        self._precopy_bps = precopy_rate(self._extra.get("precopy_gbps"), first.device.type)
         capacity = int(self._extra.get("arena_mib", 256)) << 20
         transport = NixlTransport(
             f"pdflow-{self._engine_id}",
@@ -667,8 +666,8 @@ class PdflowConnector(KVConnectorBase_V1):
 
     def start_push(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Push blocks ``[first_block, end_block)`` of a running request to ``destination`` on a push thread
-        (a ``background`` one yields to the engine); ``push_status`` reports how it ended. ``expected`` is the
-        block table the earlier stages pushed from: a request preempted since then holds other blocks, and
+        (a ``background`` one at the pre-copy's rate); ``push_status`` reports how it ended. ``expected`` is
+        the block table the earlier stages pushed from: a request preempted since then holds other blocks, and
         the migration must stop. Called between two steps (worker extension ``pdflow_push``) or on the side
         channel's thread during one (op ``push``, from this worker's own host): it only reads the block table,
         which a running request's only grows. Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the
@@ -691,9 +690,15 @@ class PdflowConnector(KVConnectorBase_V1):
             now = running_state(self._runner_requests or {}, request_id)
             return now is state and [int(b) for b in state.block_ids[0][:end]] == held
 
-        pool = self._push_pool if msg.get("background") else self._last_push_pool
-        self._pushes[transfer_id] = pool.submit(
-            self._push, request_id, transfer_id, str(msg["destination"]), blocks[first:end], unchanged
+        background = bool(msg.get("background"))
+        self._pushes[transfer_id] = (self._push_pool if background else self._last_push_pool).submit(
+            self._push,
+            request_id,
+            transfer_id,
+            str(msg["destination"]),
+            blocks[first:end],
+            unchanged,
+            self._precopy_bps if background else None,
         )
         return {"block_ids": held}
 
@@ -738,13 +743,15 @@ class PdflowConnector(KVConnectorBase_V1):
         destination: str,
         block_ids: list[int],
         unchanged: Callable[[], bool],
+        rate: float | None,
     ) -> dict[str, Any]:
         """Push whole blocks of a request's KV in one transfer: every layer, as raw block images (exact, and
         no reordering on either side; the record's ``block_format`` names the layout). A running request
         never rewrites a full block, nor the slots of tokens it has already produced the next token for; but
         one that ends or is preempted meanwhile gives its blocks back, so once every layer is copied out,
-        ``unchanged`` must confirm the blocks are still its own, or the transfer fails. Returns the record
-        as a dict (FAILED with an error on any failure)."""
+        ``unchanged`` must confirm the blocks are still its own, or the transfer fails. A ``rate`` (bytes a
+        second) spreads the layers' sends over time (``pacing``). Returns the record as a dict (FAILED with
+        an error on any failure)."""
         endpoint, layout = self._endpoint, self._layout
         if endpoint is None or layout is None:
             return {"transfer_id": transfer_id, "outcome": "failed", "error": "connector not registered"}
@@ -770,7 +777,7 @@ class PdflowConnector(KVConnectorBase_V1):
                 raise ValueError(f"request {request_id} ended or was preempted during the push")
 
         try:
-            if self._zero_copy:  # every layer in one write, read while on the wire: checked once landed
+            if self._zero_copy and not rate:  # every layer in one write, read while on the wire
                 endpoint.send_layers_from(
                     transfer,
                     (
@@ -778,11 +785,21 @@ class PdflowConnector(KVConnectorBase_V1):
                         for index, layer in enumerate(self._layers.values())
                     ),
                 )
-            else:
+            else:  # layer by layer, at the pre-copy's rate if it has one
+                pace = Pacer(rate) if rate else None
                 for index, layer in enumerate(self._layers.values()):
+                    if self._zero_copy:
+                        key, value = self._block_kv(layer, block_ids)
+                        if pace is not None:
+                            pace.wait(key.header.raw_nbytes + value.header.raw_nbytes)
+                        endpoint.send_layer_from(transfer, index, key, value)
+                        continue
                     first, second = block_images(layer, layout, block_ids)
+                    if pace is not None:
+                        pace.wait(first.nbytes + second.nbytes)
                     endpoint.send_layer(transfer, index, first, second)
-                still_its_own()  # copied out: check now
+                if not self._zero_copy:
+                    still_its_own()  # copied out: check now
             landed = endpoint.finish(transfer, before_commit=still_its_own if self._zero_copy else None)
             return replace(landed, block_format=self._block_format()).to_dict()
         except TransferFailed as exc:
@@ -790,20 +807,6 @@ class PdflowConnector(KVConnectorBase_V1):
         except Exception as exc:
             endpoint.abort(transfer, str(exc))
             return {"transfer_id": transfer_id, "outcome": "failed", "error": f"push failed: {exc}"}
-
-
-PUSH_NICE = 10
-"""How much lower the push thread's CPU priority is than the engine's (Linux nice, per thread). A background
-migration push copies the request's KV while the engine keeps stepping on the same cores; on a CPU engine
-every core it takes from the engine is time per token lost by every request here."""
-
-
-def _yield_to_the_engine() -> None:
-    """Run on the push thread: lower its priority (Linux: a thread's own nice value; elsewhere nothing)."""
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), PUSH_NICE)
-    except (AttributeError, OSError) as exc:
-        log.debug("pdflow: cannot lower the push thread's priority: %s", exc)
 
 
 def running_state(requests: dict[str, Any], request_id: str) -> Any:

@@ -90,6 +90,7 @@ class VllmEngine:
                 "checksum": cfg.kv_checksum,
                 "zero_copy": cfg.kv_zero_copy,
                 "transfer_nice": cfg.kv_transfer_nice,
+                "precopy_gbps": cfg.kv_precopy_gbps,
             }
         kv_transfer = KVTransferConfig(
             kv_connector=connector,
@@ -248,9 +249,9 @@ class VllmEngine:
         ``{"block_ids": [...]}`` or ``{"error": ...}``.
 
         A ``background`` push (a pre-copy stage) is asked for between two engine steps, through the engine
-        core: its thread yields to the engine, and nothing else in the engine's process competes with the
-        engine for the interpreter while it runs. A last push (the client waits for it) goes over the
-        connector's side channel instead, so that it starts at once rather than after the current step."""
+        core, and sends at the pre-copy's capped rate (``kv_precopy_gbps``). A last push (the client waits
+        for it) goes over the connector's side channel instead, so that it starts at once rather than after
+        the current step."""
         message = {
             "request_id": request_id,
             "transfer_id": transfer_id,

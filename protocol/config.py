@@ -99,6 +99,13 @@ class EngineConfig(_Section):
         description="How much lower the priority of NIXL's threads (which move the KV bytes) is than the "
         "engine's: on CPU they share the cores that compute tokens; 0 keeps them equal.",
     )
+    kv_precopy_gbps: float | None = Field(
+        None,
+        ge=0,
+        description="Cap on the rate of a live migration's pre-copy (GB/s), which copies the KV while the "
+        "request keeps decoding on the source. Unset: 0.25 on CPU (the copy takes the cores and memory "
+        "bandwidth of the source's forward pass), no cap on GPU; 0: no cap. The last push is never capped.",
+    )
     kv_side_channel_port: int = Field(
         0,
         ge=0,
