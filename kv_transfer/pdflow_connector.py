@@ -197,8 +197,10 @@ class PdflowConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._records: list[dict[str, Any]] = []
         self._timeout_s = float(extra.get("timeout_s", 30.0))
-        # pre-copy pushes are paced (``pacing``); a last push (the request is paused for it) does not wait
-        # behind them
+        # Pre-copy pushes are paced (``pacing``), on a thread at the engine's own priority: one below it
+        # held the interpreter's lock and UCX's worker spinlock while preempted, which stalled the engine
+        # and had NIXL's progress thread spin (80-690 ms of CPU per 4096-token migration at nice 10 or 19).
+        # A last push (the request is paused for it) does not wait behind them.
         self._push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push")
         self._last_push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push-last")
         # this step's copies of landed KV that run beside the forward pass (see ``layered_copy``), and the

@@ -32,11 +32,6 @@ def make_agent(name: str, progress_delay_us: int | None = PROGRESS_DELAY_US) -> 
     (``None``: NIXL's own busy-polling thread)."""
     import nixl._api as api
 
-    # UCX guards a worker that several threads use with a spinlock unless told otherwise: a thread waiting
-    # for it spins. A pre-copy push posting its writes at a lower priority than the engine held that lock
-    # for long stretches, and the progress thread spun for them, 80-690 ms of CPU per 4096-token migration
-    # on the source's cores (10-30 ms with a mutex).
-    os.environ.setdefault("UCX_USE_MT_MUTEX", "y")
     config = api.nixl_agent_config(
         enable_prog_thread=True, backends=["UCX"], sync_mode=api.nixl_thread_sync_t.NIXL_THREAD_SYNC_STRICT
     )
