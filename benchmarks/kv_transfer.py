@@ -83,7 +83,7 @@ def send(host: str, arena_mib: int, destination: str) -> None:
 
     from kv_transfer.codec import KVHeader, KVKind, get_codec
     from kv_transfer.codec_choice import CodecChooser, measure_profiles
-    from kv_transfer.endpoint import RegisteredKV
+    from kv_transfer.outgoing import RegisteredKV
 
     endpoint, transport = _endpoint("bench-send", host, arena_mib)
     cache: dict[tuple[str, int], list[tuple[Any, Any]]] = {}  # kept: registered with NIXL

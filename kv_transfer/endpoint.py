@@ -16,39 +16,33 @@ without a checksum, or not yet decoded is decoded at load as before).
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import threading
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
-from kv_transfer.codec import KVCodec, KVKind, KVPart, PartSpec, get_codec
-from kv_transfer.codec.base import EncodedKV, KVHeader
+from kv_transfer.codec import KVCodec, get_codec
+from kv_transfer.outgoing import LAYER_NOTE, OutgoingTransfer, RegisteredKV, wire_bound
 from kv_transfer.transport.arena import Arena, Region
-from kv_transfer.transport.base import Transport, TransportError, Xfer, XferState
+from kv_transfer.transport.base import Transport
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError, SideChannelServer
 from kv_transfer.wire import (
     crc32,
-    header_from_wire,
-    header_to_wire,
+    decode_slot,
     peer_from_wire,
     peer_to_wire,
-    place_parts,
+    raw_nbytes,
 )
 from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
-_POLL_MIN_S, _POLL_MAX_S = 0.0001, 0.002  # how often a sender checks its writes: first, and at most
-_POLL_SHARE = 0.125  # a sender sleeps at most this share of the time its writes have been on the wire
 _GONE_KEPT = 4096  # ended transfers remembered for ``gone``
-_LAYER_NOTE = b"pdflow-layer:"  # prefix of the notification that comes with each compressed layer's write
-_WINDOW_BYTES = 8 << 20  # a transfer's writes on the wire at once, at most (one layer, whatever its size)
 _PREDECODE_POLL_S = 0.001  # how often the decoding thread polls notifications while a transfer is on the way
 
 
@@ -58,48 +52,6 @@ class TransferFailed(Exception):
     def __init__(self, record: TransferRecord) -> None:
         super().__init__(record.error)
         self.record = record
-
-
-def wire_bound(raw_bytes: int, layers: int) -> int:
-    """Bytes to reserve for ``raw_bytes`` over ``layers`` layers, whatever the codec: the lossy codecs are
-    smaller than raw, the lossless one at most ~0.4% larger on incompressible data; plus alignment."""
-    return int(raw_bytes * 1.02) + layers * 8 * 1024
-
-
-@dataclass(slots=True)
-class OutgoingTransfer:
-    """Owned by the sending thread from ``open`` to ``finish``/``abort``."""
-
-    transfer_id: str
-    request_id: str
-    codec: KVCodec
-    reason: str
-    peer: str
-    client: SideChannelClient
-    local: Region
-    remote_offset: int
-    layers: int
-    tokens: int
-    cursor: int = 0
-    slots: list[dict[str, Any]] = field(default_factory=list)
-    xfers: list[tuple[int, Xfer]] = field(default_factory=list)
-    raw_bytes: int = 0
-    wire_bytes: int = 0
-    encode_s: float = 0.0
-    first_post: float | None = None
-    queued: deque[int] = field(default_factory=deque)  # slots encoded, their writes not posted yet
-    in_flight: dict[int, tuple[Xfer, int]] = field(default_factory=dict)  # slot -> its write, bytes; not done
-    failed: list[int] = field(default_factory=list)  # slots whose write failed
-    sources: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # slot -> registered spans
-
-
-@dataclass(frozen=True, slots=True)
-class RegisteredKV:
-    """One layer's K or V exactly as it sits in memory registered with the transport: its header (codec
-    ``none``) and its bytes, in order, as ``(address, nbytes)`` spans of one registered tensor."""
-
-    header: KVHeader
-    spans: list[tuple[int, int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,32 +174,17 @@ class KVEndpoint:
             int(reply["offset"]),
             layers,
             tokens,
+            transport=self._transport,
+            clock=self._clock,
+            timeout_s=self._timeout_s,
         )
 
     def send_layer(self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
         """Encode one layer's K and V (``[tokens, kv_heads, head_dim]``) into local staging and post its
-        write. A compressed transfer keeps at most ``_WINDOW_BYTES`` on the wire (a layer waits in a queue):
-        its layers then land one after the other, not all at the end sharing the link, and the receiver
+        write. A compressed transfer keeps at most 8 MiB on the wire (a layer waits in a queue): its layers
+        then land one after the other, not all at the end sharing the link, and the receiver
         decodes each as it lands. Never waits for the wire."""
-        started = time.perf_counter()
-        encoded = (t.codec.encode(key, KVKind.KEY), t.codec.encode(value, KVKind.VALUE))
-        buf = self._transport.buffer
-        start = t.cursor
-        slot: dict[str, Any] = {"index": index, "offset": start}
-        for name, enc in zip(("k", "v"), encoded, strict=True):
-            placed, end = place_parts(t.codec.part_specs(enc.header), t.cursor)
-            for (offset, _), part in zip(placed, enc.parts, strict=True):
-                flat = part.data.reshape(-1).view(torch.uint8)
-                buf[t.local.offset + offset : t.local.offset + offset + flat.numel()].copy_(flat)
-            slot[name] = header_to_wire(enc.header)
-            t.cursor = end
-            t.raw_bytes += enc.header.raw_nbytes
-            t.wire_bytes += enc.nbytes
-        self._check_room(t)
-        slot["nbytes"] = t.cursor - start
-        if self._checksum:
-            slot["crc"] = crc32(buf, t.local.offset + start, slot["nbytes"])
-        self._queue(t, slot, started)
+        t.stage(index, key, value, checksum=self._checksum)
 
     def send_layer_from(
         self, t: OutgoingTransfer, index: int, key: RegisteredKV, value: RegisteredKV
@@ -256,8 +193,8 @@ class KVEndpoint:
         with codec ``none``: no encoding, no staging copy, and no checksum (the bytes are read while on the
         wire; the caller keeps them unchanged until ``finish``, or checks in its ``before_commit`` that
         they were). Never waits for the wire."""
-        self._stage_from(t, index, key, value)
-        self._pump(t)
+        t.stage_from(index, key, value)
+        t.pump()
 
     def send_layers_from(
         self, t: OutgoingTransfer, layers: Iterable[tuple[int, RegisteredKV, RegisteredKV]]
@@ -267,30 +204,8 @@ class KVEndpoint:
         call competed with the engine's own thread for the interpreter (a 4-block last push spent 6 to 19
         ms queueing its 30 layers while the source engine stepped)."""
         for index, key, value in layers:
-            self._stage_from(t, index, key, value)
-        self._pump(t)
-
-    def _stage_from(self, t: OutgoingTransfer, index: int, key: RegisteredKV, value: RegisteredKV) -> None:
-        """Add one layer read from registered memory to the transfer's queue (``send_layer_from``)."""
-        if t.codec.name != "none":
-            raise ValueError(f"transfer {t.transfer_id}: only codec none sends from registered memory")
-        started = time.perf_counter()
-        slot: dict[str, Any] = {"index": index, "offset": t.cursor}
-        spans = []
-        for name, part in (("k", key), ("v", value)):
-            ((offset, spec),), end = place_parts(t.codec.part_specs(part.header), t.cursor)
-            if sum(n for _, n in part.spans) != spec.nbytes:
-                raise ValueError(f"layer {index} {name}: spans hold other than the header's {spec.nbytes} B")
-            for address, nbytes in part.spans:
-                spans.append((address, t.remote_offset + offset, nbytes))
-                offset += nbytes
-            slot[name] = header_to_wire(part.header)
-            t.cursor = end
-            t.raw_bytes += part.header.raw_nbytes
-            t.wire_bytes += spec.nbytes
-        self._check_room(t)
-        slot["nbytes"] = t.cursor - int(slot["offset"])
-        self._queue(t, slot, started, spans, pump=False)
+            t.stage_from(index, key, value)
+        t.pump()
 
     def finish(
         self,
@@ -308,12 +223,12 @@ class KVEndpoint:
         try:
             if len(t.slots) != t.layers:
                 raise ValueError(f"{len(t.slots)} of {t.layers} layers were sent")
-            self._drain(t)
+            t.drain()
             if before_commit is not None:
                 before_commit()
             landed_at = self._clock()
             while True:
-                sent = self._sent_record(t, retries, landed_at, done_computing)
+                sent = t.sent_record(retries, landed_at, done_computing)
                 manifest = {
                     "tokens": t.tokens,
                     "retries": retries,
@@ -334,7 +249,7 @@ class KVEndpoint:
                     "transfer %s: layers %s corrupt on arrival; sending them again", t.transfer_id, bad
                 )
                 t.queued.extend(bad)
-                self._drain(t)
+                t.drain()
                 landed_at = self._clock()
         except Exception as exc:
             self.abort(t, str(exc))
@@ -379,7 +294,7 @@ class KVEndpoint:
         started = self._clock()
         xfer = self._transport.write(t.peer, t.local.offset, t.remote_offset, nbytes)
         try:
-            self._wait(t, [(0, xfer)])
+            t.wait([(0, xfer)])
             return nbytes / max(self._clock() - started, 1e-6)
         finally:
             xfer.release()
@@ -423,11 +338,13 @@ class KVEndpoint:
                 entry = self._predecoded.get(incoming.transfer_id)
                 early = entry.layers.pop(position, None) if entry is not None else None
                 if entry is not None and early is not None:
-                    size = sum(_raw_nbytes(slot[name]) for name in ("k", "v"))
+                    size = sum(raw_nbytes(slot[name]) for name in ("k", "v"))
                     entry.nbytes -= size
                     self._predecoded_bytes -= size
             key, value = (
-                early if early is not None else self._decode_slot(incoming.transfer_id, incoming.region, slot)
+                early
+                if early is not None
+                else decode_slot(self._transport.buffer, incoming.transfer_id, incoming.region, slot)
             )
             yield int(slot["index"]), key, value
 
@@ -597,13 +514,13 @@ class KVEndpoint:
     def _predecode(self, note: bytes) -> None:
         """Decode the layer ``note`` announces if its transfer is still here, the budget allows and its
         bytes pass their checksum (a notification may beat its bytes; the commit's check stands then)."""
-        if not note.startswith(_LAYER_NOTE):
+        if not note.startswith(LAYER_NOTE):
             return
-        body = json.loads(note[len(_LAYER_NOTE) :])
+        body = json.loads(note[len(LAYER_NOTE) :])
         transfer_id, position, slot = str(body["t"]), int(body["p"]), body["s"]
         if "crc" not in slot:
             return
-        size = sum(_raw_nbytes(slot[name]) for name in ("k", "v"))
+        size = sum(raw_nbytes(slot[name]) for name in ("k", "v"))
         with self._lock:
             region = self._arena.region(transfer_id)
             if region is None or self._predecoded_bytes + size > self._predecode_budget:
@@ -621,7 +538,7 @@ class KVEndpoint:
                 offset + nbytes <= region.nbytes
                 and crc32(self._transport.buffer, region.offset + offset, nbytes) == crc
             ):
-                layer = self._decode_slot(transfer_id, region, slot)
+                layer = decode_slot(self._transport.buffer, transfer_id, region, slot)
         finally:
             with self._lock:
                 if self._predecoded.get(transfer_id) is entry:  # else it ended meanwhile, budget returned
@@ -633,35 +550,6 @@ class KVEndpoint:
                         entry.layers[position] = layer
                         entry.verified[position] = (offset, nbytes, crc)
 
-    def _decode_slot(
-        self, transfer_id: str, region: Region, slot: dict[str, Any]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One layer's K and V, decoded from its slot in ``region``."""
-        buf = self._transport.buffer
-        cursor = int(slot["offset"])
-        tensors = []
-        for name in ("k", "v"):
-            header, codec, specs = _parsed_header(_header_key(slot[name]))
-            placed, cursor = place_parts(specs, cursor)
-            if cursor > region.nbytes:
-                raise ValueError(f"transfer {transfer_id}: payload runs past its region")
-            if codec.name == "none" and not header.params:  # raw bytes: a view, with no codec machinery
-                ((off, spec),) = placed
-                start = region.offset + off
-                tensors.append(buf[start : start + spec.nbytes].view(header.dtype).view(header.shape))
-                continue
-            parts = tuple(
-                KVPart(
-                    spec.name,
-                    buf[region.offset + off : region.offset + off + spec.nbytes]
-                    .view(spec.dtype)
-                    .view(spec.shape),
-                )
-                for off, spec in placed
-            )
-            tensors.append(codec.decode(EncodedKV(header, parts)))
-        return tensors[0], tensors[1]
-
     # ---- helpers ----
 
     def _client(self, destination: str) -> SideChannelClient:
@@ -671,129 +559,6 @@ class KVEndpoint:
         if client is None:
             client = self._clients[key] = SideChannelClient(destination)
         return client
-
-    def _post(self, t: OutgoingTransfer, position: int, note: bytes = b"") -> Xfer:
-        """Post staged slot ``position``'s write."""
-        slot = t.slots[position]
-        offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
-        return self._transport.write(t.peer, t.local.offset + offset, t.remote_offset + offset, nbytes, note)
-
-    def _check_room(self, t: OutgoingTransfer) -> None:
-        if t.cursor > t.local.nbytes:
-            raise ValueError(f"transfer {t.transfer_id}: {t.cursor} B encoded, {t.local.nbytes} B reserved")
-
-    def _queue(
-        self,
-        t: OutgoingTransfer,
-        slot: dict[str, Any],
-        started: float,
-        spans: list[tuple[int, int, int]] | None = None,
-        *,
-        pump: bool = True,
-    ) -> None:
-        """Add a layer's slot (written from ``spans`` of registered memory, or else from staging) to the
-        transfer and (``pump``) post what the window allows."""
-        t.encode_s += time.perf_counter() - started
-        t.slots.append(slot)
-        if spans is not None:
-            t.sources[len(t.slots) - 1] = spans
-        if t.first_post is None:
-            t.first_post = self._clock()
-        t.queued.append(len(t.slots) - 1)
-        if pump:
-            self._pump(t)
-
-    def _pump(self, t: OutgoingTransfer) -> None:
-        """Without waiting: note the writes that ended (NIXL completes some writes, and sends their
-        notifications, only when their state is checked), then post queued layers while the window has
-        room. A compressed layer's write carries a notification, so that the receiver decodes it early.
-        Layers sent from registered memory go out one write at a time: those queued while one is on the
-        wire leave together in the next (each write costs tens of microseconds on both sides, and a raw
-        layer gains nothing from landing alone)."""
-        for position, (xfer, _) in list(t.in_flight.items()):
-            state = xfer.state()
-            if state is not XferState.PENDING:
-                del t.in_flight[position]
-                if state is XferState.FAILED:
-                    t.failed.append(position)
-        while t.queued and not t.failed:
-            if t.queued[0] in t.sources:
-                if t.in_flight:
-                    return
-                batch = [t.queued.popleft()]
-                while t.queued and t.queued[0] in t.sources:
-                    batch.append(t.queued.popleft())
-                xfer = self._transport.write_from(t.peer, [s for p in batch for s in t.sources[p]])
-                t.xfers.append((batch[0], xfer))
-                t.in_flight[batch[0]] = (xfer, sum(int(t.slots[p]["nbytes"]) for p in batch))
-                continue
-            slot = t.slots[t.queued[0]]
-            windowed = t.codec.name != "none"  # only a layer that is decoded on landing gains from its order
-            on_wire = sum(n for _, n in t.in_flight.values())
-            if windowed and t.in_flight and on_wire + int(slot["nbytes"]) > _WINDOW_BYTES:
-                return
-            position = t.queued.popleft()
-            note = b""
-            if t.codec.name != "none":  # a raw layer needs no decoding: nothing to start early
-                note = _LAYER_NOTE + json.dumps({"t": t.transfer_id, "p": position, "s": slot}).encode()
-            xfer = self._post(t, position, note)
-            t.xfers.append((position, xfer))  # all released at the end
-            t.in_flight[position] = (xfer, int(slot["nbytes"]))
-
-    def _drain(self, t: OutgoingTransfer) -> None:
-        """Post every queued layer and wait for every write, backing off as ``_wait`` does."""
-        deadline = self._clock() + self._timeout_s
-        since = time.perf_counter()
-        while True:
-            posted = len(t.xfers)
-            self._pump(t)
-            if len(t.xfers) != posted:  # a new write: its end is checked for from the shortest pause again
-                since = time.perf_counter()
-            if t.failed:
-                index = t.slots[t.failed[0]]["index"]
-                raise TransportError(f"write of layer {index} to {t.peer} failed")
-            if not t.queued and not t.in_flight:
-                return
-            if self._clock() > deadline:
-                index = t.slots[t.queued[0] if t.queued else min(t.in_flight)]["index"]
-                raise TimeoutError(f"layer {index} not delivered to {t.peer} within {self._timeout_s:g} s")
-            time.sleep(_pause(since))
-
-    def _wait(self, t: OutgoingTransfer, xfers: list[tuple[int, Xfer]]) -> None:
-        """Poll the writes until done, backing off as ``_pause`` says: this thread shares the engine's
-        process (and GIL) and must not wake thousands of times a second during a long push."""
-        deadline = self._clock() + self._timeout_s
-        since = time.perf_counter()
-        for index, xfer in xfers:
-            while (state := xfer.state()) is XferState.PENDING:
-                if self._clock() > deadline:
-                    raise TimeoutError(
-                        f"layer {index} not delivered to {t.peer} within {self._timeout_s:g} s"
-                    )
-                time.sleep(_pause(since))
-            if state is XferState.FAILED:
-                raise TransportError(f"write of layer {index} to {t.peer} failed")
-
-    def _sent_record(
-        self, t: OutgoingTransfer, retries: int, landed_at: float, done_computing: float
-    ) -> TransferRecord:
-        first = t.first_post if t.first_post is not None else landed_at
-        return TransferRecord(
-            t.transfer_id,
-            t.request_id,
-            TransferOutcome.SUCCESS,
-            codec=t.codec.name,
-            reason=t.reason,
-            layers=t.layers,
-            tokens=t.tokens,
-            raw_bytes=t.raw_bytes,
-            wire_bytes=t.wire_bytes,
-            encode_s=t.encode_s,
-            wire_s=landed_at - first,
-            tail_s=max(0.0, landed_at - done_computing),
-            retries=retries,
-            peer=t.peer,
-        )
 
     def _record_failed(
         self,
@@ -817,46 +582,3 @@ class KVEndpoint:
         with self._lock:
             self._records.append(record)
         return record
-
-
-def _pause(since: float) -> float:
-    """How long a sender sleeps before it checks its writes again, their last one posted at ``since``
-    (``perf_counter``): a share of the time waited so far, from ``_POLL_MIN_S`` to ``_POLL_MAX_S``. A write
-    is then noticed at most about an eighth of its time late (doubling pauses noticed a 3 ms write up to
-    2 ms late), with a few dozen checks for a short write and 500 a second for a long one."""
-    return min(_POLL_MAX_S, max(_POLL_MIN_S, (time.perf_counter() - since) * _POLL_SHARE))
-
-
-def _raw_nbytes(header: dict[str, Any]) -> int:
-    """Decoded size of one K or V from its wire header."""
-    return header_from_wire(header).raw_nbytes
-
-
-_HeaderKey = tuple[str, str, tuple[int, ...], str, tuple[tuple[str, int], ...]]
-
-
-def _header_key(wire: dict[str, Any]) -> _HeaderKey:
-    """A wire header as a hashable key (the layers of a transfer mostly share one); ValueError if it is
-    malformed, as ``header_from_wire`` says."""
-    try:
-        return (
-            str(wire["codec"]),
-            str(wire["kind"]),
-            tuple(wire["shape"]),
-            str(wire["dtype"]),
-            tuple(sorted(wire["params"].items())),
-        )
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise ValueError(f"transfer header: malformed ({exc!r})") from exc
-
-
-@functools.lru_cache(maxsize=256)
-def _parsed_header(key: _HeaderKey) -> tuple[KVHeader, KVCodec, tuple[PartSpec, ...]]:
-    """The header, its codec and the parts it carries, parsed once per distinct header: a receiver decodes
-    dozens of layers per transfer, and parsing each anew cost about as much as viewing a raw layer."""
-    codec_name, kind, shape, dtype, params = key
-    header = header_from_wire(
-        {"codec": codec_name, "kind": kind, "shape": list(shape), "dtype": dtype, "params": dict(params)}
-    )
-    codec = get_codec(header.codec)
-    return header, codec, codec.part_specs(header)

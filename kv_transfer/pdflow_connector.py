@@ -32,8 +32,9 @@ from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStat
 
 from kv_transfer.codec import KVHeader, KVKind, get_codec
 from kv_transfer.codec_choice import CodecChooser
-from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, OutgoingTransfer, RegisteredKV, TransferFailed
+from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, TransferFailed
 from kv_transfer.layered_copy import LayeredCopy
+from kv_transfer.outgoing import OutgoingTransfer, RegisteredKV
 from kv_transfer.pacing import Pacer, precopy_rate
 from kv_transfer.paged import (
     PagedLayout,

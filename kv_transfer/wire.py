@@ -4,13 +4,15 @@ checksums and peer descriptions, all JSON-able for the side channel."""
 from __future__ import annotations
 
 import base64
+import functools
 import zlib
 from typing import Any, cast
 
 import torch
 
-from kv_transfer.codec import KVHeader, KVKind, PartSpec
-from kv_transfer.codec.base import SUPPORTED_DTYPES
+from kv_transfer.codec import KVCodec, KVHeader, KVKind, KVPart, PartSpec, get_codec
+from kv_transfer.codec.base import SUPPORTED_DTYPES, EncodedKV
+from kv_transfer.transport.arena import Region
 from kv_transfer.transport.base import PeerInfo
 
 PART_ALIGN = 16
@@ -71,3 +73,68 @@ def peer_from_wire(data: dict[str, Any]) -> PeerInfo:
     return PeerInfo(
         str(data["name"]), base64.b64decode(data["metadata"]), int(data["base_addr"]), int(data["capacity"])
     )
+
+
+def raw_nbytes(header: dict[str, Any]) -> int:
+    """Decoded size of one K or V from its wire header."""
+    return header_from_wire(header).raw_nbytes
+
+
+_HeaderKey = tuple[str, str, tuple[int, ...], str, tuple[tuple[str, int], ...]]
+
+
+def _header_key(wire: dict[str, Any]) -> _HeaderKey:
+    """A wire header as a hashable key (the layers of a transfer mostly share one); ValueError if it is
+    malformed, as ``header_from_wire`` says."""
+    try:
+        return (
+            str(wire["codec"]),
+            str(wire["kind"]),
+            tuple(wire["shape"]),
+            str(wire["dtype"]),
+            tuple(sorted(wire["params"].items())),
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ValueError(f"transfer header: malformed ({exc!r})") from exc
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_header(key: _HeaderKey) -> tuple[KVHeader, KVCodec, tuple[PartSpec, ...]]:
+    """The header, its codec and the parts it carries, parsed once per distinct header: a receiver decodes
+    dozens of layers per transfer, and parsing each anew cost about as much as viewing a raw layer."""
+    codec_name, kind, shape, dtype, params = key
+    header = header_from_wire(
+        {"codec": codec_name, "kind": kind, "shape": list(shape), "dtype": dtype, "params": dict(params)}
+    )
+    codec = get_codec(header.codec)
+    return header, codec, codec.part_specs(header)
+
+
+def decode_slot(
+    buf: torch.Tensor, transfer_id: str, region: Region, slot: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's K and V, decoded from its slot in ``region`` of the staging buffer ``buf``; ValueError on
+    a malformed slot."""
+    cursor = int(slot["offset"])
+    tensors = []
+    for name in ("k", "v"):
+        header, codec, specs = _parsed_header(_header_key(slot[name]))
+        placed, cursor = place_parts(specs, cursor)
+        if cursor > region.nbytes:
+            raise ValueError(f"transfer {transfer_id}: payload runs past its region")
+        if codec.name == "none" and not header.params:  # raw bytes: a view, with no codec machinery
+            ((off, spec),) = placed
+            start = region.offset + off
+            tensors.append(buf[start : start + spec.nbytes].view(header.dtype).view(header.shape))
+            continue
+        parts = tuple(
+            KVPart(
+                spec.name,
+                buf[region.offset + off : region.offset + off + spec.nbytes]
+                .view(spec.dtype)
+                .view(spec.shape),
+            )
+            for off, spec in placed
+        )
+        tensors.append(codec.decode(EncodedKV(header, parts)))
+    return tensors[0], tensors[1]

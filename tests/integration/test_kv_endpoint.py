@@ -11,9 +11,10 @@ import time
 import pytest
 import torch
 
-import kv_transfer.endpoint as endpoint_module
+import kv_transfer.outgoing as outgoing_module
 from kv_transfer.codec import KVHeader, KVKind, get_codec
-from kv_transfer.endpoint import KVEndpoint, RegisteredKV, TransferFailed
+from kv_transfer.endpoint import KVEndpoint, TransferFailed
+from kv_transfer.outgoing import RegisteredKV
 from kv_transfer.paged import PagedLayout, block_images, block_spans
 from kv_transfer.transport.base import TransportError, XferState
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
@@ -263,7 +264,7 @@ def test_raw_layers_leave_in_as_few_writes_as_they_can(together: bool) -> None:
 def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_lands(monkeypatch) -> None:
     """Layers posted all at once would share the link and land together at the end; within the window
     (here one layer) each lands in turn, and the receiver decodes it while the next is on the wire."""
-    monkeypatch.setattr(endpoint_module, "_WINDOW_BYTES", 1)
+    monkeypatch.setattr(outgoing_module, "_WINDOW_BYTES", 1)
     link, sender, receiver = _slow_pair("slow")
     try:
         layers = _layers(8)

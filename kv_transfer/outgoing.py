@@ -1,0 +1,245 @@
+"""The sending half of a KV transfer: one ``OutgoingTransfer`` from ``KVEndpoint.open`` to ``finish`` or
+``abort``. Each layer is staged (encoded into the local staging region, or named as spans of registered
+memory for codec ``none``), queued, and posted as a one-sided write while the window allows; ``drain`` posts
+the rest and waits for every write. The endpoint owns the reservations, the commit and the records."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from kv_transfer.codec import KVCodec, KVKind
+from kv_transfer.codec.base import KVHeader
+from kv_transfer.transport.arena import Region
+from kv_transfer.transport.base import Transport, TransportError, Xfer, XferState
+from kv_transfer.transport.side_channel import SideChannelClient
+from kv_transfer.wire import crc32, header_to_wire, place_parts
+from protocol.transfers import TransferOutcome, TransferRecord
+
+_POLL_MIN_S, _POLL_MAX_S = 0.0001, 0.002  # how often a sender checks its writes: first, and at most
+_POLL_SHARE = 0.125  # a sender sleeps at most this share of the time its writes have been on the wire
+LAYER_NOTE = b"pdflow-layer:"  # prefix of the notification that comes with each compressed layer's write
+_WINDOW_BYTES = 8 << 20  # a transfer's writes on the wire at once, at most (one layer, whatever its size)
+
+
+def wire_bound(raw_bytes: int, layers: int) -> int:
+    """Bytes to reserve for ``raw_bytes`` over ``layers`` layers, whatever the codec: the lossy codecs are
+    smaller than raw, the lossless one at most ~0.4% larger on incompressible data; plus alignment."""
+    return int(raw_bytes * 1.02) + layers * 8 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RegisteredKV:
+    """One layer's K or V exactly as it sits in memory registered with the transport: its header (codec
+    ``none``) and its bytes, in order, as ``(address, nbytes)`` spans of one registered tensor."""
+
+    header: KVHeader
+    spans: list[tuple[int, int]]
+
+
+@dataclass(slots=True)
+class OutgoingTransfer:
+    """Owned by the sending thread from ``open`` to ``finish``/``abort``."""
+
+    transfer_id: str
+    request_id: str
+    codec: KVCodec
+    reason: str
+    peer: str
+    client: SideChannelClient
+    local: Region
+    remote_offset: int
+    layers: int
+    tokens: int
+    transport: Transport
+    clock: Callable[[], float]
+    timeout_s: float
+    cursor: int = 0
+    slots: list[dict[str, Any]] = field(default_factory=list)
+    xfers: list[tuple[int, Xfer]] = field(default_factory=list)
+    raw_bytes: int = 0
+    wire_bytes: int = 0
+    encode_s: float = 0.0
+    first_post: float | None = None
+    queued: deque[int] = field(default_factory=deque)  # slots encoded, their writes not posted yet
+    in_flight: dict[int, tuple[Xfer, int]] = field(default_factory=dict)  # slot -> its write, bytes; not done
+    failed: list[int] = field(default_factory=list)  # slots whose write failed
+    sources: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # slot -> registered spans
+
+    def stage(self, index: int, key: torch.Tensor, value: torch.Tensor, *, checksum: bool) -> None:
+        """Encode one layer's K and V into local staging (with its crc32 if ``checksum``) and queue it."""
+        started = time.perf_counter()
+        encoded = (self.codec.encode(key, KVKind.KEY), self.codec.encode(value, KVKind.VALUE))
+        buf = self.transport.buffer
+        start = self.cursor
+        slot: dict[str, Any] = {"index": index, "offset": start}
+        for name, enc in zip(("k", "v"), encoded, strict=True):
+            placed, end = place_parts(self.codec.part_specs(enc.header), self.cursor)
+            for (offset, _), part in zip(placed, enc.parts, strict=True):
+                flat = part.data.reshape(-1).view(torch.uint8)
+                buf[self.local.offset + offset : self.local.offset + offset + flat.numel()].copy_(flat)
+            slot[name] = header_to_wire(enc.header)
+            self.cursor = end
+            self.raw_bytes += enc.header.raw_nbytes
+            self.wire_bytes += enc.nbytes
+        self._check_room()
+        slot["nbytes"] = self.cursor - start
+        if checksum:
+            slot["crc"] = crc32(buf, self.local.offset + start, slot["nbytes"])
+        self.queue(slot, started)
+
+    def stage_from(self, index: int, key: RegisteredKV, value: RegisteredKV) -> None:
+        """Queue one layer to be written straight from registered memory (codec ``none``), unposted."""
+        if self.codec.name != "none":
+            raise ValueError(f"transfer {self.transfer_id}: only codec none sends from registered memory")
+        started = time.perf_counter()
+        slot: dict[str, Any] = {"index": index, "offset": self.cursor}
+        spans = []
+        for name, part in (("k", key), ("v", value)):
+            ((offset, spec),), end = place_parts(self.codec.part_specs(part.header), self.cursor)
+            if sum(n for _, n in part.spans) != spec.nbytes:
+                raise ValueError(f"layer {index} {name}: spans hold other than the header's {spec.nbytes} B")
+            for address, nbytes in part.spans:
+                spans.append((address, self.remote_offset + offset, nbytes))
+                offset += nbytes
+            slot[name] = header_to_wire(part.header)
+            self.cursor = end
+            self.raw_bytes += part.header.raw_nbytes
+            self.wire_bytes += spec.nbytes
+        self._check_room()
+        slot["nbytes"] = self.cursor - int(slot["offset"])
+        self.queue(slot, started, spans, pump=False)
+
+    def queue(
+        self,
+        slot: dict[str, Any],
+        started: float,
+        spans: list[tuple[int, int, int]] | None = None,
+        *,
+        pump: bool = True,
+    ) -> None:
+        """Add a layer's slot (written from ``spans`` of registered memory, or else from staging) to the
+        transfer and (``pump``) post what the window allows."""
+        self.encode_s += time.perf_counter() - started
+        self.slots.append(slot)
+        if spans is not None:
+            self.sources[len(self.slots) - 1] = spans
+        if self.first_post is None:
+            self.first_post = self.clock()
+        self.queued.append(len(self.slots) - 1)
+        if pump:
+            self.pump()
+
+    def pump(self) -> None:
+        """Without waiting: note the writes that ended (NIXL completes some writes, and sends their
+        notifications, only when their state is checked), then post queued layers while the window has
+        room. A compressed layer's write carries a notification, so that the receiver decodes it early.
+        Layers sent from registered memory go out one write at a time: those queued while one is on the
+        wire leave together in the next (each write costs tens of microseconds on both sides, and a raw
+        layer gains nothing from landing alone)."""
+        for position, (xfer, _) in list(self.in_flight.items()):
+            state = xfer.state()
+            if state is not XferState.PENDING:
+                del self.in_flight[position]
+                if state is XferState.FAILED:
+                    self.failed.append(position)
+        while self.queued and not self.failed:
+            if self.queued[0] in self.sources:
+                if self.in_flight:
+                    return
+                batch = [self.queued.popleft()]
+                while self.queued and self.queued[0] in self.sources:
+                    batch.append(self.queued.popleft())
+                xfer = self.transport.write_from(self.peer, [s for p in batch for s in self.sources[p]])
+                self.xfers.append((batch[0], xfer))
+                self.in_flight[batch[0]] = (xfer, sum(int(self.slots[p]["nbytes"]) for p in batch))
+                continue
+            slot = self.slots[self.queued[0]]
+            windowed = self.codec.name != "none"  # only a layer decoded on landing gains from its order
+            on_wire = sum(n for _, n in self.in_flight.values())
+            if windowed and self.in_flight and on_wire + int(slot["nbytes"]) > _WINDOW_BYTES:
+                return
+            position = self.queued.popleft()
+            note = b""
+            if self.codec.name != "none":  # a raw layer needs no decoding: nothing to start early
+                note = LAYER_NOTE + json.dumps({"t": self.transfer_id, "p": position, "s": slot}).encode()
+            offset, nbytes = int(slot["offset"]), int(slot["nbytes"])
+            xfer = self.transport.write(
+                self.peer, self.local.offset + offset, self.remote_offset + offset, nbytes, note
+            )
+            self.xfers.append((position, xfer))  # all released at the end
+            self.in_flight[position] = (xfer, nbytes)
+
+    def drain(self) -> None:
+        """Post every queued layer and wait for every write, backing off as ``wait`` does."""
+        deadline = self.clock() + self.timeout_s
+        since = time.perf_counter()
+        while True:
+            posted = len(self.xfers)
+            self.pump()
+            if len(self.xfers) != posted:  # a new write: its end is checked for from the shortest pause again
+                since = time.perf_counter()
+            if self.failed:
+                index = self.slots[self.failed[0]]["index"]
+                raise TransportError(f"write of layer {index} to {self.peer} failed")
+            if not self.queued and not self.in_flight:
+                return
+            if self.clock() > deadline:
+                index = self.slots[self.queued[0] if self.queued else min(self.in_flight)]["index"]
+                raise TimeoutError(f"layer {index} not delivered to {self.peer} within {self.timeout_s:g} s")
+            time.sleep(_pause(since))
+
+    def wait(self, xfers: list[tuple[int, Xfer]]) -> None:
+        """Poll the writes until done, backing off as ``_pause`` says: this thread shares the engine's
+        process (and GIL) and must not wake thousands of times a second during a long push."""
+        deadline = self.clock() + self.timeout_s
+        since = time.perf_counter()
+        for index, xfer in xfers:
+            while (state := xfer.state()) is XferState.PENDING:
+                if self.clock() > deadline:
+                    raise TimeoutError(
+                        f"layer {index} not delivered to {self.peer} within {self.timeout_s:g} s"
+                    )
+                time.sleep(_pause(since))
+            if state is XferState.FAILED:
+                raise TransportError(f"write of layer {index} to {self.peer} failed")
+
+    def sent_record(self, retries: int, landed_at: float, done_computing: float) -> TransferRecord:
+        """The sender's SUCCESS record once every layer landed at ``landed_at``."""
+        first = self.first_post if self.first_post is not None else landed_at
+        return TransferRecord(
+            self.transfer_id,
+            self.request_id,
+            TransferOutcome.SUCCESS,
+            codec=self.codec.name,
+            reason=self.reason,
+            layers=self.layers,
+            tokens=self.tokens,
+            raw_bytes=self.raw_bytes,
+            wire_bytes=self.wire_bytes,
+            encode_s=self.encode_s,
+            wire_s=landed_at - first,
+            tail_s=max(0.0, landed_at - done_computing),
+            retries=retries,
+            peer=self.peer,
+        )
+
+    def _check_room(self) -> None:
+        if self.cursor > self.local.nbytes:
+            raise ValueError(
+                f"transfer {self.transfer_id}: {self.cursor} B encoded, {self.local.nbytes} B reserved"
+            )
+
+
+def _pause(since: float) -> float:
+    """How long a sender sleeps before it checks its writes again, their last one posted at ``since``
+    (``perf_counter``): a share of the time waited so far, from ``_POLL_MIN_S`` to ``_POLL_MAX_S``. A write
+    is then noticed at most about an eighth of its time late (doubling pauses noticed a 3 ms write up to
+    2 ms late), with a few dozen checks for a short write and 500 a second for a long one."""
+    return min(_POLL_MAX_S, max(_POLL_MIN_S, (time.perf_counter() - since) * _POLL_SHARE))
