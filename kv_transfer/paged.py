@@ -9,7 +9,7 @@ Inside a block the CPU kernels order the elements for their ISA: with ``vec`` (A
 of a block and head are stored channel-major, ``[head_dim, block_size]``, while the values stay token-major.
 A layout therefore carries, per block and head, the position of every (token, channel) element of K and of V
 (``key_slots``, ``value_slots``; ``None`` for token-major). The connector learns them by running vLLM's own
-cache-write kernel on a probe (``pdflow_connector.probe_block_order``), so gather returns true token-major
+cache-write kernel on a probe (``probe_block_order``), so gather returns true token-major
 K and V: the lossy codecs group keys per channel along tokens and values per token, as KIVI prescribes, and
 that only means something in token-major order.
 
@@ -20,10 +20,13 @@ decode side computes its own tokens over the padding.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import zlib
 from dataclasses import dataclass
 
 import torch
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,3 +217,36 @@ def _block_order(region: torch.Tensor, slots: torch.Tensor | None) -> torch.Tens
     stored = region.new_empty(n, heads, block * dim)
     stored[:, :, slots.to(region.device)] = region.reshape(n, heads, block * dim)
     return stored.view(n, heads, block, dim)
+
+
+def probe_block_order(
+    layout: PagedLayout, dtype: torch.dtype, kv_cache_dtype: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where vLLM CPU's cache-write kernel puts each (token, channel) of a block's K and V: run the kernel
+    the attention backend uses (same ISA choice) on one block of one head, twice, writing the low and the
+    high byte of every element's token-major index (integers up to 255 are exact in bf16 and fp16)."""
+    from vllm import _custom_ops as ops
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    bs, dim = layout.block_size, layout.head_dim
+    if bs * dim > 1 << 16:
+        raise ValueError(f"block of {bs} x {dim} is too large to probe")
+    isa = _get_attn_isa(dtype, bs, dim, kv_cache_dtype)
+    index = torch.arange(bs * dim).view(bs, 1, dim)
+    found = []
+    for digit in (index % 256, index // 256):
+        cache = torch.full((1, 1, 2 * bs, dim), -1.0, dtype=dtype)
+        key_cache, value_cache = cache.chunk(2, dim=2)
+        probe = digit.to(dtype)
+        ops.cpu_attn_reshape_and_cache(probe, probe, key_cache, value_cache, torch.arange(bs), isa)
+        found.append((key_cache.reshape(-1).long(), value_cache.reshape(-1).long()))
+    orders = []
+    for kind in (0, 1):
+        held = found[0][kind] + 256 * found[1][kind]  # token-major index held at each stored position
+        if (held < 0).any():
+            raise RuntimeError(f"vLLM's {isa} cache kernel left part of a probe block unwritten")
+        slots = torch.empty_like(held)
+        slots[held] = torch.arange(held.numel())
+        orders.append(slots)
+    log.info("pdflow connector: vLLM CPU attention ISA %s, block order probed", isa)
+    return orders[0], orders[1]

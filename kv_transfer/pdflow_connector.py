@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -30,18 +30,19 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
-from kv_transfer.codec import KVHeader, KVKind, get_codec
+from kv_transfer.block_push import BlockPusher, block_kv
+from kv_transfer.codec import get_codec
 from kv_transfer.codec_choice import CodecChooser
+from kv_transfer.connector_meta import LoadSpec, PdflowConnectorMetadata, PdflowTransferStats, SaveSpec
 from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, TransferFailed
 from kv_transfer.layered_copy import LayeredCopy
-from kv_transfer.outgoing import OutgoingTransfer, RegisteredKV
-from kv_transfer.pacing import Pacer, precopy_rate
+from kv_transfer.outgoing import OutgoingTransfer
+from kv_transfer.pacing import precopy_rate
 from kv_transfer.paged import (
     PagedLayout,
     block_format,
-    block_images,
-    block_spans,
     gather,
+    probe_block_order,
     put_block_images,
     scatter,
 )
@@ -63,30 +64,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, slots=True)
-class SaveSpec:
-    transfer_id: str
-    destination: str
-    block_ids: list[int]
-    tokens: int
-    codec: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class LoadSpec:
-    parts: tuple[tuple[str, int], ...]  # (transfer id, first block), in token order
-    block_ids: list[int]
-    tokens: int
-    local_tokens: int  # a local prefix-cache hit (whole blocks): those blocks are shared, never written
-    block_format: str = ""  # set: the parts are raw block images of this layout (see paged.block_format)
-    # parts that landed before the request was handed over (a migration's, but its last in flight): one that
-    # is not here when the load starts is lost, and the load fails at once instead of waiting
-    landed_before: frozenset[str] = frozenset()
-    # every part landed before the request came (see ``_all_landed``): vLLM schedules the request in the
-    # step that loads it, and is not told when the load is done
-    sync: bool = False
-
-
 @dataclass(slots=True)
 class _Load:
     """A load in progress on the worker half: the parts copied in so far (their position in ``spec.parts``
@@ -106,68 +83,6 @@ def _all_landed(params: dict[str, Any]) -> bool:
     hand-off always (the prefill worker answers only once the decode side committed it), a migration's
     unless a part was still in flight at the hand-over."""
     return PARTS not in params or not params.get(IN_FLIGHT)
-
-
-@dataclass
-class PdflowConnectorMetadata(KVConnectorMetadata):
-    saves: dict[str, SaveSpec] = field(default_factory=dict)
-    loads: dict[str, LoadSpec] = field(default_factory=dict)
-    drops: list[str] = field(default_factory=list)  # transfer ids of requests that ended before loading
-
-
-@dataclass
-class PdflowTransferStats(KVConnectorStats):
-    """Finished transfer records since the last step, plus the totals vLLM's NIXL stats also carry."""
-
-    def __post_init__(self) -> None:
-        self.data.setdefault("pdflow_records", [])
-
-    def reset(self) -> None:
-        self.data = {"pdflow_records": []}
-
-    def aggregate(self, other: KVConnectorStats) -> KVConnectorStats:
-        self.data["pdflow_records"] = [*self.data["pdflow_records"], *other.data.get("pdflow_records", [])]
-        return self
-
-    def reduce(self) -> dict[str, int | float]:
-        records = self.data["pdflow_records"]
-        return {"transfers": len(records), "wire_bytes": sum(int(r["wire_bytes"]) for r in records)}
-
-    def is_empty(self) -> bool:
-        return not self.data["pdflow_records"]
-
-
-def probe_block_order(
-    layout: PagedLayout, dtype: torch.dtype, kv_cache_dtype: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where vLLM CPU's cache-write kernel puts each (token, channel) of a block's K and V: run the kernel
-    the attention backend uses (same ISA choice) on one block of one head, twice, writing the low and the
-    high byte of every element's token-major index (integers up to 255 are exact in bf16 and fp16)."""
-    from vllm import _custom_ops as ops
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    bs, dim = layout.block_size, layout.head_dim
-    if bs * dim > 1 << 16:
-        raise ValueError(f"block of {bs} x {dim} is too large to probe")
-    isa = _get_attn_isa(dtype, bs, dim, kv_cache_dtype)
-    index = torch.arange(bs * dim).view(bs, 1, dim)
-    found = []
-    for digit in (index % 256, index // 256):
-        cache = torch.full((1, 1, 2 * bs, dim), -1.0, dtype=dtype)
-        key_cache, value_cache = cache.chunk(2, dim=2)
-        probe = digit.to(dtype)
-        ops.cpu_attn_reshape_and_cache(probe, probe, key_cache, value_cache, torch.arange(bs), isa)
-        found.append((key_cache.reshape(-1).long(), value_cache.reshape(-1).long()))
-    orders = []
-    for kind in (0, 1):
-        held = found[0][kind] + 256 * found[1][kind]  # token-major index held at each stored position
-        if (held < 0).any():
-            raise RuntimeError(f"vLLM's {isa} cache kernel left part of a probe block unwritten")
-        slots = torch.empty_like(held)
-        slots[held] = torch.arange(held.numel())
-        orders.append(slots)
-    log.info("pdflow connector: vLLM CPU attention ISA %s, block order probed", isa)
-    return orders[0], orders[1]
 
 
 class PdflowConnector(KVConnectorBase_V1):
@@ -198,20 +113,12 @@ class PdflowConnector(KVConnectorBase_V1):
         self._load_errors: set[int] = set()
         self._records: list[dict[str, Any]] = []
         self._timeout_s = float(extra.get("timeout_s", 30.0))
-        # Pre-copy pushes are paced (``pacing``), on a thread at the engine's own priority: one below it
-        # held the interpreter's lock and UCX's worker spinlock while preempted, which stalled the engine
-        # and had NIXL's progress thread spin (80-690 ms of CPU per 4096-token migration at nice 10 or 19).
-        # A last push (the request is paused for it) does not wait behind them.
-        self._push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push")
-        self._last_push_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-push-last")
+        self._pusher = BlockPusher()  # the source side of live migrations
         # this step's copies of landed KV that run beside the forward pass (see ``layered_copy``), and the
         # loads whose parts they read: request id -> (load, its parts to release once the copies ran)
         self._copy_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-load")
         self._copy: LayeredCopy | None = None
         self._copying: dict[str, tuple[_Load, list[str]]] = {}
-        self._runner_requests: dict[str, Any] | None = None  # the model runner's, once attached
-        self._pushes: dict[str, Future[dict[str, Any]]] = {}
-        self._precopy_bps: float | None = None  # the pre-copy's cap (``pacing``), once the cache is known
 
     # ---- scheduler half ---------------------------------------------------------------------------------
 
@@ -298,7 +205,6 @@ class PdflowConnector(KVConnectorBase_V1):
             self._layout = self._layout.with_block_order(
                 *probe_block_order(self._layout, first.dtype, kv_dtype)
             )
-        self._precopy_bps = precopy_rate(self._extra.get("precopy_gbps"), first.device.type)
         capacity = int(self._extra.get("arena_mib", 256)) << 20
         transport = NixlTransport(
             f"pdflow-{self._engine_id}",
@@ -327,6 +233,13 @@ class PdflowConnector(KVConnectorBase_V1):
             group_size=int(self._extra.get("group_size", 64)),
         )
         self._chooser.bind_probe(self._endpoint.probe)
+        self._pusher.bind(
+            self._endpoint,
+            self._layers,
+            self._layout,
+            zero_copy=self._zero_copy,
+            rate=precopy_rate(self._extra.get("precopy_gbps"), first.device.type),
+        )
         self._endpoint.add_op("push", self.start_push)
         self._endpoint.add_op(
             "push_status", lambda msg: {"record": self.push_status(str(msg["transfer_id"]))}
@@ -455,8 +368,7 @@ class PdflowConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         self._finish_copy()
         self._copy_pool.shutdown(wait=True, cancel_futures=True)
-        self._push_pool.shutdown(wait=True, cancel_futures=True)
-        self._last_push_pool.shutdown(wait=True, cancel_futures=True)
+        self._pusher.shutdown()
         if self._endpoint is not None:
             self._endpoint.close()
             self._endpoint = None
@@ -496,21 +408,8 @@ class PdflowConnector(KVConnectorBase_V1):
     ) -> None:
         """Queue layer ``index``'s blocks ``block_ids`` as raw block images read from ``layer`` in place
         (registered with the transport): the blocks must stay unchanged until the transfer finishes."""
-        assert self._endpoint is not None
-        self._endpoint.send_layer_from(transfer, index, *self._block_kv(layer, block_ids))
-
-    def _block_kv(self, layer: torch.Tensor, block_ids: list[int]) -> tuple[RegisteredKV, RegisteredKV]:
-        """Blocks ``block_ids`` of ``layer`` as the two halves of their raw block images, in place."""
-        assert self._layout is not None
-        layout = self._layout
-        shape = (len(block_ids) * layout.block_size, layout.num_kv_heads, layout.head_dim)
-        first, second = (
-            RegisteredKV(KVHeader("none", kind, shape, layer.dtype), half)
-            for kind, half in zip(
-                (KVKind.KEY, KVKind.VALUE), block_spans(layer, layout, block_ids), strict=True
-            )
-        )
-        return first, second
+        assert self._endpoint is not None and self._layout is not None
+        self._endpoint.send_layer_from(transfer, index, *block_kv(layer, self._layout, block_ids))
 
     def _block_format(self) -> str:
         assert self._layout is not None
@@ -665,55 +564,16 @@ class PdflowConnector(KVConnectorBase_V1):
     def attach(self, requests: dict[str, Any]) -> None:
         """Give the worker half the model runner's request states (``pdflow_attach`` of the worker
         extension), so that a push can find a running request's blocks without waiting for a step."""
-        self._runner_requests = requests
+        self._pusher.attach(requests)
 
     def start_push(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Push blocks ``[first_block, end_block)`` of a running request to ``destination`` on a push thread
-        (a ``background`` one at the pre-copy's rate); ``push_status`` reports how it ended. ``expected`` is
-        the block table the earlier stages pushed from: a request preempted since then holds other blocks, and
-        the migration must stop. Called between two steps (worker extension ``pdflow_push``) or on the side
-        channel's thread during one (op ``push``, from this worker's own host): it only reads the block table,
-        which a running request's only grows. Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the
-        push cannot start."""
-        request_id, transfer_id = str(msg["request_id"]), str(msg["transfer_id"])
-        first, end = int(msg["first_block"]), int(msg["end_block"])
-        if self._runner_requests is None:
-            return {"error": "the engine's model runner is not attached to the pdflow connector"}
-        state = running_state(self._runner_requests, request_id)
-        if state is None:
-            return {"error": f"request {request_id} is not running on this engine"}
-        blocks = [int(b) for b in state.block_ids[0]]
-        if blocks[: len(msg["expected"])] != list(msg["expected"]):
-            return {"error": f"request {request_id} was preempted since the last stage (its blocks changed)"}
-        if not 0 <= first <= end <= len(blocks):
-            return {"error": f"blocks [{first}, {end}) of {request_id}: it holds {len(blocks)}"}
-        held = blocks[:end]
-
-        def unchanged() -> bool:  # still this request's blocks: nothing could have been written over them
-            now = running_state(self._runner_requests or {}, request_id)
-            return now is state and [int(b) for b in state.block_ids[0][:end]] == held
-
-        background = bool(msg.get("background"))
-        self._pushes[transfer_id] = (self._push_pool if background else self._last_push_pool).submit(
-            self._push,
-            request_id,
-            transfer_id,
-            str(msg["destination"]),
-            blocks[first:end],
-            unchanged,
-            self._precopy_bps if background else None,
-        )
-        return {"block_ids": held}
+        """Start a migration push (``BlockPusher.start``): between two steps (worker extension
+        ``pdflow_push``) or on the side channel's thread (op ``push``, from this worker's own host)."""
+        return self._pusher.start(msg)
 
     def push_status(self, transfer_id: str) -> dict[str, Any] | None:
         """The record of a push once it ended (then forgotten), None while it runs."""
-        future = self._pushes.get(transfer_id)
-        if future is None:
-            return {"transfer_id": transfer_id, "outcome": "failed", "error": "no such push"}
-        if not future.done():
-            return None
-        del self._pushes[transfer_id]
-        return dict(future.result())
+        return self._pusher.status(transfer_id)
 
     @property
     def address(self) -> str:
@@ -725,7 +585,7 @@ class PdflowConnector(KVConnectorBase_V1):
         """Leak-check figures of this worker half: staging regions, landed and reserved transfers, pushes
         running, loads waiting for their KV."""
         figures = dict(self._endpoint.held) if self._endpoint is not None else {}
-        figures["pushes"] = sum(1 for f in self._pushes.values() if not f.done())
+        figures["pushes"] = self._pusher.running()
         figures["pending_loads"] = len(self._pending_loads)
         return figures
 
@@ -738,88 +598,3 @@ class PdflowConnector(KVConnectorBase_V1):
         free them anyway if this is lost)."""
         if self._endpoint is not None:
             self._endpoint.drop_remote(destination, transfer_ids, why)
-
-    def _push(
-        self,
-        request_id: str,
-        transfer_id: str,
-        destination: str,
-        block_ids: list[int],
-        unchanged: Callable[[], bool],
-        rate: float | None,
-    ) -> dict[str, Any]:
-        """Push whole blocks of a request's KV in one transfer: every layer, as raw block images (exact, and
-        no reordering on either side; the record's ``block_format`` names the layout). A running request
-        never rewrites a full block, nor the slots of tokens it has already produced the next token for; but
-        one that ends or is preempted meanwhile gives its blocks back, so once every layer is copied out,
-        ``unchanged`` must confirm the blocks are still its own, or the transfer fails. A ``rate`` (bytes a
-        second) spreads the layers' sends over time (``pacing``). Returns the record as a dict (FAILED with
-        an error on any failure)."""
-        endpoint, layout = self._endpoint, self._layout
-        if endpoint is None or layout is None:
-            return {"transfer_id": transfer_id, "outcome": "failed", "error": "connector not registered"}
-        dtype = next(iter(self._layers.values())).dtype
-        tokens = len(block_ids) * layout.block_size
-        raw = tokens * layout.token_bytes(dtype) * len(self._layers)
-        try:
-            transfer = endpoint.open(
-                transfer_id,
-                request_id,
-                destination,
-                layers=len(self._layers),
-                raw_bytes=raw,
-                tokens=tokens,
-                codec=get_codec("none"),
-                reason="migration: exact copy",
-            )
-        except TransferFailed as exc:
-            return exc.record.to_dict()
-
-        def still_its_own() -> None:
-            if not unchanged():
-                raise ValueError(f"request {request_id} ended or was preempted during the push")
-
-        try:
-            if self._zero_copy and not rate:  # every layer in one write, read while on the wire
-                endpoint.send_layers_from(
-                    transfer,
-                    (
-                        (index, *self._block_kv(layer, block_ids))
-                        for index, layer in enumerate(self._layers.values())
-                    ),
-                )
-            else:  # layer by layer, at the pre-copy's rate if it has one
-                pace = Pacer(rate) if rate else None
-                for index, layer in enumerate(self._layers.values()):
-                    if self._zero_copy:
-                        key, value = self._block_kv(layer, block_ids)
-                        if pace is not None:
-                            pace.wait(key.header.raw_nbytes + value.header.raw_nbytes)
-                        endpoint.send_layer_from(transfer, index, key, value)
-                        continue
-                    first, second = block_images(layer, layout, block_ids)
-                    if pace is not None:
-                        pace.wait(first.nbytes + second.nbytes)
-                    endpoint.send_layer(transfer, index, first, second)
-                if not self._zero_copy:
-                    still_its_own()  # copied out: check now
-            landed = endpoint.finish(transfer, before_commit=still_its_own if self._zero_copy else None)
-            return replace(landed, block_format=self._block_format()).to_dict()
-        except TransferFailed as exc:
-            return exc.record.to_dict()
-        except Exception as exc:
-            endpoint.abort(transfer, str(exc))
-            return {"transfer_id": transfer_id, "outcome": "failed", "error": f"push failed: {exc}"}
-
-
-def running_state(requests: dict[str, Any], request_id: str) -> Any:
-    """The model runner's state of ``request_id``: vLLM keys requests by the client's id plus ``-`` and eight
-    random characters (``InputProcessor``)."""
-    if request_id in requests:
-        return requests[request_id]
-    found = [
-        s
-        for key, s in list(requests.items())
-        if key.startswith(f"{request_id}-") and len(key) == len(request_id) + 9
-    ]
-    return found[0] if len(found) == 1 else None
