@@ -11,7 +11,8 @@ offset and a small range would lose its codes to cancellation in ``x / scale - z
 
 Codes keep the input's ``[T, H, D]`` order, flattened; scale and zero are ``[G, H, D]`` for keys and
 ``[T, H, G]`` for values, 3 bytes a group on the wire. Work runs in token chunks (``groups.token_chunks``),
-vectorized within each.
+vectorized within each, on views of the whole groups and of the remainder (no padded copy): at a prompt's
+size (a few hundred tokens a layer) the cost is the count of passes and calls, not arithmetic.
 """
 
 from __future__ import annotations
@@ -30,25 +31,29 @@ from kv_transfer.codec.base import (
     KVPart,
     PartSpec,
     check_exact_tokens,
+    check_extremes,
     kv_shape,
 )
 from kv_transfer.codec.groups import (
     DEFAULT_GROUP_SIZE,
+    TOKEN_AXIS,
     check_group_size,
     group_rows,
     group_shape,
     kivi_axis,
-    merge_groups,
-    split_groups,
     token_chunks,
+    whole_groups,
 )
 from kv_transfer.codec.rounding import fp16_round_down, log_scale_up, log_scale_value
+
+ROUNDER = float(2**23)
+"""Added to a code in ``[0, 256)`` held in fp32: the sum's last mantissa bits are the rounded code."""
 
 
 @dataclass(frozen=True)
 class AffineCodes:
-    """Unpacked integer codes (uint8, ``[T, H, D]`` flattened) and their per-group log scale code (uint8) and
-    fp16 zero."""
+    """Integer codes packed into bytes (uint8, ``[T, H, D]`` order flattened) and their per-group log scale
+    code (uint8) and fp16 zero."""
 
     codes: torch.Tensor
     scale: torch.Tensor
@@ -60,16 +65,21 @@ class AffineCodec(KVCodec):
     Subclasses say how many bits a code has and how codes are packed into bytes."""
 
     bits: int
+    codes_per_byte = 1
     lossless = False
+    checks_range = True
 
     def __init__(self, group_size: int = DEFAULT_GROUP_SIZE, exact_tokens: int = EXACT_TOKENS) -> None:
         self.group_size = check_group_size(group_size, self.name)
         self.exact_tokens = check_exact_tokens(exact_tokens, self.name)
 
-    def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        return codes
+    def pack_into(self, codes: torch.Tensor, out: torch.Tensor) -> None:
+        """Flat fp32 codes plus ``ROUNDER`` (see ``_quantize``) into the bytes ``out``: the cast to int32 is
+        exact and the narrowing keeps the low byte, the code. (fp32 to uint8 is a slow cast on the CPU.)"""
+        out.copy_(codes.to(torch.int32))
 
     def unpack(self, packed: torch.Tensor, count: int) -> torch.Tensor:
+        """The first ``count`` codes of ``packed``, flat, as integers ``torch.addcmul`` takes with fp32."""
         return packed
 
     def packed_len(self, count: int) -> int:
@@ -85,15 +95,14 @@ class AffineCodec(KVCodec):
         )
 
     def _encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
-        q = quantize(kv, kind, self.group_size, bits=self.bits)
+        q = quantize(kv, kind, self.group_size, self)
         header = KVHeader(self.name, kind, kv_shape(kv), kv.dtype, {"group_size": self.group_size})
-        parts = (KVPart("codes", self.pack(q.codes)), KVPart("scale", q.scale), KVPart("zero", q.zero))
+        parts = (KVPart("codes", q.codes), KVPart("scale", q.scale), KVPart("zero", q.zero))
         return EncodedKV(header, parts)
 
     def _decode(self, enc: EncodedKV) -> torch.Tensor:
-        codes = self.unpack(enc.part("codes"), math.prod(enc.shape))
-        q = AffineCodes(codes, enc.part("scale"), enc.part("zero"))
-        return dequantize(q, enc.header, enc.header.param("group_size"))
+        q = AffineCodes(enc.part("codes"), enc.part("scale"), enc.part("zero"))
+        return dequantize(q, enc.header, enc.header.param("group_size"), self)
 
 
 def scale_shape(header: KVHeader, group_size: int) -> tuple[int, int, int]:
@@ -101,39 +110,90 @@ def scale_shape(header: KVHeader, group_size: int) -> tuple[int, int, int]:
     return group_shape(header.shape, kivi_axis(header.kind), group_size)
 
 
-def quantize(kv: torch.Tensor, kind: KVKind, group_size: int, bits: int) -> AffineCodes:
+def quantize(kv: torch.Tensor, kind: KVKind, group_size: int, codec: AffineCodec) -> AffineCodes:
+    """Codes, packed as ``codec`` packs them, with their scales and zero points; ``ValueError`` (naming the
+    codec) on inf, NaN or a magnitude past fp16's range."""
     axis = kivi_axis(kind)
-    shape = group_shape((kv.shape[0], kv.shape[1], kv.shape[2]), axis, group_size)
-    codes = torch.empty(kv.shape, dtype=torch.uint8, device=kv.device)
+    shape = group_shape(kv_shape(kv), axis, group_size)
+    per_token = kv.shape[1] * kv.shape[2]
+    codes = torch.empty(codec.packed_len(kv.numel()), dtype=torch.uint8, device=kv.device)
     scale = torch.empty(shape, dtype=torch.uint8, device=kv.device)
     zero = torch.empty(shape, dtype=torch.float16, device=kv.device)
-    for tokens in token_chunks(kv, group_size if axis == 0 else 1):
+    for tokens in _chunks(kv, axis, group_size, codec):
         rows = group_rows(tokens, axis, group_size)
-        codes[tokens], scale[rows], zero[rows] = _quantize(kv[tokens], axis, group_size, float(2**bits - 1))
-    return AffineCodes(codes.view(-1), scale, zero)
+        q, scale[rows], zero[rows] = _quantize(
+            kv[tokens], axis, group_size, float(2**codec.bits - 1), codec.name
+        )
+        first = tokens.start * per_token // codec.codes_per_byte
+        codec.pack_into(q.view(-1), codes[first : first + codec.packed_len(q.numel())])
+    return AffineCodes(codes, scale, zero)
 
 
-def dequantize(q: AffineCodes, header: KVHeader, group_size: int) -> torch.Tensor:
+def dequantize(q: AffineCodes, header: KVHeader, group_size: int, codec: AffineCodec) -> torch.Tensor:
     axis = kivi_axis(header.kind)
-    codes = q.codes.view(header.shape)
-    out = torch.empty(header.shape, dtype=header.dtype, device=codes.device)
-    for tokens in token_chunks(codes, group_size if axis == 0 else 1):
+    out = torch.empty(header.shape, dtype=header.dtype, device=q.codes.device)
+    per_token = header.shape[1] * header.shape[2]
+    for tokens in _chunks(out, axis, group_size, codec):
         rows = group_rows(tokens, axis, group_size)
-        chunk = split_groups(codes[tokens].float(), axis, group_size, zero_pad=True)
-        zero = q.zero[rows].float().unsqueeze(axis + 1)
-        groups = torch.addcmul(zero, chunk, log_scale_value(q.scale[rows]).unsqueeze(axis + 1))
-        out[tokens] = merge_groups(groups, axis, out[tokens].shape[axis])
+        first, count = (
+            tokens.start * per_token // codec.codes_per_byte,
+            (tokens.stop - tokens.start) * per_token,
+        )
+        codes = codec.unpack(q.codes[first : first + codec.packed_len(count)], count).view(out[tokens].shape)
+        zero, scale = q.zero[rows].float(), log_scale_value(q.scale[rows])
+        (codes_main, codes_tail), (out_main, out_tail) = (
+            whole_groups(t, axis, group_size) for t in (codes, out[tokens])
+        )
+        whole = codes_main.shape[axis] if codes_main is not None else 0
+        if codes_main is not None and out_main is not None:  # computed in fp32, rounded once into ``out``
+            torch.addcmul(
+                zero.narrow(axis, 0, whole).unsqueeze(axis + 1),
+                codes_main,
+                scale.narrow(axis, 0, whole).unsqueeze(axis + 1),
+                out=out_main,
+            )
+        if codes_tail is not None and out_tail is not None:
+            torch.addcmul(zero.narrow(axis, whole, 1), codes_tail, scale.narrow(axis, whole, 1), out=out_tail)
     return out
 
 
+def _chunks(kv: torch.Tensor, axis: int, group_size: int, codec: AffineCodec) -> list[slice]:
+    """Token chunks (see ``token_chunks``) whose codes start on a byte: one chunk when a token's codes do
+    not fill whole bytes."""
+    if (kv.shape[1] * kv.shape[2]) % codec.codes_per_byte:
+        return [slice(0, kv.shape[0])]
+    return token_chunks(kv, group_size if axis == TOKEN_AXIS else 1)
+
+
 def _quantize(
-    kv: torch.Tensor, axis: int, group_size: int, qmax: float
+    x: torch.Tensor, axis: int, group_size: int, qmax: float, codec: str
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    groups = split_groups(kv.float(), axis, group_size)  # keys [G, g, H, D], values [T, H, G, g]
-    low, high = groups.amin(dim=axis + 1), groups.amax(dim=axis + 1)  # far faster than aminmax along a dim
+    """fp32 codes plus ``ROUNDER`` (``x``'s shape; ``pack_into`` keeps their low byte), log scale codes
+    and fp16 zeros of one chunk. ``x`` is widened to fp32 once (bf16 reductions are several times slower)
+    and coded in place there; the whole groups are views and the remainder is reduced on its own, so
+    nothing is padded or copied again."""
+    q = x.float() if x.dtype != torch.float32 else x.clone()
+    main, tail = whole_groups(q, axis, group_size)  # keys [G, g, H, D], values [T, H, G, g]
+    lows, highs = [], []
+    if main is not None:  # amin and amax: far faster than aminmax along a dim
+        lows.append(main.amin(dim=axis + 1))
+        highs.append(main.amax(dim=axis + 1))
+    if tail is not None:
+        lows.append(tail.amin(dim=axis, keepdim=True))
+        highs.append(tail.amax(dim=axis, keepdim=True))
+    low, high = (torch.cat(t, dim=axis) if len(t) > 1 else t[0] for t in (lows, highs))
+    check_extremes(float(low.min()), float(high.max()), codec)
     zero = fp16_round_down(low)
     zero32 = zero.float()
     scale = log_scale_up((high - zero32) / qmax)
-    q = groups - zero32.unsqueeze(axis + 1)
-    q.mul_(log_scale_value(scale).reciprocal_().unsqueeze(axis + 1)).round_().clamp_(0.0, qmax)
-    return merge_groups(q, axis, kv.shape[axis]).to(torch.uint8), scale, zero
+    inverse = log_scale_value(scale).reciprocal_()
+    whole = main.shape[axis] if main is not None else 0
+    if main is not None:
+        main.sub_(zero32.narrow(axis, 0, whole).unsqueeze(axis + 1))
+        main.mul_(inverse.narrow(axis, 0, whole).unsqueeze(axis + 1))
+    if tail is not None:
+        tail.sub_(zero32.narrow(axis, whole, 1))
+        tail.mul_(inverse.narrow(axis, whole, 1))
+    # (x - zero) * inverse is in [0, qmax], past qmax by a rounding error at most: adding ROUNDER rounds
+    # it to the nearest integer, ties to even, in the same pass (fp32 has no bits left below 1 there)
+    return q.add_(ROUNDER), scale, zero

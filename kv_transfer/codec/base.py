@@ -154,15 +154,21 @@ class KVCodec(ABC):
     exact_tokens: int = 0
     """Leading tokens sent raw, untouched by the codec (lossy codecs: ``EXACT_TOKENS`` unless told)."""
 
+    checks_range: ClassVar[bool] = False
+    """A lossy codec whose ``_encode`` finds every group's extremes anyway and checks them itself
+    (``check_extremes``), sparing ``encode`` a pass over the whole tensor."""
+
     def encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
         """Encode ``kv``; raises ``ValueError`` on a wrong kind, rank, dtype, an empty tensor and, for the
         lossy codecs, inf, NaN or a magnitude past fp16's range. The first ``exact_tokens`` tokens travel
         raw in a ``lead`` part and the codec encodes the rest, as if they were all there was."""
         if not isinstance(kind, KVKind):
             raise ValueError(f"{self.name}: kind must be a KVKind, got {kind!r}")
-        check_kv(kv, self.name, lossy=not self.lossless)
+        check_kv(kv, self.name, lossy=not self.lossless and not self.checks_range)
         kv = kv.contiguous()
         lead = min(self.exact_tokens, kv.shape[0])
+        if self.checks_range and lead:  # the lead travels raw: the codec never sees it
+            check_kv(kv[:lead], self.name, lossy=True)
         if not lead:
             return self._encode(kv, kind)
         parts: tuple[KVPart, ...] = (KVPart("lead", kv[:lead].reshape(-1).view(torch.uint8)),)
@@ -242,11 +248,16 @@ def check_kv(kv: object, codec: str, *, lossy: bool) -> None:
         raise ValueError(f"{codec}: kv is empty (shape {tuple(kv.shape)})")
     if lossy:
         low, high = torch.aminmax(kv)  # NaN propagates; one pass, no temporary
-        amax = max(-float(low), float(high))
-        if not math.isfinite(amax):
-            raise ValueError(f"{codec}: kv contains inf or NaN, which a lossy codec cannot represent")
-        if amax > FP16_MAX:
-            raise ValueError(f"{codec}: kv has |x| = {amax:g} > {FP16_MAX:g}, past the range of fp16 scales")
+        check_extremes(float(low), float(high), codec)
+
+
+def check_extremes(low: float, high: float, codec: str) -> None:
+    """A lossy codec's input, known by its smallest and largest element: finite, within fp16's range."""
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise ValueError(f"{codec}: kv contains inf or NaN, which a lossy codec cannot represent")
+    amax = max(-low, high)
+    if amax > FP16_MAX:
+        raise ValueError(f"{codec}: kv has |x| = {amax:g} > {FP16_MAX:g}, past the range of fp16 scales")
 
 
 def kv_shape(kv: torch.Tensor) -> tuple[int, int, int]:

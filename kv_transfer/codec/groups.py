@@ -76,6 +76,19 @@ def split_groups(x: torch.Tensor, axis: int, group_size: int, *, zero_pad: bool 
     return x.reshape(grouped)
 
 
+def whole_groups(
+    x: torch.Tensor, axis: int, group_size: int
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """``x`` cut along ``axis`` into views, without a copy: its whole groups, split into ``[G, group_size]``
+    (reduce over ``axis + 1``), and what is left, shorter than a group (reduce over ``axis``); either is
+    ``None`` when empty. The remainder's extremes are those of the last group ``split_groups`` pads."""
+    length = x.shape[axis]
+    whole = length // group_size * group_size
+    main = x.narrow(axis, 0, whole).unflatten(axis, (-1, group_size)) if whole else None
+    tail = x.narrow(axis, whole, length - whole) if whole < length else None
+    return main, tail
+
+
 def merge_groups(x: torch.Tensor, axis: int, length: int) -> torch.Tensor:
     """Inverse of ``split_groups``: ``[..., G, group_size, ...]`` back to ``length`` along ``axis`` (a view
     when no padding was added)."""

@@ -7,23 +7,14 @@ last high nibble zero. Wire: half a byte per element plus 3 bytes per group.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from kv_transfer.codec.affine import AffineCodec
 
-
-def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """Flat uint8 codes in 0..15 to ``ceil(n / 2)`` bytes."""
-    if codes.numel() % 2:
-        codes = torch.cat([codes, codes.new_zeros(1)])
-    pairs = codes.view(-1, 2)
-    return pairs[:, 0] | (pairs[:, 1] << 4)
-
-
-def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
-    """Inverse of ``pack_nibbles``: the first ``count`` codes."""
-    codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(-1)
-    return codes[:count] if codes.numel() != count else codes
+_LITTLE_ENDIAN = sys.byteorder == "little"
+"""Packing and unpacking then run on int16 pairs, with no strided pass (several times faster on the CPU)."""
 
 
 class Int4Codec(AffineCodec):
@@ -31,12 +22,25 @@ class Int4Codec(AffineCodec):
 
     name = "int4"
     bits = 4
+    codes_per_byte = 2
 
-    def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        return pack_nibbles(codes)
+    def pack_into(self, codes: torch.Tensor, out: torch.Tensor) -> None:
+        whole = torch.empty(out.numel() * 2, dtype=torch.uint8, device=codes.device)
+        whole[: codes.numel()] = codes.to(torch.int32)  # the low byte (see ``AffineCodec.pack_into``)
+        whole[codes.numel() :] = 0
+        if not _LITTLE_ENDIAN:
+            torch.add(whole[0::2], whole[1::2], alpha=16, out=out)
+            return
+        pairs = whole.view(torch.int16)  # code 2i in the low byte, code 2i + 1 in the high byte
+        out.copy_(pairs | (pairs >> 4))  # the cast keeps the low byte: code 2i | code 2i + 1 << 4
 
     def unpack(self, packed: torch.Tensor, count: int) -> torch.Tensor:
-        return unpack_nibbles(packed, count)
+        if _LITTLE_ENDIAN:
+            wide = packed.to(torch.int16)
+            codes = ((wide | (wide << 4)) & 0x0F0F).view(torch.uint8)  # each int16: code 2i, code 2i + 1
+        else:
+            codes = torch.stack([packed & 0x0F, packed >> 4], dim=-1).view(-1)
+        return codes[:count] if codes.numel() != count else codes
 
     def packed_len(self, count: int) -> int:
         return -(-count // 2)

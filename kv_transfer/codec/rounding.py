@@ -26,20 +26,19 @@ FP16_TINY = 2.0**-24
 """Smallest positive fp16 (subnormal): the floor for a scale, so that a constant group never divides by 0."""
 
 
+_FP16_INF = torch.tensor(torch.inf, dtype=torch.float16)
+
+
 def fp16_round_up(x: torch.Tensor) -> torch.Tensor:
     """The smallest fp16 >= each fp32 element (finite inputs within fp16's range)."""
     nearest = x.to(torch.float16)
-    return torch.where(
-        nearest.float() < x, torch.nextafter(nearest, torch.full_like(nearest, torch.inf)), nearest
-    )
+    return torch.where(nearest.float() < x, torch.nextafter(nearest, _FP16_INF.to(x.device)), nearest)
 
 
 def fp16_round_down(x: torch.Tensor) -> torch.Tensor:
     """The largest fp16 <= each fp32 element (finite inputs within fp16's range)."""
     nearest = x.to(torch.float16)
-    return torch.where(
-        nearest.float() > x, torch.nextafter(nearest, torch.full_like(nearest, -torch.inf)), nearest
-    )
+    return torch.where(nearest.float() > x, torch.nextafter(nearest, -_FP16_INF.to(x.device)), nearest)
 
 
 def log_scale_up(x: torch.Tensor) -> torch.Tensor:

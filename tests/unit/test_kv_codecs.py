@@ -526,3 +526,26 @@ def test_header_is_read_only() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         enc.header.codec = "none"  # type: ignore[misc]
     assert isinstance(enc.header, KVHeader)
+
+
+@pytest.mark.parametrize("name", ["int8", "int4"])
+@pytest.mark.parametrize("shape", [(6, 2, 64), (3, 1, 5)])  # whole groups; a remainder and an odd count
+def test_integer_codes_on_the_wire_round_ties_to_even(name: str, shape: tuple[int, int, int]) -> None:
+    """The wire layout a receiver of another version relies on: per value group ``zero`` (its minimum) and
+    log scale, codes ``round((x - zero) / scale)`` with ties to even, two int4 codes a byte, the first in
+    the low nibble. Each row spans exactly ``qmax`` steps of 1/8 and sits on a grid of 1/16: its scale is
+    exact and half its codes are ties."""
+    qmax = 255 if name == "int8" else 15
+    gen = torch.Generator().manual_seed(1)
+    steps = torch.randint(0, 2 * qmax + 1, shape, generator=gen)
+    steps[..., 0], steps[..., -1] = 0, 2 * qmax
+    low = torch.randint(-32, 32, (*shape[:2], 1), generator=gen) / 8
+    kv = low + steps / 16
+    enc = get_codec(name, exact_tokens=0, group_size=64).encode(kv, KVKind.VALUE)
+    assert torch.equal(log_scale_value(enc.part("scale")), torch.full((*shape[:2], 1), 1 / 8))
+    assert torch.equal(enc.part("zero").float(), low)
+    codes = torch.round(steps / 2).to(torch.uint8).reshape(-1)  # torch.round: ties to even
+    if qmax == 15:
+        codes = torch.cat([codes, codes.new_zeros(codes.numel() % 2)])
+        codes = codes[0::2] | (codes[1::2] << 4)
+    assert torch.equal(enc.part("codes"), codes)
