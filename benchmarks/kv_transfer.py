@@ -6,7 +6,9 @@ delivery time between two processes over real NIXL/UCX, on loopback and on emula
     .venv/bin/python benchmarks/kv_transfer.py --links loopback --tokens 512,2048 --shapes smollm2
 
 Delivery: every layer is ready at t0 (prefill done); t0 → the last layer decoded on the receiver. The sender
-encodes layer by layer and writes each layer as soon as it is encoded, through pdflow's ``KVEndpoint``; the
+encodes layer by layer and writes each layer as soon as it is encoded, through pdflow's ``KVEndpoint``
+(codec ``none``, with nothing to encode, queues every layer at once and posts one write from the registered
+cache, as a migration's push does; layer by layer the first went alone and the rest after it); the
 receiver decodes each layer as it lands (``decode_s``: all its decoding; ``load_s``: what was left at the
 load; ``--no-early-decode`` decodes everything at the load instead). The baseline, "raw", moves the bf16
 bytes in one write with no codec: what vLLM's ``NixlConnector`` moves (it reads the raw blocks in one NIXL
@@ -81,9 +83,8 @@ def send(host: str, arena_mib: int, destination: str) -> None:
     """Sender: read jobs from stdin, run each, print the sender's record as JSON."""
     import torch
 
-    from kv_transfer.codec import KVHeader, KVKind, get_codec
+    from kv_transfer.codec import get_codec
     from kv_transfer.codec_choice import CodecChooser, measure_profiles
-    from kv_transfer.outgoing import RegisteredKV
 
     endpoint, transport = _endpoint("bench-send", host, arena_mib)
     cache: dict[tuple[str, int], list[tuple[Any, Any]]] = {}  # kept: registered with NIXL
@@ -150,20 +151,13 @@ def send(host: str, arena_mib: int, destination: str) -> None:
         )
         layer_s = job.get("layer_ms", 0) / 1000
         t0 = time.time()
-        for i, (k, v) in enumerate(layers):
+        if codec.name == "none" and not layer_s:  # every layer ready: queued together, one write
+            endpoint.send_layers_from(out, [(i, *_registered(k, v)) for i, (k, v) in enumerate(layers)])
+        for i, (k, v) in enumerate(layers if codec.name != "none" or layer_s else ()):
             if layer_s:
                 time.sleep(layer_s)  # the emulated prefill of this layer
-            if codec.name == "none":  # as the connector sends it: straight from the registered KV cache
-                endpoint.send_layer_from(
-                    out,
-                    i,
-                    *(
-                        RegisteredKV(
-                            KVHeader("none", kind, tuple(t.shape), t.dtype), [(t.data_ptr(), t.nbytes)]
-                        )
-                        for kind, t in ((KVKind.KEY, k), (KVKind.VALUE, v))
-                    ),
-                )
+            if codec.name == "none":  # as the connector sends each layer once it is computed
+                endpoint.send_layer_from(out, i, *_registered(k, v))
             else:
                 endpoint.send_layer(out, i, k, v)
         record = endpoint.finish(out)
@@ -177,6 +171,17 @@ def send(host: str, arena_mib: int, destination: str) -> None:
                 encode_s=record.encode_s,
             )
         print(json.dumps({"t0": t0, "staging_s": 0.0, **record.to_dict()}), flush=True)
+
+
+def _registered(key: Any, value: Any) -> tuple[Any, Any]:
+    """A layer's K and V as codec ``none`` sends them: straight from the registered KV cache."""
+    from kv_transfer.codec import KVHeader, KVKind
+    from kv_transfer.outgoing import RegisteredKV
+
+    def one(kind: KVKind, t: Any) -> RegisteredKV:
+        return RegisteredKV(KVHeader("none", kind, tuple(t.shape), t.dtype), [(t.data_ptr(), t.nbytes)])
+
+    return one(KVKind.KEY, key), one(KVKind.VALUE, value)
 
 
 # ---- links ----
@@ -240,7 +245,7 @@ class _Proc:
         while True:
             text = self.p.stdout.readline()
             if not text:
-                raise RuntimeError(f"{self.p.args} exited with {self.p.wait()}")
+                raise RuntimeError(f"{self.p.args!r} exited with {self.p.wait()}")
             if text.startswith("{"):
                 return dict(json.loads(text))
 
