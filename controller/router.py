@@ -148,6 +148,10 @@ class RequestRouter:
                 # The prefill worker holds the prompt's KV for a decode worker that will never ask (the
                 # request ended at token one, or the client left): have the decode side release it now.
                 self._release(flight, handoff)
+            elif handed_off and flight.state is RequestState.TRANSFERRING:
+                # It ended (aborted, failed) before its decode worker produced a token, maybe before that
+                # worker even started on it: have the prefill worker drop the KV it pushed there.
+                self._drop_handoff(flight)
 
     async def _prefill(self, flight: _Flight, request: PrefillRequest) -> PrefillResult | None:
         """Run prefill with a deadline; None if the client aborted first. Every way out but success aborts
@@ -281,6 +285,13 @@ class RequestRouter:
             log.warning(
                 "%s: no decode worker to release prefill KV; it frees at lease end", flight.request_id
             )
+
+    def _drop_handoff(self, flight: _Flight) -> None:
+        try:
+            actor = self._actor(flight.plan.prefill.actor_name)
+            actor.drop_handoff.remote(flight.request_id, flight.plan.decode.kv_endpoint)
+        except WorkerFailed:
+            log.warning("%s: no prefill worker to drop its pushed KV (freed at lease end)", flight.request_id)
 
     def _actor(self, name: str) -> Any:
         """A worker's Ray handle, cached: looking one up is a blocking call to the GCS."""

@@ -67,16 +67,9 @@ class DecodeWorker(EngineWorker):
         return self.migrations.cancel(request_id)
 
     async def leak_check(self) -> dict[str, int]:
-        """What this worker still holds: KV blocks, requests, streams, and the connector's staging state.
-        All zero when idle."""
-        load = self.engine.load()
-        figures = {
-            "kv_blocks_used": load.kv_blocks_used,
-            "requests": load.num_running + load.num_waiting + load.in_flight,
-            "streams": len(self.migrations.running()),
-            "migrating": len(self.migrations.migrating()),
-        }
-        return figures | await self.engine.kv_held()
+        """``EngineWorker.leak_check`` plus the streams and migrations this worker runs."""
+        figures = {"streams": len(self.migrations.running()), "migrating": len(self.migrations.migrating())}
+        return await super().leak_check() | figures
 
     def running_requests(self) -> list[str]:
         return self.migrations.running()

@@ -14,3 +14,8 @@ class PrefillWorker(EngineWorker):
         """Compute the prompt and token one. The KV stays here until a decode worker pulls it, or until the
         lease (``engine.kv_lease_seconds``) runs out with no decode worker asking."""
         return await self.engine.prefill(request)
+
+    async def drop_handoff(self, request_id: str, destination: str) -> None:
+        """Have ``destination`` (a decode worker's KV endpoint) free the KV pushed for ``request_id``, which
+        it will never load (the request ended before its decode worker produced a token)."""
+        await self.engine.drop_handoff(destination, request_id)

@@ -141,15 +141,21 @@ class VllmEngine:
                 raise WorkerFailed(
                     f"prefill of {request.request_id}: no decode worker KV endpoint to push to"
                 )
-            kv_params = {_DEST: request.kv_destination, _TRANSFER: f"{request.request_id}/handoff"}
+            kv_params = {_DEST: request.kv_destination, _TRANSFER: _handoff_id(request.request_id)}
             if request.kv_codec is not None:
                 kv_params[_CODEC] = request.kv_codec
         elif request.hand_off:
             kv_params = {"do_remote_decode": True}
         params = self._sampling_params(request.sampling, max_tokens=1, kv_transfer_params=kv_params)
         last = None
-        async for out in self._run(request.request_id, request.prompt_token_ids, params):
-            last = out
+        try:
+            async for out in self._run(request.request_id, request.prompt_token_ids, params):
+                last = out
+        finally:
+            outputs = last.outputs if last is not None and last.finished else []
+            completed = bool(outputs) and outputs[0].finish_reason != "abort"
+            if not completed and kv_params is not None and pdflow:  # its pushed KV will never be loaded
+                await asyncio.shield(self.drop_handoff(request.kv_destination, request.request_id))
         if last is None or not last.outputs or not last.outputs[0].token_ids:
             raise WorkerFailed(f"prefill of {request.request_id} produced no token")
         first = int(last.outputs[0].token_ids[-1])
@@ -226,6 +232,8 @@ class VllmEngine:
                 yield chunk
         finally:
             self._queued_kv.pop(request.request_id, None)
+            if first and not migrated:  # ended (aborted) before its KV was loaded: free the landed copy now
+                await asyncio.shield(self._release_landed(kv_params[_TRANSFER]))
 
     async def generate(
         self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
@@ -294,6 +302,21 @@ class VllmEngine:
 
     async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         await self._rpc("pdflow_drop_pushed", (destination, transfer_ids, why))
+
+    async def drop_handoff(self, destination: str, request_id: str) -> None:
+        """Best effort: the decode worker frees a hand-off's KV (landed, or its reservation) that will never
+        be loaded, rather than at the end of its lease."""
+        try:
+            await self.drop_pushed(destination, [_handoff_id(request_id)], "the request ended unloaded")
+        except Exception as exc:
+            log.debug("dropping the hand-off KV of %s: %s", request_id, exc)
+
+    async def _release_landed(self, transfer_id: str) -> None:
+        """Best effort: free a landed transfer this engine will not load (idempotent where it was)."""
+        try:
+            await self._side_call({"op": "abort", "transfer_id": transfer_id, "why": "ended unloaded"})
+        except Exception as exc:
+            log.debug("releasing landed transfer %s: %s", transfer_id, exc)
 
     def _hold_queued_kv(self, request_id: str, transfer_ids: tuple[str, ...]) -> None:
         self._queued_kv[request_id] = transfer_ids
@@ -397,3 +420,8 @@ def _chunk(request_id: RequestId, out: Any) -> TokenChunk:
             str(reason), FinishReason.ERROR
         )
     return TokenChunk(request_id=request_id, token_ids=token_ids, finish_reason=finish)
+
+
+def _handoff_id(request_id: str) -> str:
+    """The transfer id of a request's prefill-to-decode hand-off."""
+    return f"{request_id}/handoff"

@@ -77,6 +77,16 @@ class EngineWorker:
     async def abort(self, request_id: str) -> None:
         await self.engine.abort(RequestId(request_id))
 
+    async def leak_check(self) -> dict[str, int]:
+        """What this worker still holds: KV blocks, requests, and the KV connector's staging state (regions,
+        transfers, pushes, loads). All zero when idle."""
+        load = self.engine.load()
+        figures = {
+            "kv_blocks_used": load.kv_blocks_used,
+            "requests": load.num_running + load.num_waiting + load.in_flight,
+        }
+        return figures | await self.engine.kv_held()
+
     def ping(self) -> str:
         return self.instance_id
 

@@ -283,3 +283,70 @@ async def test_request_ending_at_token_one_frees_prefill_kv_at_once(
     )
     await asyncio.to_thread(cluster.wait_idle, 5)
     assert time.monotonic() - released < 5
+
+
+def _leaks(cluster: E2ECluster) -> dict[str, dict[str, int]]:
+    """Every worker's leak-check figures that are not zero (blocks, requests, staging regions, transfers)."""
+    import ray
+
+    figures = {
+        name: ray.get(actor.leak_check.remote(), timeout=30)
+        for role in (Role.PREFILL, Role.DECODE)
+        for name, actor in cluster.handle.workers(role).items()
+    }
+    return {name: held for name, of in figures.items() if (held := {k: v for k, v in of.items() if v})}
+
+
+@pytest.mark.parametrize("stage", ["PREFILLING", "TRANSFERRING", "DECODING"])
+async def test_an_abort_at_each_stage_of_a_hand_off_frees_both_workers(
+    cluster: E2ECluster, stage: str
+) -> None:
+    """Aborted while its KV is being pushed layer by layer during prefill, between the first token and the
+    decode worker's first (the KV landed, not yet loaded), or while decoding: the client's stream ends with
+    "abort" and, soon after, neither worker holds a block, a request, a staging region or a transfer."""
+    from pdctl.admin_client import AdminClient
+
+    rid = f"abort-in-{stage.lower()}"
+    request = router_pb2.GenerateRequest(
+        model=cluster.model,
+        request_id=rid,
+        prompt_token_ids=router_pb2.TokenIds(ids=[1000 + (7 * i) % 4000 for i in range(700)]),
+        sampling=router_pb2.SamplingParams(max_tokens=200, temperature=0.0, ignore_eos=True),
+    )
+    tokens, finish = 0, ""
+    with AdminClient(cluster.admin_address) as admin:
+        async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
+            stub = router_pb2_grpc.RouterStub(channel)
+            call = stub.Generate(request, timeout=120)
+            if stage == "PREFILLING":  # ~1 s of prefill on CPU: abort a third of the way into it
+                for _ in range(500):
+                    found = admin.requests(request_id=rid).requests
+                    if found and found[0].state == stage:
+                        break
+                    await asyncio.sleep(0.01)
+                await asyncio.sleep(0.3)
+            else:
+                async for resp in call:
+                    tokens += len(resp.token_ids)
+                    if tokens >= (1 if stage == "TRANSFERRING" else 5):
+                        break
+            aborted = await stub.Abort(router_pb2.AbortRequest(request_id=rid), timeout=10)
+            assert aborted.found
+            async for resp in call:
+                tokens += len(resp.token_ids)
+                finish = resp.finish_reason or finish
+        events: list[str] = []
+        for _ in range(100):  # the request's last event follows its stream's end
+            events = [e.state for e in admin.requests(request_id=rid).requests[0].events]
+            if events[-1].startswith("FINISHED"):
+                break
+            await asyncio.sleep(0.05)
+    assert finish == "abort"
+    assert events[-1] == "FINISHED_ABORTED" and events[-2] == stage, events  # aborted in that stage
+    if stage == "TRANSFERRING":
+        assert tokens == 1  # the first token only: the decode worker never produced one
+    # Freed at once, not when the lease (engine.kv_lease_seconds, 12 s) of a landed copy runs out.
+    deadline = asyncio.get_running_loop().time() + 5
+    while leaks := await asyncio.to_thread(_leaks, cluster):
+        assert asyncio.get_running_loop().time() < deadline, f"held 5 s after the abort: {leaks}"
+        await asyncio.sleep(0.5)
