@@ -124,6 +124,7 @@ async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str
         "stages": report.stages,
         "wire_mb": report.wire_bytes / 1e6,
         "tokens_moved": report.tokens,
+        "primed_blocks": report.primed_blocks,
         # the source's own TPOT is compared over the migration against the decode phase before it (once
         # the migrated request's prompt was computed)
         "window": (started, started + report.duration_s, times[8]),
@@ -159,12 +160,16 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
         # SmolLM2 has 8192 positions: the longest sequence may take 8192 - TAIL tokens (--lengths ...,8144)
         overrides={
             "engine.max_model_len": min(max(lengths) + 256, 8192),
-            "engine.prefix_caching": False,
+            # the destination primes its prefix cache with the pre-copied stages (migration.prime_destination;
+            # --set migration.prime_destination=false to compare); every run's prompt is its own
+            "engine.prefix_caching": True,
             "engine.kv_zero_copy": not args.copy_push,
             **dict(kv.split("=", 1) for kv in args.set),
         }
     ).model_dump(mode="json")
     workers = [DecodeWorker(f"decode-{c}", f"bench-{c}", str(model), cfg, "", "pdflow") for c in "AB"]
+    for w in workers:  # no Ray here: a migration reaches the other worker in this process
+        w.local_peers = {peer.actor_name: peer for peer in workers if peer is not w}
     for core, w in enumerate(workers):
         if args.pin:  # the engine's compute thread, and every thread it starts later, on a core of its own
             os.environ["VLLM_CPU_OMP_THREADS_BIND"] = str(core % (os.cpu_count() or 1))
@@ -232,7 +237,8 @@ def _line(r: dict[str, Any]) -> str:
         f"{r['length']:>6} {r['mode']:<14} {r['outcome']:<8} downtime {r['downtime_ms']:8.1f} ms "
         f"(max gap {r['max_gap_ms']:7.1f}, normal {r['normal_gap_ms']:6.1f}) paused {r['paused_ms']:7.1f} ms "
         f"(gap: source {r['handover_source_ms']:6.1f} + destination {r['handover_dest_ms']:6.1f} ms) "
-        f"stages {r['stages']} {r['wire_mb']:6.1f} MB  source TPOT {r['source_tpot_before_ms']:6.1f} -> "
+        f"stages {r['stages']} (primed {r['primed_blocks']} blocks) {r['wire_mb']:6.1f} MB  "
+        f"source TPOT {r['source_tpot_before_ms']:6.1f} -> "
         f"{r['source_tpot_during_ms']:6.1f} ms "
         f"(all runs {100 * r.get('source_tpot_growth', float('nan')):+.0f}%)"
         f"  runs {r.get('downtimes_ms', '')} {r['error']}"

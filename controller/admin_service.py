@@ -198,6 +198,7 @@ def migration_message(entry: MigrationEntry) -> admin_pb2.MigrationInfo:
         info.stages = r.stages
         info.blocks = r.blocks
         info.wire_bytes = r.wire_bytes
+        info.primed_blocks = r.primed_blocks
         info.tokens = r.tokens
         info.paused_seconds = r.paused_s
         info.duration_seconds = r.duration_s

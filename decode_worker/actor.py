@@ -22,7 +22,12 @@ class DecodeWorker(EngineWorker):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.migrations = MigrationSource(self.engine, self.instance_id, self.config.migration)
+        self.migrations = MigrationSource(
+            self.engine, self.instance_id, self.config.migration, primer=self._prime_peer
+        )
+        # decode workers in this process by actor name (benchmarks, reference runs): a migration reaches them
+        # directly rather than as Ray actors
+        self.local_peers: dict[str, DecodeWorker] = {}
 
     async def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
         """Ray streaming generator: load the KV through the request's handle (prefill hand-off, or the parts
@@ -62,6 +67,21 @@ class DecodeWorker(EngineWorker):
         ``decode_worker.migration.source``. Returns when it moved or failed (then it goes on here)."""
         chosen = MigrationMode(mode) if mode else self.config.migration.mode
         return await self.migrations.migrate(request_id, migration_id, target, chosen)
+
+    async def prime(self, request: DecodeRequest) -> bool:
+        """Destination side of a live migration, before its hand-over: load the pre-copied stages named by
+        ``request.kv_handle`` into the prefix cache (``VllmEngine.prime``)."""
+        return await self.engine.prime(request, self.config.migration.prime_timeout_s)
+
+    async def _prime_peer(self, target: MigrationTarget, request: DecodeRequest) -> bool:
+        peer = self.local_peers.get(target.actor_name)
+        if peer is not None:
+            return await peer.prime(request)
+        import ray
+
+        handle = ray.get_actor(target.actor_name, namespace=self._namespace)
+        primed: bool = await handle.prime.remote(request)
+        return primed
 
     def cancel_migration(self, request_id: str) -> bool:
         return self.migrations.cancel(request_id)

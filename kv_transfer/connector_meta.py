@@ -32,6 +32,7 @@ class LoadSpec:
     # every part landed before the request came (see ``_all_landed``): vLLM schedules the request in the
     # step that loads it, and is not told when the load is done
     sync: bool = False
+    keep: bool = False  # leave the parts landed once loaded (``params.KEEP``)
 
 
 @dataclass

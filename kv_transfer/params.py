@@ -17,6 +17,10 @@ BLOCK_FORMAT = "pdflow_block_format"
 # hands the request over as its last stage starts); the receiver loads the other parts meanwhile and waits for
 # these, and recomputes the KV if one never lands
 IN_FLIGHT = "pdflow_in_flight"
+# decode side, optional: load the parts but leave them landed (a request that primes the destination's prefix
+# cache with a live migration's pre-copied stages before the hand-over; the request that continues the
+# migrated one then finds their blocks cached, and loads the parts again only if the cache lost them)
+KEEP = "pdflow_keep"
 
 
 def parts(params: dict[str, object]) -> tuple[tuple[str, int], ...]:

@@ -46,7 +46,7 @@ from kv_transfer.paged import (
     put_block_images,
     scatter,
 )
-from kv_transfer.params import BLOCK_FORMAT, CODEC, IN_FLIGHT, PARTS, REMOTE_TOKENS
+from kv_transfer.params import BLOCK_FORMAT, CODEC, IN_FLIGHT, KEEP, PARTS, REMOTE_TOKENS
 from kv_transfer.params import DESTINATION as DEST
 from kv_transfer.params import TRANSFER_ID as TRANSFER
 from kv_transfer.params import parts as transfer_parts
@@ -155,8 +155,10 @@ class PdflowConnector(KVConnectorBase_V1):
                 if PARTS in params
                 else frozenset(),
                 _all_landed(params),
+                bool(params.get(KEEP)),
             )
-            self._loading[request.request_id] = [tid for tid, _ in parts]
+            if not params.get(KEEP):  # a priming request's parts stay for the request it primes
+                self._loading[request.request_id] = [tid for tid, _ in parts]
             # Loaded once: if vLLM preempts the request later, it recomputes its KV here, since the
             # transfer is gone by then (asked again, it would wait for it and fail).
             params.pop(REMOTE_TOKENS, None)
@@ -241,9 +243,7 @@ class PdflowConnector(KVConnectorBase_V1):
             rate=precopy_rate(self._extra.get("precopy_gbps"), first.device.type),
         )
         self._endpoint.add_op("push", self.start_push)
-        self._endpoint.add_op(
-            "push_status", lambda msg: {"record": self.push_status(str(msg["transfer_id"]))}
-        )
+        self._endpoint.add_op("push_status", lambda m: {"record": self.push_status(str(m["transfer_id"]))})
         log.info(
             "pdflow connector %s: %d layers %s, side channel %s",
             self._engine_id,
@@ -448,7 +448,7 @@ class PdflowConnector(KVConnectorBase_V1):
                     if later:
                         deferred.append(tid)
                         continue
-                    self._endpoint.release(tid, decode_s=time.perf_counter() - started)
+                    self._release(load, tid, decode_s=time.perf_counter() - started)
                 if len(load.loaded) < len(load.spec.parts):
                     if now > load.deadline:
                         missing = [tid for i, (tid, _) in enumerate(load.spec.parts) if i not in load.loaded]
@@ -462,12 +462,16 @@ class PdflowConnector(KVConnectorBase_V1):
                     layered.errors.setdefault(rid, exc)
                 for i, (tid, _) in enumerate(load.spec.parts):
                     if i not in load.loaded:
-                        self._endpoint.release(tid, error=f"the KV of {rid} failed to load: {exc}")
+                        self._release(load, tid, error=f"the KV of {rid} failed to load: {exc}")
             del self._pending_loads[rid]
             if deferred:
                 self._copying[rid] = (load, deferred)
             if not load.spec.sync:  # vLLM waits to hear of an asynchronous load only
                 self._received.add(rid)
+
+    def _release(self, load: _Load, transfer_id: str, **outcome: Any) -> None:
+        if self._endpoint is not None and not load.spec.keep:
+            self._endpoint.release(transfer_id, **outcome)
 
     def _fail_blocks(self, load: _Load) -> None:
         """Report the blocks ``load`` was to write as failed. A local prefix-cache hit's are left out: they
@@ -493,12 +497,10 @@ class PdflowConnector(KVConnectorBase_V1):
                 log.warning("pdflow: loading KV of %s failed: %s", rid, error)
                 self._fail_blocks(load)
             for tid in tids:
-                if self._endpoint is None:
-                    break
                 if error is not None:
-                    self._endpoint.release(tid, error=f"the KV of {rid} failed to load: {error}")
+                    self._release(load, tid, error=f"the KV of {rid} failed to load: {error}")
                 else:
-                    self._endpoint.release(tid, decode_s=copy.seconds.get(rid, 0.0) / len(tids))
+                    self._release(load, tid, decode_s=copy.seconds.get(rid, 0.0) / len(tids))
 
     def _load_part(
         self,
@@ -555,8 +557,7 @@ class PdflowConnector(KVConnectorBase_V1):
                     f"transfer {tid} starts at block {first}, the KV before it ends at token {covered}"
                 )
             covered += load.loaded[position]
-        if covered < load.spec.local_tokens + load.spec.tokens:
-            need = load.spec.local_tokens + load.spec.tokens
+        if covered < (need := load.spec.local_tokens + load.spec.tokens):
             raise ValueError(f"transfers carry {covered} tokens, the request needs {need}")
 
     # ---- live migration (source side) -------------------------------------------------------------------
@@ -577,8 +578,7 @@ class PdflowConnector(KVConnectorBase_V1):
 
     @property
     def address(self) -> str:
-        """``host:port`` of this worker's side channel, where other workers push KV to it ("" before
-        ``register_kv_caches``)."""
+        """``host:port`` of the side channel where other workers push KV to this one ("" before start)."""
         return self._endpoint.address if self._endpoint is not None else ""
 
     def held(self) -> dict[str, int]:

@@ -69,7 +69,7 @@ def migration_line(m: admin_pb2.MigrationInfo) -> str:
         return line + f", running for {max(0.0, time.time() - m.started_at):.1f}s"
     line += (
         f": {m.outcome} in {m.duration_seconds * 1e3:.0f} ms, stream paused {m.paused_seconds * 1e3:.0f} ms, "
-        f"{m.stages} push(es), {m.blocks} blocks, {m.wire_bytes / 1e6:.1f} MB"
+        f"{m.stages} push(es), {m.blocks} blocks ({m.primed_blocks} primed), {m.wire_bytes / 1e6:.1f} MB"
     )
     return line + (f"; {m.error}" if m.error else "")
 

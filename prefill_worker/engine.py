@@ -17,6 +17,7 @@ from typing import Any, cast
 from kv_transfer.params import BLOCK_FORMAT as _BLOCK_FORMAT
 from kv_transfer.params import CODEC as _CODEC
 from kv_transfer.params import DESTINATION as _DEST
+from kv_transfer.params import KEEP as _KEEP
 from kv_transfer.params import PARTS as _PARTS
 from kv_transfer.params import REMOTE_TOKENS as _REMOTE_TOKENS
 from kv_transfer.params import TRANSFER_ID as _TRANSFER
@@ -234,6 +235,32 @@ class VllmEngine:
             self._queued_kv.pop(request.request_id, None)
             if first and not migrated:  # ended (aborted) before its KV was loaded: free the landed copy now
                 await asyncio.shield(self._release_landed(kv_params[_TRANSFER]))
+
+    async def prime(self, request: DecodeRequest, deadline_s: float) -> bool:
+        """Load a live migration's pre-copied stages (``request.kv_handle``, for ``prompt_token_ids``) into
+        this engine's prefix cache ahead of the hand-over, keeping the parts landed: the request that
+        continues the migrated one then finds those blocks cached and copies only its last stage in the
+        paused step. One step of one token; False, with nothing lost, where it could not run (no prefix
+        caching, no pdflow connector, past ``deadline_s``)."""
+        if not self._config.prefix_caching or self._config.kv_connector is not KVConnectorKind.PDFLOW:
+            return False
+        kv_params = dict(request.kv_handle or {}) | {
+            _REMOTE_TOKENS: len(request.prompt_token_ids),
+            _KEEP: True,
+        }
+        params = self._sampling_params(request.sampling, max_tokens=1, kv_transfer_params=kv_params)
+        prompt = (*request.prompt_token_ids, request.first_token_id)
+        finish = None
+        try:
+            async with asyncio.timeout(deadline_s):
+                async for out in self._run(request.request_id, prompt, params):
+                    finish = _chunk(request.request_id, out).finish_reason
+        except TimeoutError:
+            log.info(
+                "%s: priming took past %g s; the hand-over loads every stage", request.request_id, deadline_s
+            )
+            return False
+        return finish is not None and finish is not FinishReason.ERROR
 
     async def generate(
         self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec

@@ -175,6 +175,15 @@ class MigrationConfig(_Section):
         "faster): hand over once it has landed, and the destination loads everything in the step that "
         "computes the next token.",
     )
+    prime_destination: bool = Field(
+        True,
+        description="Once the pre-copy stages landed, have the destination load them into its prefix cache "
+        "(one step of one token, off the client's critical path), so that the paused step copies only the "
+        "last stage. Needs prefix caching on the destination (live mode).",
+    )
+    prime_timeout_s: float = Field(
+        5.0, gt=0, description="How long the migration waits for the destination's priming before going on."
+    )
     auto: bool = Field(
         False, description="Let the migration policy move requests between decode workers on its own."
     )

@@ -45,6 +45,7 @@ class MigrationReport:
     stages: int = 0  # pushes, the final one included
     blocks: int = 0
     wire_bytes: int = 0
+    primed_blocks: int = 0  # pre-copied blocks the destination loaded into its prefix cache before the pause
     tokens: int = 0  # KV tokens that moved (recompute: re-run)
     paused_s: float = 0.0  # from the stream's freeze to the hand-over
     duration_s: float = 0.0

@@ -13,6 +13,10 @@ instead, and the generator returns once it has ended: the destination copies the
 and recomputes the request if the last push never lands. If anything fails before the hand-over, the stream
 thaws (the tokens held back go out) and the request goes on here: it runs on exactly one worker either way.
 
+Once the pre-copy stages landed, the destination primes its prefix cache with them (``VllmEngine.prime``, a
+one-token request that loads the stages and keeps them landed) while the request goes on here: the paused
+step there then copies only the last stage, whatever the sequence's length.
+
 Pushes are keyed by ``{request}/{migration}/{stage}``: each lands in its own reservation on the destination,
 which frees it when it is loaded, dropped, or its lease ends.
 """
@@ -23,7 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -59,6 +63,10 @@ class MigrationEngine(Protocol):
     async def push_status(self, transfer_id: str) -> dict[str, Any] | None: ...
 
     async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None: ...
+
+
+# asks the destination to load the pre-copied stages into its prefix cache (``DecodeWorker.prime``)
+Primer = Callable[[MigrationTarget, DecodeRequest], Awaitable[bool]]
 
 
 class MigrationFailed(Exception):
@@ -126,8 +134,11 @@ class LiveStream:
 
 
 class MigrationSource:
-    def __init__(self, engine: MigrationEngine, instance_id: str, config: MigrationConfig) -> None:
+    def __init__(
+        self, engine: MigrationEngine, instance_id: str, config: MigrationConfig, primer: Primer | None = None
+    ) -> None:
         self._engine = engine
+        self._primer = primer
         self._instance_id = instance_id
         self._config = config
         self._streams: dict[str, LiveStream] = {}
@@ -281,6 +292,8 @@ class MigrationSource:
                 if left <= self._config.final_blocks or full <= plan.pushed or stream.finished:
                     break
                 await self._push(plan, plan.add_part(), full, background=True)
+            if plan.parts and self._primer is not None and self._config.prime_destination:
+                await self._prime(plan)
         await _just_after_a_token(stream)
         plan.frozen_at = time.monotonic()
         freeze = _Freeze()
@@ -356,6 +369,36 @@ class MigrationSource:
         plan.block_format = str(record.get("block_format", ""))
         plan.pushed = end
 
+    async def _prime(self, plan: _Plan) -> None:
+        """Have the destination load the stages pushed so far into its prefix cache; best effort, within
+        ``prime_timeout_s`` (the hand-over copies whatever it did not)."""
+        assert self._primer is not None
+        stream, end = plan.stream, plan.pushed * self._engine.block_size
+        known = (*stream.prompt, *stream.delivered)
+        if len(known) <= end:  # the client has not had every token of the pushed blocks yet
+            return
+        handle = {
+            TRANSFER_ID: plan.parts[-1][0],
+            PARTS: [list(p) for p in plan.parts],
+            BLOCK_FORMAT: plan.block_format,
+        }
+        request = DecodeRequest(
+            RequestId(f"{stream.request_id}#prime-{plan.migration_id}"),
+            known[:end],
+            known[end],
+            stream.sampling,
+            handle,
+            stream.priority,
+        )
+        try:
+            primed = await asyncio.wait_for(
+                self._primer(plan.target, request), self._config.prime_timeout_s + 1
+            )
+        except Exception as exc:
+            log.info("migration %s: priming %s failed: %s", plan.migration_id, plan.target.instance_id, exc)
+            return
+        plan.primed_blocks = plan.pushed if primed else 0
+
     async def _pump(self, stream: LiveStream, chunks: AsyncIterator[TokenChunk]) -> None:
         try:
             async for chunk in chunks:
@@ -382,6 +425,7 @@ class _Plan:
     block_ids: list[int] = field(default_factory=list)
     pushed: int = 0  # blocks pushed so far
     wire_bytes: int = 0
+    primed_blocks: int = 0  # the destination holds these in its prefix cache
     block_format: str = ""  # how the source stores blocks: the parts are raw images of that layout
     tokens: int = 0
     frozen_at: float | None = None
@@ -402,6 +446,7 @@ class _Plan:
             "stages": len(self.parts),
             "blocks": self.pushed,
             "wire_bytes": self.wire_bytes,
+            "primed_blocks": self.primed_blocks,
             "tokens": self.tokens,
             "paused_s": paused,
             "duration_s": time.monotonic() - started,

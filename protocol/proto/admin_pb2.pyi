@@ -166,7 +166,7 @@ class ListRequestsResponse(_message.Message):
     def __init__(self, requests: _Optional[_Iterable[_Union[RequestInfo, _Mapping]]] = ...) -> None: ...
 
 class MigrationInfo(_message.Message):
-    __slots__ = ("request_id", "migration_id", "source", "destination", "mode", "trigger", "outcome", "error", "stages", "blocks", "wire_bytes", "tokens", "paused_seconds", "duration_seconds", "started_at")
+    __slots__ = ("request_id", "migration_id", "source", "destination", "mode", "trigger", "outcome", "error", "stages", "blocks", "wire_bytes", "tokens", "paused_seconds", "duration_seconds", "started_at", "primed_blocks")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
@@ -182,6 +182,7 @@ class MigrationInfo(_message.Message):
     PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
     DURATION_SECONDS_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    PRIMED_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     migration_id: str
     source: str
@@ -197,7 +198,8 @@ class MigrationInfo(_message.Message):
     paused_seconds: float
     duration_seconds: float
     started_at: float
-    def __init__(self, request_id: _Optional[str] = ..., migration_id: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., mode: _Optional[str] = ..., trigger: _Optional[str] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ..., stages: _Optional[int] = ..., blocks: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., duration_seconds: _Optional[float] = ..., started_at: _Optional[float] = ...) -> None: ...
+    primed_blocks: int
+    def __init__(self, request_id: _Optional[str] = ..., migration_id: _Optional[str] = ..., source: _Optional[str] = ..., destination: _Optional[str] = ..., mode: _Optional[str] = ..., trigger: _Optional[str] = ..., outcome: _Optional[str] = ..., error: _Optional[str] = ..., stages: _Optional[int] = ..., blocks: _Optional[int] = ..., wire_bytes: _Optional[int] = ..., tokens: _Optional[int] = ..., paused_seconds: _Optional[float] = ..., duration_seconds: _Optional[float] = ..., started_at: _Optional[float] = ..., primed_blocks: _Optional[int] = ...) -> None: ...
 
 class MigrateRequest(_message.Message):
     __slots__ = ("request_id", "to_instance", "mode")

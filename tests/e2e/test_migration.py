@@ -169,6 +169,9 @@ async def test_migrated_request_gives_the_unmigrated_tokens(
     assert all(r.error == "" for r in reports), [r.error for r in reports]
     if prompt == LONG_PROMPT:
         assert [r.stages for r in reports] == [2], "a pre-copy stage, then the last push"
+        # the destination primed its prefix cache with the pre-copied blocks: the continuation's KV is
+        # those cached blocks plus the last push, and its tokens must still be exact
+        assert [r.primed_blocks for r in reports] == [2]
     assert all(r.tokens >= len(prompt_ids) and r.wire_bytes > 0 for r in reports)
     assert len(tokens) == MAX_TOKENS, "the client's stream lost or repeated tokens"
     assert tokens == reference

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kv_transfer.params import IN_FLIGHT, PARTS, REMOTE_TOKENS, TRANSFER_ID
+from kv_transfer.params import IN_FLIGHT, KEEP, PARTS, REMOTE_TOKENS, TRANSFER_ID
 
 
 def _scheduler_half():  # type: ignore[no-untyped-def]
@@ -52,3 +52,28 @@ def test_kv_that_landed_before_the_request_loads_in_its_step_and_kv_still_on_the
     assert waits == {"a": False, "b": False, "c": True}
     meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
     assert {rid: spec.sync for rid, spec in meta.loads.items()} == {"a": True, "b": True, "c": False}
+
+
+def test_a_priming_request_loads_the_parts_and_leaves_them_for_the_request_it_primes() -> None:
+    """A live migration's priming request loads the pre-copied stages into the destination's prefix cache;
+    when it ends, the parts must stay landed (the continuation loads them again if the cache lost them),
+    whereas a request that ends before its load has its parts dropped."""
+    connector = _scheduler_half()
+    parts = [["p/m1/0", 0], ["p/m1/1", 2]]
+    prime = {TRANSFER_ID: "p/m1/1", REMOTE_TOKENS: 64, PARTS: parts, KEEP: True}
+    plain = {TRANSFER_ID: "q/m1/1", REMOTE_TOKENS: 64, PARTS: [["q/m1/0", 0], ["q/m1/1", 2]]}
+    requests = {}
+    for rid, params in (("p#prime", prime), ("q", plain)):
+        requests[rid] = request = SimpleNamespace(
+            request_id=rid, kv_transfer_params=params, num_prompt_tokens=65
+        )
+        assert connector.get_num_new_matched_tokens(request, 0) == (64, False)
+        connector.update_state_after_alloc(request, _Blocks([0, 1, 2, 3, 4]), 64)
+    meta = connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={}))
+    assert {rid: spec.keep for rid, spec in meta.loads.items()} == {"p#prime": True, "q": False}
+    for request in requests.values():
+        connector.request_finished(request, [0, 1, 2, 3, 4])
+    assert connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).drops == [
+        "q/m1/0",
+        "q/m1/1",
+    ]

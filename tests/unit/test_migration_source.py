@@ -530,3 +530,68 @@ async def test_a_quiet_engine_does_not_hold_up_the_freeze_for_long() -> None:
     assert report.outcome is MOVED, report.error
     assert relayed(chunks) == tokens.made[:4]
     assert waited < 1.0, f"the freeze waited {waited:.2f} s for a token that never came"
+
+
+async def test_the_destination_primes_its_cache_with_the_precopied_stages_while_tokens_still_flow() -> None:
+    """After the pre-copy, the destination is asked to load the pushed stages (their blocks' tokens, all the
+    parts so far) while the client keeps getting tokens from here; the pause comes only after it."""
+    engine = FakeEngine()
+    stream = LiveStream(RID, tuple(range(30)), SamplingSpec(max_tokens=101), 100)
+    tokens = Tokens()
+    asked: list[tuple[MigrationTarget, DecodeRequest, int]] = []
+
+    async def primer(target: MigrationTarget, request: DecodeRequest) -> bool:
+        delivered = len(stream.delivered)
+        await produce(stream, tokens, 2)  # the engine goes on while the destination primes
+        await until(lambda: len(stream.delivered) == delivered + 2)
+        asked.append((target, request, delivered))
+        return True
+
+    source = MigrationSource(engine, "decode-0", MigrationConfig(final_blocks=4), primer=primer)
+    relay = asyncio.create_task(collect(source.serve(stream, tokens.chunks())))
+    await produce(stream, tokens, 3)  # KV of 32 tokens: 8 full blocks
+    await until(lambda: len(stream.delivered) == 3)
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    chunks = await relay
+
+    assert report.outcome is MOVED, report.error
+    assert len(asked) == 1
+    target, request, _ = asked[0]
+    known = (*stream.prompt, *tokens.made)
+    assert target == DEST and request.request_id != RID
+    assert request.prompt_token_ids == known[:32] and request.first_token_id == known[32]
+    assert request.kv_handle == {
+        TRANSFER_ID: "req-1/m1/0",
+        PARTS: [["req-1/m1/0", 0]],
+        BLOCK_FORMAT: "fake/4",
+    }
+    assert report.primed_blocks == 8
+    # the two tokens made while priming reached the client before the cut
+    assert len(relayed(chunks[:-1])) == 5 and continuation(chunks).first_token_id == tokens.made[4]
+
+
+@pytest.mark.parametrize("trouble", ["raises", "hangs", "declines"])
+async def test_a_destination_that_cannot_prime_still_gets_the_request(trouble: str) -> None:
+    engine = FakeEngine()
+
+    async def primer(target: MigrationTarget, request: DecodeRequest) -> bool:
+        if trouble == "raises":
+            raise RuntimeError("destination gone")
+        if trouble == "hangs":
+            await asyncio.sleep(60)
+        return False
+
+    stream = LiveStream(RID, tuple(range(30)), SamplingSpec(max_tokens=101), 100)
+    tokens = Tokens()
+    config = MigrationConfig(final_blocks=4, prime_timeout_s=0.05)
+    source = MigrationSource(engine, "decode-0", config, primer=primer)
+    relay = asyncio.create_task(collect(source.serve(stream, tokens.chunks())))
+    await produce(stream, tokens, 4)  # KV of 33 tokens: 8 full blocks, one more pushed in the pause
+    await until(lambda: len(stream.delivered) == 4)
+    report = await source.migrate(RID, "m1", DEST, LIVE)
+    chunks = await relay
+
+    assert report.outcome is MOVED and report.primed_blocks == 0
+    assert [p.blocks for p in engine.pushes] == [(0, 8), (8, 9)]
+    assert continuation(chunks).kv_handle[PARTS] == [["req-1/m1/0", 0], ["req-1/m1/1", 8]]  # type: ignore[index]
+    assert relayed(chunks[:-1]) == tokens.made[:4]
