@@ -10,7 +10,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 from controller.metrics import FrontDoorMetrics
@@ -94,12 +94,17 @@ class RequestRouter:
         self._metrics.prompt_tokens.inc(len(prompt_token_ids))
         outcome: RequestState | None = None
         try:
-            async for chunk in self._serve(flight, prompt_token_ids, sampling, priority):
-                self._metrics.generation_tokens.inc(len(chunk.token_ids))
-                flight.output_tokens += len(chunk.token_ids)
-                if chunk.finish_reason is not None:
-                    outcome = _FINAL_STATE[chunk.finish_reason]
-                yield chunk
+            # closed here, not when garbage collected: its clean-up (aborting the workers' calls, dropping a
+            # hand-off's KV) must see the request's state before it is finished
+            async with contextlib.aclosing(
+                self._serve(flight, prompt_token_ids, sampling, priority)
+            ) as chunks:
+                async for chunk in chunks:
+                    self._metrics.generation_tokens.inc(len(chunk.token_ids))
+                    flight.output_tokens += len(chunk.token_ids)
+                    if chunk.finish_reason is not None:
+                        outcome = _FINAL_STATE[chunk.finish_reason]
+                    yield chunk
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer stopped listening: after the last chunk that is just the end of the stream.
             outcome = outcome or RequestState.FINISHED_ABORTED
@@ -116,7 +121,7 @@ class RequestRouter:
 
     async def _serve(
         self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
-    ) -> AsyncIterator[TokenChunk]:
+    ) -> AsyncGenerator[TokenChunk, None]:
         rid = flight.request_id
         flight.move(RequestState.PREFILLING)
         hand_off = sampling.max_tokens > 1
@@ -141,8 +146,9 @@ class RequestRouter:
             flight.transfer = result.transfer
             flight.move(RequestState.TRANSFERRING)
             handed_off = True
-            async for chunk in self._decode(flight, handoff):
-                yield chunk
+            async with contextlib.aclosing(self._decode(flight, handoff)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
         finally:
             if not handed_off and result.kv_handle is not None:
                 # The prefill worker holds the prompt's KV for a decode worker that will never ask (the
@@ -179,7 +185,7 @@ class RequestRouter:
             self._abort_on(actor, flight.request_id, call)
             raise
 
-    async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
+    async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncGenerator[TokenChunk, None]:
         """Relay the decode worker's tokens; when it hands the request over (live migration), go on with the
         destination's stream: the client sees one stream with no gap in its tokens."""
         hop: tuple[str, str, DecodeRequest] | None = (
@@ -191,18 +197,21 @@ class RequestRouter:
             instance_id, actor_name, request = hop
             flight.decode_instance = InstanceId(instance_id)
             hop = None
-            async for chunk in self._decode_on(flight, instance_id, actor_name, request):
-                if chunk.handover is not None:
-                    target = chunk.handover.target
-                    flight.migrations += 1
-                    flight.move(RequestState.MIGRATING)
-                    hop = (target.instance_id, target.actor_name, chunk.handover.continuation)
-                    break
-                yield chunk
+            async with contextlib.aclosing(
+                self._decode_on(flight, instance_id, actor_name, request)
+            ) as chunks:
+                async for chunk in chunks:
+                    if chunk.handover is not None:
+                        target = chunk.handover.target
+                        flight.migrations += 1
+                        flight.move(RequestState.MIGRATING)
+                        hop = (target.instance_id, target.actor_name, chunk.handover.continuation)
+                        break
+                    yield chunk
 
     async def _decode_on(
         self, flight: _Flight, instance_id: str, actor_name: str, request: DecodeRequest
-    ) -> AsyncIterator[TokenChunk]:
+    ) -> AsyncGenerator[TokenChunk, None]:
         import ray
 
         rid = flight.request_id
