@@ -106,9 +106,11 @@ async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str
     # the hand-over gap split: the source's part (last token from it to the hand-over) and the
     # destination's (hand-over to its first token)
     split = (float("nan"), float("nan"))
+    others = window  # the gaps before the hand-over's (the pre-copy's, while the source still serves)
     if handover_at is not None and 0 < handover_at[1] < len(times):
         at, n = handover_at
         split = ((at - times[n - 1]) * 1e3, (times[n] - at) * 1e3)
+        others = [times[i] - times[i - 1] for i in range(first_after, n)]
     return {
         "length": length,
         "mode": mode,
@@ -120,6 +122,7 @@ async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str
         "paused_ms": report.paused_s * 1e3,
         "handover_source_ms": split[0],
         "handover_dest_ms": split[1],
+        "precopy_max_gap_ms": max(others, default=float("nan")) * 1e3,
         "migration_ms": report.duration_s * 1e3,
         "stages": report.stages,
         "wire_mb": report.wire_bytes / 1e6,
@@ -136,6 +139,8 @@ def _median_row(tries: list[dict[str, Any]]) -> dict[str, Any]:
     ordered = sorted(tries, key=lambda r: r["downtime_ms"])
     row = dict(ordered[len(ordered) // 2])
     row["downtimes_ms"] = [round(r["downtime_ms"], 1) for r in tries]
+    for key in ("handover_source_ms", "handover_dest_ms", "precopy_max_gap_ms", "normal_gap_ms"):
+        row[key.replace("_ms", "_runs_ms")] = [round(r[key], 1) for r in tries]
     for key in ("source_tpot_before_ms", "source_tpot_during_ms"):
         row[key.replace("_ms", "_runs_ms")] = [round(r[key], 1) for r in tries]
     finite = [r for r in tries if r["source_tpot_during_ms"] == r["source_tpot_during_ms"]]
@@ -216,7 +221,10 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
                 tries[(length, mode)].append(row)
                 print(
                     f"  run {repeat + 1}/{args.repeats} {length:>5} {mode:<13} downtime "
-                    f"{row['downtime_ms']:7.1f} ms ({row['outcome']})",
+                    f"{row['downtime_ms']:7.1f} ms ({row['outcome']}; hand-over gap "
+                    f"{row['handover_source_ms']:.0f} + {row['handover_dest_ms']:.0f} ms, "
+                    f"pre-copy's largest gap {row['precopy_max_gap_ms']:.0f} ms, "
+                    f"normal {row['normal_gap_ms']:.0f} ms)",
                     flush=True,
                 )
                 await asyncio.sleep(0.5)
