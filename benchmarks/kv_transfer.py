@@ -159,7 +159,7 @@ def send(host: str, arena_mib: int, destination: str) -> None:
             if codec.name == "none":  # as the connector sends each layer once it is computed
                 endpoint.send_layer_from(out, i, *_registered(k, v))
             else:
-                endpoint.send_layer(out, i, k, v)
+                endpoint.send_layer(out, i, k, v, hold=True)  # the cache is not written meanwhile
         record = endpoint.finish(out)
         if job["codec"] == "auto":  # learns as the connector does: link bandwidth, real encode speed
             choosers[job["shape"]].observe(

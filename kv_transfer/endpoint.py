@@ -4,12 +4,13 @@ flight through it, in both directions (prefill → decode hand-off, decode → d
 A transfer is pushed. The sender reserves a region in the receiver's arena over the side channel, encodes each
 layer into its own staging region as soon as the layer exists, and posts a one-sided write of that layer
 while later layers are still being computed. ``finish`` waits for the last write, then commits: the receiver
-checks sizes and checksums, asks for a layer again if it is corrupt (once), and keeps the landed transfer
+checks sizes and checksums, asks for a slot again if it is corrupt (once), and keeps the landed transfer
 until the engine loads it (``take`` + ``decode_layers``) or its lease runs out. Every transfer ends in exactly
 one ``TransferRecord``, emitted by the side that ends it.
 
-Each compressed layer's write carries a NIXL notification. The receiver decodes a layer as soon as its
-notification comes and its checksum holds, on a thread of its own, while later layers are still on the wire:
+Each compressed slot's write (one layer, or a group of small layers the caller handed over with ``hold``)
+carries a NIXL notification. The receiver decodes a slot as soon as its notification comes and its
+checksum holds, on a thread of its own, while later layers are still on the wire:
 the load then finds most layers decoded (within ``predecode_bytes`` of decoded memory; a layer over budget,
 without a checksum, or not yet decoded is decoded at load as before).
 """
@@ -70,9 +71,10 @@ class IncomingTransfer:
 
 @dataclass(slots=True)
 class _Predecoded:
-    """The layers of one incoming transfer decoded before its load, by slot position."""
+    """The layers of one incoming transfer decoded before its load, by slot position (a slot holds one
+    layer, or a group of them)."""
 
-    layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
     verified: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (offset, nbytes, crc) checked
     nbytes: int = 0  # decoded bytes held or being decoded, counted against the budget
     seconds: float = 0.0
@@ -179,12 +181,28 @@ class KVEndpoint:
             timeout_s=self._timeout_s,
         )
 
-    def send_layer(self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    def send_layer(
+        self,
+        t: OutgoingTransfer,
+        index: int,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        *,
+        hold: bool = False,
+    ) -> None:
         """Encode one layer's K and V (``[tokens, kv_heads, head_dim]``) into local staging and post its
         write. A compressed transfer keeps at most 8 MiB on the wire (a layer waits in a queue): its layers
         then land one after the other, not all at the end sharing the link, and the receiver
-        decodes each as it lands. Never waits for the wire."""
-        t.stage(index, key, value, checksum=self._checksum)
+        decodes each as it lands. Never waits for the wire.
+
+        ``hold``: the caller leaves ``key`` and ``value`` unchanged until ``finish`` (its own copies), so a
+        compressing codec may keep a small layer back and encode it together with the next ones
+        (``OutgoingTransfer.hold``): far fewer codec calls, writes and notifications for short prompts."""
+        if hold and t.codec.name != "none":
+            t.hold(index, key, value, checksum=self._checksum)
+            return
+        t.flush(checksum=self._checksum)
+        t.stage(index, [(key, value)], checksum=self._checksum)
 
     def send_layer_from(
         self, t: OutgoingTransfer, index: int, key: RegisteredKV, value: RegisteredKV
@@ -193,6 +211,7 @@ class KVEndpoint:
         with codec ``none``: no encoding, no staging copy, and no checksum (the bytes are read while on the
         wire; the caller keeps them unchanged until ``finish``, or checks in its ``before_commit`` that
         they were). Never waits for the wire."""
+        t.flush(checksum=self._checksum)
         t.stage_from(index, key, value)
         t.pump()
 
@@ -203,6 +222,7 @@ class KVEndpoint:
         they leave in one write. Sent one by one, the first went alone and the others after it, and each
         call competed with the engine's own thread for the interpreter (a 4-block last push spent 6 to 19
         ms queueing its 30 layers while the source engine stepped)."""
+        t.flush(checksum=self._checksum)
         for index, key, value in layers:
             t.stage_from(index, key, value)
         t.pump()
@@ -221,8 +241,9 @@ class KVEndpoint:
         done_computing = compute_done_at if compute_done_at is not None else self._clock()
         retries = 0
         try:
-            if len(t.slots) != t.layers:
-                raise ValueError(f"{len(t.slots)} of {t.layers} layers were sent")
+            t.flush(checksum=self._checksum)
+            if t.layers_staged != t.layers:
+                raise ValueError(f"{t.layers_staged} of {t.layers} layers were sent")
             t.drain()
             if before_commit is not None:
                 before_commit()
@@ -243,10 +264,13 @@ class KVEndpoint:
                 if not bad:
                     break
                 if retries >= 1:
-                    raise ValueError(f"layers {bad} arrived corrupt twice (checksum mismatch)")
+                    layers = _layers_of(t.slots, bad)
+                    raise ValueError(f"layers {layers} arrived corrupt twice (checksum mismatch)")
                 retries += 1
                 log.warning(
-                    "transfer %s: layers %s corrupt on arrival; sending them again", t.transfer_id, bad
+                    "transfer %s: layers %s corrupt on arrival; sending them again",
+                    t.transfer_id,
+                    _layers_of(t.slots, bad),
                 )
                 t.queued.extend(bad)
                 t.drain()
@@ -323,7 +347,7 @@ class KVEndpoint:
         """How many layers of ``transfer_id`` are decoded and waiting for its load."""
         with self._lock:
             entry = self._predecoded.get(transfer_id)
-            return len(entry.layers) if entry is not None else 0
+            return sum(len(group) for group in entry.layers.values()) if entry is not None else 0
 
     def landed_ids(self) -> list[str]:
         """Transfers landed and not yet released, oldest first."""
@@ -341,12 +365,13 @@ class KVEndpoint:
                     size = sum(raw_nbytes(slot[name]) for name in ("k", "v"))
                     entry.nbytes -= size
                     self._predecoded_bytes -= size
-            key, value = (
+            layers = (
                 early
                 if early is not None
                 else decode_slot(self._transport.buffer, incoming.transfer_id, incoming.region, slot)
             )
-            yield int(slot["index"]), key, value
+            for offset, (key, value) in enumerate(layers):
+                yield int(slot["index"]) + offset, key, value
 
     def release(
         self, transfer_id: str, *, decode_s: float | None = None, error: str = "", record: bool = True
@@ -512,7 +537,7 @@ class KVEndpoint:
                 time.sleep(_PREDECODE_POLL_S)
 
     def _predecode(self, note: bytes) -> None:
-        """Decode the layer ``note`` announces if its transfer is still here, the budget allows and its
+        """Decode the slot ``note`` announces if its transfer is still here, the budget allows and its
         bytes pass their checksum (a notification may beat its bytes; the commit's check stands then)."""
         if not note.startswith(LAYER_NOTE):
             return
@@ -532,22 +557,22 @@ class KVEndpoint:
             self._predecoded_bytes += size
         started = time.perf_counter()
         offset, nbytes, crc = int(slot["offset"]), int(slot["nbytes"]), int(slot["crc"])
-        layer = None
+        layers = None
         try:
             if (
                 offset + nbytes <= region.nbytes
                 and crc32(self._transport.buffer, region.offset + offset, nbytes) == crc
             ):
-                layer = decode_slot(self._transport.buffer, transfer_id, region, slot)
+                layers = decode_slot(self._transport.buffer, transfer_id, region, slot)
         finally:
             with self._lock:
                 if self._predecoded.get(transfer_id) is entry:  # else it ended meanwhile, budget returned
                     entry.seconds += time.perf_counter() - started
-                    if layer is None:
+                    if layers is None:
                         entry.nbytes -= size
                         self._predecoded_bytes -= size
                     else:
-                        entry.layers[position] = layer
+                        entry.layers[position] = layers
                         entry.verified[position] = (offset, nbytes, crc)
 
     # ---- helpers ----
@@ -582,3 +607,8 @@ class KVEndpoint:
         with self._lock:
             self._records.append(record)
         return record
+
+
+def _layers_of(slots: list[dict[str, Any]], positions: list[int]) -> list[int]:
+    """The layers that the slots at ``positions`` carry."""
+    return [int(slots[p]["index"]) + i for p in positions for i in range(int(slots[p].get("layers", 1)))]

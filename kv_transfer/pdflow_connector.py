@@ -307,7 +307,7 @@ class PdflowConnector(KVConnectorBase_V1):
                     self._send_blocks(transfer, index, self._layers[layer_name], blocks)
                 else:
                     key, value = gather(kv_layer, self._layout, blocks)
-                    self._endpoint.send_layer(transfer, index, key, value)
+                    self._endpoint.send_layer(transfer, index, key, value, hold=True)  # copies
             except TransferFailed as exc:
                 self._fail_save(rid, exc.record.to_dict())
             except Exception as exc:  # never let a transfer problem kill the engine step

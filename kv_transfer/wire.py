@@ -112,9 +112,13 @@ def _parsed_header(key: _HeaderKey) -> tuple[KVHeader, KVCodec, tuple[PartSpec, 
 
 def decode_slot(
     buf: torch.Tensor, transfer_id: str, region: Region, slot: dict[str, Any]
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One layer's K and V, decoded from its slot in ``region`` of the staging buffer ``buf``; ValueError on
-    a malformed slot."""
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The K and V of each layer in a slot of ``region`` of the staging buffer ``buf`` (one layer, or
+    ``slot["layers"]`` encoded side by side along the heads axis; each then a view); ValueError on a
+    malformed slot."""
+    layers = slot.get("layers", 1)
+    if not isinstance(layers, int) or isinstance(layers, bool) or layers < 1:
+        raise ValueError(f"transfer {transfer_id}: a slot's layer count must be a positive int: {layers!r}")
     cursor = int(slot["offset"])
     tensors = []
     for name in ("k", "v"):
@@ -137,4 +141,10 @@ def decode_slot(
             for off, spec in placed
         )
         tensors.append(codec.decode(EncodedKV(header, parts)))
-    return tensors[0], tensors[1]
+    key, value = tensors
+    if layers == 1:
+        return [(key, value)]
+    if key.shape[1] % layers or value.shape[1] % layers:
+        raise ValueError(f"transfer {transfer_id}: {layers} layers do not split heads {key.shape[1]}")
+    keys, values = key.unflatten(1, (layers, -1)), value.unflatten(1, (layers, -1))
+    return [(keys[:, i], values[:, i]) for i in range(layers)]
