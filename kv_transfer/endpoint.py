@@ -34,11 +34,11 @@ from kv_transfer.transport.arena import Arena, Region
 from kv_transfer.transport.base import Transport
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError, SideChannelServer
 from kv_transfer.wire import (
-    crc32,
     decode_slot,
     peer_from_wire,
     peer_to_wire,
     raw_nbytes,
+    slot_sum,
 )
 from protocol.transfers import TransferOutcome, TransferRecord
 
@@ -75,7 +75,7 @@ class _Predecoded:
     layer, or a group of them)."""
 
     layers: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = field(default_factory=dict)
-    verified: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (offset, nbytes, crc) checked
+    verified: dict[int, tuple[int, int, int]] = field(default_factory=dict)  # (offset, nbytes, sum) checked
     nbytes: int = 0  # decoded bytes held or being decoded, counted against the budget
     seconds: float = 0.0
 
@@ -503,9 +503,9 @@ class KVEndpoint:
                         f"transfer {transfer_id}: layer {i} at {offset}+{nbytes} leaves its region"
                     )
                 if (
-                    "crc" in slot
-                    and checked.get(i) != (offset, nbytes, slot["crc"])
-                    and crc32(self._transport.buffer, region.offset + offset, nbytes) != slot["crc"]
+                    "sum" in slot
+                    and checked.get(i) != (offset, nbytes, slot["sum"])
+                    and slot_sum(self._transport.buffer, region.offset + offset, nbytes) != slot["sum"]
                 ):
                     bad.append(i)
             if bad:
@@ -543,7 +543,7 @@ class KVEndpoint:
             return
         body = json.loads(note[len(LAYER_NOTE) :])
         transfer_id, position, slot = str(body["t"]), int(body["p"]), body["s"]
-        if "crc" not in slot:
+        if "sum" not in slot:
             return
         size = sum(raw_nbytes(slot[name]) for name in ("k", "v"))
         with self._lock:
@@ -556,12 +556,12 @@ class KVEndpoint:
             entry.nbytes += size
             self._predecoded_bytes += size
         started = time.perf_counter()
-        offset, nbytes, crc = int(slot["offset"]), int(slot["nbytes"]), int(slot["crc"])
+        offset, nbytes, digest = int(slot["offset"]), int(slot["nbytes"]), int(slot["sum"])
         layers = None
         try:
             if (
                 offset + nbytes <= region.nbytes
-                and crc32(self._transport.buffer, region.offset + offset, nbytes) == crc
+                and slot_sum(self._transport.buffer, region.offset + offset, nbytes) == digest
             ):
                 layers = decode_slot(self._transport.buffer, transfer_id, region, slot)
         finally:
@@ -573,7 +573,7 @@ class KVEndpoint:
                         self._predecoded_bytes -= size
                     else:
                         entry.layers[position] = layers
-                        entry.verified[position] = (offset, nbytes, crc)
+                        entry.verified[position] = (offset, nbytes, digest)
 
     # ---- helpers ----
 

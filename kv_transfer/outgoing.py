@@ -20,7 +20,7 @@ from kv_transfer.codec.base import KVHeader
 from kv_transfer.transport.arena import Region
 from kv_transfer.transport.base import Transport, TransportError, Xfer, XferState
 from kv_transfer.transport.side_channel import SideChannelClient
-from kv_transfer.wire import crc32, header_to_wire, place_parts
+from kv_transfer.wire import header_to_wire, place_parts, slot_sum
 from protocol.transfers import TransferOutcome, TransferRecord
 
 _POLL_MIN_S, _POLL_MAX_S = 0.0001, 0.002  # how often a sender checks its writes: first, and at most
@@ -110,7 +110,7 @@ class OutgoingTransfer:
     def stage(
         self, index: int, layers: list[tuple[torch.Tensor, torch.Tensor]], *, checksum: bool
     ) -> None:
-        """Encode the K and V of consecutive layers from ``index`` into local staging (with a crc32 if
+        """Encode the K and V of consecutive layers from ``index`` into local staging (with a checksum if
         ``checksum``) and queue them as one slot. Several layers travel side by side along the heads axis,
         ``[T, layers * H, D]`` (``wire.decode_slot`` splits them): each layer's values are coded exactly as
         alone, since no quantization group spans two heads."""
@@ -138,7 +138,7 @@ class OutgoingTransfer:
         self._check_room()
         slot["nbytes"] = self.cursor - start
         if checksum:
-            slot["crc"] = crc32(buf, self.local.offset + start, slot["nbytes"])
+            slot["sum"] = slot_sum(buf, self.local.offset + start, slot["nbytes"])
         self.queue(slot, started)
 
     def stage_from(self, index: int, key: RegisteredKV, value: RegisteredKV) -> None:
