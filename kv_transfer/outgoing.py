@@ -88,10 +88,10 @@ class OutgoingTransfer:
     def hold(self, index: int, key: torch.Tensor, value: torch.Tensor, *, checksum: bool) -> None:
         """Stage a layer that the caller leaves unchanged until ``finish``: kept back while it and the layers
         held before it (consecutive, alike in shape and dtype) fit a group of ``GROUP_ELEMENTS``, then
-        encoded with them as one slot. ``flush`` stages what is held. The first and the last layer go
-        alone: the wire then starts after one layer's encoding, and what the receiver decodes after the
-        last write lands is one layer."""
-        alone = index in (0, self.layers - 1)
+        encoded with them as one slot. ``flush`` stages what is held. The first layer goes alone, so the
+        wire starts after one layer's encoding, and so do the last ``_WINDOW_WRITES``: their writes share
+        the link at the end and land together, and the receiver decodes what lands last after it lands."""
+        alone = index == 0 or index >= self.layers - _WINDOW_WRITES
         if self.held:
             last, last_key, _ = self.held[-1]
             alike = index == last + 1 and _alike(key, last_key) and _alike(value, self.held[-1][2])

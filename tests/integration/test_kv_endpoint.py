@@ -32,14 +32,14 @@ class Clock:
         return self.now
 
 
-def _layers(seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _layers(seed: int = 0, count: int = LAYERS) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(seed)
     return [
         (
             torch.randn(TOKENS, HEADS, DIM, generator=gen).to(torch.bfloat16),
             torch.randn(TOKENS, HEADS, DIM, generator=gen).to(torch.bfloat16),
         )
-        for _ in range(LAYERS)
+        for _ in range(count)
     ]
 
 
@@ -98,13 +98,13 @@ def test_layers_arrive_decoded_and_everything_is_freed(pair, codec: str) -> None
 
 @pytest.mark.parametrize("codec", ["lossless", "fp8", "int8", "int4"])
 def test_small_layers_handed_over_travel_in_groups_and_land_as_if_sent_alone(pair, codec: str) -> None:
-    """Layers the caller hands over (``hold``) go in groups: the first and the last alone, the ones between
-    in one slot (small layers: few codec calls and writes). The receiver gets every layer, in order,
+    """Layers the caller hands over (``hold``) go in groups: the first and the last two alone, the ones
+    between in one slot (small layers: few codec calls and writes). The receiver gets every layer, in order,
     bit for bit what the same layers sent one by one decode to (and, for a fixed-size code, the same bytes
     on the wire)."""
     sender, receiver, _, _ = pair
-    layers = _layers(11)
-    alone, grouped = _open(sender, receiver, "alone", codec), _open(sender, receiver, "grouped", codec)
+    layers = _layers(11, count=7)
+    alone, grouped = (_open(sender, receiver, tid, codec, layers=7) for tid in ("alone", "grouped"))
     for i, (k, v) in enumerate(layers):
         sender.send_layer(alone, i, k, v)
         sender.send_layer(grouped, i, k, v, hold=True)
@@ -119,8 +119,8 @@ def test_small_layers_handed_over_travel_in_groups_and_land_as_if_sent_alone(pai
         got[tid] = [(i, k.clone(), v.clone()) for i, k, v in receiver.decode_layers(incoming)]
         slots = incoming.manifest["slots"]
         receiver.release(tid, decode_s=0.0)
-    assert [(s["index"], s.get("layers", 1)) for s in slots] == [(0, 1), (1, LAYERS - 2), (LAYERS - 1, 1)]
-    assert [i for i, _, _ in got["grouped"]] == list(range(LAYERS))
+    assert [(s["index"], s.get("layers", 1)) for s in slots] == [(0, 1), (1, 4), (5, 1), (6, 1)]
+    assert [i for i, _, _ in got["grouped"]] == list(range(7))
     for (_, k, v), (_, k1, v1) in zip(got["grouped"], got["alone"], strict=True):
         assert k.shape == (TOKENS, HEADS, DIM) and torch.equal(k, k1) and torch.equal(v, v1)
     assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
@@ -129,33 +129,36 @@ def test_small_layers_handed_over_travel_in_groups_and_land_as_if_sent_alone(pai
 def test_a_held_group_is_decoded_early_and_counted_in_layers(pair) -> None:
     """A group's slot is decoded on landing like a single layer's; ``early_layers`` counts its layers."""
     sender, receiver, _, _ = pair
-    layers = _layers(12)
-    out = _open(sender, receiver, "held", "int8")
-    for i, (k, v) in enumerate(layers[:-1]):
+    layers = _layers(12, count=7)
+    out = _open(sender, receiver, "held", "int8", layers=7)
+    for i, (k, v) in enumerate(layers[:5]):
         sender.send_layer(out, i, k, v, hold=True)
-    _wait_early(receiver, "held", 1)  # the first layer went alone; the next ones are still held
+    _wait_early(receiver, "held", 1)  # the first layer went alone; the next four are still held
     assert receiver.early_layers("held") == 1
-    sender.send_layer(out, LAYERS - 1, *layers[-1], hold=True)  # the last: the group leaves, then it
-    _wait_early(receiver, "held", LAYERS)
+    sender.send_layer(out, 5, *layers[5], hold=True)  # goes alone: the group of four leaves before it
+    _wait_early(receiver, "held", 6)
+    sender.send_layer(out, 6, *layers[6], hold=True)
+    _wait_early(receiver, "held", 7)
     sender.finish(out)
     landed = receiver.take("held")
     assert landed is not None
     receiver._transport.buffer.zero_()  # the load only collects what was decoded early
-    assert [i for i, _, _ in receiver.decode_layers(landed)] == list(range(LAYERS))
+    assert [i for i, _, _ in receiver.decode_layers(landed)] == list(range(7))
     receiver.release("held", decode_s=0.0)
 
 
 def test_a_held_layer_the_codec_rejects_fails_when_its_group_leaves(pair) -> None:
-    """A held layer is encoded when its group leaves (here with the last layer): a value the codec cannot
-    take fails that call, clearly, and the caller's abort frees both sides, as the connector does."""
+    """A held layer is encoded when its group leaves (here before a layer that goes alone): a value the
+    codec cannot take fails that call, clearly, and the caller's abort frees both sides, as the connector
+    does."""
     sender, receiver, _, _ = pair
-    layers = _layers(13)
+    layers = _layers(13, count=7)
     layers[1][0][3, 1, 5] = float("inf")
-    out = _open(sender, receiver, "bad", "int8")
-    for i, (k, v) in enumerate(layers[:-1]):
+    out = _open(sender, receiver, "bad", "int8", layers=7)
+    for i, (k, v) in enumerate(layers[:5]):
         sender.send_layer(out, i, k, v, hold=True)
     with pytest.raises(ValueError, match="int8: kv contains inf or NaN"):
-        sender.send_layer(out, LAYERS - 1, *layers[-1], hold=True)
+        sender.send_layer(out, 5, *layers[5], hold=True)
     sender.abort(out, "layer 1 cannot be encoded")
     assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
 
@@ -163,12 +166,13 @@ def test_a_held_layer_the_codec_rejects_fails_when_its_group_leaves(pair) -> Non
 @pytest.mark.parametrize("layers", [0, "2", 5])
 def test_a_slot_with_a_bad_layer_count_is_refused_at_load(pair, layers: object) -> None:
     sender, receiver, _, _ = pair
-    out = _open(sender, receiver, "count", "int8")
-    for i, (k, v) in enumerate(_layers(14)):
+    out = _open(sender, receiver, "count", "int8", layers=7)
+    for i, (k, v) in enumerate(_layers(14, count=7)):
         sender.send_layer(out, i, k, v, hold=True)
     sender.finish(out)
     landed = receiver.take("count")
     assert landed is not None
+    assert landed.manifest["slots"][1]["layers"] == 4
     landed.manifest["slots"][1]["layers"] = layers
     receiver._transport.buffer.zero_()  # no early-decoded layer to fall back on: decode at load
     with receiver._lock:
@@ -178,14 +182,14 @@ def test_a_slot_with_a_bad_layer_count_is_refused_at_load(pair, layers: object) 
     receiver.release("count", error="bad slot")
 
 
-def _open(sender: KVEndpoint, receiver: KVEndpoint, tid: str, codec: str):
-    """A transfer of LAYERS layers of TOKENS tokens, open."""
+def _open(sender: KVEndpoint, receiver: KVEndpoint, tid: str, codec: str, layers: int = LAYERS):
+    """A transfer of ``layers`` layers of TOKENS tokens, open."""
     return sender.open(
         tid,
         "req",
         receiver.address,
-        layers=LAYERS,
-        raw_bytes=LAYERS * 2 * TOKENS * HEADS * DIM * 2,
+        layers=layers,
+        raw_bytes=layers * 2 * TOKENS * HEADS * DIM * 2,
         tokens=TOKENS,
         codec=get_codec(codec),
     )
