@@ -11,8 +11,11 @@ encodes layer by layer and writes each layer as soon as it is encoded, through p
 cache, as a migration's push does; layer by layer the first went alone and the rest after it); the
 receiver decodes each layer as it lands (``decode_s``: all its decoding; ``load_s``: what was left at the
 load; ``--no-early-decode`` decodes everything at the load instead). The baseline, "raw", moves the bf16
-bytes in one write with no codec: what vLLM's ``NixlConnector`` moves (it reads the raw blocks in one NIXL
-transfer); its staging copy is not counted. ``auto`` is the adaptive policy (probe at first contact, floor
+bytes of every layer straight from its registered KV tensor, K and V as one span each, in one write with
+no codec, no staging copy and no checksum: what vLLM's ``NixlConnector`` moves (it reads the raw blocks of
+each layer's registered cache in one NIXL transfer, with one descriptor per block, so at least as many as
+here). pdflow's codec ``none`` with every layer ready takes the same path, so ``none`` and ``raw`` differ
+by noise only; ``auto`` adds its choice. ``auto`` is the adaptive policy (probe at first contact, floor
 int4), deciding per transfer and learning from each as the connector does (link bandwidth, real encode
 speed). Pipelining: layers computed at an emulated rate (``--layer-ms``), each sent as
 it is done; the tail after the last layer, as a fraction of the unpipelined transfer. The KV is random normal
@@ -115,27 +118,8 @@ def send(host: str, arena_mib: int, destination: str) -> None:
                 chooser.bind_probe(endpoint.probe)
             choice = chooser.choose(destination, raw)
             codec_name, reason = choice.codec, choice.reason
-        if job["codec"] == "raw":
-            flat = torch.cat([torch.cat([k.reshape(-1), v.reshape(-1)]) for k, v in layers]).reshape(
-                -1, heads, dim
-            )
-            out = endpoint.open(
-                job["tid"],
-                "bench",
-                destination,
-                layers=1,
-                raw_bytes=raw,
-                tokens=job["tokens"],
-                codec=get_codec("none"),
-            )
-            # Stage the raw bytes (NixlConnector reads straight from the KV cache): not timed.
-            t0 = time.time()
-            endpoint.send_layer(out, 0, flat[: flat.shape[0] // 2], flat[flat.shape[0] // 2 :])
-            staging = time.time() - t0
-            t0 = time.time()
-            record = endpoint.finish(out)
-            print(json.dumps({"t0": t0 - staging, "staging_s": staging, **record.to_dict()}), flush=True)
-            continue
+        if job["codec"] == "raw":  # NixlConnector's move: each layer's registered KV, one write, no codec
+            codec_name = "none"
         codec = get_codec(
             codec_name, **({"group_size": job["group"]} if codec_name in ("fp8", "int8", "int4") else {})
         )
@@ -170,7 +154,7 @@ def send(host: str, arena_mib: int, destination: str) -> None:
                 raw_bytes=record.raw_bytes,
                 encode_s=record.encode_s,
             )
-        print(json.dumps({"t0": t0, "staging_s": 0.0, **record.to_dict()}), flush=True)
+        print(json.dumps({"t0": t0, **record.to_dict()}), flush=True)
 
 
 def _registered(key: Any, value: Any) -> tuple[Any, Any]:
@@ -276,7 +260,7 @@ def run_link(
                 sender.send(job)
                 record = sender.line()
                 landed = recv.line()
-                delivery = landed["done_at"] - record["t0"] - record["staging_s"]
+                delivery = landed["done_at"] - record["t0"]
                 rows.append(
                     {
                         **job,
