@@ -347,16 +347,29 @@ def test_raw_layers_leave_in_as_few_writes_as_they_can(together: bool) -> None:
         receiver.close()
 
 
+def _sent_over_slow_link(name: str, codec: str, seed: int):
+    """(link, sender, receiver, layers, the open transfer) once every layer is sent over a slow link."""
+    link, sender, receiver = _slow_pair(name)
+    layers = _layers(seed)
+    out = _open(sender, receiver, name, codec)
+    for i, (k, v) in enumerate(layers):
+        sender.send_layer(out, i, k, v)
+    return link, sender, receiver, layers, out
+
+
+def _wait_posted(link: _SlowLink, writes: int) -> None:
+    deadline = time.monotonic() + 5
+    while len(link.posted) < writes:
+        assert time.monotonic() < deadline, f"{len(link.posted)} of {writes} writes posted"
+        time.sleep(0.002)
+
+
 def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_lands(monkeypatch) -> None:
     """Layers posted all at once would share the link and land together at the end; within the window
     (here one layer) each lands in turn, and the receiver decodes it while the next is on the wire."""
     monkeypatch.setattr(outgoing_module, "_WINDOW_BYTES", 1)
-    link, sender, receiver = _slow_pair("slow")
+    link, sender, receiver, _, out = _sent_over_slow_link("slow", "int8", 8)
     try:
-        layers = _layers(8)
-        out = _open(sender, receiver, "slow", "int8")
-        for i, (k, v) in enumerate(layers):
-            sender.send_layer(out, i, k, v)
         assert len(link.posted) == 1  # the others wait for the window
         finishing = threading.Thread(target=sender.finish, args=(out,))
         finishing.start()
@@ -364,10 +377,7 @@ def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_
             link.posted[landed - 1].land()
             _wait_early(receiver, "slow", landed)
             if landed < LAYERS:
-                deadline = time.monotonic() + 5
-                while len(link.posted) == landed:
-                    assert time.monotonic() < deadline, "the next layer was never posted"
-                    time.sleep(0.002)
+                _wait_posted(link, landed + 1)
         finishing.join(timeout=5)
         incoming = receiver.take("slow")
         assert incoming is not None
@@ -383,26 +393,17 @@ def test_compressed_layers_are_on_the_wire_two_at_a_time() -> None:
     one queued behind it. With more, UCX shares the link among them, they all land near the end, and
     the receiver cannot decode any early (SmolLM2, 512 tokens, int8 on 1 Gbit/s: half the layers were still
     undecoded at the commit; two at a time, each group was decoded as it landed)."""
-    link, sender, receiver = _slow_pair("two")
+    link, sender, receiver, layers, out = _sent_over_slow_link("two", "lossless", 15)
     try:
-        layers = _layers(15)
-        out = _open(sender, receiver, "two", "lossless")
-        for i, (k, v) in enumerate(layers):
-            sender.send_layer(out, i, k, v)
         assert len(link.posted) == 2
         link.posted[0].land()
         finishing = threading.Thread(target=sender.finish, args=(out,))
         finishing.start()
-        deadline = time.monotonic() + 5
-        while len(link.posted) < 3:
-            assert time.monotonic() < deadline, "the next layer was never posted"
-            time.sleep(0.002)
+        _wait_posted(link, 3)
         assert len(link.posted) == 3  # one landed, one more posted: still two on the wire
         for xfer in link.posted[1:]:
             xfer.land()
-        while len(link.posted) < LAYERS:
-            assert time.monotonic() < deadline, "the last layer was never posted"
-            time.sleep(0.002)
+        _wait_posted(link, LAYERS)
         link.posted[-1].land()
         finishing.join(timeout=5)
         assert not finishing.is_alive()
