@@ -4,6 +4,7 @@ delivery time between two processes over real NIXL/UCX, on loopback and on emula
 
     .venv/bin/python benchmarks/kv_transfer.py                      # everything, 3 runs each (~15 min)
     .venv/bin/python benchmarks/kv_transfer.py --links loopback --tokens 512,2048 --shapes smollm2
+    .venv/bin/python benchmarks/kv_transfer.py --links loopback --codecs raw,none,auto --repeats 15
 
 Delivery: every layer is ready at t0 (prefill done); t0 → the last layer decoded on the receiver. The sender
 encodes layer by layer and writes each layer as soon as it is encoded, through pdflow's ``KVEndpoint``
@@ -308,6 +309,9 @@ def main() -> None:
     ap.add_argument("--tokens", default="512,2048,8192")
     ap.add_argument("--shapes", default="smollm2,llama3-8b")
     ap.add_argument("--group", type=int, default=64, help="group size of fp8/int8/int4 scales")
+    ap.add_argument(
+        "--codecs", default=",".join(("raw", *CODECS, "auto")), help="comma-separated: raw, codecs, auto"
+    )
     ap.add_argument("--no-early-decode", action="store_true", help="decode every layer at the load")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each transfer; the median is reported")
     ap.add_argument(
@@ -327,12 +331,16 @@ def main() -> None:
         return
 
     links = {"loopback": None, "10gbit": ("10gbit", "10mb"), "1gbit": ("1gbit", "1mb")}
+    kinds = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    unknown = set(kinds) - {"raw", *CODECS, "auto"}
+    if unknown:
+        ap.error(f"unknown codecs {sorted(unknown)}: use raw, auto or {', '.join(CODECS)}")
     all_rows: list[dict[str, Any]] = []
     for link in args.links.split(","):
         jobs = []
         for shape in args.shapes.split(","):
             for tokens in (int(t) for t in args.tokens.split(",")):
-                for codec in [c for _ in range(args.repeats) for c in ("raw", *CODECS, "auto")]:
+                for codec in [c for _ in range(args.repeats) for c in kinds]:
                     jobs.append(
                         {
                             "shape": shape,
