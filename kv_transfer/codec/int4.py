@@ -26,7 +26,7 @@ class Int4Codec(AffineCodec):
 
     def pack_into(self, codes: torch.Tensor, out: torch.Tensor) -> None:
         whole = torch.empty(out.numel() * 2, dtype=torch.uint8, device=codes.device)
-        whole[: codes.numel()] = codes.to(torch.int32)  # the low byte (see ``AffineCodec.pack_into``)
+        whole[: codes.numel()] = codes.view(torch.int32)  # the low byte (see ``AffineCodec.pack_into``)
         whole[codes.numel() :] = 0
         if not _LITTLE_ENDIAN:
             torch.add(whole[0::2], whole[1::2], alpha=16, out=out)
