@@ -135,3 +135,29 @@ def test_a_worker_learns_its_codecs_real_speed_from_the_transfers_it_sends() -> 
         slow = 3 * KV_512 / profile.encode_bps if codec != "none" else 0.0
         chooser.observe("decode-0", wire, wire / link_bps, codec=codec, raw_bytes=KV_512, encode_s=slow)
     assert picked == ["fp8", "int8", "none"]
+
+
+def test_a_transfer_paced_by_its_encoder_does_not_teach_the_link_bandwidth() -> None:
+    """An int4 transfer that spent most of its wire time encoding measures the encoder: the 10 Gbit/s
+    link stays 10 Gbit/s, so raw keeps winning. A transfer the wire paced (raw, or a codec with time to
+    spare) is learnt."""
+    from kv_transfer.codec_choice import CodecChooser
+
+    link_bps = 10e9 / 8
+    chooser = CodecChooser(MEASURED, layers=30, floor="int4", probe=lambda _: link_bps)
+    assert chooser.choose("decode-0", KV_512).codec == "none"
+    wire = int(KV_512 * 0.275)
+    paced = 4 * wire / link_bps  # the encoder let the bytes out at a quarter of the link's speed
+    chooser.observe("decode-0", wire, paced, codec="int4", raw_bytes=KV_512, encode_s=0.9 * paced)
+    assert chooser.choose("decode-0", KV_512).codec == "none"
+    chooser.observe("decode-0", KV_512, 4 * KV_512 / link_bps, codec="none", raw_bytes=KV_512, encode_s=0.0)
+    assert chooser.choose("decode-0", KV_512).codec != "none"  # raw itself crawled: the link is slow
+
+
+def test_the_link_is_probed_twice_at_first_contact_and_the_faster_kept() -> None:
+    from kv_transfer.codec_choice import CodecChooser
+
+    readings = iter([1.7e9 / 8, 10e9 / 8])
+    chooser = CodecChooser(MEASURED, layers=30, floor="int4", probe=lambda _: next(readings))
+    choice = chooser.choose("decode-0", KV_512)
+    assert choice.codec == "none" and "10.00 Gbit/s" in choice.reason
