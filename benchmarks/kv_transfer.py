@@ -340,7 +340,10 @@ def main() -> None:
         jobs = []
         for shape in args.shapes.split(","):
             for tokens in (int(t) for t in args.tokens.split(",")):
-                for codec in [c for _ in range(args.repeats) for c in kinds]:
+                # each run starts one further along the list, so that no kind always follows the same
+                # one (auto after int4 ran in a machine still busy with int4's aftermath)
+                turns = [kinds[r % len(kinds) :] + kinds[: r % len(kinds)] for r in range(args.repeats)]
+                for codec in [c for turn in turns for c in turn]:
                     jobs.append(
                         {
                             "shape": shape,
