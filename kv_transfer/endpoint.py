@@ -38,6 +38,7 @@ from kv_transfer.wire import (
     peer_from_wire,
     peer_to_wire,
     raw_nbytes,
+    slot_layers,
     slot_sum,
 )
 from protocol.transfers import TransferOutcome, TransferRecord
@@ -182,13 +183,7 @@ class KVEndpoint:
         )
 
     def send_layer(
-        self,
-        t: OutgoingTransfer,
-        index: int,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        *,
-        hold: bool = False,
+        self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor, *, hold: bool = False
     ) -> None:
         """Encode one layer's K and V (``[tokens, kv_heads, head_dim]``) into local staging and post its
         write. A compressed transfer keeps at most 8 MiB on the wire (a layer waits in a queue): its layers
@@ -263,15 +258,11 @@ class KVEndpoint:
                 bad = [int(i) for i in reply.get("bad", ())]
                 if not bad:
                     break
+                layers = slot_layers(t.slots, bad)
                 if retries >= 1:
-                    layers = _layers_of(t.slots, bad)
                     raise ValueError(f"layers {layers} arrived corrupt twice (checksum mismatch)")
                 retries += 1
-                log.warning(
-                    "transfer %s: layers %s corrupt on arrival; sending them again",
-                    t.transfer_id,
-                    _layers_of(t.slots, bad),
-                )
+                log.warning("transfer %s: layers %s corrupt on arrival; sending again", t.transfer_id, layers)
                 t.queued.extend(bad)
                 t.drain()
                 landed_at = self._clock()
@@ -607,8 +598,3 @@ class KVEndpoint:
         with self._lock:
             self._records.append(record)
         return record
-
-
-def _layers_of(slots: list[dict[str, Any]], positions: list[int]) -> list[int]:
-    """The layers that the slots at ``positions`` carry."""
-    return [int(slots[p]["index"]) + i for p in positions for i in range(int(slots[p].get("layers", 1)))]

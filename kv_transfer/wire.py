@@ -62,6 +62,11 @@ def slot_sum(buf: torch.Tensor, offset: int, nbytes: int) -> int:
     return xxhash.xxh3_64_intdigest(cast(Any, buf[offset : offset + nbytes].numpy())) if nbytes else 0
 
 
+def slot_layers(slots: list[dict[str, Any]], positions: list[int]) -> list[int]:
+    """The layers that the slots at ``positions`` of a manifest carry."""
+    return [int(slots[p]["index"]) + i for p in positions for i in range(int(slots[p].get("layers", 1)))]
+
+
 def peer_to_wire(peer: PeerInfo) -> dict[str, Any]:
     return {
         "name": peer.name,

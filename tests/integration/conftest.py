@@ -10,7 +10,19 @@ import pytest
 from controller.http_api import build_http_app
 from controller.textgen import TextGenerator
 from controller.tokenizer import ModelTokenizer
+from kv_transfer.endpoint import KVEndpoint
+from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter, Stack
+
+
+class Clock:
+    """A clock the test moves by hand (``now``)."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 @pytest.fixture
@@ -26,3 +38,15 @@ def make_stack(model_tokenizer: ModelTokenizer, model_name: str) -> Callable[...
         return Stack(router, textgen, app, health)
 
     return make
+
+
+@pytest.fixture
+def pair():
+    """A sending and a receiving KV endpoint on one in-process fabric and one hand-moved clock."""
+    fabric = FakeFabric()
+    clock = Clock()
+    sender = KVEndpoint(InProcessTransport("p", 1 << 20, fabric), clock=clock, lease_s=10)
+    receiver = KVEndpoint(InProcessTransport("d", 1 << 20, fabric), clock=clock, lease_s=10)
+    yield sender, receiver, fabric, clock
+    sender.close()
+    receiver.close()
