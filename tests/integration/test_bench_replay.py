@@ -150,7 +150,9 @@ async def test_replay_measures_tokens_latencies_and_errors(server: StubServer) -
         assert FIRST_TOKEN_DELAY_S <= r.ttft_s < FIRST_TOKEN_DELAY_S + 0.15
         assert TOKEN_DELAY_S * 0.9 <= r.tpot_s < TOKEN_DELAY_S + 0.02
         expected_e2e = FIRST_TOKEN_DELAY_S + (r.completion_tokens - 1) * TOKEN_DELAY_S
-        assert expected_e2e <= r.e2e_s < expected_e2e + 0.3
+        # as late as the first token's and each next token's slack above allow, and no later (a fixed 0.3 s
+        # failed once in CI under load: 20 tokens 0.34 s late, each within its own bound)
+        assert expected_e2e <= r.e2e_s < expected_e2e + 0.15 + (r.completion_tokens - 1) * 0.02
         assert r.scheduled_s <= r.sent_s < r.scheduled_s + 0.1  # sent on time
     assert records[2].tpot_s is None  # a single token has no TPOT
 
