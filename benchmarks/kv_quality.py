@@ -18,9 +18,16 @@ does the model with the codec's prompt KV predict the same next token as with th
 preceding tokens? A free-running run cannot show it: one flipped near-tie changes everything after it, and
 this 135M bf16 model flips near-ties even on batch-shape noise (7 of 16 greedy answers change between batched
 and one-at-a-time runs of one unmodified engine). vLLM's API has no forced decoding, so this part runs Hugging
-Face transformers on the same weights: the prompt's KV per layer goes through the codec exactly as the
-connector sends it (``[tokens, kv_heads, head_dim]``, keys per channel, values per token), then one forward
-pass over the exact run's greedy continuation scores every position, for the exact and the coded cache alike.
+Face transformers on the same weights: the prompt's KV per layer, rounded to bf16 as the engine holds it, goes
+through the codec exactly as the connector sends it (``[tokens, kv_heads, head_dim]``, keys per channel,
+values per token), then one forward pass over the exact run's greedy continuation scores every position, for
+the exact and the coded cache alike.
+
+The forced forward runs twice: in fp32 (the target's figure) and in bf16. In fp32 the codec is the only
+difference between the two caches. In bf16 every activation is rounded to 8 bits, so any change to the KV,
+however small, moves some logits by whole bf16 steps and flips the near-ties among them: perturbing every KV
+element by up to half a bf16 ulp (no codec at all) already changed 1.98% of bf16-forced picks on these
+prompts, and none of the fp32-forced ones. The bf16 figure is printed beside it for comparison.
 Writes JSON (``--json``).
 """
 
@@ -65,6 +72,11 @@ def parse_args() -> argparse.Namespace:
     )
     p.add_argument("--limit", type=int, default=0, help="only the first N prompts (0: all)")
     p.add_argument("--skip-engines", action="store_true", help="only the teacher-forced part")
+    p.add_argument(
+        "--forced-dtypes",
+        default="float32,bfloat16",
+        help="dtypes of the forced forward pass; the first is the target's (see the module)",
+    )
     p.add_argument("--json", type=Path, default=ROOT / "results" / "kv_quality.json")
     return p.parse_args()
 
@@ -104,29 +116,30 @@ def teacher_forced(
     codecs: list[str],
     max_tokens: int,
     progress: Progress,
+    dtype_name: str,
 ) -> dict[str, dict[str, float]]:
-    """Per codec: the share of forced positions whose top-1 token equals the exact KV's (see the module)."""
+    """Per codec: the share of forced positions whose top-1 token equals the exact KV's, with the forward
+    pass in ``dtype_name`` on the bf16 KV (see the module)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from kv_transfer.codec import KVKind, get_codec
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype_name)).eval()
     agree: dict[str, list[float]] = {c: [] for c in codecs}
-    task = progress.add_task("teacher-forced", total=len(prompts))
+    task = progress.add_task(f"teacher-forced, {dtype_name}", total=len(prompts))
 
     def predictions(prompt: torch.Tensor, forced: torch.Tensor, codec: str) -> torch.Tensor:
         with torch.inference_mode():
             out = model(prompt, use_cache=True)
             cache = out.past_key_values
-            if codec != "none":
-                c = get_codec(codec)
-                for layer in cache.layers:
-                    for attr, kind in (("keys", KVKind.KEY), ("values", KVKind.VALUE)):
-                        kv = getattr(layer, attr)[0].transpose(0, 1).contiguous()  # [T, H, D]
-                        coded = c.decode(c.encode(kv, kind)).transpose(0, 1).unsqueeze(0)
-                        getattr(layer, attr).copy_(coded)
+            for layer in cache.layers:
+                for attr, kind in (("keys", KVKind.KEY), ("values", KVKind.VALUE)):
+                    kv = getattr(layer, attr)[0].transpose(0, 1).to(torch.bfloat16).contiguous()  # [T, H, D]
+                    if codec != "none":
+                        kv = get_codec(codec).decode(get_codec(codec).encode(kv, kind))
+                    getattr(layer, attr).copy_(kv.transpose(0, 1).unsqueeze(0))
             logits = model(forced, past_key_values=cache).logits[0]
         first = out.logits[0, -1].argmax().view(1)  # the prefill's token: computed before any transfer
         return torch.cat([first, logits.argmax(-1)])
@@ -208,8 +221,13 @@ def main() -> int:
         for r in rows
     }
 
+    dtypes = [d.strip() for d in args.forced_dtypes.split(",") if d.strip()]
+    if not dtypes:
+        sys.exit("--forced-dtypes needs at least one dtype")
     with Progress(console=console) as progress:
-        forced = teacher_forced(model_path, prompts, codecs, args.max_tokens, progress)
+        forced = {
+            d: teacher_forced(model_path, prompts, codecs, args.max_tokens, progress, d) for d in dtypes
+        }
 
     config = ClusterConfig.load(
         overrides={
@@ -242,8 +260,9 @@ def main() -> int:
     )
     for col in (
         "codec",
-        "token agreement (forced)",
+        f"token agreement (forced, {dtypes[0]})",
         "target",
+        *(f"forced, {d}" for d in dtypes[1:]),
         "equal requests (free)",
         "mean 1st divergence",
         "wire/bf16",
@@ -253,15 +272,16 @@ def main() -> int:
         cmp = compare(reference, run.tokens, args.max_tokens)
         cmp["wire_ratio"] = statistics.fmean(run.wire_ratio)
         cmp["encode_ms_mean"] = statistics.fmean(run.encode_s) * 1000
-        cmp["forced"] = forced[codec]
+        cmp["forced"] = {d: forced[d][codec] for d in dtypes}
         results[codec] = cmp
         target = TARGETS.get(codec)
-        agreement = forced[codec]["token_agreement"]
-        met = agreement >= (target or 1.0)
+        main_forced = forced[dtypes[0]][codec]
+        met = main_forced["token_agreement"] >= (target or 1.0)
         table.add_row(
             codec,
-            f"{agreement:.2%} (min {forced[codec]['min_request']:.0%})",
+            f"{main_forced['token_agreement']:.2%} (min {main_forced['min_request']:.0%})",
             f"{'>= ' + format(target, '.0%') if target else 'exact'} {'met' if met else 'MISSED'}",
+            *(f"{forced[d][codec]['token_agreement']:.2%}" for d in dtypes[1:]),
             f"{cmp['equal']}/{cmp['requests']} ({cmp['equal_share']:.0%})",
             "-" if cmp["mean_first_divergence"] is None else f"{cmp['mean_first_divergence']:.1f}",
             f"{cmp['wire_ratio']:.3f}",
@@ -273,6 +293,7 @@ def main() -> int:
             {
                 "max_tokens": args.max_tokens,
                 "prompts": len(prompts),
+                "forced_dtypes": dtypes,
                 "codecs": results,
                 "tokens": {c: r.tokens for c, r in runs.items()},
             },

@@ -79,7 +79,8 @@ def error_bound(name: str, enc: EncodedKV, kv: torch.Tensor, out: torch.Tensor) 
     x = kv.float()
     per_channel = name != "fp8" and enc.kind is KVKind.KEY
     scale = per_element(enc, "scale", per_channel)
-    fp8_bound = E4M3_HALF_STEP * x.abs() + E4M3_SUBNORMAL_HALF_STEP * scale  # relative, or among subnormals
+    coded = x - per_element(enc, "center", True) if name == "fp8" and enc.kind is KVKind.KEY else x
+    fp8_bound = E4M3_HALF_STEP * coded.abs() + E4M3_SUBNORMAL_HALF_STEP * scale  # relative, or subnormal
     core = fp8_bound if name == "fp8" else scale / 2  # int8/int4: half an integer step
     cast = half_ulp(torch.maximum(x.abs(), out.float().abs()), kv.dtype)
     return core + cast + 2.0**-20 * x.abs() + 1e-4 * scale  # fp32 rounding: a few ulps of qmax in code units
@@ -183,6 +184,20 @@ def test_fp8_relative_error_per_group() -> None:
     groups = kv.view(64, 4, 2, 64)
     err = (out - kv).abs().view(64, 4, 2, 64).amax(-1)
     assert (err <= E4M3_HALF_STEP * groups.abs().amax(-1) * (1 + 1e-6)).all()
+
+
+def test_fp8_keys_keep_the_precision_of_their_spread_not_of_their_channel_offset() -> None:
+    """A key channel at 4 +- 0.25, beside one at 8 that sets the groups' scale, decodes to within fp8's
+    relative step of its spread, not of 4; values, not centred, keep it of their magnitude."""
+    gen = torch.Generator().manual_seed(3)
+    kv = torch.randn((256, 2, 64), generator=gen) * 0.25
+    kv[..., 7] += 8.0
+    kv[..., 9] += 4.0
+    key_err = (roundtrip("fp8", kv, KVKind.KEY)[1] - kv)[1:, :, 9].abs()
+    value_err = (roundtrip("fp8", kv, KVKind.VALUE)[1] - kv)[1:, :, 9].abs()
+    assert key_err.max() <= E4M3_HALF_STEP * 1.25  # the residual is within +-1.25 (5 sigma)
+    assert value_err.max() > E4M3_HALF_STEP * 1.25
+    assert key_err.mean() < value_err.mean() / 4
 
 
 @settings(max_examples=100, deadline=None)
@@ -323,14 +338,15 @@ def test_real_kv_lossy_within_bounds(
 def test_wire_bytes_of_the_default_layout() -> None:
     """512 tokens x 8 heads x 128, bf16: the first token raw, then codes plus one fp16 scale (fp8), or a
     one-byte log scale and an fp16 zero (int), per group of the 511 others (keys: 8 groups of tokens per
-    channel, the last one short; values and fp8: 2 groups per token along head_dim)."""
+    channel, the last one short; values and fp8: 2 groups per token along head_dim); fp8 keys add an fp16
+    centre per group of tokens."""
     kv = kv_like((512, 8, 128), torch.bfloat16)
     raw, lead, rest = kv.numel() * 2, 8 * 128 * 2, 511 * 8 * 128
     along_dim, per_channel = 511 * 8 * 2, 8 * 8 * 128
     for kind in KVKind:
         int_groups = per_channel if kind is KVKind.KEY else along_dim
         expected = {
-            "fp8": lead + rest + 2 * along_dim,
+            "fp8": lead + rest + 2 * along_dim + (2 * per_channel if kind is KVKind.KEY else 0),
             "int8": lead + rest + 3 * int_groups,
             "int4": lead + rest // 2 + 3 * int_groups,
         }
@@ -349,7 +365,7 @@ def test_wire_bytes_of_the_default_layout() -> None:
 def test_the_leading_token_travels_exact_and_leaves_the_groups_of_the_rest_alone(name: str) -> None:
     """The attention sink (the first token) is decoded bit for bit; the tokens after it are coded as if it
     were not there, so a sink far larger than them does not widen the key groups it shared with them (int8
-    and int4 group keys along tokens)."""
+    and int4 group keys along tokens, and fp8 centres them per group of tokens)."""
     kv = kv_like((130, 3, 64), torch.bfloat16, seed=4)
     kv[0] *= 40  # a sink's outlier keys and values
     for kind in KVKind:
@@ -361,9 +377,9 @@ def test_the_leading_token_travels_exact_and_leaves_the_groups_of_the_rest_alone
         without = bare.decode(bare.encode(kv, kind))
         err = (out[1:].float() - kv[1:].float()).abs().mean()
         err_without = (without[1:].float() - kv[1:].float()).abs().mean()
-        if name != "fp8" and kind is KVKind.KEY:  # int keys are grouped along tokens, the sink among them
+        if kind is KVKind.KEY:  # key groups run along tokens, the sink among them
             assert err < err_without / 4
-        else:  # groups within one token: the sink never shared one with the others
+        else:  # value groups lie within one token: the sink never shared one with the others
             assert err == err_without
 
 
