@@ -26,8 +26,9 @@ the exact and the coded cache alike.
 The forced forward runs twice: in fp32 (the target's figure) and in bf16. In fp32 the codec is the only
 difference between the two caches. In bf16 every activation is rounded to 8 bits, so any change to the KV,
 however small, moves some logits by whole bf16 steps and flips the near-ties among them: perturbing every KV
-element by up to half a bf16 ulp (no codec at all) already changed 1.98% of bf16-forced picks on these
-prompts, and none of the fp32-forced ones. The bf16 figure is printed beside it for comparison.
+element by up to half a bf16 ulp (no codec at all; the ``half-ulp`` control printed under the table) already
+changed 1.98% of bf16-forced picks on these prompts, and none of the fp32-forced ones. The bf16 figure is
+printed beside the fp32 one for comparison.
 Writes JSON (``--json``).
 """
 
@@ -60,6 +61,9 @@ from protocol.transfers import TransferOutcome  # noqa: E402
 
 PROMPTS = ROOT / "tests" / "assets" / "quality_prompts.jsonl"
 TARGETS = {"fp8": 0.99, "int8": 0.99, "int4": 0.95}
+HALF_ULP = "half-ulp"
+"""The control of the forced part: no codec, every KV element moved by a uniform random amount of up to half
+a bf16 ulp (the size of bf16's own rounding)."""
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 
@@ -127,6 +131,7 @@ def teacher_forced(
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, dtype_name)).eval()
+    codecs = [*codecs, HALF_ULP]
     agree: dict[str, list[float]] = {c: [] for c in codecs}
     task = progress.add_task(f"teacher-forced, {dtype_name}", total=len(prompts))
 
@@ -137,7 +142,9 @@ def teacher_forced(
             for layer in cache.layers:
                 for attr, kind in (("keys", KVKind.KEY), ("values", KVKind.VALUE)):
                     kv = getattr(layer, attr)[0].transpose(0, 1).to(torch.bfloat16).contiguous()  # [T, H, D]
-                    if codec != "none":
+                    if codec == HALF_ULP:
+                        kv = half_ulp_noise(kv)
+                    elif codec != "none":
                         kv = get_codec(codec).decode(get_codec(codec).encode(kv, kind))
                     getattr(layer, attr).copy_(kv.transpose(0, 1).unsqueeze(0))
             logits = model(forced, past_key_values=cache).logits[0]
@@ -162,6 +169,15 @@ def teacher_forced(
             agree[codec].append(float((got == exact).float().mean()))
         progress.advance(task)
     return {c: {"token_agreement": statistics.fmean(v), "min_request": min(v)} for c, v in agree.items()}
+
+
+def half_ulp_noise(kv: Any) -> Any:
+    """bf16 ``kv`` plus up to half a bf16 ulp of uniform noise per element, rounded back to bf16."""
+    import torch
+
+    x = kv.float()
+    ulp = torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(2.0**-126))) - 7)
+    return (x + (torch.rand_like(x) - 0.5) * ulp).to(torch.bfloat16)
 
 
 async def one(
@@ -287,6 +303,10 @@ def main() -> int:
             f"{cmp['wire_ratio']:.3f}",
         )
     console.print(table)
+    console.print(
+        "control, no codec, the KV moved by up to half a bf16 ulp: forced agreement "
+        + ", ".join(f"{d} {forced[d][HALF_ULP]['token_agreement']:.2%}" for d in dtypes)
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(
         json.dumps(
@@ -294,6 +314,7 @@ def main() -> int:
                 "max_tokens": args.max_tokens,
                 "prompts": len(prompts),
                 "forced_dtypes": dtypes,
+                "half_ulp_control": {d: forced[d][HALF_ULP] for d in dtypes},
                 "codecs": results,
                 "tokens": {c: r.tokens for c, r in runs.items()},
             },
