@@ -27,7 +27,7 @@ The forced forward runs twice: in fp32 (the target's figure) and in bf16. In fp3
 difference between the two caches. In bf16 every activation is rounded to 8 bits, so any change to the KV,
 however small, moves some logits by whole bf16 steps and flips the near-ties among them: perturbing every KV
 element by up to half a bf16 ulp (no codec at all; the ``half-ulp`` control printed under the table) already
-changed 1.98% of bf16-forced picks on these prompts, and none of the fp32-forced ones. The bf16 figure is
+changed 1.95% of bf16-forced picks on these prompts, and none of the fp32-forced ones. The bf16 figure is
 printed beside the fp32 one for comparison.
 Writes JSON (``--json``).
 """
