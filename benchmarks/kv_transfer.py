@@ -51,9 +51,12 @@ _EARLY_ENV = "PDFLOW_BENCH_EARLY_DECODE"  # how the driver tells the receiver pr
 
 def _endpoint(name: str, host: str, arena_mib: int) -> tuple[Any, Any]:
     """(endpoint, its NIXL transport)."""
+    from kv_transfer.allocator import keep_freed_memory
     from kv_transfer.endpoint import KVEndpoint
     from kv_transfer.transport.nixl import NixlTransport
+    from protocol.config import EngineConfig
 
+    keep_freed_memory(EngineConfig().kv_keep_freed_mib)  # as the connector does in an engine's process
     early = None if os.environ.get(_EARLY_ENV, "1") == "1" else 0
     transport = NixlTransport(name, arena_mib << 20)
     endpoint = KVEndpoint(transport, host=host, timeout_s=120, lease_s=300, predecode_bytes=early)

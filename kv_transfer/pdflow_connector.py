@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from kv_transfer.allocator import keep_freed_memory
 from kv_transfer.block_push import BlockPusher, block_kv
 from kv_transfer.codec import get_codec
 from kv_transfer.codec_choice import CodecChooser
@@ -66,8 +67,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(slots=True)
 class _Load:
-    """A load in progress on the worker half: the parts copied in so far (their position in ``spec.parts``
-    -> tokens they carried)."""
+    """A load in progress on the worker half: parts copied in so far (index in ``spec.parts`` -> tokens)."""
 
     spec: LoadSpec
     deadline: float
@@ -208,6 +208,7 @@ class PdflowConnector(KVConnectorBase_V1):
                 *probe_block_order(self._layout, first.dtype, kv_dtype)
             )
         capacity = int(self._extra.get("arena_mib", 256)) << 20
+        keep_freed_memory(int(self._extra.get("keep_freed_mib", 256)))  # decoded layers reuse freed pages
         transport = NixlTransport(
             f"pdflow-{self._engine_id}",
             capacity,
@@ -481,8 +482,7 @@ class PdflowConnector(KVConnectorBase_V1):
         self._load_errors.update(load.spec.block_ids[load.spec.local_tokens // self._layout.block_size :])
 
     def _finish_copy(self) -> None:
-        """Wait for this step's layered copies, then release the parts they read; a load whose copies
-        failed has its blocks reported failed."""
+        """Wait for this step's layered copies, then release the parts they read (failed: blocks fail)."""
         copy, self._copy = self._copy, None
         if copy is None:
             return

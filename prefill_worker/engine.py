@@ -91,6 +91,7 @@ class VllmEngine:
                 "checksum": cfg.kv_checksum,
                 "zero_copy": cfg.kv_zero_copy,
                 "transfer_nice": cfg.kv_transfer_nice,
+                "keep_freed_mib": cfg.kv_keep_freed_mib,
                 "precopy_gbps": cfg.kv_precopy_gbps,
             }
         kv_transfer = KVTransferConfig(

@@ -91,7 +91,13 @@ class EngineConfig(_Section):
     )
     kv_group_size: int = Field(64, ge=8, le=4096, description="Group size of the fp8/int8/int4 scales.")
     kv_arena_mib: int = Field(256, ge=8, description="Registered staging memory per worker for KV transfers.")
-    kv_checksum: bool = Field(True, description="crc32 of every layer, checked on arrival (resent once).")
+    kv_checksum: bool = Field(True, description="XXH3-64 of every layer, checked on arrival (resent once).")
+    kv_keep_freed_mib: int = Field(
+        256,
+        ge=0,
+        description="Freed heap memory (MiB) that glibc's malloc keeps, in a process that moves KV, for the "
+        "next transfer's buffers instead of faulting in fresh pages; 0 keeps glibc's defaults.",
+    )
     kv_transfer_nice: int = Field(
         10,
         ge=0,
