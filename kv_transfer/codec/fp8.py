@@ -64,9 +64,8 @@ def _center_keys(x: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.
     """fp32 keys (a chunk of whole token groups, the last maybe short) less each channel's midpoint over its
     group of tokens, and those midpoints in fp16 (``[G, H, D]``). The residual is taken from the stored fp16
     midpoint, so the decoder adds back exactly what was taken."""
-    groups = split_groups(
-        x, TOKEN_AXIS, group_size
-    )  # [G, g, H, D], the last group padded with its last token
+    # [G, g, H, D], the last group padded with its last token
+    groups = split_groups(x, TOKEN_AXIS, group_size)
     center = ((groups.amax(dim=1) + groups.amin(dim=1)) * 0.5).to(torch.float16)
     residual = groups - center.float().unsqueeze(1)
     return merge_groups(residual, TOKEN_AXIS, x.shape[0]), center
