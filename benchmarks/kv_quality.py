@@ -145,7 +145,8 @@ def teacher_forced(
                     if codec == HALF_ULP:
                         kv = half_ulp_noise(kv)
                     elif codec != "none":
-                        kv = get_codec(codec).decode(get_codec(codec).encode(kv, kind))
+                        coder = get_codec(codec)
+                        kv = coder.decode(coder.encode(kv, kind))
                     getattr(layer, attr).copy_(kv.transpose(0, 1).unsqueeze(0))
             logits = model(forced, past_key_values=cache).logits[0]
         first = out.logits[0, -1].argmax().view(1)  # the prefill's token: computed before any transfer
