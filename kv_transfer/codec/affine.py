@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from kv_transfer.codec import native
 from kv_transfer.codec.base import (
     EXACT_TOKENS,
     EncodedKV,
@@ -122,6 +123,10 @@ def quantize(kv: torch.Tensor, kind: KVKind, group_size: int, codec: AffineCodec
     codes = torch.empty(codec.packed_len(kv.numel()), dtype=torch.uint8, device=kv.device)
     scale = torch.empty(shape, dtype=torch.uint8, device=kv.device)
     zero = torch.empty(shape, dtype=torch.float16, device=kv.device)
+    if native.usable(kv):  # the same bytes, in one read of the input
+        low, high = native.encode(kv, axis == TOKEN_AXIS, group_size, codec.bits, codes, scale, zero)
+        check_extremes(low, high, codec.name)
+        return AffineCodes(codes, scale, zero)
     for tokens in _chunks(kv, axis, group_size, codec):
         rows = group_rows(tokens, axis, group_size)
         q, scale[rows], zero[rows] = _quantize(
@@ -135,6 +140,9 @@ def quantize(kv: torch.Tensor, kind: KVKind, group_size: int, codec: AffineCodec
 def dequantize(q: AffineCodes, header: KVHeader, group_size: int, codec: AffineCodec) -> torch.Tensor:
     axis = kivi_axis(header.kind)
     out = torch.empty(header.shape, dtype=header.dtype, device=q.codes.device)
+    if native.usable(out, q.codes, q.scale, q.zero):
+        native.decode(out, axis == TOKEN_AXIS, group_size, codec.bits, q.codes, q.scale, q.zero)
+        return out
     per_token = header.shape[1] * header.shape[2]
     for tokens in _chunks(out, axis, group_size, codec):
         rows = group_rows(tokens, axis, group_size)
