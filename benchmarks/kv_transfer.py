@@ -2,7 +2,7 @@
 delivery time between two processes over real NIXL/UCX, on loopback and on emulated 10 and 1 Gbit/s links
 (a veth pair between two network namespaces, shaped with ``tc tbf``; needs root), against a raw bf16 move.
 
-    .venv/bin/python benchmarks/kv_transfer.py                      # everything, 3 runs each (~15 min)
+    .venv/bin/python benchmarks/kv_transfer.py                      # everything, 3 runs each (15 on loopback)
     .venv/bin/python benchmarks/kv_transfer.py --links loopback --tokens 512,2048 --shapes smollm2
     .venv/bin/python benchmarks/kv_transfer.py --links loopback --codecs raw,none,auto --repeats 15
 
@@ -318,6 +318,13 @@ def main() -> None:
     ap.add_argument("--no-early-decode", action="store_true", help="decode every layer at the load")
     ap.add_argument("--repeats", type=int, default=3, help="runs of each transfer; the median is reported")
     ap.add_argument(
+        "--loopback-repeats",
+        type=int,
+        default=15,
+        help="runs of each loopback transfer, at least --repeats (milliseconds each, and noisy on a shared "
+        "machine: at 5 runs, two paths that are the same code differed by up to 17%%)",
+    )
+    ap.add_argument(
         "--layer-ms",
         type=float,
         default=350.0,
@@ -345,7 +352,8 @@ def main() -> None:
             for tokens in (int(t) for t in args.tokens.split(",")):
                 # each run starts one further along the list, so that no kind always follows the same
                 # one (auto after int4 ran in a machine still busy with int4's aftermath)
-                turns = [kinds[r % len(kinds) :] + kinds[: r % len(kinds)] for r in range(args.repeats)]
+                repeats = max(args.repeats, args.loopback_repeats) if link == "loopback" else args.repeats
+                turns = [kinds[r % len(kinds) :] + kinds[: r % len(kinds)] for r in range(repeats)]
                 for codec in [c for turn in turns for c in turn]:
                     jobs.append(
                         {
