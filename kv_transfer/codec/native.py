@@ -90,6 +90,7 @@ def _build() -> Path:
         )
         if done.returncode:
             raise OSError(f"{compiler} exited with {done.returncode}: {done.stderr.strip()[-400:]}")
+        os.chmod(scratch, 0o755)  # mkstemp's 0600, which the compiler keeps
         os.replace(scratch, target)
     finally:
         Path(scratch).unlink(missing_ok=True)
