@@ -51,6 +51,9 @@ def precopy_rate(gbps: float | None, device: str) -> float | None:
     return gbps * 1e9 if gbps > 0 else None
 
 
-CPU_PRECOPY_GBPS = 0.25
-"""The default cap on a CPU engine: a 4096-token SmolLM2 request (94 MB) pre-copies in about 0.4 s, over ten
-or so of the source's steps."""
+CPU_PRECOPY_GBPS = 0.1
+"""The default cap on a CPU engine: a 4096-token SmolLM2 request (94 MB) pre-copies in about 0.9 s, over 15 or
+so of the source's steps. The copy's CPU cost is the same at any rate; spread thinner, it costs each of the
+source's tokens less (two vCPUs, two engines, 4096 tokens: +30% and +12% per token at 0.25 GB/s, +5% and +22%
+at 0.1 GB/s, runs of 4-9 migrations, so within the noise of this machine), and the migrating request's own
+largest gap during the pre-copy fell from 80-166 to 63-115 ms."""

@@ -109,7 +109,7 @@ class EngineConfig(_Section):
         None,
         ge=0,
         description="Cap on the rate of a live migration's pre-copy (GB/s), which copies the KV while the "
-        "request keeps decoding on the source. Unset: 0.25 on CPU (the copy takes the cores and memory "
+        "request keeps decoding on the source. Unset: 0.1 on CPU (the copy takes the cores and memory "
         "bandwidth of the source's forward pass), no cap on GPU; 0: no cap. The last push is never capped.",
     )
     kv_side_channel_port: int = Field(
