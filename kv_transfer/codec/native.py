@@ -138,29 +138,8 @@ def encode(
 ) -> tuple[float, float]:
     """Code contiguous ``kv`` into ``codes``, ``scale`` and ``zero`` (contiguous, sized as ``affine`` sizes
     them). Returns its smallest and largest element, NaN for both if it holds a NaN."""
-    lib = library()
-    if lib is None:
-        raise RuntimeError("the CPU kernels are not available")
     extremes = (ctypes.c_float * 2)()
-    tokens, heads, head_dim = kv.shape
-    status = lib.pdflow_affine_encode(
-        DTYPES[kv.dtype],
-        kv.data_ptr(),
-        tokens,
-        heads,
-        head_dim,
-        int(keys),
-        group_size,
-        bits,
-        _TABLE.data_ptr(),
-        codes.data_ptr(),
-        scale.data_ptr(),
-        zero.data_ptr(),
-        extremes,
-    )
-    if status < 0:
-        raise MemoryError("int8/int4 CPU kernel: out of memory")
-    if status:
+    if _run("pdflow_affine_encode", kv, keys, group_size, bits, (codes, scale, zero), extremes):
         return float("nan"), float("nan")
     return float(extremes[0]), float(extremes[1])
 
@@ -175,23 +154,38 @@ def decode(
     zero: torch.Tensor,
 ) -> None:
     """Decode into contiguous ``out`` (``[T, H, D]``, its dtype the payload's)."""
+    _run("pdflow_affine_decode", out, keys, group_size, bits, (codes, scale, zero))
+
+
+def _run(
+    kernel: str,
+    kv: torch.Tensor,
+    keys: bool,
+    group_size: int,
+    bits: int,
+    parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    *extra: object,
+) -> int:
+    """Call ``kernel`` on ``kv`` (the input, or the output) and the payload's ``parts``; its status."""
     lib = library()
     if lib is None:
         raise RuntimeError("the CPU kernels are not available")
-    tokens, heads, head_dim = out.shape
-    status = lib.pdflow_affine_decode(
-        DTYPES[out.dtype],
-        out.data_ptr(),
-        tokens,
-        heads,
-        head_dim,
-        int(keys),
-        group_size,
-        bits,
-        _TABLE.data_ptr(),
-        codes.data_ptr(),
-        scale.data_ptr(),
-        zero.data_ptr(),
+    tokens, heads, head_dim = kv.shape
+    status = int(
+        getattr(lib, kernel)(
+            DTYPES[kv.dtype],
+            kv.data_ptr(),
+            tokens,
+            heads,
+            head_dim,
+            int(keys),
+            group_size,
+            bits,
+            _TABLE.data_ptr(),
+            *(part.data_ptr() for part in parts),
+            *extra,
+        )
     )
     if status < 0:
         raise MemoryError("int8/int4 CPU kernel: out of memory")
+    return status
