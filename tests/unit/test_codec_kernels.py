@@ -60,7 +60,7 @@ def test_the_kernels_build_on_this_machine() -> None:
 def test_kernels_put_the_torch_paths_bytes_on_the_wire(
     monkeypatch: pytest.MonkeyPatch, name: str, dtype: torch.dtype, shape: tuple[int, int, int], kind: KVKind
 ) -> None:
-    kv = kv_like(shape, dtype, seed=hash((name, shape, kind.value)) % 1000)
+    kv = kv_like(shape, dtype, seed=sum(shape) + len(name) + len(kind.value))  # the same data every run
     fast, slow, fast_out, slow_out = both_paths(monkeypatch, name, kv, kind)
     for a, b in zip(fast, slow, strict=True):
         assert a.dtype == b.dtype and a.shape == b.shape
