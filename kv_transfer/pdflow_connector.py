@@ -30,6 +30,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
 
+from kv_transfer import paged
 from kv_transfer.allocator import keep_freed_memory
 from kv_transfer.block_push import BlockPusher, block_kv
 from kv_transfer.codec import get_codec
@@ -39,14 +40,7 @@ from kv_transfer.endpoint import IncomingTransfer, KVEndpoint, TransferFailed
 from kv_transfer.layered_copy import LayeredCopy
 from kv_transfer.outgoing import OutgoingTransfer
 from kv_transfer.pacing import precopy_rate
-from kv_transfer.paged import (
-    PagedLayout,
-    block_format,
-    gather,
-    probe_block_order,
-    put_block_images,
-    scatter,
-)
+from kv_transfer.paged import PagedLayout, block_format, gather, probe_block_order, scatter
 from kv_transfer.params import BLOCK_FORMAT, CODEC, IN_FLIGHT, KEEP, PARTS, REMOTE_TOKENS
 from kv_transfer.params import DESTINATION as DEST
 from kv_transfer.params import TRANSFER_ID as TRANSFER
@@ -524,7 +518,8 @@ class PdflowConnector(KVConnectorBase_V1):
             mine = block_format(self._layout, next(iter(self._layers.values())).dtype)
             if spec.block_format != mine:
                 raise ValueError(f"block images of layout {spec.block_format}, this engine stores {mine}")
-            put = put_block_images
+            put = paged.put_block_images
+        rows = 1 if spec.block_format else bs  # of a part, per block (block halves: one; tokens: bs)
         skip = max(0, spec.local_tokens // bs - first)  # blocks of this part that a prefix-cache hit holds
         if skip * bs >= incoming.tokens:
             return False
@@ -534,15 +529,17 @@ class PdflowConnector(KVConnectorBase_V1):
         # attention: those blocks go in now, the ones before may go in beside the forward pass
         later = max(0, (spec.local_tokens + spec.tokens) // bs - first - skip) if copy is not None else 0
         for index, key, value in self._endpoint.decode_layers(incoming):
-            layer, key, value = self._layers[names[index]], key[skip * bs :], value[skip * bs :]
-            if later * bs < key.shape[0]:
-                put(layer, self._layout, blocks[later:], key[later * bs :], value[later * bs :])
+            if spec.block_format:
+                key, value = paged.block_halves(self._layout, key, value)
+            layer, key, value = self._layers[names[index]], key[skip * rows :], value[skip * rows :]
+            if later * rows < key.shape[0]:
+                put(layer, self._layout, blocks[later:], key[later * rows :], value[later * rows :])
             if later and copy is not None:
                 copy.add(
                     index,
                     owner,
                     functools.partial(
-                        put, layer, self._layout, blocks[:later], key[: later * bs], value[: later * bs]
+                        put, layer, self._layout, blocks[:later], key[: later * rows], value[: later * rows]
                     ),
                 )
         return bool(later)

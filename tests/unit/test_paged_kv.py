@@ -3,7 +3,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.paged import PagedLayout, block_images, block_spans, gather, scatter
+from kv_transfer.paged import (
+    PagedLayout,
+    block_halves,
+    block_images,
+    block_spans,
+    gather,
+    put_block_images,
+    scatter,
+)
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -40,13 +48,54 @@ def test_block_spans_point_at_exactly_the_bytes_of_the_block_images(fused: bool)
     layer = torch.randn(shape).to(torch.bfloat16)
     layout = PagedLayout.infer(layer, heads)
     memory = layer.view(-1).view(torch.uint8)
-    ids = [7, 2, 3, 5]
-    for image, spans in zip(block_images(layer, layout, ids), block_spans(layer, layout, ids), strict=True):
-        got = torch.cat([memory[a - layer.data_ptr() : a - layer.data_ptr() + n] for a, n in spans])
-        assert torch.equal(got, image.contiguous().view(-1).view(torch.uint8))
-        assert len(spans) == (4 if fused else 3)  # blocks 2 and 3 touch on the split layout
+    for ids in ([7, 2, 3, 5], [7, 2, 3, 4, 5]):
+        for image, spans in zip(
+            block_images(layer, layout, ids), block_spans(layer, layout, ids), strict=True
+        ):
+            got = torch.cat([memory[a - layer.data_ptr() : a - layer.data_ptr() + n] for a, n in spans])
+            assert torch.equal(got, image.contiguous().view(-1).view(torch.uint8))
     with pytest.raises(ValueError, match="contiguous"):
         block_spans(layer.transpose(0, 1), layout, ids)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_a_run_of_adjacent_blocks_goes_out_as_one_span_a_part(fused: bool) -> None:
+    """Every span is a write of its own on the wire (15,000 of them for a 4096-token push when each block
+    half was one): blocks next to each other in the cache go as one."""
+    heads, dim, block = 3, 8, 4
+    layer = torch.zeros((64, heads, block, 2 * dim) if fused else (2, 64, block, heads, dim))
+    layout = PagedLayout.infer(layer, heads)
+    first, second = block_spans(layer, layout, list(range(10, 42)))
+    assert len(first) == len(second) == 1
+    first, second = block_spans(layer, layout, [*range(10, 20), *range(30, 36)])
+    assert len(first) + len(second) == (3 if fused else 4)  # fused: the cut falls in the first run
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("n", [5, 6])
+def test_block_images_land_in_other_blocks_whole_from_any_block_on(fused: bool, n: int) -> None:
+    """The receiver loads block images per block (``block_halves``), some now and some later, skipping
+    the ones a prefix-cache hit holds: each block must land whole in its place, and nothing else change."""
+    heads, dim, block, blocks = 3, 8, 4, 16
+    shape = (blocks, heads, block, 2 * dim) if fused else (2, blocks, block, heads, dim)
+    source = torch.randn(shape).to(torch.bfloat16)
+    layout = PagedLayout.infer(source, heads)
+    ids = [9, 3, 4, 12, 0, 7][:n]
+    first, second = block_images(source, layout, ids)
+    landed = torch.cat([first.reshape(-1), second.reshape(-1)])  # end to end, as in a transfer's slot
+    parts = landed[: first.numel()].view(first.shape), landed[first.numel() :].view(second.shape)
+    for where in (parts, (first.clone(), second.clone())):  # views of the slot, or copies apart
+        key, value = block_halves(layout, *where)
+        assert key.shape == (n, block, heads, dim)
+        target = torch.zeros_like(source)
+        mine = [1, 2, 5, 6, 8, 10][:n]
+        put_block_images(target, layout, mine[2:4], key[2:4], value[2:4])  # from block 2 on, in two goes
+        put_block_images(target, layout, mine[4:], key[4:], value[4:])
+        bs = source.view(blocks, -1) if fused else source.transpose(0, 1).reshape(blocks, -1)
+        got = target.view(blocks, -1) if fused else target.transpose(0, 1).reshape(blocks, -1)
+        for i in range(n):
+            assert torch.equal(got[mine[i]], bs[ids[i]] if i >= 2 else torch.zeros_like(bs[0]))
+        assert not got[[b for b in range(blocks) if b not in mine]].any()
 
 
 def test_too_few_blocks_is_an_error() -> None:
