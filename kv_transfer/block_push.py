@@ -59,9 +59,9 @@ class BlockPusher:
         """Push blocks ``[first_block, end_block)`` of a running request to ``destination`` on a push thread
         (a ``background`` one at the pre-copy's rate); ``push_status`` reports how it ended. ``expected`` is
         the block table the earlier stages pushed from: a request preempted since then holds other blocks, and
-        the migration must stop. Called between two steps (worker extension ``pdflow_push``) or on the side
-        channel's thread during one (op ``push``, from this worker's own host): it only reads the block table,
-        which a running request's only grows. Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the
+        the migration must stop. Called on the side channel's thread (op ``push``, from this worker's own
+        host), during a step as well: it only reads the block table, which a running request's only grows.
+        Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the
         push cannot start."""
         request_id, transfer_id = str(msg["request_id"]), str(msg["transfer_id"])
         first, end = int(msg["first_block"]), int(msg["end_block"])

@@ -565,8 +565,8 @@ class PdflowConnector(KVConnectorBase_V1):
         self._pusher.attach(requests)
 
     def start_push(self, msg: dict[str, Any]) -> dict[str, Any]:
-        """Start a migration push (``BlockPusher.start``): between two steps (worker extension
-        ``pdflow_push``) or on the side channel's thread (op ``push``, from this worker's own host)."""
+        """Start a migration push (``BlockPusher.start``), on the side channel's thread (op ``push``, from
+        this worker's own host)."""
         return self._pusher.start(msg)
 
     def push_status(self, transfer_id: str) -> dict[str, Any] | None:

@@ -282,12 +282,13 @@ class VllmEngine:
     ) -> dict[str, Any]:
         """Start pushing blocks ``[first, end)`` of a running request's KV to another worker's KV endpoint
         (live migration); ``push_status`` says how it ended (see ``PdflowConnector.start_push``). Returns
-        ``{"block_ids": [...]}`` or ``{"error": ...}``.
+        ``{"block_ids": [...]}`` or ``{"error": ...}``. A ``background`` push (a pre-copy stage) sends at the
+        pre-copy's capped rate (``kv_precopy_gbps``), a last push at once.
 
-        A ``background`` push (a pre-copy stage) is asked for between two engine steps, through the engine
-        core, and sends at the pre-copy's capped rate (``kv_precopy_gbps``). A last push (the client waits
-        for it) goes over the connector's side channel instead, so that it starts at once rather than after
-        the current step."""
+        Every push is asked for over the connector's side channel, which a thread of the engine's worker
+        answers during a step. Pre-copy stages used to be asked for through the engine core, between two
+        steps: at 1024 tokens the migrating request's largest gap during the pre-copy was 53-122 ms that way
+        and 55-78 ms over the side channel (normal gap 44-80 ms; 10-12 migrations each)."""
         message = {
             "request_id": request_id,
             "transfer_id": transfer_id,
@@ -297,9 +298,6 @@ class VllmEngine:
             "expected": list(expected),
             "background": background,
         }
-        if background:
-            result: dict[str, Any] = (await self._rpc("pdflow_push", (message,)))[0]
-            return result
         started: dict[str, Any] = await self._side_call({"op": "push", **message})
         return started
 

@@ -1,8 +1,8 @@
 """Mixed into vLLM's worker class (``parallel_config.worker_extension_cls``) so that the decode worker can
 reach the pdflow connector through ``AsyncLLM.collective_rpc`` (calls that run in the engine core between two
-steps): attach the model runner's request states to it, start pre-copy pushes, renew, drop and count KV.
-A migration's last push, and every push's polling, go over the connector's side channel instead, so that
-they never wait for a step, nor hold one up. Imported only inside vLLM's engine process."""
+steps): attach the model runner's request states to it, renew, drop and count KV. Migration pushes, and
+their polling, go over the connector's side channel instead, so that they never wait for a step, nor hold
+one up. Imported only inside vLLM's engine process."""
 
 from __future__ import annotations
 
@@ -21,14 +21,6 @@ class MigrationWorkerExtension:
             return ""
         connector.attach(self.model_runner.requests)
         return str(connector.address)
-
-    def pdflow_push(self, message: dict[str, Any]) -> dict[str, Any]:
-        """Start a migration push (``PdflowConnector.start_push``) between two steps."""
-        connector = _connector()
-        if connector is None:
-            return {"error": "the engine's KV connector cannot migrate (pdflow connector required)"}
-        result: dict[str, Any] = connector.start_push(message)
-        return result
 
     def pdflow_drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
         connector = _connector()
