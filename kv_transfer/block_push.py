@@ -61,8 +61,7 @@ class BlockPusher:
         the block table the earlier stages pushed from: a request preempted since then holds other blocks, and
         the migration must stop. Called on the side channel's thread (op ``push``, from this worker's own
         host), during a step as well: it only reads the block table, which a running request's only grows.
-        Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the
-        push cannot start."""
+        Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the push cannot start."""
         request_id, transfer_id = str(msg["request_id"]), str(msg["transfer_id"])
         first, end = int(msg["first_block"]), int(msg["end_block"])
         if self._runner_requests is None:
