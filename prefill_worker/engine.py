@@ -288,7 +288,7 @@ class VllmEngine:
         Every push is asked for over the connector's side channel, which a thread of the engine's worker
         answers during a step. Pre-copy stages used to be asked for through the engine core, between two
         steps: at 1024 tokens the migrating request's largest gap during the pre-copy was 53-122 ms that way
-        and 55-78 ms over the side channel (normal gap 44-80 ms; 10-12 migrations each)."""
+        and 55-78 ms over the side channel (normal gap 44-72 ms; 10-12 migrations each)."""
         message = {
             "request_id": request_id,
             "transfer_id": transfer_id,
