@@ -23,6 +23,7 @@ from kv_transfer.params import REMOTE_TOKENS as _REMOTE_TOKENS
 from kv_transfer.params import TRANSFER_ID as _TRANSFER
 from kv_transfer.params import parts as _parts
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
+from prefill_worker import engine_wait
 from prefill_worker.engine_stats import EngineStats
 from protocol.config import EngineConfig, KVConnectorKind
 from protocol.engine import EngineLoad
@@ -121,6 +122,7 @@ class VllmEngine:
             disable_log_stats=False,
             enable_log_requests=False,
         )
+        engine_wait.export(cfg.queue_wait_ms, cfg.device)  # for vLLM's processes, started below
         # vLLM builds the engine synchronously (half a minute on CPU): a thread keeps this event loop, and so
         # the caller's start deadline and the actor's other calls, alive meanwhile
         self._llm = await asyncio.to_thread(

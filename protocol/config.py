@@ -112,6 +112,14 @@ class EngineConfig(_Section):
         "request keeps decoding on the source. Unset: 0.1 on CPU (the copy takes the cores and memory "
         "bandwidth of the source's forward pass), no cap on GPU; 0: no cap. The last push is never capped.",
     )
+    queue_wait_ms: float | None = Field(
+        None,
+        ge=0,
+        description="vLLM's engine core and its worker process wait for each other's messages on a "
+        "shared-memory queue; with this set they sleep until notified, and look at the queue again every "
+        "this many ms. Unset: 10 on CPU, where vLLM's own wait (busy, for 1 s after each message) takes the "
+        "cores that compute tokens; vLLM's own wait on GPU. 0: vLLM's own wait.",
+    )
     kv_side_channel_port: int = Field(
         0,
         ge=0,
