@@ -31,7 +31,13 @@ def condition() -> Iterator[tuple[types.SimpleNamespace, zmq.Socket]]:
     notify.connect(address)
     poller = zmq.Poller()
     poller.register(notify, zmq.POLLIN)
-    time.sleep(0.05)  # let the subscription reach the writer
+    # a subscription reaches the writer asynchronously: notify until one arrives, then start with none pending
+    deadline = time.monotonic() + 10
+    while not notify.poll(timeout=20):
+        assert time.monotonic() < deadline, "the reader never subscribed"
+        writer.send(b"\x00")
+    while notify.poll(timeout=50):  # one still on its way, if any
+        notify.recv()
     try:
         yield types.SimpleNamespace(poller=poller, local_notify_socket=notify), writer
     finally:
