@@ -27,6 +27,7 @@ class BlockPusher:
         self._layout: PagedLayout | None = None
         self._zero_copy = False  # the layers are registered with the transport: pushes send from them
         self._rate: float | None = None  # the pre-copy's cap in bytes a second (``pacing``)
+        self._pull = False  # pre-copy stages are read by the destination (``kv_transfer.pull``)
         # Pre-copy pushes are paced, on a thread at the engine's own priority: one below it held the
         # interpreter's lock and UCX's worker spinlock while preempted, which stalled the engine and had
         # NIXL's progress thread spin (80-690 ms of CPU per 4096-token migration at nice 10 or 19). A last
@@ -44,11 +45,14 @@ class BlockPusher:
         *,
         zero_copy: bool,
         rate: float | None,
+        pull: bool = False,
     ) -> None:
         """The worker's endpoint and KV cache layers (``register_kv_caches``); ``zero_copy``: the layers are
-        registered with the endpoint's transport; ``rate``: the pre-copy's cap in bytes a second."""
+        registered with the endpoint's transport; ``rate``: the pre-copy's cap in bytes a second; ``pull``:
+        the destination reads each pre-copy stage out of the registered layers (its CPU copies, not this
+        side's), at that rate (needs ``zero_copy``)."""
         self._endpoint, self._layers, self._layout = endpoint, layers, layout
-        self._zero_copy, self._rate = zero_copy, rate
+        self._zero_copy, self._rate, self._pull = zero_copy, rate, pull and zero_copy
 
     def attach(self, requests: dict[str, Any]) -> None:
         """The model runner's request states (``pdflow_attach`` of the worker extension), so that a push
@@ -89,6 +93,7 @@ class BlockPusher:
             blocks[first:end],
             unchanged,
             self._rate if background else None,
+            background and self._pull,
         )
         return {"block_ids": held}
 
@@ -118,14 +123,15 @@ class BlockPusher:
         block_ids: list[int],
         unchanged: Callable[[], bool],
         rate: float | None,
+        pull: bool = False,
     ) -> dict[str, Any]:
         """Push whole blocks of a request's KV in one transfer: every layer, as raw block images (exact, and
         no reordering on either side; the record's ``block_format`` names the layout). A running request
         never rewrites a full block, nor the slots of tokens it has already produced the next token for; but
         one that ends or is preempted meanwhile gives its blocks back, so once every layer is copied out,
         ``unchanged`` must confirm the blocks are still its own, or the transfer fails. A ``rate`` (bytes a
-        second) spreads the layers' sends over time (``pacing``). Returns the record as a dict (FAILED with
-        an error on any failure)."""
+        second) spreads the layers' sends over time (``pacing``); with ``pull`` the destination reads them, at
+        that rate. Returns the record as a dict (FAILED with an error on any failure)."""
         endpoint, layout = self._endpoint, self._layout
         if endpoint is None or layout is None:
             return {"transfer_id": transfer_id, "outcome": "failed", "error": "connector not registered"}
@@ -151,7 +157,9 @@ class BlockPusher:
                 raise ValueError(f"request {request_id} ended or was preempted during the push")
 
         try:
-            if self._zero_copy and not rate:  # every layer in one write, read while on the wire
+            if pull:  # the destination reads every layer, paced there (``kv_transfer.pull``)
+                transfer.pull_at(rate)
+            if self._zero_copy and (pull or not rate):  # every layer in one write, read while on the wire
                 endpoint.send_layers_from(
                     transfer,
                     (

@@ -1,18 +1,17 @@
 """A worker's KV transfer endpoint: its transport, its staging arena, its side channel, and every transfer in
 flight through it, in both directions (prefill → decode hand-off, decode → decode migration).
 
-A transfer is pushed. The sender reserves a region in the receiver's arena over the side channel, encodes each
-layer into its own staging region as soon as the layer exists, and posts a one-sided write of that layer
-while later layers are still being computed. ``finish`` waits for the last write, then commits: the receiver
-checks sizes and checksums, asks for a slot again if it is corrupt (once), and keeps the landed transfer
-until the engine loads it (``take`` + ``decode_layers``) or its lease runs out. Every transfer ends in exactly
-one ``TransferRecord``, emitted by the side that ends it.
+A transfer is pushed: the sender reserves a region in the receiver's arena over the side channel, encodes each
+layer into its own staging as soon as it exists, and posts a one-sided write of it while later layers are
+still computed; or pulled (a migration's pre-copy, ``pull``): the receiver reads the sender's registered
+blocks into the region. ``finish`` waits for the last write (or read), then commits: the receiver checks sizes
+and checksums, asks for a slot again if it is corrupt (once), and keeps the landed transfer until the engine
+loads it (``take`` + ``decode_layers``) or its lease runs out. Every transfer ends in exactly one
+``TransferRecord``, emitted by the side that ends it.
 
-Each compressed slot's write (one layer, or a group of small layers the caller handed over with ``hold``)
-carries a NIXL notification. The receiver decodes a slot as soon as its notification comes and its
-checksum holds, on a thread of its own, while later layers are still on the wire:
-the load then finds most layers decoded (within ``predecode_bytes`` of decoded memory; a layer over budget,
-without a checksum, or not yet decoded is decoded at load as before).
+Each compressed slot's write carries a NIXL notification: the receiver decodes the slot as soon as it comes
+and its checksum holds, on a thread of its own, while later layers are on the wire, and the load finds most
+layers decoded (within ``predecode_bytes``; a layer over budget or not decoded yet is decoded at load).
 """
 
 from __future__ import annotations
@@ -30,17 +29,11 @@ import torch
 
 from kv_transfer.codec import KVCodec, get_codec
 from kv_transfer.outgoing import LAYER_NOTE, OutgoingTransfer, RegisteredKV, wire_bound
+from kv_transfer.pull import Puller
 from kv_transfer.transport.arena import Arena, Region
 from kv_transfer.transport.base import Transport
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError, SideChannelServer
-from kv_transfer.wire import (
-    decode_slot,
-    peer_from_wire,
-    peer_to_wire,
-    raw_nbytes,
-    slot_layers,
-    slot_sum,
-)
+from kv_transfer.wire import decode_slot, peer_from_wire, peer_to_wire, raw_nbytes, slot_layers, slot_sum
 from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
@@ -120,6 +113,8 @@ class KVEndpoint:
         self._predecoded_bytes = 0
         self._wake = threading.Event()  # set when a transfer is reserved here
         self._closed = threading.Event()
+        self._puller = Puller(transport, self._hold, timeout_s=timeout_s)  # transfers this side reads
+        self._ops.update(pull=self._puller.start, pull_status=self._puller.status)
         self._server = SideChannelServer(self._handle, host=host, port=port)
         self.address = self._server.address
         self._decoder: threading.Thread | None = None
@@ -180,6 +175,7 @@ class KVEndpoint:
             transport=self._transport,
             clock=self._clock,
             timeout_s=self._timeout_s,
+            origin=mine.name,
         )
 
     def send_layer(
@@ -439,6 +435,7 @@ class KVEndpoint:
                 "landed": len(self._landed),
                 "reserved": len(self._incoming),
                 "predecoded": len(self._predecoded),
+                "pulls": self._puller.running(),
             }
 
     def close(self) -> None:
@@ -447,6 +444,7 @@ class KVEndpoint:
         if self._decoder is not None:
             self._decoder.join(timeout=2.0)
         self._server.close()
+        self._puller.close()
         for client in self._clients.values():
             client.close()
         self._transport.close()
@@ -470,13 +468,21 @@ class KVEndpoint:
         if op == "commit":
             return {"bad": self._commit(transfer_id, msg["manifest"])}
         if op == "abort":
-            # The sender records the failure it aborts for; this side only frees.
+            # The sender records the failure it aborts for; this side only frees (once it reads no more).
+            self._puller.stop(transfer_id)
             self.release(transfer_id, error=str(msg.get("why", "aborted by the sender")), record=False)
             return {}
         extra = self._ops.get(str(op))
         if extra is not None:
             return extra(msg)
         raise ValueError(f"unknown side-channel op {op!r}")
+
+    def _hold(self, transfer_id: str) -> Region | None:
+        """A reserved transfer's region with a fresh lease (a pull reads into it), or None."""
+        with self._lock:
+            if (region := self._arena.region(transfer_id)) is None or transfer_id not in self._incoming:
+                return None
+            return self._arena.reserve(transfer_id, region.nbytes, now=self._clock(), lease_s=self._lease_s)
 
     def _commit(self, transfer_id: str, manifest: dict[str, Any]) -> list[int]:
         with self._lock:
@@ -577,22 +583,16 @@ class KVEndpoint:
         return client
 
     def _record_failed(
-        self,
-        transfer_id: str,
-        request_id: str,
-        codec: str,
-        reason: str,
-        exc: BaseException,
-        *,
-        peer: str = "",
+        self, transfer_id: str, request_id: str, codec: str, reason: str, exc: BaseException, peer: str = ""
     ) -> TransferRecord:
+        error = f"KV transfer {transfer_id} failed: {exc}"
         record = TransferRecord(
             transfer_id,
             request_id,
             TransferOutcome.FAILED,
             codec=codec,
             reason=reason,
-            error=f"KV transfer {transfer_id} failed: {exc}",
+            error=error,
             peer=peer,
         )
         with self._lock:

@@ -26,6 +26,7 @@ from protocol.transfers import TransferOutcome, TransferRecord
 _POLL_MIN_S, _POLL_MAX_S = 0.0001, 0.002  # how often a sender checks its writes: first, and at most
 _POLL_SHARE = 0.125  # a sender sleeps at most this share of the time its writes have been on the wire
 LAYER_NOTE = b"pdflow-layer:"  # prefix of the notification that comes with each compressed layer's write
+_PULL_POLL_MAX_S = 0.02  # how often a sender asks at most whether the receiver's pull is done (a round trip)
 _WINDOW_BYTES = 8 << 20  # a transfer's writes on the wire at once, at most (one layer, whatever its size)
 _WINDOW_WRITES = 2
 """A compressed transfer's writes on the wire at once, at most: one travelling and one queued behind it.
@@ -84,6 +85,9 @@ class OutgoingTransfer:
     sources: dict[int, list[tuple[int, int, int]]] = field(default_factory=dict)  # slot -> registered spans
     layers_staged: int = 0
     held: list[tuple[int, torch.Tensor, torch.Tensor]] = field(default_factory=list)  # kept back by ``hold``
+    origin: str = ""  # this side's transport name (the peer a pull reads from)
+    pulled: bool = False  # the receiver reads the registered layers (``pull_at``); nothing is posted here
+    pull_rate: float | None = None
 
     def hold(self, index: int, key: torch.Tensor, value: torch.Tensor, *, checksum: bool) -> None:
         """Stage a layer that the caller leaves unchanged until ``finish``: kept back while it and the layers
@@ -107,9 +111,7 @@ class OutgoingTransfer:
             group, self.held = self.held, []
             self.stage(group[0][0], [(key, value) for _, key, value in group], checksum=checksum)
 
-    def stage(
-        self, index: int, layers: list[tuple[torch.Tensor, torch.Tensor]], *, checksum: bool
-    ) -> None:
+    def stage(self, index: int, layers: list[tuple[torch.Tensor, torch.Tensor]], *, checksum: bool) -> None:
         """Encode the K and V of consecutive layers from ``index`` into local staging (with a checksum if
         ``checksum``) and queue them as one slot. Several layers travel side by side along the heads axis,
         ``[T, layers * H, D]`` (``wire.decode_slot`` splits them): each layer's values are coded exactly as
@@ -184,6 +186,11 @@ class OutgoingTransfer:
         if pump:
             self.pump()
 
+    def pull_at(self, rate: float | None) -> None:
+        """Have the receiver read this transfer's layers (all from registered memory) out of this side's
+        memory rather than write them (``pull``), at ``rate`` bytes a second at most (None: at once)."""
+        self.pulled, self.pull_rate = True, rate
+
     def pump(self) -> None:
         """Without waiting: note the writes that ended (NIXL completes some writes, and sends their
         notifications, only when their state is checked), then post queued layers while the window has
@@ -191,7 +198,9 @@ class OutgoingTransfer:
         that the receiver decodes it early.
         Layers sent from registered memory go out one write at a time: those queued while one is on the
         wire leave together in the next (each write costs tens of microseconds on both sides, and a raw
-        layer gains nothing from landing alone)."""
+        layer gains nothing from landing alone). A pulled transfer posts nothing."""
+        if self.pulled:
+            return
         for position, (xfer, _) in list(self.in_flight.items()):
             state = xfer.state()
             if state is not XferState.PENDING:
@@ -212,8 +221,10 @@ class OutgoingTransfer:
             slot = self.slots[self.queued[0]]
             windowed = self.codec.name != "none"  # only a layer decoded on landing gains from its order
             on_wire = sum(n for _, n in self.in_flight.values())
-            if windowed and self.in_flight and (
-                on_wire + int(slot["nbytes"]) > _WINDOW_BYTES or len(self.in_flight) >= _WINDOW_WRITES
+            if (
+                windowed
+                and self.in_flight
+                and (on_wire + int(slot["nbytes"]) > _WINDOW_BYTES or len(self.in_flight) >= _WINDOW_WRITES)
             ):
                 return
             position = self.queued.popleft()
@@ -228,7 +239,11 @@ class OutgoingTransfer:
             self.in_flight[position] = (xfer, nbytes)
 
     def drain(self) -> None:
-        """Post every queued layer and wait for every write, backing off as ``wait`` does."""
+        """Post every queued layer and wait for every write, backing off as ``wait`` does (a pulled
+        transfer: have the receiver read them, and wait for that)."""
+        if self.pulled:
+            self._pull()
+            return
         deadline = self.clock() + self.timeout_s
         since = time.perf_counter()
         while True:
@@ -280,6 +295,24 @@ class OutgoingTransfer:
             retries=retries,
             peer=self.peer,
         )
+
+    def _pull(self) -> None:
+        """Ask the receiver to read every queued layer (``kv_transfer.pull``) and poll it until it has; a
+        pull it refuses or that fails there raises ``SideChannelError`` with its reason."""
+        if any(p not in self.sources for p in self.queued):
+            raise ValueError(f"transfer {self.transfer_id}: only layers in registered memory can be pulled")
+        slots, self.queued = [self.sources[p] for p in self.queued], deque()
+        call_s = min(self.timeout_s, 5.0)
+        ask = {"transfer_id": self.transfer_id, "peer": self.origin, "slots": slots, "rate": self.pull_rate}
+        self.client.call({"op": "pull", **ask}, timeout_s=call_s)
+        deadline, since = self.clock() + self.timeout_s, time.perf_counter()
+        status = {"op": "pull_status", "transfer_id": self.transfer_id}
+        while not self.client.call(status, timeout_s=call_s)["done"]:
+            if self.clock() > deadline:
+                raise TimeoutError(
+                    f"{self.peer} did not pull transfer {self.transfer_id} within {self.timeout_s:g} s"
+                )
+            time.sleep(min(_PULL_POLL_MAX_S, max(_POLL_MIN_S, (time.perf_counter() - since) * _POLL_SHARE)))
 
     def _check_room(self) -> None:
         if self.cursor > self.local.nbytes:

@@ -22,7 +22,7 @@ class Pacer:
         rate: float,
         *,
         clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
+        sleep: Callable[[float], object] = time.sleep,
     ) -> None:
         if rate <= 0:
             raise ValueError(f"a pacing rate must be positive, not {rate}")

@@ -236,6 +236,7 @@ class PdflowConnector(KVConnectorBase_V1):
             self._layout,
             zero_copy=self._zero_copy,
             rate=precopy_rate(self._extra.get("precopy_gbps"), first.device.type),
+            pull=bool(self._extra.get("precopy_pull", True)),
         )
         self._endpoint.add_op("push", self.start_push)
         self._endpoint.add_op("push_status", lambda m: {"record": self.push_status(str(m["transfer_id"]))})

@@ -94,6 +94,7 @@ class VllmEngine:
                 "transfer_nice": cfg.kv_transfer_nice,
                 "keep_freed_mib": cfg.kv_keep_freed_mib,
                 "precopy_gbps": cfg.kv_precopy_gbps,
+                "precopy_pull": cfg.kv_precopy_pull,
             }
         kv_transfer = KVTransferConfig(
             kv_connector=connector,

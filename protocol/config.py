@@ -112,6 +112,12 @@ class EngineConfig(_Section):
         "request keeps decoding on the source. Unset: 0.1 on CPU (the copy takes the cores and memory "
         "bandwidth of the source's forward pass), no cap on GPU; 0: no cap. The last push is never capped.",
     )
+    kv_precopy_pull: bool = Field(
+        True,
+        description="The destination of a live migration reads each pre-copy stage out of the source's KV "
+        "cache (NIXL READ), so that the copy runs on the destination's CPU (the instance chosen for its "
+        "headroom) rather than the source's (the loaded one); off: the source writes it. Needs kv_zero_copy.",
+    )
     queue_wait_ms: float | None = Field(
         None,
         ge=0,

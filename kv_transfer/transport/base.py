@@ -81,6 +81,12 @@ class Transport(Protocol):
         """Post a one-sided read of ``nbytes`` from ``peer``'s buffer into this one; returns at once."""
         ...
 
+    def read_into(self, peer: str, spans: list[tuple[int, int, int]]) -> Xfer:
+        """Post one read of ``(remote_address, local_offset, nbytes)`` spans, each out of memory ``peer``
+        registered (``register``) into this buffer at ``local_offset``; returns at once. This side's CPU
+        moves the bytes (on one host) where a ``write_from`` would have had the peer's."""
+        ...
+
     def notifications(self) -> list[bytes]:
         """The notifications of writes into this buffer that arrived since the last call, oldest first.
         Called from one thread only."""

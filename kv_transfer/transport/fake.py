@@ -20,6 +20,7 @@ class FakeFabric:
     corrupt_writes: int = 0
     fail_writes: int = 0
     moves: int = 0
+    sources: dict[str, dict[int, torch.Tensor]] = field(default_factory=dict)  # registered memory, by name
 
 
 class _Done:
@@ -42,6 +43,7 @@ class InProcessTransport:
         self._sources: dict[int, torch.Tensor] = {}  # address -> the registered bytes
         fabric.buffers[name] = self._buffer
         fabric.notifs[name] = deque()
+        fabric.sources[name] = self._sources
 
     @property
     def buffer(self) -> torch.Tensor:
@@ -96,6 +98,16 @@ class InProcessTransport:
         self._fabric.moves += 1
         return _Done(XferState.DONE)
 
+    def read_into(self, peer: str, spans: list[tuple[int, int, int]]) -> _Done:
+        self._remote(peer)
+        registered = self._fabric.sources.get(peer, {})
+        for address, local_offset, nbytes in spans:
+            if local_offset < 0 or local_offset + nbytes > self._buffer.numel():
+                raise TransportError(f"read of {nbytes} B into offset {local_offset} leaves this buffer")
+            self._buffer[local_offset : local_offset + nbytes].copy_(_within(registered, address, nbytes))
+        self._fabric.moves += 1
+        return _Done(XferState.DONE)
+
     def notifications(self) -> list[bytes]:
         queue, out = self._fabric.notifs.get(self._name, deque()), []
         while queue:
@@ -104,12 +116,10 @@ class InProcessTransport:
 
     def close(self) -> None:
         self._fabric.buffers.pop(self._name, None)
+        self._fabric.sources.pop(self._name, None)
 
     def _source(self, address: int, nbytes: int) -> torch.Tensor:
-        for start, data in self._sources.items():
-            if start <= address and address + nbytes <= start + data.numel():
-                return data[address - start : address - start + nbytes]
-        raise TransportError(f"write of {nbytes} B from {address:#x}: not registered memory")
+        return _within(self._sources, address, nbytes)
 
     def _remote(self, peer: str) -> torch.Tensor:
         if peer not in self._peers:
@@ -118,3 +128,10 @@ class InProcessTransport:
         if remote is None:
             raise TransportError(f"{self._name}: peer {peer!r} is gone")
         return remote
+
+
+def _within(registered: dict[int, torch.Tensor], address: int, nbytes: int) -> torch.Tensor:
+    for start, data in registered.items():
+        if start <= address and address + nbytes <= start + data.numel():
+            return data[address - start : address - start + nbytes]
+    raise TransportError(f"{nbytes} B at {address:#x}: not registered memory")

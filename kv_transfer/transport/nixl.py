@@ -207,6 +207,28 @@ class NixlTransport:
     def read(self, peer: str, local_offset: int, remote_offset: int, nbytes: int) -> _NixlXfer:
         return self._post("READ", peer, local_offset, remote_offset, nbytes)
 
+    def read_into(self, peer: str, spans: list[tuple[int, int, int]]) -> _NixlXfer:
+        if peer not in self._peers:
+            raise TransportError(f"{self._name}: unknown peer {peer!r} (no handshake)")
+        if not spans:
+            raise TransportError("a read needs at least one span")
+        if min(o for _, o, _ in spans) < 0 or max(o + n for _, o, n in spans) > self._buffer.numel():
+            raise TransportError(f"read of {len(spans)} spans leaves this buffer")
+        joined: list[tuple[int, int, int]] = []  # runs contiguous on both sides go as one (see write_from)
+        for address, offset, nbytes in spans:
+            if (
+                joined
+                and joined[-1][0] + joined[-1][2] == address
+                and joined[-1][1] + joined[-1][2] == offset
+            ):
+                joined[-1] = (joined[-1][0], joined[-1][1], joined[-1][2] + nbytes)
+            else:
+                joined.append((address, offset, nbytes))
+        base = self._buffer.data_ptr()
+        local = self._agent.get_xfer_descs([(base + o, n, self._dev) for _, o, n in joined], self._mem)
+        remote = self._agent.get_xfer_descs([(a, n, self._dev) for a, _, n in joined], self._mem)
+        return self._start("READ", local, remote, peer, b"")
+
     def notifications(self) -> list[bytes]:
         try:
             notifs = self._agent.get_new_notifs()

@@ -21,6 +21,7 @@ from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from protocol.transfers import TransferOutcome
 
 LAYERS, TOKENS, HEADS, DIM = 4, 70, 3, 64
+NOTHING_HELD = {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0, "pulls": 0}
 _ids = itertools.count()
 
 
@@ -74,7 +75,7 @@ def test_layers_arrive_decoded_and_everything_is_freed(pair, codec: str) -> None
     (record,) = receiver.drain_records()
     assert record.outcome is TransferOutcome.SUCCESS and record.codec == codec and record.decode_s >= 0.01
     assert sender.drain_records() == []
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert sender.held == receiver.held == NOTHING_HELD
 
 
 def _open(sender: KVEndpoint, receiver: KVEndpoint, tid: str, codec: str, layers: int = LAYERS):
@@ -117,7 +118,7 @@ def test_compressed_layers_are_decoded_while_later_ones_are_on_the_way(pair) -> 
     receiver.release("early", decode_s=0.0)
     (record,) = receiver.drain_records()
     assert record.decode_s > 0  # the early decoding is counted
-    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert receiver.held == NOTHING_HELD
 
 
 def test_layers_over_the_decoding_budget_or_corrupt_are_decoded_at_load(pair) -> None:
@@ -132,7 +133,7 @@ def test_layers_over_the_decoding_budget_or_corrupt_are_decoded_at_load(pair) ->
         got = [k for _, k, _ in tight.decode_layers(landed)]
         assert all((k.float() - k0.float()).abs().max() < 0.1 for k, (k0, _) in zip(got, layers, strict=True))
         tight.release(tid, decode_s=0.0)
-        assert tight.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+        assert tight.held == NOTHING_HELD
     finally:
         tight.close()
 
@@ -205,7 +206,7 @@ def _check_landed(receiver: KVEndpoint, tid: str, layers: list[torch.Tensor]) ->
     for (_, k, v), layer in zip(got, layers, strict=True):
         assert torch.equal(k, layer[0]) and torch.equal(v, layer[1])
     receiver.release(tid, decode_s=0.0)
-    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert receiver.held == NOTHING_HELD
 
 
 def _kv_stack(seed: int) -> list[torch.Tensor]:
@@ -317,7 +318,7 @@ def test_blocks_sent_straight_from_registered_memory_land_as_their_block_images(
     want = block_images(layer, layout, ids)
     assert torch.equal(first, want[0]) and torch.equal(second, want[1])
     receiver.release("zero-copy", decode_s=0.0)
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert sender.held == receiver.held == NOTHING_HELD
 
 
 def test_blocks_that_changed_hands_on_the_wire_fail_the_transfer_and_free_both_sides(pair) -> None:
@@ -332,7 +333,7 @@ def test_blocks_that_changed_hands_on_the_wire_fail_the_transfer_and_free_both_s
     with pytest.raises(TransferFailed, match="preempted"):
         _registered_send(sender, receiver, "moved", layer, [0, 1], before_commit=preempted)
     assert receiver.take("moved") is None and receiver.gone("moved") is not None
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert sender.held == receiver.held == NOTHING_HELD
 
 
 def test_an_aborted_transfer_frees_its_early_decoded_layers(pair) -> None:
@@ -340,7 +341,7 @@ def test_an_aborted_transfer_frees_its_early_decoded_layers(pair) -> None:
     out = _one_layer_sent(sender, receiver, "gone", "int4")
     _wait_early(receiver, "gone", 1)
     sender.abort(out, "client left")
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert sender.held == receiver.held == NOTHING_HELD
 
 
 def test_a_layer_corrupted_once_is_sent_again(pair) -> None:
@@ -379,7 +380,7 @@ def test_corrupted_twice_fails_with_a_clear_error_and_frees_both_sides(pair) -> 
     (record,) = sender.drain_records()
     assert record.outcome is TransferOutcome.FAILED and "checksum" in record.error
     assert receiver.drain_records() == []  # one record per transfer: the sender's
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert sender.held == receiver.held == NOTHING_HELD
 
 
 def test_a_failed_write_fails_the_transfer(pair) -> None:
@@ -388,7 +389,7 @@ def test_a_failed_write_fails_the_transfer(pair) -> None:
     out = _one_layer_sent(sender, receiver, "w", "int8")
     with pytest.raises(TransferFailed, match="write of layer 0"):
         sender.finish(out)
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert sender.held == receiver.held == NOTHING_HELD
 
 
 def test_an_unloaded_transfer_expires_aborted(pair) -> None:
@@ -406,9 +407,9 @@ def test_an_idle_receiver_still_frees_a_lapsed_transfer(pair) -> None:
     leak check and the next reservation end lapsed transfers themselves."""
     sender, receiver, _, clock = pair
     _send(sender, receiver, "none", _layers())
-    assert receiver.held == {"regions": 1, "landed": 1, "reserved": 0, "predecoded": 0}
+    assert receiver.held == {"regions": 1, "landed": 1, "reserved": 0, "predecoded": 0, "pulls": 0}
     clock.now += 11
-    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert receiver.held == NOTHING_HELD
     (record,) = receiver.drain_records()
     assert record.outcome is TransferOutcome.ABORTED and "lease expired" in record.error
 
@@ -474,7 +475,7 @@ def test_over_real_nixl_layers_are_decoded_as_they_land() -> None:
         for (_, k, v), (k0, v0) in zip(receiver.decode_layers(landed), layers, strict=True):
             assert torch.equal(k, k0) and torch.equal(v, v0)
         receiver.release("nixl-early", decode_s=0.0)
-        assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+        assert receiver.held == NOTHING_HELD
     finally:
         sender.close()
         receiver.close()

@@ -13,6 +13,7 @@ from tests.integration.test_kv_endpoint import (
     DIM,
     HEADS,
     LAYERS,
+    NOTHING_HELD,
     TOKENS,
     _check_landed,
     _layers,
@@ -50,7 +51,7 @@ def test_small_layers_handed_over_travel_in_groups_and_land_as_if_sent_alone(pai
     assert [i for i, _, _ in got["grouped"]] == list(range(7))
     for (_, k, v), (_, k1, v1) in zip(got["grouped"], got["alone"], strict=True):
         assert k.shape == (TOKENS, HEADS, DIM) and torch.equal(k, k1) and torch.equal(v, v1)
-    assert receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert receiver.held == NOTHING_HELD
 
 
 def test_a_held_group_is_decoded_early_and_counted_in_layers(pair) -> None:
@@ -87,7 +88,7 @@ def test_a_held_layer_the_codec_rejects_fails_when_its_group_leaves(pair) -> Non
     with pytest.raises(ValueError, match="int8: kv contains inf or NaN"):
         sender.send_layer(out, 5, *layers[5], hold=True)
     sender.abort(out, "layer 1 cannot be encoded")
-    assert sender.held == receiver.held == {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0}
+    assert sender.held == receiver.held == NOTHING_HELD
 
 
 @pytest.mark.parametrize("layers", [0, "2", 5])
