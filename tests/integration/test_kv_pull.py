@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kv_transfer.endpoint import KVEndpoint, TransferFailed
-from kv_transfer.transport.base import TransportError
+from kv_transfer.transport.base import TransportError, XferState
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
 from protocol.transfers import TransferOutcome
@@ -161,6 +161,36 @@ def test_over_real_nixl_a_pull_reads_registered_tensors_bit_exact() -> None:
         stray = torch.ones(64, dtype=torch.uint8)
         with pytest.raises(TransportError, match="READ to it-pull-s failed to post"):
             receiver._transport.read_into("it-pull-s", [(stray.data_ptr(), 0, 64)]).state()
+    finally:
+        sender.close()
+        receiver.close()
+
+
+class _Pending:
+    def state(self) -> XferState:
+        return XferState.PENDING
+
+    def release(self) -> None:
+        return None
+
+
+class _DeadSender(InProcessTransport):
+    """A receiver's transport whose reads never end, as from a sender whose process died mid-pull."""
+
+    def read_into(self, peer: str, spans: list[tuple[int, int, int]]) -> _Pending:  # type: ignore[override]
+        return _Pending()
+
+
+def test_a_read_that_never_ends_does_not_hold_up_the_abort() -> None:
+    fabric = FakeFabric()
+    sender = KVEndpoint(InProcessTransport("ds", 1 << 20, fabric), timeout_s=0.3)
+    receiver = KVEndpoint(_DeadSender("dd", 1 << 20, fabric))
+    try:
+        started = time.monotonic()
+        with pytest.raises(TransferFailed, match="did not pull"):
+            _pulled(sender, receiver, "dead", _kv_stack(9))
+        assert time.monotonic() - started < 4  # the sender's 0.3 s, then the receiver's grace for the read
+        assert receiver.held == sender.held == NOTHING_HELD
     finally:
         sender.close()
         receiver.close()
