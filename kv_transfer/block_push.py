@@ -65,7 +65,8 @@ class BlockPusher:
         the block table the earlier stages pushed from: a request preempted since then holds other blocks, and
         the migration must stop. Called on the side channel's thread (op ``push``, from this worker's own
         host), during a step as well: it only reads the block table, which a running request's only grows.
-        Returns ``{"block_ids": [...]}``, or ``{"error": ...}`` when the push cannot start."""
+        Returns ``{"block_ids": [...], "eta_s": s}`` (a paced push ends no sooner), or ``{"error": ...}``
+        when the push cannot start."""
         request_id, transfer_id = str(msg["request_id"]), str(msg["transfer_id"])
         first, end = int(msg["first_block"]), int(msg["end_block"])
         if self._runner_requests is None:
@@ -95,7 +96,12 @@ class BlockPusher:
             self._rate if background else None,
             background and self._pull,
         )
-        return {"block_ids": held}
+        eta_s = 0.0  # a paced push cannot end before its last layer starts: no use asking about it sooner
+        if background and self._rate and self._layout is not None and self._layers:
+            dtype = next(iter(self._layers.values())).dtype
+            layer_bytes = (end - first) * self._layout.block_size * self._layout.token_bytes(dtype)
+            eta_s = layer_bytes * (len(self._layers) - 1) / self._rate
+        return {"block_ids": held, "eta_s": eta_s}
 
     def status(self, transfer_id: str) -> dict[str, Any] | None:
         """The record of a push once it ended (then forgotten), None while it runs."""

@@ -102,6 +102,7 @@ class KVEndpoint:
         self._lock = threading.Lock()
         self._landed: dict[str, IncomingTransfer] = {}
         self._incoming: dict[str, str] = {}  # reserved, not yet committed: transfer id -> request id
+        self._quiet: set[str] = set()  # of those, the ones whose layers come with no notification to decode
         # transfers that ended here without being loaded (dropped by the sender, expired, failed), so that a
         # load waiting for one can fail at once: transfer id -> why; the newest _GONE_KEPT
         self._gone: OrderedDict[str, str] = OrderedDict()
@@ -151,6 +152,7 @@ class KVEndpoint:
                     "request_id": request_id,
                     "nbytes": nbytes,
                     "peer": peer_to_wire(mine),
+                    "notes": codec.name != "none",  # only a compressed layer's write notifies its landing
                 },
                 timeout_s=min(self._timeout_s, 5.0),
             )
@@ -241,12 +243,8 @@ class KVEndpoint:
             landed_at = self._clock()
             while True:
                 sent = t.sent_record(retries, landed_at, done_computing)
-                manifest = {
-                    "tokens": t.tokens,
-                    "retries": retries,
-                    "record": sent.to_dict(),
-                    "slots": t.slots,
-                }
+                record = sent.to_dict()
+                manifest = {"tokens": t.tokens, "retries": retries, "record": record, "slots": t.slots}
                 reply = t.client.call(
                     {"op": "commit", "transfer_id": t.transfer_id, "manifest": manifest},
                     timeout_s=min(self._timeout_s, 10.0),
@@ -264,10 +262,8 @@ class KVEndpoint:
                 landed_at = self._clock()
         except Exception as exc:
             self.abort(t, str(exc))
-            record = self._record_failed(
-                t.transfer_id, t.request_id, t.codec.name, t.reason, exc, peer=t.peer
-            )
-            raise TransferFailed(record) from exc
+            failed = self._record_failed(t.transfer_id, t.request_id, t.codec.name, t.reason, exc, t.peer)
+            raise TransferFailed(failed) from exc
         finally:
             for _, xfer in t.xfers:
                 xfer.release()
@@ -403,6 +399,7 @@ class KVEndpoint:
         transfer's record is the sender's, from the manifest, completed here."""
         incoming = self._landed.pop(transfer_id, None)
         request_id = self._incoming.pop(transfer_id, None)
+        self._quiet.discard(transfer_id)
         early = self._predecoded.pop(transfer_id, None)
         if early is not None:
             self._predecoded_bytes -= early.nbytes
@@ -463,6 +460,8 @@ class KVEndpoint:
                     transfer_id, int(msg["nbytes"]), now=self._clock(), lease_s=self._lease_s
                 )
                 self._incoming[transfer_id] = str(msg["request_id"])
+                if msg.get("notes") is False:
+                    self._quiet.add(transfer_id)
             self._wake.set()
             return {"offset": region.offset, "peer": peer_to_wire(self._transport.peer_info())}
         if op == "commit":
@@ -508,6 +507,7 @@ class KVEndpoint:
             if bad:
                 return bad
             del self._incoming[transfer_id]
+            self._quiet.discard(transfer_id)
             self._landed[transfer_id] = IncomingTransfer(transfer_id, request_id, region, manifest)
             # Loading waits for the decode engine to schedule the request: give it a fresh lease.
             self._arena.reserve(transfer_id, region.nbytes, now=self._clock(), lease_s=self._lease_s)
@@ -516,11 +516,11 @@ class KVEndpoint:
     # ---- early decoding (its own thread) ----
 
     def _predecode_loop(self) -> None:
-        """Decode each compressed layer as its notification comes; poll often only while a transfer is
-        reserved here (an idle engine's process keeps its core)."""
+        """Decode each compressed layer as its notification comes; poll often only while a transfer whose
+        layers come with one is reserved here (an idle engine's process keeps its core, as does a pull's)."""
         while not self._closed.is_set():
             with self._lock:
-                expecting = bool(self._incoming)
+                expecting = any(t not in self._quiet for t in self._incoming)
             if not expecting:
                 self._wake.wait(0.5)
                 self._wake.clear()

@@ -305,7 +305,11 @@ class OutgoingTransfer:
         call_s = min(self.timeout_s, 5.0)
         ask = {"transfer_id": self.transfer_id, "peer": self.origin, "slots": slots, "rate": self.pull_rate}
         self.client.call({"op": "pull", **ask}, timeout_s=call_s)
-        deadline, since = self.clock() + self.timeout_s, time.perf_counter()
+        deadline = self.clock() + self.timeout_s
+        if self.pull_rate:  # paced, it ends no sooner than its last slot starts: no use asking before then
+            ahead = sum(n for spans in slots[:-1] for *_, n in spans)
+            time.sleep(min(ahead / self.pull_rate, self.timeout_s))
+        since = time.perf_counter()
         status = {"op": "pull_status", "transfer_id": self.transfer_id}
         while not self.client.call(status, timeout_s=call_s)["done"]:
             if self.clock() > deadline:

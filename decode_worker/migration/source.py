@@ -360,6 +360,8 @@ class MigrationSource:
             raise MigrationFailed(str(result["error"]))
         plan.block_ids = list(result["block_ids"])
         record = result.get("record")
+        if record is None:  # a paced stage ends no sooner (polled from its start: ~20 round trips a stage)
+            await asyncio.sleep(float(result.get("eta_s", 0.0)))
         while record is None:
             await asyncio.sleep(_BACKGROUND_POLL_S if background else _POLL_S)
             record = await self._engine.push_status(transfer_id)

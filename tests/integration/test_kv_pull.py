@@ -194,3 +194,57 @@ def test_a_read_that_never_ends_does_not_hold_up_the_abort() -> None:
     finally:
         sender.close()
         receiver.close()
+
+
+def _counting(endpoint: KVEndpoint, op: str) -> list[int]:
+    """Count the side-channel requests ``op`` that ``endpoint`` serves."""
+    calls, handler = [0], endpoint._ops[op]
+
+    def counted(msg):
+        calls[0] += 1
+        return handler(msg)
+
+    endpoint._ops[op] = counted
+    return calls
+
+
+def test_a_paced_pull_is_asked_about_only_once_it_can_have_ended() -> None:
+    """Each ``pull_status`` costs both sides a round trip on the cores the engines compute on: a paced pull
+    cannot end before its last layer starts, so the sender waits that long before it asks."""
+    fabric = FakeFabric()
+    sender = KVEndpoint(InProcessTransport("qs", 1 << 20, fabric))
+    receiver = KVEndpoint(InProcessTransport("qd", 1 << 20, fabric))
+    try:
+        asked = _counting(receiver, "pull_status")
+        layers = _kv_stack(4)
+        record = _pulled(sender, receiver, "asked", layers, rate=sum(x.nbytes for x in layers) / 0.4)
+        assert record.outcome is TransferOutcome.SUCCESS
+        _check_landed(receiver, "asked", layers)
+        assert 1 <= asked[0] <= 10  # polled from the start with back-off: 43
+    finally:
+        sender.close()
+        receiver.close()
+
+
+def test_a_reservation_for_raw_layers_leaves_the_receiver_s_decoding_thread_asleep(pair) -> None:
+    """Only a compressed layer's write comes with a notification to decode early; a reservation for raw ones
+    (a migration's pre-copy stage, held for seconds) must not have the receiver poll for notifications."""
+    sender, receiver, _, _ = pair
+    polls = [0]
+    notifications = receiver._transport.notifications
+
+    def counted() -> list[bytes]:
+        polls[0] += 1
+        return notifications()
+
+    receiver._transport.notifications = counted  # type: ignore[method-assign]
+    for codec, tid in (("none", "raw"), ("int8", "int8")):
+        out = _open(sender, receiver, tid, codec)
+        time.sleep(0.05)  # the thread wakes for the reservation
+        before = polls[0]
+        time.sleep(0.3)
+        if codec == "none":
+            assert polls[0] - before <= 1  # asleep until the next reservation (or its 0.5 s check)
+        else:
+            assert polls[0] - before >= 30  # every millisecond or so, while the layers may come
+        sender.abort(out, "test over")
