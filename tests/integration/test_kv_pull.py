@@ -239,8 +239,11 @@ def test_a_reservation_for_raw_layers_leaves_the_receiver_s_decoding_thread_asle
 
     receiver._transport.notifications = counted  # type: ignore[method-assign]
     for codec, tid in (("none", "raw"), ("int8", "int8")):
+        woken, deadline = polls[0], time.monotonic() + 2
         out = _open(sender, receiver, tid, codec)
-        time.sleep(0.05)  # the thread wakes for the reservation
+        while polls[0] == woken:  # the thread wakes for the reservation and looks once
+            assert time.monotonic() < deadline, "the decoding thread did not wake for a reservation"
+            time.sleep(0.001)
         before = polls[0]
         time.sleep(0.3)
         if codec == "none":
