@@ -44,7 +44,7 @@ test: setup lint
 	$(PY) -m pytest -q -rs tests
 
 demo: setup
-	$(VENV)/bin/pdctl demo --trace ../shared/data/azure_llm_2023/AzureLLMInferenceTrace_conv.csv
+	$(VENV)/bin/pdctl demo --trace benchmarks/traces/AzureLLMInferenceTrace_conv.csv
 
 clean:
 	rm -rf $(VENV) .cache .pytest_cache .mypy_cache .ruff_cache

@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from kv_transfer.codec import CODEC_NAMES, KVCodec, KVKind, get_codec  # noqa: E402
 
 SHAPES = {"smollm2-135m": (30, 3, 64), "llama-3-8b": (32, 8, 128)}  # layers, KV heads, head dim
-TEXTS = [ROOT / "README.md", ROOT.parent / "shared" / "DESIGN.md", ROOT.parent / "shared" / "STYLE.md"]
+TEXTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]  # real text, for real KV
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 

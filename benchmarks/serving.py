@@ -34,7 +34,7 @@ from pdctl.model_cache import default_cache_dir, prepare_model  # noqa: E402
 from pdctl.replay import replay  # noqa: E402
 from protocol.config import ClusterConfig  # noqa: E402
 
-TRACE = ROOT.parent / "shared" / "data" / "azure_llm_2023" / "AzureLLMInferenceTrace_conv.csv"
+TRACE = ROOT / "benchmarks" / "traces" / "AzureLLMInferenceTrace_conv.csv"
 console = Console(width=None if sys.stdout.isatty() else 150)
 
 

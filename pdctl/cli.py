@@ -42,6 +42,21 @@ def _fail(message: str) -> None:
     raise typer.Exit(1)
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
+REPO_TRACE = Path(__file__).resolve().parents[1] / "benchmarks" / "traces" / "AzureLLMInferenceTrace_conv.csv"
+
+
+def _print_json(data: Any) -> None:
+    """Machine-readable output: JSON on stdout, nothing else there (progress goes to stderr)."""
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _message_json(message: Any) -> Any:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, always_print_fields_with_no_presence=True)
+
+
 def build_config(config: Path | None, sets: list[str] | None, **named: Any) -> Any:
     from pydantic import ValidationError
 
@@ -201,9 +216,7 @@ UrlOpt = Annotated[str | None, typer.Option(help="HTTP base URL (default: the lo
 
 
 @app.command()
-def status(
-    admin: AdminOpt = None, as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False
-) -> None:
+def status(admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
     """Instances with their role, state, load, KV usage and tokens/s."""
     try:
         with AdminClient(_admin_address(admin)) as client:
@@ -211,7 +224,7 @@ def status(
     except AdminUnavailable as exc:
         _fail(str(exc))
     if as_json:
-        out.print_json(json.dumps(status_dict(st)))
+        _print_json(status_dict(st))
     else:
         render_status(out, st)
 
@@ -221,24 +234,22 @@ def requests(
     admin: AdminOpt = None,
     state: Annotated[str, typer.Option(help="Filter: a state, or 'active'.")] = "",
     limit: Annotated[int, typer.Option(help="Most recent N.")] = 20,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Recent requests and where they ran."""
-    from google.protobuf.json_format import MessageToDict
-
     try:
         with AdminClient(_admin_address(admin)) as client:
             resp = client.requests(state, limit)
     except AdminUnavailable as exc:
         _fail(str(exc))
     if as_json:
-        out.print_json(json.dumps(MessageToDict(resp)))
+        _print_json(_message_json(resp))
     else:
         render_requests(out, resp.requests)
 
 
 @app.command()
-def explain(request_id: str, admin: AdminOpt = None) -> None:
+def explain(request_id: str, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
     """Every state change of one request."""
     try:
         with AdminClient(_admin_address(admin)) as client:
@@ -247,6 +258,9 @@ def explain(request_id: str, admin: AdminOpt = None) -> None:
         _fail(str(exc))
     if not resp.requests:
         _fail(f"the controller knows no request {request_id!r}")
+    if as_json:
+        _print_json(_message_json(resp.requests[0]))
+        return
     render_requests(out, resp.requests, events=True)
 
 
@@ -256,6 +270,7 @@ def migrate(
     to: Annotated[str, typer.Option("--to", help="Destination decode instance (default: the freest).")] = "",
     mode: Annotated[str, typer.Option(help="live, stop_and_copy or recompute (default: configured).")] = "",
     admin: AdminOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Move a running request to another decode worker; its client stream goes on without a gap."""
     try:
@@ -263,29 +278,35 @@ def migrate(
             info = client.migrate(request_id, to, mode)
     except AdminUnavailable as exc:
         _fail(str(exc))
-    out.print(migration_line(info), highlight=False)
+    if as_json:
+        _print_json(_message_json(info))
+    else:
+        out.print(migration_line(info), highlight=False)
     if info.outcome != "moved":
         raise typer.Exit(1)
 
 
 @app.command()
-def cordon(instance: str, admin: AdminOpt = None) -> None:
+def cordon(instance: str, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
     """Stop sending new requests to INSTANCE (what it runs goes on)."""
-    _instance_action(instance, admin, "cordon")
+    _instance_action(instance, admin, "cordon", as_json)
 
 
 @app.command()
-def uncordon(instance: str, admin: AdminOpt = None) -> None:
+def uncordon(instance: str, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
     """Let INSTANCE take new requests again."""
-    _instance_action(instance, admin, "uncordon")
+    _instance_action(instance, admin, "uncordon", as_json)
 
 
-def _instance_action(instance: str, admin: str | None, action: str) -> None:
+def _instance_action(instance: str, admin: str | None, action: str, as_json: bool) -> None:
     try:
         with AdminClient(_admin_address(admin)) as client:
             inst = getattr(client, action)(instance)
     except AdminUnavailable as exc:
         _fail(str(exc))
+    if as_json:
+        _print_json(_message_json(inst))
+        return
     out.print(f"{inst.instance_id}: {inst.state} ({inst.num_running} running)", highlight=False)
 
 
@@ -294,13 +315,19 @@ def drain(
     instance: str,
     timeout: Annotated[float, typer.Option(help="Seconds to wait for the worker to empty.")] = 300.0,
     admin: AdminOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Cordon a decode worker, then live-migrate every running request away; report when it is empty."""
     try:
-        with AdminClient(_admin_address(admin)) as client, out.status(f"draining {instance} ..."):
+        with AdminClient(_admin_address(admin)) as client, err.status(f"draining {instance} ..."):
             result = client.drain(instance, timeout)
     except AdminUnavailable as exc:
         _fail(str(exc))
+    if as_json:
+        _print_json(_message_json(result))
+        if result.remaining:
+            raise typer.Exit(1)
+        return
     for m in result.migrations:
         out.print(f"  {migration_line(m)}", highlight=False)
     summary = (
@@ -313,13 +340,16 @@ def drain(
 
 
 @app.command()
-def migrations(limit: int = 20, admin: AdminOpt = None) -> None:
+def migrations(limit: int = 20, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
     """Migrations in flight and the most recent ones."""
     try:
         with AdminClient(_admin_address(admin)) as client:
             listed = client.migrations(limit)
     except AdminUnavailable as exc:
         _fail(str(exc))
+    if as_json:
+        _print_json(_message_json(listed))
+        return
     for m in [*listed.in_flight, *listed.recent]:
         out.print(migration_line(m), highlight=False)
     if not listed.in_flight and not listed.recent:
@@ -351,7 +381,9 @@ def chat(
 
 @app.command()
 def bench(
-    trace: Annotated[Path, typer.Option(help="Azure-format CSV (TIMESTAMP,ContextTokens,GeneratedTokens).")],
+    trace: Annotated[
+        Path, typer.Option(help="Azure-format CSV (TIMESTAMP,ContextTokens,GeneratedTokens).")
+    ] = REPO_TRACE,
     url: UrlOpt = None,
     start: Annotated[float, typer.Option(help="Skip this many seconds of the trace.")] = 0.0,
     duration: Annotated[float | None, typer.Option(help="Replay this many seconds of the trace.")] = 60.0,
@@ -363,7 +395,10 @@ def bench(
     slo_ttft: Annotated[float, typer.Option(help="TTFT target, seconds.")] = 2.0,
     slo_tpot: Annotated[float, typer.Option(help="TPOT target, seconds.")] = 0.2,
     timeout: Annotated[float, typer.Option(help="Deadline per request, seconds.")] = 300.0,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the results as JSON here.")] = None,
+    as_json: JsonOpt = False,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Also write the results as JSON here.")
+    ] = None,
 ) -> None:
     """Replay a trace against a running cluster and print TTFT/TPOT/latency percentiles and SLO attainment."""
     from pdctl.replay import replay
@@ -389,15 +424,18 @@ def bench(
         )
     except (OSError, ValueError, RuntimeError) as exc:
         _fail(str(exc))
-    result.render_table(out)
-    if json_out is not None:
-        json_out.write_text(result.to_json())
-        err.print(f"results written to {json_out}")
+    if as_json:
+        sys.stdout.write(result.to_json() + "\n")
+    else:
+        result.render_table(out)
+    if output is not None:
+        output.write_text(result.to_json())
+        err.print(f"results written to {output}")
 
 
 @app.command()
 def demo(
-    trace: Annotated[Path, typer.Option(help="Azure conversation trace CSV.")],
+    trace: Annotated[Path, typer.Option(help="Azure conversation trace CSV.")] = REPO_TRACE,
     config: ConfigOpt = None,
     set_: SetOpt = None,
 ) -> None:

@@ -9,7 +9,7 @@ import pytest
 
 from simulator.traces import Trace, TraceFormatError, TraceRequest, clip_lengths, load_trace, parse_timestamp
 
-DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "azure_llm_2023"
+DATA = Path(__file__).resolve().parents[2] / "benchmarks" / "traces"
 CONV = DATA / "AzureLLMInferenceTrace_conv.csv"
 CODE = DATA / "AzureLLMInferenceTrace_code.csv"
 
