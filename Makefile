@@ -35,7 +35,8 @@ protos: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/lint-imports
-	$(VENV)/bin/mypy protocol controller prefill_worker decode_worker kv_transfer autoscaler simulator pdctl
+	$(VENV)/bin/mypy protocol policy controller frontdoor engine prefill_worker decode_worker kv_transfer runtime \
+		autoscaler simulator pdctl
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e" tests

@@ -50,7 +50,7 @@ from rich.table import Table
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from controller.tokenizer import ModelTokenizer  # noqa: E402
+from frontdoor.tokenizer import ModelTokenizer  # noqa: E402
 from pdctl.local_cluster import LocalCluster, apply_env_defaults  # noqa: E402
 from pdctl.model_cache import default_cache_dir, prepare_model  # noqa: E402
 from protocol.config import ClusterConfig  # noqa: E402

@@ -51,8 +51,8 @@ _EARLY_ENV = "PDFLOW_BENCH_EARLY_DECODE"  # how the driver tells the receiver pr
 
 def _endpoint(name: str, host: str, arena_mib: int) -> tuple[Any, Any]:
     """(endpoint, its NIXL transport)."""
-    from kv_transfer.allocator import keep_freed_memory
-    from kv_transfer.endpoint import KVEndpoint
+    from kv_transfer.exchange.allocator import keep_freed_memory
+    from kv_transfer.exchange.endpoint import KVEndpoint
     from kv_transfer.transport.nixl import NixlTransport
     from protocol.config import EngineConfig
 
@@ -91,7 +91,7 @@ def send(host: str, arena_mib: int, destination: str) -> None:
     import torch
 
     from kv_transfer.codec import get_codec
-    from kv_transfer.codec_choice import CodecChooser, measure_profiles
+    from kv_transfer.vllm.codec_chooser import CodecChooser, measure_profiles
 
     endpoint, transport = _endpoint("bench-send", host, arena_mib)
     cache: dict[tuple[str, int], list[tuple[Any, Any]]] = {}  # kept: registered with NIXL
@@ -164,7 +164,7 @@ def send(host: str, arena_mib: int, destination: str) -> None:
 def _registered(key: Any, value: Any) -> tuple[Any, Any]:
     """A layer's K and V as codec ``none`` sends them: straight from the registered KV cache."""
     from kv_transfer.codec import KVHeader, KVKind
-    from kv_transfer.outgoing import RegisteredKV
+    from kv_transfer.exchange.outgoing import RegisteredKV
 
     def one(kind: KVKind, t: Any) -> RegisteredKV:
         return RegisteredKV(KVHeader("none", kind, tuple(t.shape), t.dtype), [(t.data_ptr(), t.nbytes)])

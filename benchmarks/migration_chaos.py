@@ -47,7 +47,7 @@ class Flight:
 
 
 async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -> None:
-    from kv_transfer.params import PARTS
+    from protocol.kv_handle import PARTS
     from protocol.messages import SamplingSpec
 
     sampling = SamplingSpec(max_tokens=flight.max_tokens, temperature=0.0, ignore_eos=True)

@@ -1,3 +1,3 @@
-"""The controller and the front door. The controller (one Ray actor) owns the instance registry and health,
-the request log and the admin API; the front door serves the OpenAI HTTP and gRPC Router APIs, tokenizes,
-and places each request on a (prefill, decode) pair with the pure policies in ``controller.policy``."""
+"""The controller: one Ray actor, the single writer of cluster state. It keeps the instance registry and
+health, the request log and the migration coordinator, pushes cluster snapshots to the front doors, and
+serves the admin gRPC API (``pdflow.v1.Admin``) through a narrow backend interface."""

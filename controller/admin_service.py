@@ -1,25 +1,54 @@
-"""pdflow.v1.Admin served from the controller actor (pdctl is its client)."""
+"""pdflow.v1.Admin served from the controller actor (pdctl is its client). The servicer is written against
+``AdminBackend``, the narrow view of the controller it needs, so it tests without a controller actor."""
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from controller.migrations import MigrationEntry
-from controller.policy.migration import MigrationTrigger
+from controller.migrations import DrainResult, MigrationEntry
 from protocol.config import MigrationMode
 from protocol.errors import InvalidRequest
 from protocol.proto import admin_pb2, admin_pb2_grpc
-from protocol.snapshots import InstanceSnapshot, RequestRecord
+from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestRecord
 from protocol.transfers import TransferRecord
 
-if TYPE_CHECKING:
-    from controller.controller import Controller
+
+class AdminBackend(Protocol):
+    """What the admin API reads and asks of the cluster. Implemented by the controller actor."""
+
+    @property
+    def model_name(self) -> str: ...
+
+    def cluster_snapshot(self) -> ClusterSnapshot: ...
+
+    def seconds_since_report(self, instance_id: str) -> float: ...
+
+    def request_counts(self) -> dict[str, int]: ...
+
+    def frontdoor_addresses(self) -> dict[str, dict[str, str]]: ...
+
+    def list_requests(self, state: str = "", limit: int = 100, request_id: str = "") -> list[RequestRecord]:
+        """ValueError for an unknown state."""
+        ...
+
+    def migrations_in_flight(self) -> list[MigrationEntry]: ...
+
+    def recent_migrations(self, limit: int) -> list[MigrationEntry]: ...
+
+    async def migrate(self, request_id: str, to_instance: str, mode: str) -> MigrationEntry:
+        """``InvalidRequest`` for a request or instance that cannot take part."""
+        ...
+
+    def cordon(self, instance_id: str) -> InstanceSnapshot: ...
+
+    def uncordon(self, instance_id: str) -> InstanceSnapshot: ...
+
+    async def drain(self, instance_id: str, timeout_s: float) -> DrainResult: ...
 
 
 def instance_message(inst: InstanceSnapshot, seconds_since_report: float) -> admin_pb2.Instance:
@@ -78,13 +107,12 @@ def _transfer(t: TransferRecord) -> admin_pb2.TransferInfo:
 
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
-    def __init__(self, controller: Controller) -> None:
-        self._c = controller
+    def __init__(self, backend: AdminBackend) -> None:
+        self._c = backend
 
     def _instances(self, role: str = "") -> list[admin_pb2.Instance]:
-        now = time.monotonic()
         return [
-            instance_message(i, self._c.registry.seconds_since_report(i.instance_id, now))
+            instance_message(i, self._c.seconds_since_report(i.instance_id))
             for i in self._c.cluster_snapshot().instances
             if not role or i.role.value == role
         ]
@@ -94,13 +122,13 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.ClusterStatus:
         doors = list(self._c.frontdoor_addresses().values())
         return admin_pb2.ClusterStatus(
-            model=self._c.config.model.name,
+            model=self._c.model_name,
             instances=self._instances(),
-            requests_by_state=self._c.requests.counts(),
+            requests_by_state=self._c.request_counts(),
             http_address=doors[0]["http"] if doors else "",
             grpc_address=doors[0]["grpc"] if doors else "",
             snapshot_version=self._c.cluster_snapshot().version,
-            migrations_in_flight=[migration_message(e) for e in self._c.migrations.in_flight()],
+            migrations_in_flight=[migration_message(e) for e in self._c.migrations_in_flight()],
         )
 
     async def ListInstances(
@@ -129,9 +157,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             modes = ", ".join(m.value for m in MigrationMode)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode must be one of {modes}")
         try:
-            entry = await self._c.migrations.migrate(
-                request.request_id, request.to_instance, mode=request.mode, trigger=MigrationTrigger.MANUAL
-            )
+            entry = await self._c.migrate(request.request_id, request.to_instance, request.mode)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
         return migration_message(entry)
@@ -139,18 +165,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Cordon(
         self, request: admin_pb2.InstanceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Instance:
-        return await self._on_instance(request.instance_id, self._c.migrations.cordon, context)
+        return await self._on_instance(request.instance_id, self._c.cordon, context)
 
     async def Uncordon(
         self, request: admin_pb2.InstanceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Instance:
-        return await self._on_instance(request.instance_id, self._c.migrations.uncordon, context)
+        return await self._on_instance(request.instance_id, self._c.uncordon, context)
 
     async def Drain(
         self, request: admin_pb2.DrainRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DrainResponse:
         try:
-            result = await self._c.migrations.drain(request.instance_id, request.timeout_seconds)
+            result = await self._c.drain(request.instance_id, request.timeout_seconds)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
         return admin_pb2.DrainResponse(
@@ -165,10 +191,9 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def ListMigrations(
         self, request: admin_pb2.ListMigrationsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListMigrationsResponse:
-        m = self._c.migrations
         return admin_pb2.ListMigrationsResponse(
-            in_flight=[migration_message(e) for e in m.in_flight()],
-            recent=[migration_message(e) for e in m.recent(request.limit or 50)],
+            in_flight=[migration_message(e) for e in self._c.migrations_in_flight()],
+            recent=[migration_message(e) for e in self._c.recent_migrations(request.limit or 50)],
         )
 
     async def _on_instance(
@@ -178,8 +203,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             snapshot = action(instance_id)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
-        now = time.monotonic()
-        return instance_message(snapshot, self._c.registry.seconds_since_report(instance_id, now))
+        return instance_message(snapshot, self._c.seconds_since_report(instance_id))
 
 
 def migration_message(entry: MigrationEntry) -> admin_pb2.MigrationInfo:
@@ -205,9 +229,9 @@ def migration_message(entry: MigrationEntry) -> admin_pb2.MigrationInfo:
     return info
 
 
-async def start_admin_server(controller: Controller, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+async def start_admin_server(backend: AdminBackend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     server = grpc.aio.server()
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(controller), server)
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     service_names = (

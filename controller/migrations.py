@@ -1,7 +1,8 @@
 """Migration coordination in the controller: start a migration on the source worker (manual, drain, or the
 policy's), keep the ones in flight and the recent reports, count them for the metrics, and drain a worker
 (cordon it, then move every request it runs until it runs none). The mechanism itself lives in the decode
-workers; this side only picks, calls with a deadline, and records."""
+workers; the choices come from the migration policy (``policy.migration``: a drain is its DRAIN intents);
+this side only asks, calls with a deadline, and records."""
 
 from __future__ import annotations
 
@@ -12,25 +13,46 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Protocol
 
-from controller.policy.migration import (
-    MigrationPolicyConfig,
+from controller.registry import InstanceRegistry
+from policy.migration import (
+    MigrationIntent,
     MigrationState,
     MigrationTrigger,
     RunningRequest,
+    choose_destination,
 )
-from controller.policy.migration import decide as decide_migrations
-from controller.registry import InstanceRegistry
+from policy.migration import decide as decide_migrations
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.errors import InvalidRequest
-from protocol.ids import InstanceId
-from protocol.migrations import MigrationOutcome, MigrationReport, MigrationTarget
+from protocol.ids import InstanceId, RequestId
+from protocol.messages import MigrationTarget
+from protocol.migrations import MigrationOutcome, MigrationReport
 from protocol.snapshots import PAUSE_BUCKETS_S, InstanceSnapshot, InstanceState, MigrationTotals, Role
 
 log = logging.getLogger(__name__)
 _RECENT = 200
 _DRAIN_POLL_S = 0.2
+_DRAIN_TRIES = 3  # attempts to move one request off a draining worker; then it may finish there
+_LIST_CALL_S = 10.0
+
+
+class DecodeWorkers(Protocol):
+    """The calls the coordinator makes to decode workers (by actor name); each raises on a dead worker or
+    a missed deadline."""
+
+    async def migrate(
+        self,
+        worker: str,
+        request_id: str,
+        migration_id: str,
+        target: MigrationTarget,
+        mode: str,
+        timeout_s: float,
+    ) -> MigrationReport: ...
+
+    async def running_requests(self, worker: str, timeout_s: float) -> list[str]: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,15 +111,20 @@ class MigrationCoordinator:
         self,
         registry: InstanceRegistry,
         config: MigrationConfig,
-        actor: Callable[[str], Any],
+        workers: DecodeWorkers,
         locate: Callable[[str], str | None],
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """``actor`` gives a worker's Ray handle by actor name; ``locate`` the decode instance a request is
-        on as far as the request log knows (None if not decoding)."""
+        """``locate`` gives the decode instance a request is on as far as the request log knows (None if not
+        decoding); ``clock`` times migrations and the policy's cooldowns, ``wall_clock`` stamps entries."""
         self._registry = registry
         self._config = config
-        self._actor = actor
+        self._workers = workers
         self._locate = locate
+        self._clock = clock
+        self._wall_clock = wall_clock
         self._ids = itertools.count(1)
         self._in_flight: dict[str, MigrationEntry] = {}
         self._recent: collections.deque[MigrationEntry] = collections.deque(maxlen=_RECENT)
@@ -129,7 +156,10 @@ class MigrationCoordinator:
         if not src_id:
             raise InvalidRequest(f"request {request_id!r} is not decoding anywhere", param="request_id")
         src = self._decode_instance(src_id, "source")
-        dst = self._decode_instance(to_instance, "destination") if to_instance else self._freest(src_id)
+        if to_instance:
+            dst = self._decode_instance(to_instance, "destination")
+        else:
+            dst = choose_destination(self._registry.snapshot(self._wall_clock()), src_id)
         if dst.instance_id == src.instance_id:
             raise InvalidRequest("the destination is the request's own worker", param="to_instance")
         if not dst.state.schedulable:
@@ -143,13 +173,14 @@ class MigrationCoordinator:
             raise InvalidRequest(f"request {request_id!r} is already migrating", param="request_id")
         migration_id = f"m{next(self._ids)}"
         entry = MigrationEntry(
-            request_id, migration_id, src.instance_id, dst.instance_id, chosen, trigger, time.time()
+            request_id, migration_id, src.instance_id, dst.instance_id, chosen, trigger, self._wall_clock()
         )
         self._in_flight[migration_id] = entry
         target = MigrationTarget(dst.instance_id, dst.actor_name, dst.kv_endpoint)
         try:
-            call = self._actor(src.actor_name).migrate.remote(request_id, migration_id, target, chosen.value)
-            report: MigrationReport = await asyncio.wait_for(call, self._config.timeout_s + 5.0)
+            report = await self._workers.migrate(
+                src.actor_name, request_id, migration_id, target, chosen.value, self._config.timeout_s + 5.0
+            )
         except Exception as exc:  # the source died or did not answer in time
             error = f"source {src.instance_id} did not report: {str(exc).strip()[:300] or type(exc).__name__}"
             report = MigrationReport(
@@ -163,6 +194,7 @@ class MigrationCoordinator:
             )
         finally:
             self._in_flight.pop(migration_id, None)
+            self._policy_state = self._policy_state.finished(RequestId(request_id))
         done = replace(entry, report=report)
         self._recent.append(done)
         self.counters.counts[(str(trigger), report.outcome.value)] += 1
@@ -172,46 +204,52 @@ class MigrationCoordinator:
         return done
 
     async def policy_loop(self) -> None:
-        """With ``migration.auto``: run the migration policy on every snapshot interval and start what it
-        plans (load balance, de-fragmentation, priority headroom, helping a drain in progress)."""
-        config = policy_config(self._config)
+        """With ``migration.auto``: run the migration policy on every policy interval and start what it plans
+        (load balance, de-fragmentation, priority headroom, the moves of a drain in progress)."""
         while True:
             await asyncio.sleep(self._config.policy_interval_s)
             try:
-                self._plan_once(config)
+                self._plan_once()
             except Exception:  # one bad round must not stop the loop
                 log.exception("migration policy round failed")
 
-    def _plan_once(self, config: MigrationPolicyConfig) -> list[asyncio.Task[MigrationEntry | None]]:
-        snapshot = self._registry.snapshot(time.time())
+    def _plan_once(
+        self, *, drains_only: bool = False, exclude: frozenset[str] = frozenset()
+    ) -> list[asyncio.Task[MigrationEntry | None]]:
+        """One round of the policy over the registry's snapshot; start every migration it plans. With
+        ``drains_only`` it plans only the moves that empty draining workers; requests in ``exclude`` stay
+        put."""
+        snapshot = self._registry.snapshot(self._wall_clock())
         busy = {e.request_id for e in self._in_flight.values()}
         requests = [
             RunningRequest(r.request_id, inst.instance_id, r.priority, r.kv_blocks, r.kv_blocks)
             for inst in snapshot.instances
             if inst.role is Role.DECODE
             for r in inst.requests
+            if r.request_id not in exclude
         ]
         draining = frozenset(InstanceId(i) for i in self._draining)
-        plan, self._policy_state = decide_migrations(
-            snapshot, requests, self._policy_state, config, time.monotonic(), draining
+        # an infinite trigger gap leaves only the DRAIN moves (the policy balances nothing else)
+        config = (
+            self._config.model_copy(update={"trigger_gap": float("inf")}) if drains_only else self._config
         )
-        started = [
-            asyncio.create_task(self._planned(i.request_id, i.source, i.destination, i.trigger))
-            for i in plan.intents
-            if i.request_id not in busy
-        ]
+        plan, self._policy_state = decide_migrations(
+            snapshot, requests, self._policy_state, config, self._clock(), draining
+        )
+        started = [asyncio.create_task(self._planned(i)) for i in plan.intents if i.request_id not in busy]
         for task in started:  # the loop keeps only weak references to tasks
             self._planned_tasks.add(task)
             task.add_done_callback(self._planned_tasks.discard)
         return started
 
-    async def _planned(
-        self, request_id: str, source: str, destination: str, trigger: MigrationTrigger
-    ) -> MigrationEntry | None:
+    async def _planned(self, intent: MigrationIntent) -> MigrationEntry | None:
         try:
-            return await self.migrate(request_id, destination, source=source, trigger=trigger)
+            return await self.migrate(
+                intent.request_id, intent.destination, source=intent.source, trigger=intent.trigger
+            )
         except InvalidRequest as err:  # it finished, or moved, since the snapshot
-            log.info("policy migration of %s skipped: %s", request_id, err.message)
+            log.info("policy migration of %s skipped: %s", intent.request_id, err.message)
+            self._policy_state = self._policy_state.finished(intent.request_id)
             return None
 
     def cordon(self, instance_id: str) -> InstanceSnapshot:
@@ -234,49 +272,45 @@ class MigrationCoordinator:
             self._draining.discard(instance_id)
 
     async def _empty(self, src: InstanceSnapshot, timeout_s: float) -> DrainResult:
-        instance_id = src.instance_id
-        started = time.monotonic()
+        """Move what ``src`` runs away, round after round of the policy's DRAIN moves (within
+        ``max_concurrent``), until it runs nothing or ``timeout_s`` passes. A request that failed to move
+        ``_DRAIN_TRIES`` times is left to finish there."""
+        started = self._clock()
         deadline = started + (timeout_s or self._config.timeout_s * 4)
         result = DrainResult()
         tried: collections.Counter[str] = collections.Counter()
         while True:
-            running: list[str] = await asyncio.wait_for(
-                self._actor(src.actor_name).running_requests.remote(), 10.0
-            )
+            running = await self._workers.running_requests(src.actor_name, _LIST_CALL_S)
             if not running:
                 break
-            if time.monotonic() > deadline:
+            if self._clock() > deadline:
                 result.remaining = len(running)
                 break
-            movable = [rid for rid in running if tried[rid] < 3]
-            if not movable:  # they failed to move three times each: wait for them to finish here
+            exhausted = frozenset(rid for rid, n in tried.items() if n >= _DRAIN_TRIES)
+            tasks = self._plan_once(drains_only=True, exclude=exhausted)
+            if not tasks:  # nothing to move yet (not reported, no room elsewhere, or left to finish)
                 await asyncio.sleep(_DRAIN_POLL_S)
                 continue
-            if any(tried.values()):
-                await asyncio.sleep(_DRAIN_POLL_S)  # a failed attempt: give the worker a moment
-            entries = await asyncio.gather(
-                *(self.migrate(rid, source=instance_id, trigger=MigrationTrigger.DRAIN) for rid in movable),
-                return_exceptions=True,
-            )
-            for rid, entry in zip(movable, entries, strict=True):
-                tried[rid] += 1
-                if isinstance(entry, BaseException):
-                    log.warning("drain of %s: %s not moved: %s", instance_id, rid, entry)
+            for entry in await asyncio.gather(*tasks, return_exceptions=True):
+                if isinstance(entry, BaseException) or entry is None:
                     continue
+                tried[entry.request_id] += 1
                 result.migrations.append(entry)
                 assert entry.report is not None
                 if entry.report.outcome is MigrationOutcome.MOVED:
                     result.moved += 1
                 elif entry.report.outcome is MigrationOutcome.FINISHED:
                     result.finished += 1
+                else:
+                    await asyncio.sleep(_DRAIN_POLL_S)  # a failed attempt: give the worker a moment
         result.failed = sum(
             1 for e in result.migrations if e.report and e.report.outcome is MigrationOutcome.FAILED
         )
-        result.seconds = time.monotonic() - started
+        result.seconds = self._clock() - started
         return result
 
     def _known(self, instance_id: str) -> InstanceSnapshot:
-        found = self._registry.snapshot(time.time()).by_id(instance_id)
+        found = self._registry.snapshot(self._wall_clock()).by_id(instance_id)
         if found is None:
             raise InvalidRequest(f"no instance {instance_id!r} in the cluster", param="instance_id")
         return found
@@ -290,24 +324,3 @@ class MigrationCoordinator:
         if found.state is InstanceState.DEAD:
             raise InvalidRequest(f"{what} {instance_id!r} is DEAD")
         return found
-
-    def _freest(self, source: str) -> InstanceSnapshot:
-        """The READY decode worker other than ``source`` with the most free KV blocks per request."""
-        snapshot = self._registry.snapshot(time.time())
-        candidates = [i for i in snapshot.live(Role.DECODE) if i.instance_id != source and i.kv_endpoint]
-        if not candidates:
-            raise InvalidRequest(f"no other READY decode worker to migrate to from {source}")
-        return max(
-            candidates, key=lambda i: ((i.kv_blocks_total - i.kv_blocks_used) / (i.load + 1), i.instance_id)
-        )
-
-
-def policy_config(config: MigrationConfig) -> MigrationPolicyConfig:
-    """The migration policy's knobs, from the cluster config's ``migration`` section."""
-    return MigrationPolicyConfig(
-        trigger_gap=config.trigger_gap,
-        headroom_blocks=config.headroom_blocks,
-        max_concurrent=config.max_concurrent,
-        cooldown_s=config.cooldown_s,
-        choice=config.request_choice,
-    )

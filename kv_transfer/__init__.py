@@ -1,2 +1,4 @@
-"""KV transfer between engines: codecs, transports and pdflow's vLLM KV connector. Knows nothing of the
-controller or the workers; the workers name the connector in their vLLM config."""
+"""KV transfer between engines: ``codec/`` (pure encoders), ``transport/`` (NIXL and an in-process fake),
+``exchange/`` (engine-agnostic transfers between two workers' endpoints) and ``vllm/`` (pdflow's vLLM KV
+connector, the only part that imports vLLM). Knows nothing of the controller, the front door or the
+workers; the engine host names the connector in its vLLM config."""

@@ -14,9 +14,9 @@ from typing import Any, cast
 
 from protocol.config import ClusterConfig
 from protocol.snapshots import Role
+from runtime.actors import CONTROLLER_NAME, NAMESPACE
 
-NAMESPACE = "pdflow"
-CONTROLLER_NAME = "pdflow-controller"
+__all__ = ["CONTROLLER_NAME", "FRONTDOOR_NAME", "NAMESPACE", "ClusterHandle", "LocalCluster", "free_port"]
 FRONTDOOR_NAME = "pdflow-frontdoor-0"
 
 # Process-wide defaults for a laptop cluster: keep every socket on loopback, no telemetry, quiet NIXL, no
@@ -99,7 +99,7 @@ class LocalCluster:
     def _start_controller(self) -> None:
         import ray
 
-        from controller.controller import Controller
+        from controller.actor import Controller
 
         cfg = self.config.model_copy(deep=True)
         if cfg.controller.admin_port == 0:
@@ -170,7 +170,7 @@ class LocalCluster:
     def _start_frontdoor(self) -> None:
         import ray
 
-        from controller.frontdoor import FrontDoor
+        from frontdoor.actor import FrontDoor
 
         actor = (
             ray.remote(cast(Any, FrontDoor))

@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
-from prefill_worker.worker import EngineWorker
+from engine.worker import EngineWorker
+from protocol.engine import ServingEngine
 from protocol.messages import PrefillRequest, PrefillResult
 from protocol.snapshots import Role
 
 
-class PrefillWorker(EngineWorker):
+class PrefillWorker(EngineWorker[ServingEngine]):
     role = Role.PREFILL
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        """Compute the prompt and token one. The KV stays here until a decode worker pulls it, or until the
-        lease (``engine.kv_lease_seconds``) runs out with no decode worker asking."""
+        """Compute the prompt and token one, and hand its KV to the decode worker the request names (pushed
+        by pdflow's connector before this returns; with vLLM's NixlConnector, held here until that worker
+        pulls it or ``kv.lease_seconds`` pass)."""
         return await self.engine.prefill(request)
 
     async def drop_handoff(self, request_id: str, destination: str) -> None:

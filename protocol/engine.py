@@ -1,13 +1,16 @@
-"""The engine Protocol: what a worker needs from the engine it hosts. Implemented by the vLLM engine host
-(``prefill_worker.engine``) and by the simulated engine (``simulator``)."""
+"""The engine contracts: what a worker needs from the engine it hosts. ``ServingEngine`` is every engine's
+(prefill, decode, colocated generation, load figures); ``MigratableEngine`` adds what a decode worker's
+live migrations need. Implemented by the vLLM engine host (``engine.vllm_engine.VllmEngine``) and the fake
+engine (``engine.fake_engine.FakeEngine``); workers are typed against these, never against either."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from protocol.ids import RequestId
+from protocol.kv_ops import PushStarted, PushState
 from protocol.messages import DecodeRequest, PrefillRequest, PrefillResult, SamplingSpec, TokenChunk
 from protocol.snapshots import TransferCounters
 
@@ -27,21 +30,29 @@ class EngineLoad:
 
 
 class ServingEngine(Protocol):
+    kv_endpoint: str  # where other workers push KV to this engine ("" when its connector has none)
+
     async def start(self) -> None:
         """Load the model and allocate the KV cache. Blocks (awaits) until the engine can take requests."""
 
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
-        """Compute the prompt and one token. When the request goes on to a decode worker, the KV stays held
-        here until that worker has pulled it (or a lease runs out); ``kv_handle`` says where it is."""
+        """Compute the prompt and one token. When the request goes on to a decode worker, its KV is pushed
+        to ``request.kv_destination`` before this returns (or held here for that worker to pull, with
+        vLLM's NixlConnector); ``kv_handle`` says where it is. A failed transfer raises ``WorkerFailed``."""
 
     def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
-        """Pull the prompt's KV, then stream the tokens after ``first_token_id`` until the request ends.
-        Closing the iterator early aborts the request and frees its blocks."""
+        """Load the prompt's KV through ``request.kv_handle`` (None: recompute it), then stream the tokens
+        after ``first_token_id`` until the request ends. Closing the iterator early aborts the request and
+        frees its blocks and its landed KV."""
 
     def generate(
         self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
     ) -> AsyncIterator[TokenChunk]:
         """Colocated path: prefill and decode here, streaming every token."""
+
+    async def drop_handoff(self, destination: str, request_id: str) -> None:
+        """Best effort: have ``destination`` free the KV pushed for ``request_id``, which will never be
+        loaded (the request ended before its decode worker produced a token). Never raises."""
 
     async def abort(self, request_id: RequestId) -> None:
         """Stop a request and free its blocks. Idempotent; unknown ids are ignored."""
@@ -49,5 +60,48 @@ class ServingEngine(Protocol):
     def load(self) -> EngineLoad:
         """The latest load figures. Never blocks."""
 
+    async def kv_held(self) -> dict[str, int]:
+        """Leak-check figures of the engine's KV exchange (regions, landed and reserved transfers, pulls,
+        pushes, loads waiting): all zero when idle."""
+
+    async def kv_settings(self) -> dict[str, Any]:
+        """The KV transfer settings the engine's connector runs with (``KVTransferConfig`` as JSON; {} when
+        it has no pdflow connector)."""
+
+    @property
+    def dead(self) -> bool:
+        """True once the engine has failed for good; every request on it fails from then on."""
+
     async def shutdown(self) -> None:
         """Stop the engine and its subprocesses. Idempotent."""
+
+
+class MigratableEngine(ServingEngine, Protocol):
+    """What a decode worker's live migrations need besides serving."""
+
+    block_size: int  # tokens per KV block, once started
+
+    async def push_blocks(
+        self,
+        request_id: str,
+        transfer_id: str,
+        destination: str,
+        blocks: tuple[int, int],
+        expected: list[int],
+        *,
+        background: bool,
+    ) -> PushStarted:
+        """Start pushing blocks ``[first, end)`` of a running request's KV to another worker's endpoint
+        (``destination``) as transfer ``transfer_id``; ``expected`` is the block table earlier stages pushed
+        from (a request preempted since holds other blocks, and the push refuses to start). A
+        ``background`` push (a pre-copy stage) is paced; a last push goes at once. Returns at once."""
+
+    async def push_status(self, transfer_id: str) -> PushState:
+        """How a push ended (its record), or a record of None while it runs. Never blocks for long."""
+
+    async def drop_pushed(self, destination: str, transfer_ids: list[str], why: str) -> None:
+        """Best effort: have ``destination`` free pushed transfers that will never be loaded."""
+
+    async def prime(self, request: DecodeRequest, deadline_s: float) -> bool:
+        """Destination side, before a hand-over: load the pre-copied parts named by ``request.kv_handle``
+        into the prefix cache, keeping them landed. False, with nothing lost, where it could not."""

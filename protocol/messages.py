@@ -1,17 +1,17 @@
 """Messages between the front door and the workers. Frozen dataclasses: they cross Ray as pickles and are
-never mutated after creation. Token ids only: text lives in the front door."""
+never mutated after creation. Token ids only: text lives in the front door. A decode worker's stream is
+``DecodeItem``s: token chunks, and at most one ``Handover`` (the request moved on to another worker) that
+ends it."""
 
 from __future__ import annotations
 
 import enum
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
 
 from protocol.ids import RequestId
+from protocol.kv_config import KVCodecKind
+from protocol.kv_handle import KVHandle
 from protocol.transfers import TransferRecord
-
-if TYPE_CHECKING:
-    from protocol.migrations import Handover
 
 
 class FinishReason(enum.StrEnum):
@@ -50,7 +50,7 @@ class PrefillRequest:
     # The decode worker's KV endpoint (side-channel address) when the connector pushes KV to it.
     kv_destination: str = ""
     # A codec for this transfer only (benchmarks, quality studies); None: the worker's policy decides.
-    kv_codec: str | None = None
+    kv_codec: KVCodecKind | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,8 +59,8 @@ class PrefillResult:
     first_token_id: int
     # None when decoding should go on; otherwise the request ended on the prefill worker.
     finish_reason: FinishReason | None
-    # Opaque to everyone but the KV connector: where the decode worker pulls the prompt's KV from.
-    kv_handle: dict[str, Any] | None
+    # Where the decode worker loads the prompt's KV from; None when the request ended here.
+    kv_handle: KVHandle | None
     prefill_seconds: float
     # What the KV transfer did, as the prefill side saw it (pdflow connector only).
     transfer: TransferRecord | None = None
@@ -69,13 +69,14 @@ class PrefillResult:
 @dataclass(frozen=True, slots=True)
 class DecodeRequest:
     """Continue a prefilled request. The decode worker admits ``prompt_token_ids + [first_token_id]``, loads
-    the prompt's KV through ``kv_handle`` instead of recomputing it, and streams tokens after the first."""
+    the prompt's KV through ``kv_handle`` instead of recomputing it (None: it recomputes), and streams
+    tokens after the first."""
 
     request_id: RequestId
     prompt_token_ids: tuple[int, ...]
     first_token_id: int
     sampling: SamplingSpec
-    kv_handle: dict[str, Any] | None
+    kv_handle: KVHandle | None
     priority: int = 0  # from the API; higher is more important (the migration policy keeps headroom for > 0)
 
 
@@ -88,5 +89,26 @@ class TokenChunk:
     finish_reason: FinishReason | None = None
     # On a decode worker's first chunk: the KV transfer it loaded, decode time included.
     transfer: TransferRecord | None = None
-    # The request moved to another decode worker (a ``protocol.migrations.Handover``); no tokens with it.
-    handover: Handover | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationTarget:
+    """The decode worker a request migrates to."""
+
+    instance_id: str
+    actor_name: str
+    kv_endpoint: str
+
+
+@dataclass(frozen=True, slots=True)
+class Handover:
+    """A decode worker's last word on a request that moved: the front door continues it on ``target`` with
+    ``continuation`` (prompt plus every token the client has, the KV parts that landed there)."""
+
+    migration_id: str
+    target: MigrationTarget
+    continuation: DecodeRequest
+
+
+DecodeItem = TokenChunk | Handover
+"""What a decode worker's stream yields: chunks, then either a chunk with ``finish_reason`` or a Handover."""

@@ -1,5 +1,6 @@
-"""Live migration contracts: where a request goes, what the source hands the front door when it moved, and
-the report of one migration. Frozen dataclasses that cross Ray as pickles."""
+"""The report of one live migration, as its source returns it to the controller. (Where a request goes and
+what the front door gets when it moved, ``MigrationTarget`` and ``Handover``, are request messages:
+``protocol.messages``.)"""
 
 from __future__ import annotations
 
@@ -7,30 +8,12 @@ import enum
 from dataclasses import dataclass
 
 from protocol.config import MigrationMode
-from protocol.messages import DecodeRequest
 
 
 class MigrationOutcome(enum.StrEnum):
     MOVED = "moved"  # the request continues on the destination
     FAILED = "failed"  # it stays on the source, which never stopped serving it
     FINISHED = "finished"  # it ended on the source before it could move
-
-
-@dataclass(frozen=True, slots=True)
-class MigrationTarget:
-    instance_id: str
-    actor_name: str
-    kv_endpoint: str
-
-
-@dataclass(frozen=True, slots=True)
-class Handover:
-    """The source's last word on a moved request: the front door continues it on ``target`` with
-    ``continuation`` (prompt plus every token the client has, the KV parts that landed there)."""
-
-    migration_id: str
-    target: MigrationTarget
-    continuation: DecodeRequest
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.tokenizer import ModelTokenizer
+from frontdoor.tokenizer import ModelTokenizer
 from pdctl.local_cluster import apply_env_defaults
 from pdctl.model_cache import MODEL_NAME, default_cache_dir, prepare_model
 

@@ -22,6 +22,8 @@ from typing import ClassVar
 
 import torch
 
+from protocol.kv_config import KVCodecKind
+
 SUPPORTED_DTYPES: tuple[torch.dtype, ...] = (torch.bfloat16, torch.float16, torch.float32)
 """Input dtypes every codec accepts: the KV cache dtypes vLLM uses (bf16, fp16) and fp32."""
 
@@ -73,7 +75,7 @@ class KVPart:
 class KVHeader:
     """Everything the decode side needs besides the payload: small, sent on the control plane."""
 
-    codec: str
+    codec: KVCodecKind
     kind: KVKind
     shape: tuple[int, int, int]
     """Original ``[num_tokens, num_kv_heads, head_dim]``."""
@@ -83,6 +85,7 @@ class KVHeader:
     """Codec-specific integers (group size, compressed plane sizes); read-only."""
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "codec", KVCodecKind(self.codec))
         object.__setattr__(self, "params", MappingProxyType(dict(self.params)))
 
     @property
@@ -148,7 +151,7 @@ class KVCodec(ABC):
     receiver configured differently from the sender still decodes correctly.
     """
 
-    name: ClassVar[str]
+    name: ClassVar[KVCodecKind]
     lossless: ClassVar[bool]
 
     exact_tokens: int = 0
@@ -157,6 +160,11 @@ class KVCodec(ABC):
     checks_range: ClassVar[bool] = False
     """A lossy codec whose ``_encode`` finds every group's extremes anyway and checks them itself
     (``check_extremes``), sparing ``encode`` a pass over the whole tensor."""
+
+    @property
+    def compresses(self) -> bool:
+        """Whether encoding changes the bytes (``KVCodecKind.compresses``)."""
+        return self.name.compresses
 
     def encode(self, kv: torch.Tensor, kind: KVKind) -> EncodedKV:
         """Encode ``kv``; raises ``ValueError`` on a wrong kind, rank, dtype, an empty tensor and, for the

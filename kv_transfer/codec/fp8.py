@@ -44,6 +44,7 @@ from kv_transfer.codec.groups import (
     token_chunks,
 )
 from kv_transfer.codec.rounding import FP16_TINY, fp16_round_up
+from protocol.kv_config import KVCodecKind
 
 E4M3_MAX = 448.0
 
@@ -80,7 +81,7 @@ def _add_centers(x: torch.Tensor, center: torch.Tensor, group_size: int) -> torc
 class Fp8Codec(KVCodec):
     """float8_e4m3fn with a per-group fp16 absmax scale along ``head_dim``, keys centred per channel first."""
 
-    name = "fp8"
+    name = KVCodecKind.FP8
     lossless = False
 
     def __init__(self, group_size: int = DEFAULT_GROUP_SIZE, exact_tokens: int = EXACT_TOKENS) -> None:

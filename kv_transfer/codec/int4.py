@@ -12,6 +12,7 @@ import sys
 import torch
 
 from kv_transfer.codec.affine import AffineCodec
+from protocol.kv_config import KVCodecKind
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
 """Packing and unpacking then run on int16 pairs, with no strided pass (several times faster on the CPU)."""
@@ -20,7 +21,7 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 class Int4Codec(AffineCodec):
     """Two codes a byte."""
 
-    name = "int4"
+    name = KVCodecKind.INT4
     bits = 4
     codes_per_byte = 2
 

@@ -7,10 +7,11 @@ Wire: 1 byte per element plus 3 bytes per group.
 from __future__ import annotations
 
 from kv_transfer.codec.affine import AffineCodec
+from protocol.kv_config import KVCodecKind
 
 
 class Int8Codec(AffineCodec):
     """One byte a code."""
 
-    name = "int8"
+    name = KVCodecKind.INT8
     bits = 8

@@ -21,6 +21,7 @@ import torch
 import zstandard
 
 from kv_transfer.codec.base import EncodedKV, KVCodec, KVHeader, KVKind, KVPart, PartSpec, kv_shape
+from protocol.kv_config import KVCodecKind
 
 ZSTD_PARAMS = zstandard.ZstdCompressionParameters.from_level(1, hash_log=12, min_match=7)
 
@@ -31,7 +32,7 @@ if sys.byteorder != "little":  # the plane order below assumes the low byte come
 class LosslessCodec(KVCodec):
     """Byte-plane split, then zstd on the most significant (sign and exponent) plane."""
 
-    name = "lossless"
+    name = KVCodecKind.LOSSLESS
     lossless = True
 
     def _part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:

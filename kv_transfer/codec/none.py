@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from kv_transfer.codec.base import EncodedKV, KVCodec, KVHeader, KVKind, KVPart, PartSpec, kv_shape
+from protocol.kv_config import KVCodecKind
 
 
 class NoneCodec(KVCodec):
@@ -12,7 +13,7 @@ class NoneCodec(KVCodec):
     the decoded tensor is a view of the received part, so the receiver copies it out before reusing the
     buffer."""
 
-    name = "none"
+    name = KVCodecKind.NONE
     lossless = True
 
     def _part_specs(self, header: KVHeader) -> tuple[PartSpec, ...]:

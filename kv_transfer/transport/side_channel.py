@@ -1,5 +1,6 @@
-"""The side channel: small JSON request/reply messages between two workers' transfer endpoints (handshake,
-reservation, commit, abort), over ZeroMQ TCP. Bulk bytes never travel here; they go through the transport.
+"""The side channel: small JSON request/reply messages between two workers' transfer endpoints (the typed
+operations of ``protocol.kv_ops``: reservation, commit, abort, pulls, pushes), over ZeroMQ TCP. Bulk bytes
+never travel here; they go through the transport.
 
 Every call has a deadline; a server handler's exception comes back to the caller as ``SideChannelError`` with
 the handler's message.
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import zmq
+
+from protocol.kv_ops import Op, op_to_wire, parse_reply
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,15 @@ class SideChannelClient:
     def __init__(self, address: str) -> None:
         self.address = address
         self._sock: zmq.Socket[bytes] | None = None
+
+    def ask(self, op: Op, *, timeout_s: float) -> Any:
+        """Send ``op`` and return its typed reply (``protocol.kv_ops``); ``SideChannelError`` as ``call``,
+        and for a reply that is not the one ``op`` expects."""
+        reply = self.call(op_to_wire(op), timeout_s=timeout_s)
+        try:
+            return parse_reply(op, reply)
+        except ValueError as exc:
+            raise SideChannelError(f"{op.OP} to {self.address}: malformed reply: {exc}") from exc
 
     def call(self, message: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
         sock = self._socket()

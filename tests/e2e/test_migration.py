@@ -18,10 +18,11 @@ import httpx
 import pytest
 import ray
 
-from kv_transfer.params import BLOCK_FORMAT, IN_FLIGHT, PARTS, TRANSFER_ID
 from kv_transfer.transport.side_channel import SideChannelClient
 from pdctl.admin_client import AdminClient
 from protocol.ids import RequestId
+from protocol.kv_handle import KVHandle, KVPart
+from protocol.kv_ops import Abort
 from protocol.messages import DecodeRequest, FinishReason, SamplingSpec
 from protocol.proto import router_pb2, router_pb2_grpc
 from protocol.snapshots import Role
@@ -136,7 +137,7 @@ async def _continue_on(
     prompt_ids: tuple[int, ...],
     reference: list[int],
     cut: int,
-    handle: dict[str, Any],
+    handle: KVHandle,
 ) -> tuple[list[int], FinishReason | None]:
     """Hand ``destination`` the request as a migration would once the client had ``cut`` tokens of
     ``reference`` (greedy, ``len(reference)`` tokens in all); returns the tokens it streams and its finish."""
@@ -209,9 +210,9 @@ async def test_a_migration_whose_kv_is_lost_on_the_destination_is_recomputed_the
     )
     cut = 12  # the client has had 12 tokens when the request moves
     rid = RequestId(f"lost-kv-{time.monotonic_ns()}")
-    lost = [[f"{rid}/gone/0", 0], [f"{rid}/gone/1", 4]]
+    lost = (KVPart(f"{rid}/gone/0", 0), KVPart(f"{rid}/gone/1", 4))
     destination = cluster.handle.workers(Role.DECODE)["pdflow-decode-2"]
-    handle = {TRANSFER_ID: lost[-1][0], PARTS: lost}
+    handle = KVHandle(lost, migrated=True)
     tokens, finish = await _continue_on(destination, rid, prompt_ids, reference, cut, handle)
     assert finish is FinishReason.LENGTH and tokens == reference[cut:]
     await asyncio.to_thread(cluster.wait_idle)
@@ -235,10 +236,10 @@ async def test_a_migration_whose_last_stage_never_lands_is_recomputed_on_the_des
     address = (await destination.snapshot.remote()).kv_endpoint
     client = SideChannelClient(address)
     try:  # what the source sends when its last push fails after the hand-over
-        client.call({"op": "abort", "transfer_id": last, "why": "the source failed"}, timeout_s=10)
+        client.ask(Abort(last, "the source failed"), timeout_s=10)
     finally:
         client.close()
-    handle = {TRANSFER_ID: last, PARTS: [[last, 0]], IN_FLIGHT: [last], BLOCK_FORMAT: "any"}
+    handle = KVHandle((KVPart(last, 0),), "any", frozenset({last}), migrated=True)
     started = time.monotonic()
     tokens, finish = await _continue_on(destination, rid, prompt_ids, reference, cut, handle)
     assert finish is FinishReason.LENGTH and tokens == reference[cut:]

@@ -14,8 +14,8 @@ import httpx
 import uvicorn
 from fastapi import FastAPI
 
-from controller.grpc_router import start_grpc_server
-from controller.textgen import TextGenerator
+from frontdoor.grpc_api import start_grpc_server
+from frontdoor.textgen import TextGenerator
 from protocol.errors import PdflowError
 from protocol.ids import RequestId
 from protocol.messages import FinishReason, SamplingSpec, TokenChunk

@@ -7,10 +7,10 @@ from typing import Any
 
 import pytest
 
-from controller.http_api import build_http_app
-from controller.textgen import TextGenerator
-from controller.tokenizer import ModelTokenizer
-from kv_transfer.endpoint import KVEndpoint
+from frontdoor.http_api import build_http_app
+from frontdoor.textgen import TextGenerator
+from frontdoor.tokenizer import ModelTokenizer
+from kv_transfer.exchange.endpoint import KVEndpoint
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter, Stack
 

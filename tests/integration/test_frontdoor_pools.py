@@ -10,11 +10,11 @@ import grpc
 import httpx
 import pytest
 
-from controller.frontdoor import FrontDoor
-from controller.grpc_router import start_grpc_server
-from controller.http_api import build_http_app
-from controller.textgen import TextGenerator
-from controller.tokenizer import ModelTokenizer
+from frontdoor.actor import FrontDoor
+from frontdoor.grpc_api import start_grpc_server
+from frontdoor.http_api import build_http_app
+from frontdoor.textgen import TextGenerator
+from frontdoor.tokenizer import ModelTokenizer
 from protocol.config import ClusterConfig
 from protocol.ids import InstanceId
 from protocol.proto import router_pb2, router_pb2_grpc

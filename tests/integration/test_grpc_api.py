@@ -8,7 +8,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from controller.tokenizer import ModelTokenizer
+from frontdoor.tokenizer import ModelTokenizer
 from protocol.errors import PoolEmpty
 from protocol.messages import SamplingSpec
 from protocol.proto import router_pb2, router_pb2_grpc

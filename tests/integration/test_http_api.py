@@ -10,8 +10,8 @@ import httpx
 import openai
 import pytest
 
-from controller.textgen import TextRequest, Usage
-from controller.tokenizer import ModelTokenizer
+from frontdoor.textgen import TextRequest, Usage
+from frontdoor.tokenizer import ModelTokenizer
 from protocol.errors import PoolEmpty, WorkerFailed
 from protocol.ids import RequestId
 from protocol.messages import SamplingSpec

@@ -11,13 +11,13 @@ import time
 import pytest
 import torch
 
-import kv_transfer.outgoing as outgoing_module
+import kv_transfer.exchange.outgoing as outgoing_module
 from kv_transfer.codec import KVHeader, KVKind, get_codec
-from kv_transfer.endpoint import KVEndpoint, TransferFailed
-from kv_transfer.outgoing import RegisteredKV
-from kv_transfer.paged import PagedLayout, block_images, block_spans
+from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
+from kv_transfer.exchange.outgoing import RegisteredKV
 from kv_transfer.transport.base import TransportError, XferState
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
+from kv_transfer.vllm.paged import PagedLayout, block_images, block_spans
 from protocol.transfers import TransferOutcome
 
 LAYERS, TOKENS, HEADS, DIM = 4, 70, 3, 64
@@ -112,7 +112,7 @@ def test_compressed_layers_are_decoded_while_later_ones_are_on_the_way(pair) -> 
     sender.finish(out)
     landed = receiver.take("early")
     assert landed is not None
-    receiver._transport.buffer.zero_()
+    receiver.transport.buffer.zero_()
     for (_, k, v), (k0, v0) in zip(receiver.decode_layers(landed), layers, strict=True):
         assert torch.equal(k, k0) and torch.equal(v, v0)
     receiver.release("early", decode_s=0.0)
@@ -190,7 +190,7 @@ def _send_registered(sender: KVEndpoint, out, layers: list[torch.Tensor], *, tog
     """Send each ``[2, tokens, heads, dim]`` layer (keys, values) straight from its registered memory, one
     call each or (``together``) in one call."""
     for layer in layers:
-        sender._transport.register(layer)
+        sender.transport.register(layer)
     if together:
         sender.send_layers_from(out, ((i, *_registered_kv(layer)) for i, layer in enumerate(layers)))
         return
@@ -286,7 +286,7 @@ def test_on_a_slow_link_layers_go_out_one_after_another_and_are_decoded_as_each_
 
 def _registered_send(sender: KVEndpoint, receiver: KVEndpoint, tid: str, layer, ids, before_commit=None):
     layout = PagedLayout.infer(layer, HEADS)
-    sender._transport.register(layer)
+    sender.transport.register(layer)
     shape = (len(ids) * layout.block_size, HEADS, DIM)
     out = sender.open(
         tid,

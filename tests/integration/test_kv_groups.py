@@ -9,6 +9,8 @@ import threading
 import pytest
 import torch
 
+from kv_transfer.exchange.endpoint import KVEndpoint
+from kv_transfer.transport.fake import InProcessTransport
 from tests.integration.test_kv_endpoint import (
     DIM,
     HEADS,
@@ -70,7 +72,7 @@ def test_a_held_group_is_decoded_early_and_counted_in_layers(pair) -> None:
     sender.finish(out)
     landed = receiver.take("held")
     assert landed is not None
-    receiver._transport.buffer.zero_()  # the load only collects what was decoded early
+    receiver.transport.buffer.zero_()  # the load only collects what was decoded early
     assert [i for i, _, _ in receiver.decode_layers(landed)] == list(range(7))
     receiver.release("held", decode_s=0.0)
 
@@ -92,8 +94,11 @@ def test_a_held_layer_the_codec_rejects_fails_when_its_group_leaves(pair) -> Non
 
 
 @pytest.mark.parametrize("layers", [0, "2", 5])
-def test_a_slot_with_a_bad_layer_count_is_refused_at_load(pair, layers: object) -> None:
-    sender, receiver, _, _ = pair
+def test_a_slot_with_a_bad_layer_count_is_refused_at_load(pair, request, layers: object) -> None:
+    sender, _, fabric, _ = pair
+    # no early decoding: every slot is decoded at the load, from its manifest
+    receiver = KVEndpoint(InProcessTransport("d-late", 1 << 20, fabric), lease_s=10, predecode_bytes=0)
+    request.addfinalizer(receiver.close)
     out = _open(sender, receiver, "count", "int8", layers=7)
     for i, (k, v) in enumerate(_layers(14, count=7)):
         sender.send_layer(out, i, k, v, hold=True)
@@ -102,9 +107,6 @@ def test_a_slot_with_a_bad_layer_count_is_refused_at_load(pair, layers: object) 
     assert landed is not None
     assert landed.manifest["slots"][1]["layers"] == 4
     landed.manifest["slots"][1]["layers"] = layers
-    receiver._transport.buffer.zero_()  # no early-decoded layer to fall back on: decode at load
-    with receiver._lock:
-        receiver._predecoded.clear()
     with pytest.raises(ValueError, match=r"layer count must be a positive int|do not split heads"):
         list(receiver.decode_layers(landed))
     receiver.release("count", error="bad slot")

@@ -9,10 +9,11 @@ import time
 import pytest
 import torch
 
-from kv_transfer.endpoint import KVEndpoint, TransferFailed
+from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
 from kv_transfer.transport.base import TransportError, XferState
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
+from protocol.kv_ops import PullStatus
 from protocol.transfers import TransferOutcome
 from tests.integration.test_kv_endpoint import (
     LAYERS,
@@ -30,8 +31,8 @@ def _no_writes(endpoint: KVEndpoint) -> None:
     def refuse(*_: object, **__: object) -> None:
         raise AssertionError("the sender of a pulled transfer posted a write")
 
-    endpoint._transport.write_from = refuse  # type: ignore[method-assign]
-    endpoint._transport.write = refuse  # type: ignore[method-assign]
+    endpoint.transport.write_from = refuse  # type: ignore[method-assign]
+    endpoint.transport.write = refuse  # type: ignore[method-assign]
 
 
 def _pulled(sender: KVEndpoint, receiver: KVEndpoint, tid: str, layers, rate=None, before_commit=None):
@@ -89,7 +90,7 @@ def test_a_pull_outside_its_reservation_or_without_one_is_refused(pair) -> None:
     layers = _kv_stack(6)
     out = _open(sender, receiver, "bounded", "none")
     for layer in layers:
-        sender._transport.register(layer)
+        sender.transport.register(layer)
     client = SideChannelClient(receiver.address)
     try:
         past = out.remote_offset + (4 << 20)
@@ -114,7 +115,7 @@ def test_a_pull_that_fails_on_the_receiver_fails_the_transfer_with_its_reason(pa
     out.pull_at(None)
     layers = _kv_stack(7)
     _send_registered(sender, out, layers, together=True)
-    sender._transport._sources.clear()  # as if the sender's KV cache were not registered after all
+    sender.transport._sources.clear()  # as if the sender's KV cache were not registered after all
     with pytest.raises(TransferFailed, match="not registered memory"):
         sender.finish(out)
     assert sender.held == receiver.held == NOTHING_HELD
@@ -132,8 +133,8 @@ def test_a_sender_that_gives_up_stops_the_pull_before_the_region_is_freed() -> N
         with pytest.raises(TransferFailed, match="did not pull"):
             _pulled(sender, receiver, "slow", layers, rate=layers[0].nbytes / 10)  # 10 s a layer
         assert time.monotonic() - started < 3
+        # the receiver stopped the pull (and waited for its thread) before it answered the sender's abort
         assert receiver.held == sender.held == NOTHING_HELD
-        time.sleep(0.2)
         assert fabric.moves == moves + 1  # the first layer went at once; the others never did
     finally:
         sender.close()
@@ -160,7 +161,7 @@ def test_over_real_nixl_a_pull_reads_registered_tensors_bit_exact() -> None:
         _check_landed(receiver, "nixl-paced", layers)
         stray = torch.ones(64, dtype=torch.uint8)
         with pytest.raises(TransportError, match="READ to it-pull-s failed to post"):
-            receiver._transport.read_into("it-pull-s", [(stray.data_ptr(), 0, 64)]).state()
+            receiver.transport.read_into("it-pull-s", [(stray.data_ptr(), 0, 64)]).state()
     finally:
         sender.close()
         receiver.close()
@@ -196,15 +197,15 @@ def test_a_read_that_never_ends_does_not_hold_up_the_abort() -> None:
         receiver.close()
 
 
-def _counting(endpoint: KVEndpoint, op: str) -> list[int]:
+def _counting(endpoint: KVEndpoint, op: type) -> list[int]:
     """Count the side-channel requests ``op`` that ``endpoint`` serves."""
-    calls, handler = [0], endpoint._ops[op]
+    calls, handler = [0], endpoint._handlers[op]
 
     def counted(msg):
         calls[0] += 1
         return handler(msg)
 
-    endpoint._ops[op] = counted
+    endpoint.add_op(op, counted)
     return calls
 
 
@@ -215,7 +216,7 @@ def test_a_paced_pull_is_asked_about_only_once_it_can_have_ended() -> None:
     sender = KVEndpoint(InProcessTransport("qs", 1 << 20, fabric))
     receiver = KVEndpoint(InProcessTransport("qd", 1 << 20, fabric))
     try:
-        asked = _counting(receiver, "pull_status")
+        asked = _counting(receiver, PullStatus)
         layers = _kv_stack(4)
         record = _pulled(sender, receiver, "asked", layers, rate=sum(x.nbytes for x in layers) / 0.4)
         assert record.outcome is TransferOutcome.SUCCESS
@@ -228,26 +229,41 @@ def test_a_paced_pull_is_asked_about_only_once_it_can_have_ended() -> None:
 
 def test_a_reservation_for_raw_layers_leaves_the_receiver_s_decoding_thread_asleep(pair) -> None:
     """Only a compressed layer's write comes with a notification to decode early; a reservation for raw ones
-    (a migration's pre-copy stage, held for seconds) must not have the receiver poll for notifications."""
-    sender, receiver, _, _ = pair
-    polls = [0]
-    notifications = receiver._transport.notifications
+    (a migration's pre-copy stage, held for seconds) must not have the receiver poll for notifications. While
+    a second receiver, expecting int8 layers, polls 30 times (every millisecond or so), the first, holding a
+    raw reservation, looks once when it is reserved and then at most every half second."""
+    sender, raw_receiver, fabric, _ = pair
+    int8_receiver = KVEndpoint(InProcessTransport("d2", 1 << 20, fabric), lease_s=10)
+    try:
+        polls = {"raw": _count_polls(raw_receiver), "int8": _count_polls(int8_receiver)}
+        woken = polls["raw"][0]
+        raw = _open(sender, raw_receiver, "raw", "none")
+        _wait_until(lambda: polls["raw"][0] > woken, "the decoding thread to wake for the raw reservation")
+        awake, started = polls["raw"][0], time.monotonic()
+        compressed = _open(sender, int8_receiver, "int8", "int8")
+        _wait_until(lambda: polls["int8"][0] >= 30, "30 polls while int8 layers may come")
+        elapsed = time.monotonic() - started
+        assert polls["raw"][0] - awake <= 1 + elapsed / 0.5, (polls, elapsed)
+        sender.abort(raw, "test over")
+        sender.abort(compressed, "test over")
+    finally:
+        int8_receiver.close()
+
+
+def _count_polls(receiver: KVEndpoint) -> list[int]:
+    """Count the receiver's polls for NIXL notifications (its early-decoding thread's)."""
+    polls, notifications = [0], receiver.transport.notifications
 
     def counted() -> list[bytes]:
         polls[0] += 1
         return notifications()
 
-    receiver._transport.notifications = counted  # type: ignore[method-assign]
-    for codec, tid in (("none", "raw"), ("int8", "int8")):
-        woken, deadline = polls[0], time.monotonic() + 2
-        out = _open(sender, receiver, tid, codec)
-        while polls[0] == woken:  # the thread wakes for the reservation and looks once
-            assert time.monotonic() < deadline, "the decoding thread did not wake for a reservation"
-            time.sleep(0.001)
-        before = polls[0]
-        time.sleep(0.3)
-        if codec == "none":
-            assert polls[0] - before <= 1  # asleep until the next reservation (or its 0.5 s check)
-        else:
-            assert polls[0] - before >= 30  # every millisecond or so, while the layers may come
-        sender.abort(out, "test over")
+    receiver.transport.notifications = counted  # type: ignore[method-assign]
+    return polls
+
+
+def _wait_until(cond, what: str, timeout_s: float = 10.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"waited {timeout_s:g} s for {what}"
+        time.sleep(0.001)

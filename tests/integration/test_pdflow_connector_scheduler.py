@@ -4,13 +4,24 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from kv_transfer.params import IN_FLIGHT, KEEP, PARTS, REMOTE_TOKENS, TRANSFER_ID
+from protocol.kv_handle import KVHandle, KVPart, LoadParams
+
+
+def _load(
+    *parts: tuple[str, int], tokens: int, in_flight: tuple[str, ...] = (), keep: bool = False
+) -> dict[str, object]:
+    """The params the engine host gives a decode request: a hand-off's one part, or a migration's parts."""
+    if len(parts) == 1 and parts[0][0].endswith("/handoff"):
+        handle = KVHandle.handoff(parts[0][0])
+    else:
+        handle = KVHandle(tuple(KVPart(*p) for p in parts), in_flight=frozenset(in_flight), migrated=True)
+    return LoadParams(handle, tokens, keep).to_params()
 
 
 def _scheduler_half():  # type: ignore[no-untyped-def]
     from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 
-    from kv_transfer.pdflow_connector import PdflowConnector
+    from kv_transfer.vllm.connector import PdflowConnector
 
     config = SimpleNamespace(kv_transfer_config=SimpleNamespace(kv_connector_extra_config={}, engine_id="d0"))
     return PdflowConnector(config, KVConnectorRole.SCHEDULER, None)  # type: ignore[arg-type]
@@ -26,7 +37,7 @@ class _Blocks:
 
 def test_a_request_preempted_after_its_load_recomputes_instead_of_waiting_for_the_gone_transfer() -> None:
     connector = _scheduler_half()
-    params = {TRANSFER_ID: "r1/handoff", REMOTE_TOKENS: 40}
+    params = _load(("r1/handoff", 0), tokens=40)
     request = SimpleNamespace(request_id="r1", kv_transfer_params=params, num_prompt_tokens=41)
     assert connector.get_num_new_matched_tokens(request, 0) == (40, False)  # landed: loaded in its step
     connector.update_state_after_alloc(request, _Blocks([0, 1, 2]), 40)
@@ -41,9 +52,9 @@ def test_kv_that_landed_before_the_request_loads_in_its_step_and_kv_still_on_the
     it is committed), and so has a migration's KV when no part was in flight at the hand-over: vLLM loads
     it in the step that computes the next token. A migration whose last part travels waits for it."""
     connector = _scheduler_half()
-    handoff = {TRANSFER_ID: "a/handoff", REMOTE_TOKENS: 40}
-    stopped = {TRANSFER_ID: "b/s1", REMOTE_TOKENS: 64, PARTS: [["b/s1", 0]], IN_FLIGHT: []}
-    live = {TRANSFER_ID: "c/s1", REMOTE_TOKENS: 64, PARTS: [["c/s1", 0], ["c/s2", 3]], IN_FLIGHT: ["c/s2"]}
+    handoff = _load(("a/handoff", 0), tokens=40)
+    stopped = _load(("b/s1", 0), tokens=64)
+    live = _load(("c/s1", 0), ("c/s2", 3), tokens=64, in_flight=("c/s2",))
     waits = {}
     for rid, params in (("a", handoff), ("b", stopped), ("c", live)):
         request = SimpleNamespace(request_id=rid, kv_transfer_params=params, num_prompt_tokens=65)
@@ -59,9 +70,8 @@ def test_a_priming_request_loads_the_parts_and_leaves_them_for_the_request_it_pr
     when it ends, the parts must stay landed (the continuation loads them again if the cache lost them),
     whereas a request that ends before its load has its parts dropped."""
     connector = _scheduler_half()
-    parts = [["p/m1/0", 0], ["p/m1/1", 2]]
-    prime = {TRANSFER_ID: "p/m1/1", REMOTE_TOKENS: 64, PARTS: parts, KEEP: True}
-    plain = {TRANSFER_ID: "q/m1/1", REMOTE_TOKENS: 64, PARTS: [["q/m1/0", 0], ["q/m1/1", 2]]}
+    prime = _load(("p/m1/0", 0), ("p/m1/1", 2), tokens=64, keep=True)
+    plain = _load(("q/m1/0", 0), ("q/m1/1", 2), tokens=64)
     requests = {}
     for rid, params in (("p#prime", prime), ("q", plain)):
         requests[rid] = request = SimpleNamespace(

@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PROBE = """
 import resource, sys
 sys.path.insert(0, {root!r})
-from kv_transfer.allocator import keep_freed_memory
+from kv_transfer.exchange.allocator import keep_freed_memory
 if {tuned}:
     assert keep_freed_memory(256)
 def transfer():  # a transfer's decoded layers: six 2 MiB groups, held together until the load, then freed
@@ -38,6 +38,6 @@ def test_a_later_transfer_reuses_freed_memory_without_page_faults_once_tuned() -
 
 
 def test_zero_leaves_the_defaults() -> None:
-    from kv_transfer.allocator import keep_freed_memory
+    from kv_transfer.exchange.allocator import keep_freed_memory
 
     assert keep_freed_memory(0) is False

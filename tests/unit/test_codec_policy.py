@@ -9,15 +9,15 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kv_transfer.codec_policy import (
+from policy.codec import (
     TIE_MARGIN,
     CodecProfile,
     LinkEstimate,
-    QualityFloor,
     choose_codec,
     predict_delivery_s,
     profiles_from_benchmark,
 )
+from protocol.kv_config import KVQualityFloor as QualityFloor
 
 GB = 1e9
 MEASURED = (
@@ -122,10 +122,12 @@ def test_a_codec_that_encodes_slower_in_real_transfers_stops_being_picked() -> N
 
 def test_a_worker_learns_its_codecs_real_speed_from_the_transfers_it_sends() -> None:
     """Each codec it picks turns out three times slower than measured idle: it tries the next, then raw."""
-    from kv_transfer.codec_choice import CodecChooser
+    from kv_transfer.vllm.codec_chooser import CodecChooser
 
     link_bps = 6e9 / 8
-    chooser = CodecChooser(MEASURED, layers=30, floor="fp8", probe=lambda _: link_bps)
+    chooser = CodecChooser(MEASURED, layers=30, floor=QualityFloor.FP8, probe=lambda _: link_bps)
+    assert chooser.choose("decode-0", KV_512).codec == "none"  # the link's probe starts: raw meanwhile
+    assert chooser.probed("decode-0", timeout_s=5)
     picked = []
     for _ in range(3):
         codec = chooser.choose("decode-0", KV_512).codec
@@ -141,10 +143,12 @@ def test_a_transfer_paced_by_its_encoder_does_not_teach_the_link_bandwidth() -> 
     """An int4 transfer that spent most of its wire time encoding measures the encoder: the 10 Gbit/s
     link stays 10 Gbit/s, so raw keeps winning. A transfer the wire paced (raw, or a codec with time to
     spare) is learnt."""
-    from kv_transfer.codec_choice import CodecChooser
+    from kv_transfer.vllm.codec_chooser import CodecChooser
 
     link_bps = 10e9 / 8
-    chooser = CodecChooser(MEASURED, layers=30, floor="int4", probe=lambda _: link_bps)
+    chooser = CodecChooser(MEASURED, layers=30, floor=QualityFloor.INT4, probe=lambda _: link_bps)
+    chooser.choose("decode-0", KV_512)
+    assert chooser.probed("decode-0", timeout_s=5)
     assert chooser.choose("decode-0", KV_512).codec == "none"
     wire = int(KV_512 * 0.275)
     paced = 4 * wire / link_bps  # the encoder let the bytes out at a quarter of the link's speed
@@ -155,9 +159,35 @@ def test_a_transfer_paced_by_its_encoder_does_not_teach_the_link_bandwidth() -> 
 
 
 def test_the_link_is_probed_twice_at_first_contact_and_the_faster_kept() -> None:
-    from kv_transfer.codec_choice import CodecChooser
+    from kv_transfer.vllm.codec_chooser import CodecChooser
 
     readings = iter([1.7e9 / 8, 10e9 / 8])
-    chooser = CodecChooser(MEASURED, layers=30, floor="int4", probe=lambda _: next(readings))
+    chooser = CodecChooser(MEASURED, layers=30, floor=QualityFloor.INT4, probe=lambda _: next(readings))
+    first = chooser.choose("decode-0", KV_512)
+    assert first.codec == "none" and "not measured yet" in first.reason
+    assert chooser.probed("decode-0", timeout_s=5)
     choice = chooser.choose("decode-0", KV_512)
     assert choice.codec == "none" and "10.00 Gbit/s" in choice.reason
+
+
+def test_a_new_destination_is_probed_off_the_sending_thread_and_served_raw_meanwhile() -> None:
+    """The first transfer to a worker never waits for the link's probe (it used to run inside the first
+    prefill step): it goes raw, and the transfers after the probe get the link's codec."""
+    import threading
+
+    from kv_transfer.vllm.codec_chooser import CodecChooser
+
+    release = threading.Event()
+
+    def slow_probe(_: str) -> float:
+        release.wait(10)  # the probe hangs until the test lets it measure
+        return 1e9 / 8
+
+    chooser = CodecChooser(MEASURED, layers=30, floor=QualityFloor.INT4, probe=slow_probe)
+    first = chooser.choose("decode-0", KV_512)
+    assert first.codec == "none" and "not measured yet" in first.reason  # returned with the probe stuck
+    assert not chooser.probed("decode-0", timeout_s=0)
+    release.set()
+    assert chooser.probed("decode-0", timeout_s=5)
+    assert chooser.choose("decode-0", KV_512).codec == "int4"  # a 1 Gbit/s link
+    chooser.close()

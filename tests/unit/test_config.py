@@ -6,6 +6,7 @@ import pytest
 from pydantic import ValidationError
 
 from protocol.config import ClusterConfig, DispatchPolicyKind
+from protocol.kv_config import KVCodecKind, KVQualityFloor
 
 
 def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
@@ -34,16 +35,22 @@ def test_defaults_are_one_prefill_one_decode_on_loopback() -> None:
     assert (cfg.prefill.replicas, cfg.decode.replicas, cfg.frontdoor.host) == (1, 1, "127.0.0.1")
 
 
-def test_the_migration_policy_takes_its_request_choice_and_headroom_from_the_config() -> None:
-    from controller.migrations import policy_config
-    from controller.policy.migration import RequestChoice
-
-    cfg = ClusterConfig.load(
-        overrides={"migration.request_choice": "lowest_priority", "migration.headroom_blocks": "8"},
-        environ={},
-    )
-    policy = policy_config(cfg.migration)
-    assert (policy.choice, policy.headroom_blocks) == (RequestChoice.LOWEST_PRIORITY, 8)
-    assert policy_config(ClusterConfig.load(environ={}).migration).choice is RequestChoice.LEAST_KV_TO_COPY
+def test_request_choice_names_its_options_when_wrong() -> None:
     with pytest.raises(ValidationError, match="least_kv_to_copy"):
         ClusterConfig.load(overrides={"migration.request_choice": "newest"}, environ={})
+
+
+def test_the_kv_section_is_set_like_any_other() -> None:
+    cfg = ClusterConfig.load(
+        overrides={"kv.codec": "int8", "kv.quality_floor": "int4"},
+        environ={"PDFLOW__KV__LEASE_SECONDS": "30"},
+    )
+    assert (cfg.kv.codec, cfg.kv.quality_floor, cfg.kv.lease_seconds) == (
+        KVCodecKind.INT8,
+        KVQualityFloor.INT4,
+        30,
+    )
+    with pytest.raises(ValidationError, match="'auto', 'none', 'lossless', 'fp8', 'int8' or 'int4'"):
+        ClusterConfig.load(overrides={"kv.codec": "int9"}, environ={})
+    with pytest.raises(ValidationError, match="kv_codec"):
+        ClusterConfig.load(overrides={"engine.kv_codec": "int8"}, environ={})  # where it used to be

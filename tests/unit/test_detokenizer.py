@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from controller.tokenizer import ModelTokenizer
+from frontdoor.tokenizer import ModelTokenizer
 
 TEXTS = [
     "Hello world, héllo 日本語 🙂!",

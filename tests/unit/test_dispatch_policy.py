@@ -4,7 +4,8 @@ from dataclasses import replace
 
 import pytest
 
-from controller.policy.dispatch import DispatchState, decide, freeness
+from policy.dispatch import DispatchState, decide
+from policy.freeness import instance_freeness
 from protocol.config import DispatchPolicyKind
 from protocol.errors import PoolEmpty
 from protocol.ids import InstanceId
@@ -34,8 +35,8 @@ def inst(
 
 
 def test_freeness_is_free_blocks_per_request() -> None:
-    assert freeness(inst("d", Role.DECODE, running=4, used=60)) == 10.0
-    assert freeness(inst("d", Role.DECODE, running=0, used=0)) == 100.0
+    assert instance_freeness(inst("d", Role.DECODE, running=4, used=60)) == 10.0
+    assert instance_freeness(inst("d", Role.DECODE, running=0, used=0)) == 100.0
 
 
 def test_least_loaded_picks_the_freest_decode_and_the_shortest_prefill_queue() -> None:

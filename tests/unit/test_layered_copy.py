@@ -7,7 +7,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from kv_transfer.layered_copy import LayeredCopy
+from kv_transfer.vllm.layered_copy import LayeredCopy
 
 
 @pytest.fixture

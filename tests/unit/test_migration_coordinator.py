@@ -1,11 +1,12 @@
-"""The controller's migration coordination against fake worker actors: destination choice, refusals with
-clear errors, the record of what ran, and drain (cordon, then move until empty)."""
+"""The controller's migration coordination against fake decode workers: destination choice, refusals with
+clear errors, the record of what ran, drain (cordon, then the policy's DRAIN moves until empty) and the
+policy's own moves."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import pytest
@@ -14,43 +15,60 @@ from controller.migrations import MigrationCoordinator
 from controller.registry import InstanceRegistry
 from protocol.config import MigrationConfig, MigrationMode
 from protocol.errors import InvalidRequest
-from protocol.ids import InstanceId
-from protocol.migrations import MigrationOutcome, MigrationReport, MigrationTarget
-from protocol.snapshots import InstanceSnapshot, InstanceState, Role
-
-
-class _Remote:
-    def __init__(self, fn: Any) -> None:
-        self._fn = fn
-
-    def remote(self, *args: Any) -> Any:
-        return self._fn(*args)
+from protocol.ids import InstanceId, RequestId
+from protocol.messages import MigrationTarget
+from protocol.migrations import MigrationOutcome, MigrationReport
+from protocol.snapshots import InstanceSnapshot, InstanceState, Role, RunningKV
 
 
 @dataclass
-class FakeDecodeActor:
-    """A decode worker's Ray handle: ``migrate`` moves a request away unless told to fail it."""
+class FakeDecodeWorker:
+    """A decode worker: ``migrate`` moves a request to the target worker unless told to fail it, and each
+    change is reported to the registry as the real worker's next load report would."""
 
-    instance_id: str
+    snapshot: InstanceSnapshot
+    registry: InstanceRegistry
     running: list[str] = field(default_factory=list)
     fail: set[str] = field(default_factory=set)
     calls: list[tuple[str, MigrationTarget, str]] = field(default_factory=list)
 
-    def __post_init__(self) -> None:
-        self.migrate = _Remote(self._migrate)
-        self.running_requests = _Remote(self._running)
+    def report(self) -> None:
+        requests = tuple(RunningKV(RequestId(r), kv_blocks=4) for r in self.running)
+        self.registry.report(replace(self.snapshot, requests=requests), time.monotonic())
 
-    async def _migrate(self, rid: str, mid: str, target: MigrationTarget, mode: str) -> MigrationReport:
-        self.calls.append((rid, target, mode))
-        outcome = MigrationOutcome.FAILED if rid in self.fail else MigrationOutcome.MOVED
+
+class FakeFleet:
+    def __init__(self, registry: InstanceRegistry) -> None:
+        self.workers: dict[str, FakeDecodeWorker] = {}
+        self.moved = asyncio.Event()
+
+    async def migrate(
+        self, worker: str, rid: str, mid: str, target: MigrationTarget, mode: str, timeout_s: float
+    ) -> MigrationReport:
+        source = self.workers[worker]
+        source.calls.append((rid, target, mode))
+        outcome = MigrationOutcome.FAILED if rid in source.fail else MigrationOutcome.MOVED
         if outcome is MigrationOutcome.MOVED:
-            self.running.remove(rid)
-        return MigrationReport(
-            rid, mid, self.instance_id, target.instance_id, MigrationMode(mode), outcome, wire_bytes=100
+            source.running.remove(rid)
+            destination = self.workers.get(target.actor_name)
+            if destination is not None:
+                destination.running.append(rid)
+                destination.report()
+            source.report()
+        report = MigrationReport(
+            rid,
+            mid,
+            source.snapshot.instance_id,
+            target.instance_id,
+            MigrationMode(mode),
+            outcome,
+            wire_bytes=100,
         )
+        self.moved.set()
+        return report
 
-    async def _running(self) -> list[str]:
-        return list(self.running)
+    async def running_requests(self, worker: str, timeout_s: float) -> list[str]:
+        return list(self.workers[worker].running)
 
 
 def _inst(iid: str, role: Role = Role.DECODE, used: int = 0, running: int = 0) -> InstanceSnapshot:
@@ -66,13 +84,21 @@ def _inst(iid: str, role: Role = Role.DECODE, used: int = 0, running: int = 0) -
     )
 
 
-def _setup(*instances: InstanceSnapshot, where: dict[str, str] | None = None) -> tuple[Any, dict[str, Any]]:
+def _setup(
+    *instances: InstanceSnapshot, where: dict[str, str] | None = None, **config: Any
+) -> tuple[MigrationCoordinator, dict[str, FakeDecodeWorker]]:
     registry = InstanceRegistry(heartbeat_timeout_s=60)
+    fleet = FakeFleet(registry)
     for inst in instances:
         registry.report(inst, time.monotonic())
-    actors = {f"actor-{i.instance_id}": FakeDecodeActor(i.instance_id) for i in instances}
-    coordinator = MigrationCoordinator(registry, MigrationConfig(), actors.__getitem__, (where or {}).get)
-    return coordinator, actors
+        fleet.workers[inst.actor_name] = FakeDecodeWorker(inst, registry)
+    coordinator = MigrationCoordinator(registry, MigrationConfig(**config), fleet, (where or {}).get)
+    return coordinator, fleet.workers
+
+
+def _running(worker: FakeDecodeWorker, *request_ids: str) -> None:
+    worker.running.extend(request_ids)
+    worker.report()
 
 
 def test_manual_migration_goes_to_the_freest_other_decode_worker_and_is_recorded() -> None:
@@ -83,7 +109,7 @@ def test_manual_migration_goes_to_the_freest_other_decode_worker_and_is_recorded
         _inst("prefill-0", role=Role.PREFILL),
         where={"r1": "decode-0"},
     )
-    actors["actor-decode-0"].running.append("r1")
+    _running(actors["actor-decode-0"], "r1")
     entry = asyncio.run(c.migrate("r1"))
     assert entry.destination == "decode-2" and entry.report is not None
     assert entry.report.outcome is MigrationOutcome.MOVED
@@ -123,44 +149,61 @@ def test_cordon_and_uncordon_flip_dispatchability() -> None:
 
 
 def test_drain_cordons_then_moves_everything_and_retries_failures_a_bounded_number_of_times() -> None:
-    c, actors = _setup(_inst("decode-0"), _inst("decode-1"))
+    c, actors = _setup(_inst("decode-0"), _inst("decode-1"), max_concurrent=2)
     source = actors["actor-decode-0"]
-    source.running.extend(["a", "b", "c"])
+    _running(source, "a", "b", "c")
     source.fail.add("c")
 
-    async def finish_c_later() -> None:
-        await asyncio.sleep(1.0)
-        source.running.remove("c")  # it finished on the source after failing to move
-
     async def go() -> Any:
-        later = asyncio.create_task(finish_c_later())
-        result = await c.drain("decode-0", timeout_s=10)
-        await later
-        return result
+        draining = asyncio.create_task(c.drain("decode-0", timeout_s=10))
+        await _until(lambda: sum(1 for rid, *_ in source.calls if rid == "c") == 3)  # tried three times
+        source.running.remove("c")  # then it finished on the source
+        source.report()
+        return await draining
 
     result = asyncio.run(go())
     assert c._registry.snapshot(0).by_id("decode-0").state is InstanceState.CORDONED
-    assert (result.moved, result.remaining) == (2, 0)
-    assert 1 <= result.failed <= 3  # "c" was tried, at most three times
+    assert (result.moved, result.remaining, result.failed) == (2, 0, 3)
     assert all(e.trigger == "drain" for e in result.migrations)
-    assert actors["actor-decode-1"].calls == [] and source.running == []
+    assert actors["actor-decode-1"].running == ["a", "b"] and source.running == []
+
+
+def test_drain_moves_no_more_requests_at_once_than_max_concurrent() -> None:
+    c, actors = _setup(_inst("decode-0"), _inst("decode-1"), max_concurrent=1)
+    _running(actors["actor-decode-0"], "a", "b", "c")
+    in_flight: list[int] = []
+    original = c.migrate
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        in_flight.append(len(c.in_flight()) + 1)
+        return await original(*args, **kwargs)
+
+    c.migrate = counting  # type: ignore[method-assign]
+    result = asyncio.run(c.drain("decode-0", timeout_s=10))
+    assert result.moved == 3 and max(in_flight) == 1
 
 
 def test_drain_gives_up_at_its_deadline_and_says_how_many_remain() -> None:
     c, actors = _setup(_inst("decode-0"), _inst("decode-1"))
-    actors["actor-decode-0"].running.append("stuck")
+    _running(actors["actor-decode-0"], "stuck")
     actors["actor-decode-0"].fail.add("stuck")
     result = asyncio.run(c.drain("decode-0", timeout_s=0.5))
     assert result.remaining == 1 and result.moved == 0
 
 
+async def _until(cond: Any, timeout: float = 5.0) -> None:
+    async with asyncio.timeout(timeout):
+        while not cond():
+            await asyncio.sleep(0.01)
+
+
 def test_migration_metrics_count_by_trigger_and_outcome_with_a_pause_histogram() -> None:
     from prometheus_client import CollectorRegistry, generate_latest
 
-    from controller.metrics import _migration_metrics
+    from frontdoor.metrics import _migration_metrics
 
     c, actors = _setup(_inst("decode-0"), _inst("decode-1"), where={"r1": "decode-0", "r2": "decode-0"})
-    actors["actor-decode-0"].running.extend(["r1", "r2"])
+    _running(actors["actor-decode-0"], "r1", "r2")
     actors["actor-decode-0"].fail.add("r2")
     asyncio.run(c.migrate("r1"))
     asyncio.run(c.migrate("r2"))
@@ -180,20 +223,17 @@ def test_migration_metrics_count_by_trigger_and_outcome_with_a_pause_histogram()
 
 
 def test_policy_moves_requests_from_a_crowded_decode_worker_to_an_idle_one() -> None:
-    from dataclasses import replace
-
-    from controller.policy.migration import MigrationPolicyConfig
-    from protocol.snapshots import RunningKV
-
     crowded = replace(
         _inst("decode-0", used=60, running=6),
-        requests=tuple(RunningKV(f"r{i}", kv_blocks=10 - i) for i in range(6)),  # type: ignore[arg-type]
+        requests=tuple(RunningKV(RequestId(f"r{i}"), kv_blocks=10 - i) for i in range(6)),
     )
-    c, actors = _setup(crowded, _inst("decode-1"), _inst("prefill-0", role=Role.PREFILL))
+    c, actors = _setup(
+        crowded, _inst("decode-1"), _inst("prefill-0", role=Role.PREFILL), trigger_gap=8.0, cooldown_s=0.0
+    )
     actors["actor-decode-0"].running.extend(f"r{i}" for i in range(6))
 
     async def one_round() -> list[Any]:
-        tasks = c._plan_once(MigrationPolicyConfig(trigger_gap=8.0, max_concurrent=2, cooldown_s=0.0))
+        tasks = c._plan_once()
         return [await t for t in tasks]
 
     entries = asyncio.run(one_round())
@@ -204,16 +244,39 @@ def test_policy_moves_requests_from_a_crowded_decode_worker_to_an_idle_one() -> 
 
 
 def test_policy_leaves_a_balanced_cluster_alone() -> None:
-    from dataclasses import replace
-
-    from controller.policy.migration import MigrationPolicyConfig
-    from protocol.snapshots import RunningKV
-
-    a = replace(_inst("decode-0", used=20, running=2), requests=(RunningKV("a", 10), RunningKV("b", 10)))  # type: ignore[arg-type]
-    b = replace(_inst("decode-1", used=20, running=2), requests=(RunningKV("c", 10), RunningKV("d", 10)))  # type: ignore[arg-type]
-    c, _ = _setup(a, b)
+    a = replace(
+        _inst("decode-0", used=20, running=2),
+        requests=(RunningKV(RequestId("a"), 10), RunningKV(RequestId("b"), 10)),
+    )
+    b = replace(
+        _inst("decode-1", used=20, running=2),
+        requests=(RunningKV(RequestId("c"), 10), RunningKV(RequestId("d"), 10)),
+    )
+    c, _ = _setup(a, b, cooldown_s=0.0)
 
     async def one_round() -> int:
-        return len(c._plan_once(MigrationPolicyConfig(cooldown_s=0.0)))
+        return len(c._plan_once())
 
     assert asyncio.run(one_round()) == 0
+
+
+def test_a_policy_move_that_failed_frees_its_place_for_the_next_round() -> None:
+    """The policy counts its planned moves against ``max_concurrent`` until they end, moved or not: a failed
+    one must not hold its place for good."""
+    crowded = replace(
+        _inst("decode-0", used=60, running=6),
+        requests=tuple(RunningKV(RequestId(f"r{i}"), kv_blocks=10) for i in range(6)),
+    )
+    c, actors = _setup(crowded, _inst("decode-1"), trigger_gap=8.0, cooldown_s=0.0, max_concurrent=1)
+    actors["actor-decode-0"].running.extend(f"r{i}" for i in range(6))
+    actors["actor-decode-0"].fail.update(f"r{i}" for i in range(6))
+
+    async def two_rounds() -> list[int]:
+        planned = []
+        for _ in range(2):
+            tasks = c._plan_once()
+            planned.append(len(tasks))
+            await asyncio.gather(*tasks)
+        return planned
+
+    assert asyncio.run(two_rounds()) == [1, 1]

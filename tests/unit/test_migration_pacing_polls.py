@@ -4,14 +4,15 @@ starts (``eta_s`` in the push's reply), so the migration asks about it only afte
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import replace
 
-from tests.unit.test_migration_source import DEST, LIVE, RID, FakeEngine, produce, start, until
+from protocol.kv_ops import PushStarted, PushState
+from tests.support.migration import DEST, LIVE, RID, ScriptedEngine, produce, start, until
 
 ETA_S = 0.15
 
 
-class PacedEngine(FakeEngine):
+class PacedEngine(ScriptedEngine):
     """Background pushes say they take ``ETA_S`` at least; every ``push_status`` is timed."""
 
     def __init__(self) -> None:
@@ -21,12 +22,12 @@ class PacedEngine(FakeEngine):
 
     async def push_blocks(self, request_id, transfer_id, destination, blocks, expected, *, background):  # type: ignore[no-untyped-def]
         self.started[transfer_id] = time.monotonic()
-        reply: dict[str, Any] = await super().push_blocks(
+        reply: PushStarted = await super().push_blocks(
             request_id, transfer_id, destination, blocks, expected, background=background
         )
-        return {**reply, "eta_s": ETA_S} if background else reply
+        return replace(reply, eta_s=ETA_S) if background else reply
 
-    async def push_status(self, transfer_id: str) -> dict[str, Any] | None:
+    async def push_status(self, transfer_id: str) -> PushState:
         self.asked.setdefault(transfer_id, []).append(time.monotonic())
         return await super().push_status(transfer_id)
 
@@ -48,6 +49,4 @@ async def test_a_paced_stage_is_asked_about_once_it_can_have_ended() -> None:
     stages = [p.transfer_id for p in engine.pushes if p.background]
     assert stages
     for transfer_id in stages:
-        asked = engine.asked[transfer_id]
-        assert asked[0] - engine.started[transfer_id] >= ETA_S  # not before it could have ended
-        assert len(asked) == 2  # the fake says "running" once, then its record
+        assert engine.asked[transfer_id][0] - engine.started[transfer_id] >= ETA_S  # not before it could end

@@ -5,20 +5,24 @@ from dataclasses import replace
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from controller.policy.migration import (
+from policy.migration import (
     InFlightMigration,
-    MigrationPolicyConfig,
     MigrationState,
     MigrationTrigger,
     RequestChoice,
     RunningRequest,
     decide,
-    freeness,
+    virtual_freeness,
 )
+from protocol.config import MigrationConfig
 from protocol.ids import InstanceId, RequestId
 from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, InstanceState, Role
 
-CFG = MigrationPolicyConfig(trigger_gap=5.0, headroom_blocks=20, max_concurrent=2, cooldown_s=10.0)
+CFG = MigrationConfig(trigger_gap=5.0, headroom_blocks=20, max_concurrent=2, cooldown_s=10.0)
+
+
+def tuned(**fields: object) -> MigrationConfig:
+    return CFG.model_copy(update=fields)
 
 
 def inst(
@@ -90,10 +94,10 @@ def test_skewed_cluster_moves_the_request_with_least_kv_to_copy_to_the_idle_inst
 
 def test_request_choice_is_configurable() -> None:
     s, reqs = skewed()
-    most, _ = decide(s, reqs, MigrationState(), replace(CFG, choice=RequestChoice.MOST_KV), 0.0)
+    most, _ = decide(s, reqs, MigrationState(), tuned(request_choice=RequestChoice.MOST_KV), 0.0)
     assert [i.request_id for i in most.intents] == ["b"]
     reqs = [replace(r, priority=1 if r.request_id != "c" else 0) for r in reqs]
-    low, _ = decide(s, reqs, MigrationState(), replace(CFG, choice=RequestChoice.LOWEST_PRIORITY), 0.0)
+    low, _ = decide(s, reqs, MigrationState(), tuned(request_choice=RequestChoice.LOWEST_PRIORITY), 0.0)
     assert [i.request_id for i in low.intents] == ["c"]
 
 
@@ -109,13 +113,13 @@ def test_draining_instance_is_emptied_up_to_the_limit_and_a_cordoned_one_never_r
     reqs = [req(f"r{k}", "d0", 5, copy=k) for k in range(4)] + [req("x", "d1", 60), req("y", "d2", 10)]
     s = cluster(reqs, d0=InstanceState.CORDONED, d1=InstanceState.CORDONED)
     draining = frozenset({InstanceId("d0")})
-    plan, state = decide(s, reqs, MigrationState(), replace(CFG, max_concurrent=3), 0.0, draining)
+    plan, state = decide(s, reqs, MigrationState(), tuned(max_concurrent=3), 0.0, draining)
     assert all(i.trigger is MigrationTrigger.DRAIN for i in plan.intents)
     assert [(i.request_id, i.destination) for i in plan.intents] == [("r0", "d2"), ("r1", "d2"), ("r2", "d2")]
     assert len(state.in_flight) == 3
     # Next round, one finished: the drain goes on without a cooldown wait.
     done = [r for r in reqs if r.request_id not in {"r0"}]
-    plan2, _ = decide(s, done, state.finished(RequestId("r0")), replace(CFG, max_concurrent=3), 0.5, draining)
+    plan2, _ = decide(s, done, state.finished(RequestId("r0")), tuned(max_concurrent=3), 0.5, draining)
     assert [i.request_id for i in plan2.intents] == ["r3"]
 
 
@@ -143,10 +147,14 @@ def test_no_request_moves_into_a_full_batch() -> None:
 
 def test_high_priority_headroom_makes_an_instance_look_fuller() -> None:
     reqs = [req(rid, "d0", 10) for rid in "abcd"] + [req(rid, "d1", 10) for rid in "efgh"]
-    s, cfg = cluster(reqs), replace(CFG, headroom_blocks=40)
+    s, cfg = cluster(reqs), tuned(headroom_blocks=40)
     assert decide(s, reqs, MigrationState(), cfg, 0.0)[0].intents == ()
     vip = [replace(r, priority=2) if r.request_id == "a" else r for r in reqs]
-    assert freeness(s.instances[0], vip, cfg) == (100 - 40 - 40) / 4 < freeness(s.instances[1], vip, cfg)
+    assert (
+        virtual_freeness(s.instances[0], vip, cfg)
+        == (100 - 40 - 40) / 4
+        < virtual_freeness(s.instances[1], vip, cfg)
+    )
     plan, _ = decide(s, vip, MigrationState(), cfg, 0.0)
     # The important request stays; an ordinary one makes room for its headroom.
     assert [(i.request_id, i.source, i.destination, i.trigger) for i in plan.intents] == [
@@ -158,7 +166,7 @@ def test_waiting_request_counts_as_head_of_line_demand() -> None:
     reqs = [req("a", "d0", 25)] + [req(x, "d0", 5) for x in "xyz"] + [req(x, "d1", 10) for x in "bcef"]
     s = snap(inst("d0", running=4, used=40), inst("d1", running=4, waiting=3, used=40))
     # Largest running request (25 blocks) stands in for the head of d1's queue.
-    assert freeness(s.instances[1], reqs, CFG) == (100 - 40 - 25) / 4
+    assert virtual_freeness(s.instances[1], reqs, CFG) == (100 - 40 - 25) / 4
     plan, _ = decide(s, reqs, MigrationState(), CFG, 0.0)
     assert [(i.request_id, i.source, i.trigger) for i in plan.intents] == [
         ("b", "d1", MigrationTrigger.DEFRAG)
@@ -244,13 +252,13 @@ def test_a_planned_move_always_strictly_lowers_the_freeness_spread(
             for n, rs in enumerate(layout)
         )
     )
-    cfg = replace(CFG, choice=choice, max_concurrent=3)
+    cfg = tuned(request_choice=choice, max_concurrent=3)
     plan, _ = decide(s, reqs, MigrationState(), cfg, 0.0)
     for intent in plan.intents:
         assert intent.trigger is not MigrationTrigger.DRAIN
-        before = {i.instance_id: freeness(i, reqs, cfg) for i in s.instances}
+        before = {i.instance_id: virtual_freeness(i, reqs, cfg) for i in s.instances}
         s, reqs = _apply(s, reqs, intent.request_id, intent.destination)
-        after = {i.instance_id: freeness(i, reqs, cfg) for i in s.instances}
+        after = {i.instance_id: virtual_freeness(i, reqs, cfg) for i in s.instances}
         pair_before = before[intent.destination] - before[intent.source]
         pair_after = abs(after[intent.destination] - after[intent.source])
         assert pair_before > cfg.trigger_gap and pair_after < pair_before

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from kv_transfer.pacing import CPU_PRECOPY_GBPS, Pacer, precopy_rate
+from kv_transfer.exchange.pacing import CPU_PRECOPY_GBPS, Pacer, precopy_rate
 
 
 class _Clock:

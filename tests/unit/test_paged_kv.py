@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kv_transfer.paged import (
+from kv_transfer.vllm.paged import (
     PagedLayout,
     block_halves,
     block_images,

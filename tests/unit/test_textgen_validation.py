@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from controller.textgen import TextGenerator, TextRequest
-from controller.tokenizer import ModelTokenizer
+from frontdoor.textgen import TextGenerator, TextRequest
+from frontdoor.tokenizer import ModelTokenizer
 from protocol.errors import InvalidRequest, ModelNotFound
 from protocol.ids import RequestId
 from protocol.messages import SamplingSpec, TokenChunk

@@ -1,0 +1,122 @@
+"""The gRPC routing API of the front door (``pdflow.v1.Router``) and its server.
+
+``Generate`` streams ``GenerateResponse``s: token ids with the text they completed, the last one with
+``finish_reason`` and ``usage``. Errors end the call with the ``grpc_code`` of the ``PdflowError`` and its
+message. A cancelled call (client gone, deadline passed) closes the generation, which aborts the request on
+the workers. The server also answers the standard health check and server reflection.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from frontdoor.textgen import TextDelta, TextGenerator, TextRequest
+from protocol.errors import InvalidRequest, PdflowError
+from protocol.ids import RequestId, new_request_id
+from protocol.proto import router_pb2, router_pb2_grpc
+
+log = logging.getLogger(__name__)
+ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name  # "pdflow.v1.Router"
+
+
+class RouterServicer(router_pb2_grpc.RouterServicer):
+    """``pdflow.v1.Router`` over a ``TextGenerator``. An empty ``model`` means the served model; an empty
+    ``request_id`` gets a fresh one (sent back in every response)."""
+
+    def __init__(self, textgen: TextGenerator) -> None:
+        self._textgen = textgen
+
+    async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
+        # Written with context.write rather than as an async generator so that the finally below closes the
+        # generation deterministically, also when the call is cancelled while a write is pending.
+        request_id = RequestId(request.request_id or new_request_id())
+        deltas = None
+        try:
+            deltas = self._textgen.stream(_text_request(request, request_id, self._textgen.model_name))
+            async for delta in deltas:
+                await context.write(_response(request_id, delta))
+        except PdflowError as err:
+            await context.abort(grpc.StatusCode[err.grpc_code], err.message)
+        except Exception as exc:
+            log.exception("unexpected error in Generate %s", request_id)
+            await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
+        finally:
+            if deltas is not None:
+                await deltas.aclose()
+
+    async def Abort(
+        self, request: router_pb2.AbortRequest, context: grpc.aio.ServicerContext
+    ) -> router_pb2.AbortResponse:
+        if not request.request_id:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        found = await self._textgen.abort(RequestId(request.request_id))
+        return router_pb2.AbortResponse(found=found)
+
+
+def _text_request(request: router_pb2.GenerateRequest, request_id: RequestId, served: str) -> TextRequest:
+    """The ``TextRequest`` of a ``GenerateRequest``; proto3 zero values mean "not given"."""
+    which = request.WhichOneof("input")
+    if which is None:
+        raise InvalidRequest("One of prompt, chat or prompt_token_ids is required.", param="input")
+    sp = request.sampling
+    chat = request.chat.messages
+    if sp.max_tokens < 0:
+        raise InvalidRequest(
+            f"max_tokens must be at least 1 (or 0 for the default); got {sp.max_tokens}.", param="max_tokens"
+        )
+    return TextRequest(
+        model=request.model or served,
+        request_id=request_id,
+        prompt=request.prompt if which == "prompt" else None,
+        messages=[{"role": m.role, "content": m.content} for m in chat] if which == "chat" else None,
+        prompt_token_ids=list(request.prompt_token_ids.ids) if which == "prompt_token_ids" else None,
+        max_tokens=sp.max_tokens or None,
+        temperature=sp.temperature if sp.HasField("temperature") else None,
+        top_p=sp.top_p if sp.HasField("top_p") else None,
+        top_k=sp.top_k if sp.HasField("top_k") else None,
+        seed=sp.seed if sp.HasField("seed") else None,
+        stop=list(sp.stop),
+        ignore_eos=sp.ignore_eos,
+        priority=request.priority,
+    )
+
+
+def _response(request_id: RequestId, delta: TextDelta) -> router_pb2.GenerateResponse:
+    response = router_pb2.GenerateResponse(request_id=request_id, token_ids=delta.token_ids, text=delta.text)
+    if delta.finish_reason is not None:
+        response.finish_reason = delta.finish_reason.value
+    if delta.usage is not None:
+        response.usage.CopyFrom(
+            router_pb2.Usage(
+                prompt_tokens=delta.usage.prompt_tokens,
+                completion_tokens=delta.usage.completion_tokens,
+                total_tokens=delta.usage.total_tokens,
+            )
+        )
+    return response
+
+
+async def start_grpc_server(textgen: TextGenerator, host: str, port: int) -> tuple[grpc.aio.Server, int]:
+    """Start a ``grpc.aio`` server with the Router service, health checking (SERVING for "" and
+    ``pdflow.v1.Router``) and reflection, on ``host:port`` (0: a free port). Returns the server and its
+    bound port; the caller stops it with ``await server.stop(grace)``."""
+    server = grpc.aio.server()
+    router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(textgen), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+    )
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        raise OSError(f"cannot bind the gRPC Router server to {host}:{port}")
+    for service in ("", ROUTER_SERVICE):
+        await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
+    await server.start()
+    log.info("gRPC pdflow.v1.Router listening on %s:%d", host, bound)
+    return server, bound

@@ -1,0 +1,466 @@
+"""The OpenAI-compatible HTTP API of the front door: ``/v1/models``, ``/v1/completions``,
+``/v1/chat/completions`` (JSON or server-sent events), ``/health`` and ``/metrics``.
+
+Every failure is an OpenAI error body ``{"error": {"message", "type", "param", "code"}}``: bad JSON and bad
+fields are 400, a ``PdflowError`` gets its own ``http_status``; once a stream has started, an error is a last
+``data: {"error": ...}`` event before ``data: [DONE]``. A client that goes away closes the generation, which
+aborts the request on the workers: disconnects are watched with plain asyncio tasks (not anyio cancel scopes)
+so the router's clean-up can still await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any, Literal, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import BaseModel, ConfigDict, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
+
+from frontdoor.textgen import TextDelta, TextGenerator, TextRequest, Usage
+from protocol.errors import InvalidRequest, ModelNotFound, PdflowError
+from protocol.ids import new_request_id
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool = False
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+
+class _SamplingBody(BaseModel):
+    # Unknown fields are ignored (as vLLM does); known ones this server cannot honour are rejected below.
+    model_config = ConfigDict(extra="ignore")
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None  # vLLM extension
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    ignore_eos: bool = False  # vLLM extension
+    priority: int = 0  # vLLM extension, passed to the router unchanged
+    user: str | None = None
+
+
+class CompletionBody(_SamplingBody):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    best_of: int | None = None
+    logprobs: int | None = None
+    echo: bool | None = None
+    suffix: str | None = None
+
+
+class ChatBody(_SamplingBody):
+    messages: list[ChatMessage]
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = None
+    tools: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+_UNION_FIELDS = {
+    "prompt": "a string, a list of one string, or a list of token ids",
+    "stop": "a string or a list of strings",
+    "content": "a string or a list of text parts",
+}
+
+
+def build_http_app(
+    textgen: TextGenerator,
+    *,
+    model_name: str,
+    metrics_text: Callable[[], tuple[bytes, str]],
+    health: Callable[[], dict[str, Any]],
+    wall_clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The FastAPI app of one front door. ``metrics_text()`` returns (Prometheus exposition bytes, content
+    type); ``health()`` returns a JSON-able dict whose ``ok`` says whether this front door can serve (200)
+    or not (503). Both are called on every scrape/probe from the event loop and must not block."""
+    app = FastAPI(title="pdflow", description="OpenAI-compatible API of the pdflow front door")
+    started = int(wall_clock())
+
+    @app.exception_handler(PdflowError)
+    async def _pdflow_error(_: Request, err: PdflowError) -> Response:
+        return error_response(err)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        body = _error_body(
+            f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error", None, None
+        )
+        return JSONResponse(body, status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
+        return error_response(_validation_to_invalid(exc.errors()))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> Response:
+        log.exception("unexpected error in the HTTP API")
+        body = _error_body(f"Internal server error: {type(exc).__name__}", "internal_error", None, None)
+        return JSONResponse(body, status_code=500)
+
+    @app.get("/health")
+    async def _health() -> Response:
+        state = health()
+        return JSONResponse(state, status_code=200 if state.get("ok") is True else 503)
+
+    @app.get("/metrics")
+    async def _metrics() -> Response:
+        body, content_type = metrics_text()
+        return Response(body, media_type=content_type)
+
+    def model_card() -> dict[str, Any]:
+        return {
+            "id": model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "pdflow",
+            "max_model_len": textgen.max_model_len,
+        }
+
+    @app.get("/v1/models")
+    async def _models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def _model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise ModelNotFound(
+                f"The model '{model_id}' does not exist; this server serves '{model_name}'.", param="model"
+            )
+        return model_card()
+
+    @app.post("/v1/completions")
+    async def _completions(request: Request) -> Response:
+        body = await _parse(request, CompletionBody)
+        _reject_unsupported(body)
+        prompt: dict[str, Any] = _completion_prompt(body.prompt)
+        return await _serve(request, textgen, body, prompt, _Render("text_completion", body, wall_clock))
+
+    @app.post("/v1/chat/completions")
+    async def _chat(request: Request) -> Response:
+        body = await _parse(request, ChatBody)
+        _reject_unsupported(body)
+        messages = [m.model_dump() for m in body.messages]
+        return await _serve(request, textgen, body, {"messages": messages}, _Render("chat", body, wall_clock))
+
+    return app
+
+
+async def _serve(
+    request: Request,
+    textgen: TextGenerator,
+    body: CompletionBody | ChatBody,
+    prompt: dict[str, Any],
+    render: _Render,
+) -> Response:
+    max_tokens = body.max_completion_tokens if isinstance(body, ChatBody) else None
+    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or ())
+    req = TextRequest(
+        model=body.model,
+        request_id=render.request_id,
+        **prompt,
+        max_tokens=max_tokens if max_tokens is not None else body.max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        top_k=body.top_k,
+        seed=body.seed,
+        stop=stop,
+        ignore_eos=body.ignore_eos,
+        priority=body.priority,
+    )
+    deltas = textgen.stream(req)
+    headers = {"X-Request-Id": str(render.request_id)}
+    try:
+        if not body.stream:
+            result = await _unless_disconnected(request.receive, _collect(deltas))
+            return JSONResponse(render.whole(*result), headers=headers)
+        # The first delta before the 200: validation errors and an empty pool still get their own status.
+        first = await _unless_disconnected(request.receive, _first(deltas))
+    except BaseException as exc:
+        await deltas.aclose()  # aborts the request unless it already ended
+        if isinstance(exc, _ClientGone):
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
+        raise
+    return _EventStream(_sse_events(first, deltas, render), headers=headers)
+
+
+async def _first(deltas: AsyncGenerator[TextDelta, None]) -> TextDelta:
+    return await anext(deltas)
+
+
+async def _collect(deltas: AsyncIterator[TextDelta]) -> tuple[str, str | None, Usage | None]:
+    text: list[str] = []
+    last = None
+    async for last in deltas:
+        text.append(last.text)
+    return "".join(text), last.finish_reason if last else None, last.usage if last else None
+
+
+async def _sse_events(
+    first: TextDelta, deltas: AsyncGenerator[TextDelta, None], render: _Render
+) -> AsyncGenerator[bytes, None]:
+    try:
+        for event in render.opening():
+            yield _sse(event)
+        delta: TextDelta | None = first
+        while delta is not None:
+            chunk = render.chunk(delta)
+            if chunk is not None:
+                yield _sse(chunk)
+            if delta.finish_reason is not None:
+                if render.include_usage and delta.usage is not None:
+                    yield _sse(render.usage_chunk(delta.usage))
+                break
+            delta = await anext(deltas, None)
+    except PdflowError as err:
+        yield _sse({"error": _error_fields(err)})
+    except Exception as exc:
+        log.exception("unexpected error while streaming %s", render.request_id)
+        yield _sse(
+            {
+                "error": _error_body(
+                    f"Internal server error: {type(exc).__name__}", "internal_error", None, None
+                )["error"]
+            }
+        )
+    finally:
+        await deltas.aclose()
+    yield b"data: [DONE]\n\n"
+
+
+def _sse(event: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(event, separators=(",", ":"), ensure_ascii=False).encode() + b"\n\n"
+
+
+class _Render:
+    """OpenAI response objects of one request (text completion or chat)."""
+
+    def __init__(
+        self,
+        kind: Literal["text_completion", "chat"],
+        body: CompletionBody | ChatBody,
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.kind = kind
+        self.request_id = new_request_id()
+        self.id = f"{'cmpl' if kind == 'text_completion' else 'chatcmpl'}-{self.request_id}"
+        self.created = int(wall_clock())
+        self.model = body.model
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+
+    def _head(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def whole(self, text: str, finish: str | None, usage: Usage | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+            head = self._head("chat.completion")
+        else:
+            choice, head = {"index": 0, "text": text}, self._head("text_completion")
+        choice.update(logprobs=None, finish_reason=finish)
+        return {**head, "choices": [choice], "usage": _usage(usage) if usage else None}
+
+    def opening(self) -> list[dict[str, Any]]:
+        if self.kind != "chat":
+            return []
+        return [self._chunk({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})]
+
+    def chunk(self, delta: TextDelta) -> dict[str, Any] | None:
+        if not delta.text and delta.finish_reason is None:
+            return None
+        if self.kind == "chat":
+            content = {"content": delta.text} if delta.text else {}
+            return self._chunk({"delta": content, "finish_reason": delta.finish_reason})
+        return self._chunk({"text": delta.text, "finish_reason": delta.finish_reason})
+
+    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
+        return {**self._head(self._chunk_object), "choices": [], "usage": _usage(usage)}
+
+    @property
+    def _chunk_object(self) -> str:
+        return "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+
+    def _chunk(self, fields: dict[str, Any]) -> dict[str, Any]:
+        event = {**self._head(self._chunk_object), "choices": [{"index": 0, **fields, "logprobs": None}]}
+        if self.include_usage:
+            event["usage"] = None
+        return event
+
+
+def _usage(usage: Usage) -> dict[str, int]:
+    return {
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "total_tokens": usage.total_tokens,
+    }
+
+
+class _EventStream(StreamingResponse):
+    """``text/event-stream`` whose generator is always closed: after the last event, on a client disconnect
+    (seen by a receive() watcher rather than starlette's anyio cancel scope) and on any error."""
+
+    def __init__(self, events: AsyncGenerator[bytes, None], headers: dict[str, str]) -> None:
+        super().__init__(
+            events, headers={**headers, "Cache-Control": "no-cache"}, media_type="text/event-stream"
+        )
+        self._events = events
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            start = {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+            await send(start)
+            await _unless_disconnected(receive, self._pump(send))
+        except (_ClientGone, OSError):
+            pass  # the client left: closing the events below aborts the request
+        finally:
+            await self._events.aclose()
+
+    async def _pump(self, send: Send) -> None:
+        async for event in self._events:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+class _ClientGone(Exception):
+    pass
+
+
+async def _unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
+    """Await ``work`` unless the client disconnects first; then cancel it (once, plain asyncio, so its
+    clean-up may await) and raise ``_ClientGone``."""
+
+    async def disconnected() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait((task, watcher), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+        await asyncio.gather(task, watcher, return_exceptions=True)
+    if task.cancelled() and watcher.done() and not watcher.cancelled():
+        raise _ClientGone()
+    return task.result()
+
+
+async def _parse(request: Request, model: type[BaseModel]) -> Any:
+    raw = await request.body()
+    try:
+        data = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {exc}. The API expects a JSON object."
+        ) from exc
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"The request body must be a JSON object, not {type(data).__name__}.")
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise _validation_to_invalid(exc.errors()) from exc
+
+
+def _validation_to_invalid(errors: Any) -> InvalidRequest:
+    first = errors[0]
+    path = [str(p) for p in first["loc"] if p != "body"]
+    # A union field reports one error per member type (loc carries the type's name): say what fits instead.
+    field = next((p for p in path if p in _UNION_FIELDS), None)
+    if first["type"] == "missing":
+        param = ".".join(path)
+        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
+    if field is not None:
+        param = ".".join(path[: path.index(field) + 1])
+        return InvalidRequest(f"Invalid type for '{param}': expected {_UNION_FIELDS[field]}.", param=param)
+    param = ".".join(path)
+    return InvalidRequest(f"Invalid value for '{param}': {first['msg']}.", param=param or None)
+
+
+def _reject_unsupported(body: CompletionBody | ChatBody) -> None:
+    unsupported: list[tuple[str, bool]] = [
+        ("n", body.n not in (None, 1)),
+        ("presence_penalty", body.presence_penalty not in (None, 0.0)),
+        ("frequency_penalty", body.frequency_penalty not in (None, 0.0)),
+        ("logit_bias", bool(body.logit_bias)),
+    ]
+    if isinstance(body, CompletionBody):
+        unsupported += [
+            ("best_of", body.best_of not in (None, 1)),
+            ("logprobs", body.logprobs is not None),
+            ("echo", bool(body.echo)),
+            ("suffix", bool(body.suffix)),
+        ]
+    else:
+        rf = (body.response_format or {}).get("type", "text")
+        unsupported += [
+            ("logprobs", bool(body.logprobs)),
+            ("top_logprobs", body.top_logprobs is not None),
+            ("tools", bool(body.tools)),
+            ("response_format", rf != "text"),
+        ]
+    for param, bad in unsupported:
+        if bad:
+            raise InvalidRequest(
+                f"'{param}' is not supported by this server{' (only n=1)' if param == 'n' else ''}.",
+                param=param,
+            )
+
+
+def _completion_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> dict[str, Any]:
+    if isinstance(prompt, str):
+        return {"prompt": prompt}
+    if not prompt:
+        return {"prompt": ""}
+    if len(prompt) > 1 and not isinstance(prompt[0], int):
+        raise InvalidRequest(
+            "Batched prompts (a list of several prompts) are not supported; send one prompt per request.",
+            param="prompt",
+        )
+    only = prompt[0]
+    if isinstance(only, str):
+        return {"prompt": only}
+    if isinstance(only, list):
+        return {"prompt_token_ids": only}
+    return {"prompt_token_ids": prompt}
+
+
+def _error_body(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
+
+
+def _error_fields(err: PdflowError) -> dict[str, Any]:
+    code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(err).__name__).lower()
+    return _error_body(err.message, err.error_type, err.param, code)["error"]
+
+
+def error_response(err: PdflowError) -> JSONResponse:
+    """The OpenAI error body and status of a ``PdflowError``."""
+    return JSONResponse({"error": _error_fields(err)}, status_code=err.http_status)

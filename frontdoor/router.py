@@ -1,0 +1,352 @@
+"""The request router: the front door's path from token ids to a (prefill, decode) pair and back. It picks
+the pair with the dispatch policy from the latest pushed snapshot, runs prefill, streams token one at once,
+hands the request to the decode worker and relays its tokens. Every remote call has a deadline; a dead or
+failing worker ends the request with ``WorkerFailed``; a client that goes away aborts the request on every
+worker that holds it. It reaches the workers only through a ``WorkerClient`` (``frontdoor.workers``), and
+reads time only through the clocks it is given."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from typing import Any
+
+from frontdoor.metrics import FrontDoorMetrics
+from frontdoor.workers import WorkerCallFailed, WorkerClient
+from policy.dispatch import DispatchPlan, DispatchState, decide
+from protocol.config import FrontDoorConfig
+from protocol.errors import DeadlineExceeded, InvalidRequest, PdflowError, WorkerFailed
+from protocol.ids import InstanceId, RequestId
+from protocol.lifecycle import RequestState, advance
+from protocol.messages import (
+    DecodeItem,
+    DecodeRequest,
+    FinishReason,
+    Handover,
+    PrefillRequest,
+    PrefillResult,
+    SamplingSpec,
+    TokenChunk,
+)
+from protocol.snapshots import ClusterSnapshot, RequestEvent
+from protocol.transfers import TransferRecord
+
+log = logging.getLogger(__name__)
+
+EventSink = Callable[[RequestEvent, int, int], None]
+_FINAL_STATE = {
+    FinishReason.STOP: RequestState.FINISHED_STOP,
+    FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
+    FinishReason.ABORT: RequestState.FINISHED_ABORTED,
+    FinishReason.ERROR: RequestState.FINISHED_ERROR,
+}
+
+
+class RequestRouter:
+    def __init__(
+        self,
+        config: FrontDoorConfig,
+        workers: WorkerClient,
+        metrics: FrontDoorMetrics,
+        events: EventSink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``clock`` times requests (latency metrics); ``wall_clock`` is the clock of the instances'
+        ``reported_at`` (dispatch compares the two) and of the request events."""
+        self._config = config
+        self._workers = workers
+        self._metrics = metrics
+        self._events = events
+        self._clock = clock
+        self._wall_clock = wall_clock
+        self._snapshot = ClusterSnapshot(version=-1)
+        self._dispatch = DispatchState()
+        self._active: dict[str, _Flight] = {}
+
+    @property
+    def snapshot(self) -> ClusterSnapshot:
+        return self._snapshot
+
+    def update_snapshot(self, snapshot: ClusterSnapshot) -> None:
+        if snapshot.version >= self._snapshot.version or snapshot.taken_at > self._snapshot.taken_at:
+            self._snapshot = snapshot
+
+    def in_flight(self) -> dict[str, int]:
+        counts: dict[str, int] = {}
+        for flight in self._active.values():
+            counts[flight.state.value] = counts.get(flight.state.value, 0) + 1
+        return counts
+
+    async def abort(self, request_id: RequestId) -> bool:
+        flight = self._active.get(request_id)
+        if flight is None:
+            return False
+        flight.abort_requested.set()
+        return True
+
+    async def generate(
+        self,
+        request_id: RequestId,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingSpec,
+        priority: int = 0,
+    ) -> AsyncIterator[TokenChunk]:
+        if request_id in self._active:
+            raise InvalidRequest(f"request id {request_id!r} is already in flight", param="request_id")
+        try:
+            now = self._wall_clock()
+            plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch, now)
+        except PdflowError:
+            self._metrics.requests.labels(outcome="rejected").inc()
+            raise
+        flight = _Flight(request_id, plan, len(prompt_token_ids), self._events, self._clock, self._wall_clock)
+        self._active[request_id] = flight
+        self._metrics.prompt_tokens.inc(len(prompt_token_ids))
+        outcome: RequestState | None = None
+        try:
+            # closed here, not when garbage collected: its clean-up (aborting the workers' calls, dropping a
+            # hand-off's KV) must see the request's state before it is finished
+            async with contextlib.aclosing(
+                self._serve(flight, prompt_token_ids, sampling, priority)
+            ) as chunks:
+                async for chunk in chunks:
+                    self._metrics.generation_tokens.inc(len(chunk.token_ids))
+                    flight.output_tokens += len(chunk.token_ids)
+                    if chunk.finish_reason is not None:
+                        outcome = _FINAL_STATE[chunk.finish_reason]
+                    yield chunk
+        except (GeneratorExit, asyncio.CancelledError):
+            # The consumer stopped listening: after the last chunk that is just the end of the stream.
+            outcome = outcome or RequestState.FINISHED_ABORTED
+            raise
+        except PdflowError as err:
+            flight.detail = err.message
+            outcome = RequestState.FINISHED_ERROR
+            raise
+        finally:
+            outcome = outcome or RequestState.FINISHED_ERROR
+            self._active.pop(request_id, None)
+            flight.finish(outcome)
+            self._observe(flight, outcome)
+
+    async def _serve(
+        self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
+    ) -> AsyncGenerator[TokenChunk, None]:
+        rid = flight.request_id
+        flight.move(RequestState.PREFILLING)
+        hand_off = sampling.max_tokens > 1
+        result = await self._prefill(
+            flight,
+            PrefillRequest(
+                rid, prompt, sampling, hand_off=hand_off, kv_destination=flight.plan.decode.kv_endpoint
+            ),
+        )
+        if result is None:
+            yield TokenChunk(rid, (), FinishReason.ABORT)
+            return
+        flight.ttft = self._clock() - flight.started
+        self._metrics.prefill_seconds.observe(result.prefill_seconds)
+        handoff = DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle, priority)
+        handed_off = False
+        try:
+            if result.finish_reason is not None:
+                yield TokenChunk(rid, (result.first_token_id,), result.finish_reason)
+                return
+            yield TokenChunk(rid, (result.first_token_id,))
+            flight.transfer = result.transfer
+            flight.move(RequestState.TRANSFERRING)
+            handed_off = True
+            async with contextlib.aclosing(self._decode(flight, handoff)) as chunks:
+                async for chunk in chunks:
+                    yield chunk
+        finally:
+            if not handed_off and result.kv_handle is not None:
+                # The prefill worker holds the prompt's KV for a decode worker that will never ask (the
+                # request ended at token one, or the client left): have the decode side release it now.
+                self._release(flight, handoff)
+            elif handed_off and flight.state is RequestState.TRANSFERRING:
+                # It ended (aborted, failed) before its decode worker produced a token, maybe before that
+                # worker even started on it: have the prefill worker drop the KV it pushed there.
+                self._drop_handoff(flight)
+
+    async def _prefill(self, flight: _Flight, request: PrefillRequest) -> PrefillResult | None:
+        """Run prefill with a deadline; None if the client aborted first. Every way out but success aborts
+        the prefill on the worker (the worker client does, when its call is cancelled)."""
+        instance = flight.plan.prefill
+        call = self._workers.prefill(instance.actor_name, request)
+        try:
+            result: PrefillResult = await self._until_aborted(flight, call, self._config.prefill_timeout_s)
+            return result
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"prefill on {instance.instance_id} took longer than {self._config.prefill_timeout_s:.0f}s"
+            ) from None
+        except _Aborted:
+            return None
+        except WorkerCallFailed as err:
+            raise _worker_failed("prefill", instance.instance_id, err) from err
+
+    async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncGenerator[TokenChunk, None]:
+        """Relay the decode worker's tokens; when it hands the request over (live migration), go on with the
+        destination's stream: the client sees one stream with no gap in its tokens."""
+        hop: tuple[str, str, DecodeRequest] | None = (
+            flight.plan.decode.instance_id,
+            flight.plan.decode.actor_name,
+            request,
+        )
+        while hop is not None:
+            instance_id, actor_name, request = hop
+            flight.decode_instance = InstanceId(instance_id)
+            hop = None
+            async with contextlib.aclosing(
+                self._decode_on(flight, instance_id, actor_name, request)
+            ) as items:
+                async for item in items:
+                    if isinstance(item, Handover):
+                        flight.migrations += 1
+                        flight.move(RequestState.MIGRATING)
+                        hop = (item.target.instance_id, item.target.actor_name, item.continuation)
+                        break
+                    yield item
+
+    async def _decode_on(
+        self, flight: _Flight, instance_id: str, actor_name: str, request: DecodeRequest
+    ) -> AsyncGenerator[DecodeItem, None]:
+        """One decode worker's stream, with a deadline on each item. Leaving early (the client aborted, a
+        deadline passed, the consumer closed) closes the worker client's stream, which aborts the request
+        on that worker."""
+        rid = flight.request_id
+        async with contextlib.aclosing(self._workers.decode(actor_name, request)) as stream:
+            while True:
+                try:
+                    item = await self._until_aborted(flight, anext(stream), self._config.token_timeout_s)
+                except StopAsyncIteration:
+                    raise WorkerFailed(
+                        f"decode worker {instance_id} ended request {rid} without a finish reason"
+                    ) from None
+                except TimeoutError:
+                    raise DeadlineExceeded(
+                        f"decode worker {instance_id} sent no token for {self._config.token_timeout_s:.0f}s"
+                    ) from None
+                except _Aborted:
+                    yield TokenChunk(rid, (), FinishReason.ABORT)
+                    return
+                except WorkerCallFailed as err:
+                    raise _worker_failed("decode", instance_id, err) from err
+                if isinstance(item, Handover):
+                    yield item  # the source ended its side; the request lives on the destination
+                    return
+                chunk = item
+                if flight.state in (RequestState.TRANSFERRING, RequestState.MIGRATING):
+                    if chunk.transfer is not None and flight.state is RequestState.TRANSFERRING:
+                        flight.transfer = chunk.transfer  # the receiver's record adds the decode seconds
+                        self._metrics.observe_transfer(chunk.transfer)
+                    flight.move(RequestState.DECODING)
+                if chunk.finish_reason in (FinishReason.ERROR, FinishReason.ABORT):
+                    # vLLM ended it (a failed KV pull, an engine error): tokens so far, then a typed error.
+                    if chunk.token_ids:
+                        yield TokenChunk(rid, chunk.token_ids)
+                    raise WorkerFailed(
+                        f"decode worker {instance_id} could not finish request {rid} "
+                        f"({chunk.finish_reason.value}); its KV pull may have failed"
+                    )
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+
+    async def _until_aborted(self, flight: _Flight, awaitable: Any, timeout: float) -> Any:
+        """Await ``awaitable`` with a deadline; raise ``_Aborted`` if the client aborts first."""
+        work = asyncio.ensure_future(awaitable)
+        stop = asyncio.ensure_future(flight.abort_requested.wait())
+        try:
+            done, _ = await asyncio.wait({work, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not work.done():
+                work.cancel()
+        if work in done:
+            return work.result()
+        if stop in done:
+            raise _Aborted
+        raise TimeoutError
+
+    def _release(self, flight: _Flight, handoff: DecodeRequest) -> None:
+        self._workers.release(flight.plan.decode.actor_name, handoff)
+
+    def _drop_handoff(self, flight: _Flight) -> None:
+        prefill, decode = flight.plan.prefill, flight.plan.decode
+        self._workers.drop_handoff(prefill.actor_name, flight.request_id, decode.kv_endpoint)
+
+    def _observe(self, flight: _Flight, outcome: RequestState) -> None:
+        m = self._metrics
+        e2e = self._clock() - flight.started
+        m.requests.labels(outcome=outcome.value.removeprefix("FINISHED_").lower()).inc()
+        if outcome in (RequestState.FINISHED_STOP, RequestState.FINISHED_LENGTH):
+            m.e2e.observe(e2e)
+            if flight.ttft is not None:
+                m.ttft.observe(flight.ttft)
+                if flight.output_tokens > 1:
+                    m.tpot.observe((e2e - flight.ttft) / (flight.output_tokens - 1))
+
+
+class _Aborted(Exception):
+    pass
+
+
+def _worker_failed(role: str, instance_id: str, err: BaseException) -> WorkerFailed:
+    cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+    return WorkerFailed(f"{role} worker {instance_id} failed: {cause[:300]}")
+
+
+class _Flight:
+    """One request in this front door: its lifecycle state and the figures the metrics need."""
+
+    def __init__(
+        self,
+        request_id: RequestId,
+        plan: DispatchPlan,
+        prompt_tokens: int,
+        events: EventSink,
+        clock: Callable[[], float],
+        wall_clock: Callable[[], float],
+    ) -> None:
+        self.request_id = request_id
+        self.plan = plan
+        self.prompt_tokens = prompt_tokens
+        self.output_tokens = 0
+        self._wall_clock = wall_clock
+        self.started = clock()
+        self.ttft: float | None = None
+        self.state = RequestState.QUEUED
+        self.detail = ""
+        self.transfer: TransferRecord | None = None
+        self.decode_instance = plan.decode.instance_id  # where it decodes now (it may migrate)
+        self.migrations = 0
+        self.abort_requested = asyncio.Event()
+        self._events = events
+        self._emit()
+
+    def move(self, target: RequestState) -> None:
+        self.state = advance(self.state, target)
+        self._emit()
+
+    def finish(self, outcome: RequestState) -> None:
+        if not self.state.is_terminal:
+            self.move(outcome)
+
+    def _emit(self) -> None:
+        event = RequestEvent(
+            self.request_id,
+            self.state,
+            self._wall_clock(),
+            self.plan.prefill.instance_id,
+            self.decode_instance,
+            self.detail,
+            self.transfer,
+        )
+        self._events(event, self.prompt_tokens, self.output_tokens)
