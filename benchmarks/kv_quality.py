@@ -55,6 +55,7 @@ from pdctl.local_cluster import LocalCluster, apply_env_defaults  # noqa: E402
 from pdctl.model_cache import default_cache_dir, prepare_model  # noqa: E402
 from protocol.config import ClusterConfig  # noqa: E402
 from protocol.ids import RequestId  # noqa: E402
+from protocol.kv_config import KVCodecKind  # noqa: E402
 from protocol.messages import DecodeRequest, PrefillRequest, SamplingSpec  # noqa: E402
 from protocol.snapshots import Role  # noqa: E402
 from protocol.transfers import TransferOutcome  # noqa: E402
@@ -191,7 +192,7 @@ async def one(
     rid = RequestId(f"quality-{codec}-{pid}")
     result = await asyncio.wait_for(
         prefill.prefill.remote(
-            PrefillRequest(rid, prompt, sampling, kv_destination=destination, kv_codec=codec)
+            PrefillRequest(rid, prompt, sampling, kv_destination=destination, kv_codec=KVCodecKind(codec))
         ),
         timeout=120,
     )

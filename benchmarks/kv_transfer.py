@@ -92,6 +92,7 @@ def send(host: str, arena_mib: int, destination: str) -> None:
 
     from kv_transfer.codec import get_codec
     from kv_transfer.vllm.codec_chooser import CodecChooser, measure_profiles
+    from protocol.kv_config import KVQualityFloor
 
     endpoint, transport = _endpoint("bench-send", host, arena_mib)
     cache: dict[tuple[str, int], list[tuple[Any, Any]]] = {}  # kept: registered with NIXL
@@ -118,8 +119,11 @@ def send(host: str, arena_mib: int, destination: str) -> None:
             chooser = choosers.get(job["shape"])
             if chooser is None:
                 profiles = measure_profiles((2048, heads, dim), torch.bfloat16, 64)
-                chooser = choosers[job["shape"]] = CodecChooser(profiles, layers=layers_n, floor="int4")
+                chooser = CodecChooser(profiles, layers=layers_n, floor=KVQualityFloor.INT4)
+                choosers[job["shape"]] = chooser
                 chooser.bind_probe(endpoint.probe)
+                chooser.choose(destination, raw)  # first contact starts the link's probe, off this thread
+                chooser.probed(destination, timeout_s=60)  # timed transfers start once it is measured
             choice = chooser.choose(destination, raw)
             codec_name, reason = choice.codec, choice.reason
         if job["codec"] == "raw":  # NixlConnector's move: each layer's registered KV, one write, no codec

@@ -61,8 +61,7 @@ async def _companion(
 
 
 async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str, Any]:
-    from protocol.messages import SamplingSpec
-    from protocol.migrations import MigrationTarget
+    from protocol.messages import Handover, MigrationTarget, SamplingSpec
 
     source, dest = workers
     before = TAIL
@@ -79,9 +78,9 @@ async def _one(workers: list[Any], length: int, mode: str, run: int) -> dict[str
             chunk = await stream.__anext__()
         except StopAsyncIteration:
             break
-        if chunk.handover is not None:
+        if isinstance(chunk, Handover):
             handover_at = (time.monotonic(), len(times))
-            stream = dest.decode(chunk.handover.continuation)
+            stream = dest.decode(chunk.continuation)
             continue
         for _ in chunk.token_ids:
             times.append(time.monotonic())
@@ -168,7 +167,7 @@ async def _main(args: argparse.Namespace) -> list[dict[str, Any]]:
             # the destination primes its prefix cache with the pre-copied stages (migration.prime_destination;
             # --set migration.prime_destination=false to compare); every run's prompt is its own
             "engine.prefix_caching": True,
-            "engine.kv_zero_copy": not args.copy_push,
+            "kv.zero_copy": not args.copy_push,
             **dict(kv.split("=", 1) for kv in args.set),
         }
     ).model_dump(mode="json")
@@ -267,7 +266,7 @@ def main() -> None:
     parser.add_argument(
         "--copy-push",
         action="store_true",
-        help="Pushes copy the blocks into staging first (engine.kv_zero_copy off), as before zero-copy",
+        help="Pushes copy the blocks into staging first (kv.zero_copy off), as before zero-copy",
     )
     parser.add_argument(
         "--pin",

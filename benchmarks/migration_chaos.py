@@ -47,8 +47,7 @@ class Flight:
 
 
 async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -> None:
-    from protocol.kv_handle import PARTS
-    from protocol.messages import SamplingSpec
+    from protocol.messages import Handover, SamplingSpec
 
     sampling = SamplingSpec(max_tokens=flight.max_tokens, temperature=0.0, ignore_eos=True)
     stream = workers[flight.worker].generate(flight.rid, prompt, sampling)
@@ -58,16 +57,16 @@ async def _client(workers: list[Any], flight: Flight, prompt: tuple[int, ...]) -
                 chunk = await stream.__anext__()
             except StopAsyncIteration:
                 break
-            if chunk.handover is not None:
+            if isinstance(chunk, Handover):
                 flight.in_transit = True
                 source, flight.worker = workers[flight.worker], 1 - flight.worker
-                handle = chunk.handover.continuation.kv_handle or {}
-                if flight.lose_kv and PARTS in handle:
+                handle = chunk.continuation.kv_handle
+                if flight.lose_kv and handle is not None:
                     flight.lose_kv = False
                     flight.recomputed += 1
-                    ids = [tid for tid, _ in handle[PARTS]]
-                    await source.engine.drop_pushed(chunk.handover.target.kv_endpoint, ids, "chaos")
-                stream = workers[flight.worker].decode(chunk.handover.continuation)
+                    ids = list(handle.transfer_ids)
+                    await source.engine.drop_pushed(chunk.target.kv_endpoint, ids, "chaos")
+                stream = workers[flight.worker].decode(chunk.continuation)
                 continue
             flight.in_transit = False
             flight.tokens.extend(chunk.token_ids)
@@ -86,7 +85,7 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
     from decode_worker.actor import DecodeWorker
     from pdctl.model_cache import prepare_model
     from protocol.config import ClusterConfig
-    from protocol.migrations import MigrationTarget
+    from protocol.messages import MigrationTarget
 
     rng = random.Random(args.seed)
     cfg = ClusterConfig.load(overrides={"migration.timeout_s": 20}).model_dump(mode="json")
@@ -148,8 +147,8 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {done_migrations} migrations: {dict(sorted(tally.items()))}", flush=True)
         await asyncio.gather(*clients.values(), return_exceptions=True)
     finally:
-        # Dropped parts free at once; a lost drop frees when its lease ends (engine.kv_lease_seconds).
-        deadline = time.monotonic() + cfg["engine"]["kv_lease_seconds"] + 5
+        # Dropped parts free at once; a lost drop frees when its lease ends (kv.lease_seconds).
+        deadline = time.monotonic() + cfg["kv"]["lease_seconds"] + 5
         while True:
             await asyncio.sleep(0.5)
             leaks = {w.instance_id: await w.leak_check() for w in workers}

@@ -132,6 +132,9 @@ class MigrationCoordinator:
         self._policy_state = MigrationState()
         self._draining: set[str] = set()  # instances a drain is emptying (cordoned ones only stop taking)
         self._planned_tasks: set[asyncio.Task[MigrationEntry | None]] = set()
+        # requests that left a worker (moved, or finished) after its last load report: request id -> (that
+        # worker, when); the policy must not plan them from its stale report
+        self._left: dict[str, tuple[str, float]] = {}
 
     def in_flight(self) -> list[MigrationEntry]:
         return list(self._in_flight.values())
@@ -195,6 +198,8 @@ class MigrationCoordinator:
         finally:
             self._in_flight.pop(migration_id, None)
             self._policy_state = self._policy_state.finished(RequestId(request_id))
+        if report.outcome is not MigrationOutcome.FAILED:
+            self._left[request_id] = (src.instance_id, self._wall_clock())
         done = replace(entry, report=report)
         self._recent.append(done)
         self.counters.counts[(str(trigger), report.outcome.value)] += 1
@@ -221,12 +226,14 @@ class MigrationCoordinator:
         put."""
         snapshot = self._registry.snapshot(self._wall_clock())
         busy = {e.request_id for e in self._in_flight.values()}
+        reported: dict[str, float] = {i.instance_id: i.reported_at for i in snapshot.instances}
+        self._left = {rid: (w, at) for rid, (w, at) in self._left.items() if reported.get(w, at) <= at}
         requests = [
             RunningRequest(r.request_id, inst.instance_id, r.priority, r.kv_blocks, r.kv_blocks)
             for inst in snapshot.instances
             if inst.role is Role.DECODE
             for r in inst.requests
-            if r.request_id not in exclude
+            if r.request_id not in exclude and self._left.get(r.request_id, ("", 0.0))[0] != inst.instance_id
         ]
         draining = frozenset(InstanceId(i) for i in self._draining)
         # an infinite trigger gap leaves only the DRAIN moves (the policy balances nothing else)

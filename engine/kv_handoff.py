@@ -67,9 +67,11 @@ class PdflowHandoff:
     def connector(self) -> ConnectorSpec:
         from kv_transfer.vllm.connector import PdflowConnector
 
-        return ConnectorSpec(
-            PdflowConnector.__module__, PdflowConnector.__name__, self._settings.to_connector()
-        )
+        return ConnectorSpec(PdflowConnector.__module__, PdflowConnector.__name__, self.extra_config())
+
+    def extra_config(self) -> dict[str, Any]:
+        """The connector's settings as vLLM carries them (``KVTransferConfig.from_connector`` reads them)."""
+        return self._settings.to_connector()
 
     def prefill_params(self, request: PrefillRequest) -> dict[str, Any] | None:
         if not request.hand_off:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import re
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, Literal, TypeVar
@@ -21,10 +20,20 @@ from typing import Any, Literal, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import Receive, Scope, Send
 
+from frontdoor.openai_schema import (
+    ChatBody,
+    CompletionBody,
+    completion_prompt,
+    error_body,
+    error_fields,
+    error_response,
+    reject_unsupported,
+    validation_to_invalid,
+)
 from frontdoor.textgen import TextDelta, TextGenerator, TextRequest, Usage
 from protocol.errors import InvalidRequest, ModelNotFound, PdflowError
 from protocol.ids import new_request_id
@@ -32,61 +41,6 @@ from protocol.ids import new_request_id
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
-
-
-class StreamOptions(BaseModel):
-    include_usage: bool = False
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
-
-
-class _SamplingBody(BaseModel):
-    # Unknown fields are ignored (as vLLM does); known ones this server cannot honour are rejected below.
-    model_config = ConfigDict(extra="ignore")
-    model: str
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    top_k: int | None = None  # vLLM extension
-    seed: int | None = None
-    stop: str | list[str] | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    n: int | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = None
-    ignore_eos: bool = False  # vLLM extension
-    priority: int = 0  # vLLM extension, passed to the router unchanged
-    user: str | None = None
-
-
-class CompletionBody(_SamplingBody):
-    prompt: str | list[str] | list[int] | list[list[int]]
-    best_of: int | None = None
-    logprobs: int | None = None
-    echo: bool | None = None
-    suffix: str | None = None
-
-
-class ChatBody(_SamplingBody):
-    messages: list[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
-    top_logprobs: int | None = None
-    tools: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
-
-
-_UNION_FIELDS = {
-    "prompt": "a string, a list of one string, or a list of token ids",
-    "stop": "a string or a list of strings",
-    "content": "a string or a list of text parts",
-}
 
 
 def build_http_app(
@@ -109,19 +63,19 @@ def build_http_app(
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
-        body = _error_body(
+        body = error_body(
             f"{exc.detail}: {request.method} {request.url.path}", "invalid_request_error", None, None
         )
         return JSONResponse(body, status_code=exc.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
-        return error_response(_validation_to_invalid(exc.errors()))
+        return error_response(validation_to_invalid(exc.errors()))
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unexpected error in the HTTP API")
-        body = _error_body(f"Internal server error: {type(exc).__name__}", "internal_error", None, None)
+        body = error_body(f"Internal server error: {type(exc).__name__}", "internal_error", None, None)
         return JSONResponse(body, status_code=500)
 
     @app.get("/health")
@@ -158,14 +112,14 @@ def build_http_app(
     @app.post("/v1/completions")
     async def _completions(request: Request) -> Response:
         body = await _parse(request, CompletionBody)
-        _reject_unsupported(body)
-        prompt: dict[str, Any] = _completion_prompt(body.prompt)
+        reject_unsupported(body)
+        prompt: dict[str, Any] = completion_prompt(body.prompt)
         return await _serve(request, textgen, body, prompt, _Render("text_completion", body, wall_clock))
 
     @app.post("/v1/chat/completions")
     async def _chat(request: Request) -> Response:
         body = await _parse(request, ChatBody)
-        _reject_unsupported(body)
+        reject_unsupported(body)
         messages = [m.model_dump() for m in body.messages]
         return await _serve(request, textgen, body, {"messages": messages}, _Render("chat", body, wall_clock))
 
@@ -239,12 +193,12 @@ async def _sse_events(
                 break
             delta = await anext(deltas, None)
     except PdflowError as err:
-        yield _sse({"error": _error_fields(err)})
+        yield _sse({"error": error_fields(err)})
     except Exception as exc:
         log.exception("unexpected error while streaming %s", render.request_id)
         yield _sse(
             {
-                "error": _error_body(
+                "error": error_body(
                     f"Internal server error: {type(exc).__name__}", "internal_error", None, None
                 )["error"]
             }
@@ -386,81 +340,4 @@ async def _parse(request: Request, model: type[BaseModel]) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _validation_to_invalid(exc.errors()) from exc
-
-
-def _validation_to_invalid(errors: Any) -> InvalidRequest:
-    first = errors[0]
-    path = [str(p) for p in first["loc"] if p != "body"]
-    # A union field reports one error per member type (loc carries the type's name): say what fits instead.
-    field = next((p for p in path if p in _UNION_FIELDS), None)
-    if first["type"] == "missing":
-        param = ".".join(path)
-        return InvalidRequest(f"Missing required parameter: '{param}'.", param=param)
-    if field is not None:
-        param = ".".join(path[: path.index(field) + 1])
-        return InvalidRequest(f"Invalid type for '{param}': expected {_UNION_FIELDS[field]}.", param=param)
-    param = ".".join(path)
-    return InvalidRequest(f"Invalid value for '{param}': {first['msg']}.", param=param or None)
-
-
-def _reject_unsupported(body: CompletionBody | ChatBody) -> None:
-    unsupported: list[tuple[str, bool]] = [
-        ("n", body.n not in (None, 1)),
-        ("presence_penalty", body.presence_penalty not in (None, 0.0)),
-        ("frequency_penalty", body.frequency_penalty not in (None, 0.0)),
-        ("logit_bias", bool(body.logit_bias)),
-    ]
-    if isinstance(body, CompletionBody):
-        unsupported += [
-            ("best_of", body.best_of not in (None, 1)),
-            ("logprobs", body.logprobs is not None),
-            ("echo", bool(body.echo)),
-            ("suffix", bool(body.suffix)),
-        ]
-    else:
-        rf = (body.response_format or {}).get("type", "text")
-        unsupported += [
-            ("logprobs", bool(body.logprobs)),
-            ("top_logprobs", body.top_logprobs is not None),
-            ("tools", bool(body.tools)),
-            ("response_format", rf != "text"),
-        ]
-    for param, bad in unsupported:
-        if bad:
-            raise InvalidRequest(
-                f"'{param}' is not supported by this server{' (only n=1)' if param == 'n' else ''}.",
-                param=param,
-            )
-
-
-def _completion_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> dict[str, Any]:
-    if isinstance(prompt, str):
-        return {"prompt": prompt}
-    if not prompt:
-        return {"prompt": ""}
-    if len(prompt) > 1 and not isinstance(prompt[0], int):
-        raise InvalidRequest(
-            "Batched prompts (a list of several prompts) are not supported; send one prompt per request.",
-            param="prompt",
-        )
-    only = prompt[0]
-    if isinstance(only, str):
-        return {"prompt": only}
-    if isinstance(only, list):
-        return {"prompt_token_ids": only}
-    return {"prompt_token_ids": prompt}
-
-
-def _error_body(message: str, error_type: str, param: str | None, code: str | None) -> dict[str, Any]:
-    return {"error": {"message": message, "type": error_type, "param": param, "code": code}}
-
-
-def _error_fields(err: PdflowError) -> dict[str, Any]:
-    code = re.sub(r"(?<!^)(?=[A-Z])", "_", type(err).__name__).lower()
-    return _error_body(err.message, err.error_type, err.param, code)["error"]
-
-
-def error_response(err: PdflowError) -> JSONResponse:
-    """The OpenAI error body and status of a ``PdflowError``."""
-    return JSONResponse({"error": _error_fields(err)}, status_code=err.http_status)
+        raise validation_to_invalid(exc.errors()) from exc

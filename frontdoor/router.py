@@ -260,7 +260,9 @@ class RequestRouter:
                     return
 
     async def _until_aborted(self, flight: _Flight, awaitable: Any, timeout: float) -> Any:
-        """Await ``awaitable`` with a deadline; raise ``_Aborted`` if the client aborts first."""
+        """Await ``awaitable`` with a deadline; raise ``_Aborted`` if the client aborts first. Work that did
+        not finish is cancelled, and waited for: a worker's stream must have left its step before it is
+        closed."""
         work = asyncio.ensure_future(awaitable)
         stop = asyncio.ensure_future(flight.abort_requested.wait())
         try:
@@ -269,6 +271,7 @@ class RequestRouter:
             stop.cancel()
             if not work.done():
                 work.cancel()
+                await asyncio.wait({work})
         if work in done:
             return work.result()
         if stop in done:

@@ -1,11 +1,10 @@
-"""``pdctl``: run and operate a pdflow cluster. ``up``/``down`` start and stop a local cluster, ``status``
-and ``requests`` read the admin API, ``chat`` asks one question, ``bench`` replays a trace, ``demo`` does it
-all."""
+"""``pdctl``: run and operate a pdflow cluster. ``up``/``down`` start and stop a local cluster, ``status``,
+``requests`` and ``explain`` read the admin API, ``chat`` asks one question, ``bench`` replays a trace,
+``demo`` does it all; the decode-pool operations are ``pdctl.operations``."""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import signal
 import subprocess
@@ -13,65 +12,30 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from pdctl.admin_client import AdminClient, AdminUnavailable
-from pdctl.runstate import RunState, run_dir
-from pdctl.views import migration_line, render_requests, render_status, status_dict
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="Run and operate a pdflow cluster (disaggregated prefill/decode LLM serving).",
+from pdctl.options import (
+    REPO_TRACE,
+    AdminOpt,
+    ConfigOpt,
+    JsonOpt,
+    SetOpt,
+    UrlOpt,
+    admin_address,
+    app,
+    build_config,
+    err,
+    fail,
+    http_url,
+    message_json,
+    out,
+    print_json,
 )
-out = Console()
-err = Console(stderr=True)
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="Cluster config YAML file.")]
-SetOpt = Annotated[
-    list[str] | None,
-    typer.Option("--set", help="Override a config field, e.g. --set engine.max_model_len=4096 (repeatable)."),
-]
-
-
-def _fail(message: str) -> None:
-    err.print(f"[red]error:[/red] {message}")
-    raise typer.Exit(1)
-
-
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON to stdout instead of a table.")]
-REPO_TRACE = Path(__file__).resolve().parents[1] / "benchmarks" / "traces" / "AzureLLMInferenceTrace_conv.csv"
-
-
-def _print_json(data: Any) -> None:
-    """Machine-readable output: JSON on stdout, nothing else there (progress goes to stderr)."""
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def _message_json(message: Any) -> Any:
-    from google.protobuf.json_format import MessageToDict
-
-    return MessageToDict(message, always_print_fields_with_no_presence=True)
-
-
-def build_config(config: Path | None, sets: list[str] | None, **named: Any) -> Any:
-    from pydantic import ValidationError
-
-    from protocol.config import ClusterConfig
-
-    overrides: dict[str, Any] = {k: v for k, v in named.items() if v is not None}
-    for item in sets or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            _fail(f"--set takes key=value, got {item!r}")
-        overrides[key.strip()] = value.strip()
-    try:
-        return ClusterConfig.load(config, overrides)
-    except (ValidationError, ValueError, OSError) as exc:
-        _fail(f"invalid configuration: {exc}")
+from pdctl.runstate import RunState, run_dir
+from pdctl.views import render_requests, render_status, status_dict
 
 
 @app.command()
@@ -98,7 +62,7 @@ def up(
         },
     )
     if (running := RunState.read()) is not None:
-        _fail(f"a cluster is already running (pid {running.pid}, {running.http_url}); `pdctl down` first")
+        fail(f"a cluster is already running (pid {running.pid}, {running.http_url}); `pdctl down` first")
     if detach:
         _up_detached([a for a in sys.argv[1:] if a not in ("--detach", "-d")], cfg.worker.start_timeout_s)
         return
@@ -161,10 +125,10 @@ def _up_detached(args: list[str], start_timeout_s: float) -> None:
                 return
             if proc.poll() is not None:
                 tail = log_path.read_text(errors="replace").splitlines()[-15:]
-                _fail("the cluster failed to start:\n" + "\n".join(tail))
+                fail("the cluster failed to start:\n" + "\n".join(tail))
             time.sleep(0.5)
     proc.terminate()
-    _fail(f"the cluster did not start within {start_timeout_s + 60:.0f}s; see {log_path}")
+    fail(f"the cluster did not start within {start_timeout_s + 60:.0f}s; see {log_path}")
 
 
 @app.command()
@@ -189,42 +153,16 @@ def down(timeout: Annotated[float, typer.Option(help="Seconds to wait for a clea
     out.print(f"pdflow did not stop within {timeout:.0f}s: killed pid {state.pid}")
 
 
-def _admin_address(admin: str | None) -> str:
-    if admin:
-        return admin
-    state = RunState.read()
-    if state is None:
-        _fail("no local cluster is running; start one with `pdctl up` or pass --admin HOST:PORT")
-    assert state is not None
-    return state.admin_address
-
-
-def _http_url(url: str | None) -> str:
-    if url:
-        return url.rstrip("/")
-    state = RunState.read()
-    if state is None:
-        _fail("no local cluster is running; start one with `pdctl up` or pass --url http://HOST:PORT")
-    assert state is not None
-    return state.http_url
-
-
-AdminOpt = Annotated[
-    str | None, typer.Option(help="Admin API address HOST:PORT (default: the local cluster).")
-]
-UrlOpt = Annotated[str | None, typer.Option(help="HTTP base URL (default: the local cluster).")]
-
-
 @app.command()
 def status(admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
     """Instances with their role, state, load, KV usage and tokens/s."""
     try:
-        with AdminClient(_admin_address(admin)) as client:
+        with AdminClient(admin_address(admin)) as client:
             st = client.status()
     except AdminUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
-        _print_json(status_dict(st))
+        print_json(status_dict(st))
     else:
         render_status(out, st)
 
@@ -238,12 +176,12 @@ def requests(
 ) -> None:
     """Recent requests and where they ran."""
     try:
-        with AdminClient(_admin_address(admin)) as client:
+        with AdminClient(admin_address(admin)) as client:
             resp = client.requests(state, limit)
     except AdminUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
-        _print_json(_message_json(resp))
+        print_json(message_json(resp))
     else:
         render_requests(out, resp.requests)
 
@@ -252,108 +190,16 @@ def requests(
 def explain(request_id: str, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
     """Every state change of one request."""
     try:
-        with AdminClient(_admin_address(admin)) as client:
+        with AdminClient(admin_address(admin)) as client:
             resp = client.requests(request_id=request_id)
     except AdminUnavailable as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if not resp.requests:
-        _fail(f"the controller knows no request {request_id!r}")
+        fail(f"the controller knows no request {request_id!r}")
     if as_json:
-        _print_json(_message_json(resp.requests[0]))
+        print_json(message_json(resp.requests[0]))
         return
     render_requests(out, resp.requests, events=True)
-
-
-@app.command()
-def migrate(
-    request_id: str,
-    to: Annotated[str, typer.Option("--to", help="Destination decode instance (default: the freest).")] = "",
-    mode: Annotated[str, typer.Option(help="live, stop_and_copy or recompute (default: configured).")] = "",
-    admin: AdminOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Move a running request to another decode worker; its client stream goes on without a gap."""
-    try:
-        with AdminClient(_admin_address(admin)) as client:
-            info = client.migrate(request_id, to, mode)
-    except AdminUnavailable as exc:
-        _fail(str(exc))
-    if as_json:
-        _print_json(_message_json(info))
-    else:
-        out.print(migration_line(info), highlight=False)
-    if info.outcome != "moved":
-        raise typer.Exit(1)
-
-
-@app.command()
-def cordon(instance: str, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
-    """Stop sending new requests to INSTANCE (what it runs goes on)."""
-    _instance_action(instance, admin, "cordon", as_json)
-
-
-@app.command()
-def uncordon(instance: str, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
-    """Let INSTANCE take new requests again."""
-    _instance_action(instance, admin, "uncordon", as_json)
-
-
-def _instance_action(instance: str, admin: str | None, action: str, as_json: bool) -> None:
-    try:
-        with AdminClient(_admin_address(admin)) as client:
-            inst = getattr(client, action)(instance)
-    except AdminUnavailable as exc:
-        _fail(str(exc))
-    if as_json:
-        _print_json(_message_json(inst))
-        return
-    out.print(f"{inst.instance_id}: {inst.state} ({inst.num_running} running)", highlight=False)
-
-
-@app.command()
-def drain(
-    instance: str,
-    timeout: Annotated[float, typer.Option(help="Seconds to wait for the worker to empty.")] = 300.0,
-    admin: AdminOpt = None,
-    as_json: JsonOpt = False,
-) -> None:
-    """Cordon a decode worker, then live-migrate every running request away; report when it is empty."""
-    try:
-        with AdminClient(_admin_address(admin)) as client, err.status(f"draining {instance} ..."):
-            result = client.drain(instance, timeout)
-    except AdminUnavailable as exc:
-        _fail(str(exc))
-    if as_json:
-        _print_json(_message_json(result))
-        if result.remaining:
-            raise typer.Exit(1)
-        return
-    for m in result.migrations:
-        out.print(f"  {migration_line(m)}", highlight=False)
-    summary = (
-        f"{instance}: {result.moved} moved, {result.finished} finished there, {result.failed} failed "
-        f"attempts, in {result.seconds:.1f}s"
-    )
-    if result.remaining:
-        _fail(f"{summary}; {result.remaining} still running after {timeout:g}s")
-    out.print(f"{summary}; it is empty and cordoned", highlight=False)
-
-
-@app.command()
-def migrations(limit: int = 20, admin: AdminOpt = None, as_json: JsonOpt = False) -> None:
-    """Migrations in flight and the most recent ones."""
-    try:
-        with AdminClient(_admin_address(admin)) as client:
-            listed = client.migrations(limit)
-    except AdminUnavailable as exc:
-        _fail(str(exc))
-    if as_json:
-        _print_json(_message_json(listed))
-        return
-    for m in [*listed.in_flight, *listed.recent]:
-        out.print(migration_line(m), highlight=False)
-    if not listed.in_flight and not listed.recent:
-        out.print("no migrations yet")
 
 
 @app.command()
@@ -368,14 +214,14 @@ def chat(
 
     try:
         stream_chat(
-            _http_url(url),
+            http_url(url),
             prompt,
             max_tokens=max_tokens,
             temperature=temperature,
             write=lambda text: (sys.stdout.write(text), sys.stdout.flush()),
         )
     except RuntimeError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     sys.stdout.write("\n")
 
 
@@ -403,7 +249,7 @@ def bench(
     """Replay a trace against a running cluster and print TTFT/TPOT/latency percentiles and SLO attainment."""
     from pdctl.replay import replay
 
-    base = _http_url(url)
+    base = http_url(url)
     try:
         result = asyncio.run(
             replay(
@@ -423,7 +269,7 @@ def bench(
             )
         )
     except (OSError, ValueError, RuntimeError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         sys.stdout.write(result.to_json() + "\n")
     else:
@@ -449,6 +295,8 @@ def demo(
 
 
 def main() -> None:
+    from pdctl import operations  # noqa: F401  (adds migrate, cordon, uncordon, drain, migrations after these)
+
     app()
 
 

@@ -38,23 +38,37 @@ class E2ECluster:
 
         return ray.get(self.worker(role).snapshot.remote(), timeout=10)
 
-    def wait_idle(self, timeout_s: float = 30.0) -> dict[str, InstanceSnapshot]:
-        """Leak check: wait until no worker (every prefill and decode worker in the cluster) holds a KV block
-        or a request; return the first worker's snapshot per role, or raise with them all."""
+    def leaks(self) -> dict[str, dict[str, int]]:
+        """What anything still holds, by holder, zero figures left out: every worker's leak check (KV blocks,
+        requests, staging regions, landed and reserved transfers, early-decoded layers, pulls, pushes, loads
+        waiting, streams, migrations; the reference engine's too) and the controller's migrations in
+        flight."""
         import ray
 
-        deadline = time.monotonic() + timeout_s
-        while True:
-            snaps = {
-                name: ray.get(actor.snapshot.remote(), timeout=10)
+        from pdctl.admin_client import AdminClient
+
+        actors = {
+            **{
+                name: a
                 for role in (Role.PREFILL, Role.DECODE)
-                for name, actor in self.handle.workers(role).items()
-            }
-            if all(s.kv_blocks_used == 0 and s.load == 0 for s in snaps.values()):
-                return {role.value: self.snapshot(role) for role in (Role.PREFILL, Role.DECODE)}
+                for name, a in self.handle.workers(role).items()
+            },
+            REFERENCE_NAME: self.reference,
+        }
+        figures = {name: ray.get(actor.leak_check.remote(), timeout=30) for name, actor in actors.items()}
+        with AdminClient(self.admin_address) as admin:
+            figures["controller"] = {"migrations_in_flight": len(admin.migrations(0).in_flight)}
+        return {name: held for name, of in figures.items() if (held := {k: v for k, v in of.items() if v})}
+
+    def wait_idle(self, timeout_s: float = 30.0) -> dict[str, InstanceSnapshot]:
+        """Leak check: wait until nothing holds anything (``leaks``); return the first worker's snapshot per
+        role, or raise with what is still held."""
+        deadline = time.monotonic() + timeout_s
+        while held := self.leaks():
             if time.monotonic() > deadline:
-                raise AssertionError(f"KV or requests still held after {timeout_s}s: {snaps}")
+                raise AssertionError(f"still held after {timeout_s}s: {held}")
             time.sleep(0.1)
+        return {role.value: self.snapshot(role) for role in (Role.PREFILL, Role.DECODE)}
 
     async def reference_tokens(self, prompt_ids: Sequence[int], sampling: SamplingSpec) -> list[int]:
         """The colocated reference engine's tokens for ``prompt_ids``, run on their own."""
@@ -116,6 +130,6 @@ def e2e_cluster(model_dir: Any) -> Iterator[E2ECluster]:
 
 @pytest.fixture
 def cluster(e2e_cluster: E2ECluster) -> Iterator[E2ECluster]:
-    """The shared cluster, with a leak check after the test: no KV blocks or requests left on any worker."""
+    """The shared cluster, with the full leak check after the test (``E2ECluster.leaks``)."""
     yield e2e_cluster
     e2e_cluster.wait_idle()

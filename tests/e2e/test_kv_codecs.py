@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from protocol.ids import RequestId
+from protocol.kv_config import KVCodecKind
 from protocol.messages import DecodeRequest, PrefillRequest, SamplingSpec
 from protocol.snapshots import Role
 from protocol.transfers import TransferOutcome
@@ -26,7 +27,9 @@ async def _handoff(
     sampling = SamplingSpec(max_tokens=MAX_TOKENS, temperature=0.0, seed=0)
     destination = cluster.snapshot(Role.DECODE).kv_endpoint
     result = await cluster.worker(Role.PREFILL).prefill.remote(
-        PrefillRequest(RequestId(rid), prompt, sampling, kv_destination=destination, kv_codec=codec)
+        PrefillRequest(
+            RequestId(rid), prompt, sampling, kv_destination=destination, kv_codec=KVCodecKind(codec)
+        )
     )
     tokens = [result.first_token_id]
     decode_record = None

@@ -289,18 +289,6 @@ async def test_request_ending_at_token_one_frees_prefill_kv_at_once(
     assert time.monotonic() - released < 5
 
 
-def _leaks(cluster: E2ECluster) -> dict[str, dict[str, int]]:
-    """Every worker's leak-check figures that are not zero (blocks, requests, staging regions, transfers)."""
-    import ray
-
-    figures = {
-        name: ray.get(actor.leak_check.remote(), timeout=30)
-        for role in (Role.PREFILL, Role.DECODE)
-        for name, actor in cluster.handle.workers(role).items()
-    }
-    return {name: held for name, of in figures.items() if (held := {k: v for k, v in of.items() if v})}
-
-
 @pytest.mark.parametrize("stage", ["PREFILLING", "TRANSFERRING", "DECODING"])
 async def test_an_abort_at_each_stage_of_a_hand_off_frees_both_workers(
     cluster: E2ECluster, stage: str
@@ -353,8 +341,18 @@ async def test_an_abort_at_each_stage_of_a_hand_off_frees_both_workers(
     # hand-off whose prefill was aborted, the decode engine one it never loaded, and the front door has the
     # prefill worker drop it when the request ends before its decode worker even started on it.
     wait_s = 5.0
-    assert cluster.handle.config.engine.kv_lease_seconds > 2 * wait_s
+    assert cluster.handle.config.kv.lease_seconds > 2 * wait_s
     deadline = asyncio.get_running_loop().time() + wait_s
-    while leaks := await asyncio.to_thread(_leaks, cluster):
+    while leaks := await asyncio.to_thread(cluster.leaks):
         assert asyncio.get_running_loop().time() < deadline, f"held {wait_s} s after the abort: {leaks}"
         await asyncio.sleep(0.5)
+
+
+def test_every_engine_s_connector_runs_with_the_cluster_s_kv_settings(cluster: E2ECluster) -> None:
+    """The ``kv`` section reaches the connector inside each vLLM worker process unchanged."""
+    import ray
+
+    expected = cluster.handle.config.kv.model_dump(mode="json")
+    for role in (Role.PREFILL, Role.DECODE):
+        for name, actor in cluster.handle.workers(role).items():
+            assert ray.get(actor.kv_settings.remote(), timeout=60) == expected, name

@@ -152,7 +152,7 @@ def test_a_worker_whose_kv_connector_fails_to_start_reports_the_failure(
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        config.engine.kv_side_channel_port = taken.getsockname()[1]
+        config.kv.side_channel_port = taken.getsockname()[1]
         worker = (
             ray.remote(DecodeWorker)
             .options(

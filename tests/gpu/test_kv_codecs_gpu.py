@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kv_transfer.codec import CODEC_NAMES, KVKind, get_codec
-from tests.unit.test_kv_codecs import error_bound, kv_like, same_bits
+from tests.support.codecs import error_bound, kv_like, same_bits
 
 
 @pytest.mark.parametrize("name", CODEC_NAMES)

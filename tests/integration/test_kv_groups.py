@@ -11,18 +11,18 @@ import torch
 
 from kv_transfer.exchange.endpoint import KVEndpoint
 from kv_transfer.transport.fake import InProcessTransport
-from tests.integration.test_kv_endpoint import (
+from tests.support.kv import (
     DIM,
     HEADS,
     LAYERS,
     NOTHING_HELD,
     TOKENS,
-    _check_landed,
-    _layers,
-    _open,
-    _sent_over_slow_link,
-    _wait_early,
-    _wait_posted,
+    check_landed,
+    make_layers,
+    open_transfer,
+    sent_over_slow_link,
+    wait_early,
+    wait_posted,
 )
 
 
@@ -33,8 +33,8 @@ def test_small_layers_handed_over_travel_in_groups_and_land_as_if_sent_alone(pai
     bit for bit what the same layers sent one by one decode to (and, for a fixed-size code, the same bytes
     on the wire)."""
     sender, receiver, _, _ = pair
-    layers = _layers(11, count=7)
-    alone, grouped = (_open(sender, receiver, tid, codec, layers=7) for tid in ("alone", "grouped"))
+    layers = make_layers(11, count=7)
+    alone, grouped = (open_transfer(sender, receiver, tid, codec, layers=7) for tid in ("alone", "grouped"))
     for i, (k, v) in enumerate(layers):
         sender.send_layer(alone, i, k, v)
         sender.send_layer(grouped, i, k, v, hold=True)
@@ -59,16 +59,16 @@ def test_small_layers_handed_over_travel_in_groups_and_land_as_if_sent_alone(pai
 def test_a_held_group_is_decoded_early_and_counted_in_layers(pair) -> None:
     """A group's slot is decoded on landing like a single layer's; ``early_layers`` counts its layers."""
     sender, receiver, _, _ = pair
-    layers = _layers(12, count=7)
-    out = _open(sender, receiver, "held", "int8", layers=7)
+    layers = make_layers(12, count=7)
+    out = open_transfer(sender, receiver, "held", "int8", layers=7)
     for i, (k, v) in enumerate(layers[:5]):
         sender.send_layer(out, i, k, v, hold=True)
-    _wait_early(receiver, "held", 1)  # the first layer went alone; the next four are still held
+    wait_early(receiver, "held", 1)  # the first layer went alone; the next four are still held
     assert receiver.early_layers("held") == 1
     sender.send_layer(out, 5, *layers[5], hold=True)  # goes alone: the group of four leaves before it
-    _wait_early(receiver, "held", 6)
+    wait_early(receiver, "held", 6)
     sender.send_layer(out, 6, *layers[6], hold=True)
-    _wait_early(receiver, "held", 7)
+    wait_early(receiver, "held", 7)
     sender.finish(out)
     landed = receiver.take("held")
     assert landed is not None
@@ -82,9 +82,9 @@ def test_a_held_layer_the_codec_rejects_fails_when_its_group_leaves(pair) -> Non
     codec cannot take fails that call, clearly, and the caller's abort frees both sides, as the connector
     does."""
     sender, receiver, _, _ = pair
-    layers = _layers(13, count=7)
+    layers = make_layers(13, count=7)
     layers[1][0][3, 1, 5] = float("inf")
-    out = _open(sender, receiver, "bad", "int8", layers=7)
+    out = open_transfer(sender, receiver, "bad", "int8", layers=7)
     for i, (k, v) in enumerate(layers[:5]):
         sender.send_layer(out, i, k, v, hold=True)
     with pytest.raises(ValueError, match="int8: kv contains inf or NaN"):
@@ -99,8 +99,8 @@ def test_a_slot_with_a_bad_layer_count_is_refused_at_load(pair, request, layers:
     # no early decoding: every slot is decoded at the load, from its manifest
     receiver = KVEndpoint(InProcessTransport("d-late", 1 << 20, fabric), lease_s=10, predecode_bytes=0)
     request.addfinalizer(receiver.close)
-    out = _open(sender, receiver, "count", "int8", layers=7)
-    for i, (k, v) in enumerate(_layers(14, count=7)):
+    out = open_transfer(sender, receiver, "count", "int8", layers=7)
+    for i, (k, v) in enumerate(make_layers(14, count=7)):
         sender.send_layer(out, i, k, v, hold=True)
     sender.finish(out)
     landed = receiver.take("count")
@@ -117,21 +117,21 @@ def test_compressed_layers_are_on_the_wire_two_at_a_time() -> None:
     one queued behind it. With more, UCX shares the link among them, they all land near the end, and
     the receiver cannot decode any early (SmolLM2, 512 tokens, int8 on 1 Gbit/s: half the layers were still
     undecoded at the commit; two at a time, each group was decoded as it landed)."""
-    link, sender, receiver, layers, out = _sent_over_slow_link("two", "lossless", 15)
+    link, sender, receiver, layers, out = sent_over_slow_link("two", "lossless", 15)
     try:
         assert len(link.posted) == 2
         link.posted[0].land()
         finishing = threading.Thread(target=sender.finish, args=(out,))
         finishing.start()
-        _wait_posted(link, 3)
+        wait_posted(link, 3)
         assert len(link.posted) == 3  # one landed, one more posted: still two on the wire
         for xfer in link.posted[1:]:
             xfer.land()
-        _wait_posted(link, LAYERS)
+        wait_posted(link, LAYERS)
         link.posted[-1].land()
         finishing.join(timeout=5)
         assert not finishing.is_alive()
-        _check_landed(receiver, "two", layers)
+        check_landed(receiver, "two", layers)
     finally:
         sender.close()
         receiver.close()

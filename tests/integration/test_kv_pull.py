@@ -15,13 +15,13 @@ from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
 from protocol.kv_ops import PullStatus
 from protocol.transfers import TransferOutcome
-from tests.integration.test_kv_endpoint import (
+from tests.support.kv import (
     LAYERS,
     NOTHING_HELD,
-    _check_landed,
-    _kv_stack,
-    _open,
-    _send_registered,
+    check_landed,
+    kv_stack,
+    open_transfer,
+    send_registered,
 )
 
 
@@ -36,21 +36,21 @@ def _no_writes(endpoint: KVEndpoint) -> None:
 
 
 def _pulled(sender: KVEndpoint, receiver: KVEndpoint, tid: str, layers, rate=None, before_commit=None):
-    out = _open(sender, receiver, tid, "none")
+    out = open_transfer(sender, receiver, tid, "none")
     out.pull_at(rate)
-    _send_registered(sender, out, layers, together=True)
+    send_registered(sender, out, layers, together=True)
     return sender.finish(out, before_commit=before_commit)
 
 
 def test_pulled_layers_land_exactly_and_the_sender_moves_no_byte(pair) -> None:
     sender, receiver, fabric, _ = pair
     _no_writes(sender)
-    layers = _kv_stack(3)
+    layers = kv_stack(3)
     moves = fabric.moves
     record = _pulled(sender, receiver, "pulled", layers)
     assert record.outcome is TransferOutcome.SUCCESS
     assert fabric.moves == moves + 1  # unpaced: every layer in one read
-    _check_landed(receiver, "pulled", layers)
+    check_landed(receiver, "pulled", layers)
     assert sender.held == NOTHING_HELD
 
 
@@ -59,7 +59,7 @@ def test_a_paced_pull_reads_layer_by_layer_at_the_rate() -> None:
     sender = KVEndpoint(InProcessTransport("ps", 1 << 20, fabric))
     receiver = KVEndpoint(InProcessTransport("pd", 1 << 20, fabric))
     try:
-        layers = _kv_stack(4)
+        layers = kv_stack(4)
         nbytes = sum(layer.nbytes for layer in layers)
         moves, started = fabric.moves, time.monotonic()
         record = _pulled(sender, receiver, "paced", layers, rate=nbytes / 0.3)  # 0.3 s for all of it
@@ -67,7 +67,7 @@ def test_a_paced_pull_reads_layer_by_layer_at_the_rate() -> None:
         assert record.outcome is TransferOutcome.SUCCESS
         assert fabric.moves == moves + LAYERS  # one read per layer
         assert took >= 0.3 * (LAYERS - 1) / LAYERS  # the last layer's share goes once the others went
-        _check_landed(receiver, "paced", layers)
+        check_landed(receiver, "paced", layers)
     finally:
         sender.close()
         receiver.close()
@@ -80,15 +80,15 @@ def test_blocks_that_changed_hands_during_the_pull_fail_it_and_free_both_sides(p
         raise ValueError("request req was preempted during the pull")
 
     with pytest.raises(TransferFailed, match="preempted"):
-        _pulled(sender, receiver, "moved", _kv_stack(5), before_commit=preempted)
+        _pulled(sender, receiver, "moved", kv_stack(5), before_commit=preempted)
     assert receiver.take("moved") is None and receiver.gone("moved") is not None
     assert sender.held == receiver.held == NOTHING_HELD
 
 
 def test_a_pull_outside_its_reservation_or_without_one_is_refused(pair) -> None:
     sender, receiver, _, _ = pair
-    layers = _kv_stack(6)
-    out = _open(sender, receiver, "bounded", "none")
+    layers = kv_stack(6)
+    out = open_transfer(sender, receiver, "bounded", "none")
     for layer in layers:
         sender.transport.register(layer)
     client = SideChannelClient(receiver.address)
@@ -111,10 +111,10 @@ def test_a_pull_outside_its_reservation_or_without_one_is_refused(pair) -> None:
 
 def test_a_pull_that_fails_on_the_receiver_fails_the_transfer_with_its_reason(pair) -> None:
     sender, receiver, _, _ = pair
-    out = _open(sender, receiver, "unregistered", "none")
+    out = open_transfer(sender, receiver, "unregistered", "none")
     out.pull_at(None)
-    layers = _kv_stack(7)
-    _send_registered(sender, out, layers, together=True)
+    layers = kv_stack(7)
+    send_registered(sender, out, layers, together=True)
     sender.transport._sources.clear()  # as if the sender's KV cache were not registered after all
     with pytest.raises(TransferFailed, match="not registered memory"):
         sender.finish(out)
@@ -128,7 +128,7 @@ def test_a_sender_that_gives_up_stops_the_pull_before_the_region_is_freed() -> N
     sender = KVEndpoint(InProcessTransport("gs", 1 << 20, fabric), timeout_s=0.3)
     receiver = KVEndpoint(InProcessTransport("gd", 1 << 20, fabric))
     try:
-        layers = _kv_stack(8)
+        layers = kv_stack(8)
         moves, started = fabric.moves, time.monotonic()
         with pytest.raises(TransferFailed, match="did not pull"):
             _pulled(sender, receiver, "slow", layers, rate=layers[0].nbytes / 10)  # 10 s a layer
@@ -148,7 +148,7 @@ def test_over_real_nixl_a_pull_reads_registered_tensors_bit_exact() -> None:
     from kv_transfer.transport.nixl import NixlTransport
 
     sender_transport = NixlTransport("it-pull-s", 4 << 20)
-    layers = _kv_stack(11)
+    layers = kv_stack(11)
     for layer in layers:  # registered before any handshake, as the connector does
         sender_transport.register(layer)
     sender = KVEndpoint(sender_transport, timeout_s=10)
@@ -156,9 +156,9 @@ def test_over_real_nixl_a_pull_reads_registered_tensors_bit_exact() -> None:
     try:
         _no_writes(sender)
         assert _pulled(sender, receiver, "nixl-pull", layers).outcome is TransferOutcome.SUCCESS
-        _check_landed(receiver, "nixl-pull", layers)
+        check_landed(receiver, "nixl-pull", layers)
         assert _pulled(sender, receiver, "nixl-paced", layers, rate=50e6).outcome is TransferOutcome.SUCCESS
-        _check_landed(receiver, "nixl-paced", layers)
+        check_landed(receiver, "nixl-paced", layers)
         stray = torch.ones(64, dtype=torch.uint8)
         with pytest.raises(TransportError, match="READ to it-pull-s failed to post"):
             receiver.transport.read_into("it-pull-s", [(stray.data_ptr(), 0, 64)]).state()
@@ -189,7 +189,7 @@ def test_a_read_that_never_ends_does_not_hold_up_the_abort() -> None:
     try:
         started = time.monotonic()
         with pytest.raises(TransferFailed, match="did not pull"):
-            _pulled(sender, receiver, "dead", _kv_stack(9))
+            _pulled(sender, receiver, "dead", kv_stack(9))
         assert time.monotonic() - started < 4  # the sender's 0.3 s, then the receiver's grace for the read
         assert receiver.held == sender.held == NOTHING_HELD
     finally:
@@ -217,10 +217,10 @@ def test_a_paced_pull_is_asked_about_only_once_it_can_have_ended() -> None:
     receiver = KVEndpoint(InProcessTransport("qd", 1 << 20, fabric))
     try:
         asked = _counting(receiver, PullStatus)
-        layers = _kv_stack(4)
+        layers = kv_stack(4)
         record = _pulled(sender, receiver, "asked", layers, rate=sum(x.nbytes for x in layers) / 0.4)
         assert record.outcome is TransferOutcome.SUCCESS
-        _check_landed(receiver, "asked", layers)
+        check_landed(receiver, "asked", layers)
         assert 1 <= asked[0] <= 10  # polled from the start with back-off: 43
     finally:
         sender.close()
@@ -237,10 +237,10 @@ def test_a_reservation_for_raw_layers_leaves_the_receiver_s_decoding_thread_asle
     try:
         polls = {"raw": _count_polls(raw_receiver), "int8": _count_polls(int8_receiver)}
         woken = polls["raw"][0]
-        raw = _open(sender, raw_receiver, "raw", "none")
+        raw = open_transfer(sender, raw_receiver, "raw", "none")
         _wait_until(lambda: polls["raw"][0] > woken, "the decoding thread to wake for the raw reservation")
         awake, started = polls["raw"][0], time.monotonic()
-        compressed = _open(sender, int8_receiver, "int8", "int8")
+        compressed = open_transfer(sender, int8_receiver, "int8", "int8")
         _wait_until(lambda: polls["int8"][0] >= 30, "30 polls while int8 layers may come")
         elapsed = time.monotonic() - started
         assert polls["raw"][0] - awake <= 1 + elapsed / 0.5, (polls, elapsed)

@@ -1,12 +1,15 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from protocol.config import ClusterConfig, DispatchPolicyKind
-from protocol.kv_config import KVCodecKind, KVQualityFloor
+from protocol.kv_config import KVCodecKind, KVQualityFloor, KVTransferConfig
 
 
 def test_file_then_environment_then_overrides(tmp_path: Path) -> None:
@@ -54,3 +57,47 @@ def test_the_kv_section_is_set_like_any_other() -> None:
         ClusterConfig.load(overrides={"kv.codec": "int9"}, environ={})
     with pytest.raises(ValidationError, match="kv_codec"):
         ClusterConfig.load(overrides={"engine.kv_codec": "int8"}, environ={})  # where it used to be
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    codec=st.sampled_from(list(KVCodecKind)),
+    floor=st.sampled_from(list(KVQualityFloor)),
+    group=st.integers(8, 4096),
+    nice=st.integers(0, 19),
+    precopy=st.one_of(st.none(), st.floats(0, 10)),
+    zero_copy=st.booleans(),
+    lease=st.integers(6, 600),
+)
+def test_the_connector_reads_back_exactly_the_kv_settings_the_engine_host_hands_vllm(
+    codec: KVCodecKind,
+    floor: KVQualityFloor,
+    group: int,
+    nice: int,
+    precopy: float | None,
+    zero_copy: bool,
+    lease: int,
+) -> None:
+    """One model from the YAML file to the connector: what the engine host puts in vLLM's extra config is
+    read back by the connector with the same defaults (they once disagreed: transfer_nice 10 against 0)."""
+    from engine.kv_handoff import PdflowHandoff
+    from engine.stats import EngineStats
+
+    kv = KVTransferConfig(
+        codec=codec,
+        quality_floor=floor,
+        group_size=group,
+        transfer_nice=nice,
+        precopy_gbps=precopy,
+        zero_copy=zero_copy,
+        lease_seconds=lease,
+    )
+    extra = PdflowHandoff(kv, EngineStats()).extra_config()
+    assert json.loads(json.dumps(extra)) == extra  # vLLM copies it into its processes as plain values
+    assert KVTransferConfig.from_connector(extra) == kv
+    assert KVTransferConfig.from_connector({}) == KVTransferConfig() == ClusterConfig().kv
+
+
+def test_the_connector_refuses_a_setting_it_does_not_know() -> None:
+    with pytest.raises(ValidationError, match="transfer_niceness"):
+        KVTransferConfig.from_connector({"transfer_niceness": 3})

@@ -31,8 +31,11 @@ class FakeDecodeWorker:
     running: list[str] = field(default_factory=list)
     fail: set[str] = field(default_factory=set)
     calls: list[tuple[str, MigrationTarget, str]] = field(default_factory=list)
+    reports: bool = True  # False: its load reports lag (a real worker's come every 250 ms)
 
     def report(self) -> None:
+        if not self.reports:
+            return
         requests = tuple(RunningKV(RequestId(r), kv_blocks=4) for r in self.running)
         self.registry.report(replace(self.snapshot, requests=requests), time.monotonic())
 
@@ -181,6 +184,16 @@ def test_drain_moves_no_more_requests_at_once_than_max_concurrent() -> None:
     c.migrate = counting  # type: ignore[method-assign]
     result = asyncio.run(c.drain("decode-0", timeout_s=10))
     assert result.moved == 3 and max(in_flight) == 1
+
+
+def test_a_request_that_moved_is_not_planned_again_from_its_source_s_stale_report() -> None:
+    c, actors = _setup(_inst("decode-0"), _inst("decode-1"), max_concurrent=1)
+    source = actors["actor-decode-0"]
+    _running(source, "a", "b")
+    source.reports = False  # the registry keeps listing both on decode-0 after they moved
+    result = asyncio.run(c.drain("decode-0", timeout_s=10))
+    assert (result.moved, result.failed) == (2, 0)
+    assert sorted(rid for rid, *_ in source.calls) == ["a", "b"]
 
 
 def test_drain_gives_up_at_its_deadline_and_says_how_many_remain() -> None:

@@ -1,0 +1,194 @@
+"""Bad requests to the OpenAI HTTP API, JSON and streaming alike: each gets its HTTP status and an
+OpenAI-style error body naming the offending parameter, and reaches no worker."""
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.integration.api_harness import (
+    CHAT,
+    COMPLETIONS,
+    CONTEXT,
+    Stack,
+    asgi_client,
+)
+
+pytestmark = pytest.mark.integration
+
+
+HI = [{"role": "user", "content": "hi"}]
+M = "MODEL"  # replaced by the served model's name
+
+BAD_REQUESTS: list[tuple[str, Any, int, str, str | None]] = [
+    # (path, body, status, message (start), param); the body gets "stream": false and true
+    (
+        COMPLETIONS,
+        b'{"model": "M", "prompt": ',
+        400,
+        "We could not parse the JSON body of your request",
+        None,
+    ),
+    (COMPLETIONS, b"[1, 2]", 400, "The request body must be a JSON object, not list.", None),
+    (COMPLETIONS, {"prompt": "hi"}, 400, "Missing required parameter: 'model'.", "model"),
+    (CHAT, {"model": M}, 400, "Missing required parameter: 'messages'.", "messages"),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "max_tokens": "many"},
+        400,
+        "Invalid value for 'max_tokens': Input should be a valid integer",
+        "max_tokens",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": {"text": "hi"}},
+        400,
+        "Invalid type for 'prompt': expected a string, a list of one string, or a list of token ids.",
+        "prompt",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "stop": 3},
+        400,
+        "Invalid type for 'stop': expected a string or a list of strings.",
+        "stop",
+    ),
+    (
+        CHAT,
+        {"model": M, "messages": [{"content": "hi"}]},
+        400,
+        "Missing required parameter: 'messages.0.role'.",
+        "messages.0.role",
+    ),
+    (
+        COMPLETIONS,
+        {"model": "gpt-4", "prompt": "hi"},
+        404,
+        "The model 'gpt-4' does not exist; this server serves 'SmolLM2-135M-Instruct'.",
+        "model",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "n": 2},
+        400,
+        "'n' is not supported by this server (only n=1)",
+        "n",
+    ),
+    (COMPLETIONS, {"model": M, "prompt": "hi", "best_of": 3}, 400, "'best_of' is not supported", "best_of"),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "logprobs": 1},
+        400,
+        "'logprobs' is not supported by this server.",
+        "logprobs",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "echo": True},
+        400,
+        "'echo' is not supported by this server.",
+        "echo",
+    ),
+    (CHAT, {"model": M, "messages": HI, "n": 3}, 400, "'n' is not supported by this server (only n=1).", "n"),
+    (CHAT, {"model": M, "messages": HI, "logprobs": True}, 400, "'logprobs' is not supported", "logprobs"),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": ["a", "b"]},
+        400,
+        "Batched prompts (a list of several prompts) are not supported",
+        "prompt",
+    ),
+    (COMPLETIONS, {"model": M, "prompt": ""}, 400, "The prompt is empty", "prompt"),
+    (COMPLETIONS, {"model": M, "prompt": []}, 400, "The prompt is empty", "prompt"),
+    (COMPLETIONS, {"model": M, "prompt": [[]]}, 400, "The prompt's token id list is empty", "prompt"),
+    (CHAT, {"model": M, "messages": []}, 400, "'messages' is empty", "messages"),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": [1, 99999]},
+        400,
+        "Token id 99999 is out of vocabulary; this model's token ids are 0 to 49151.",
+        "prompt",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "max_tokens": 0},
+        400,
+        "max_tokens must be at least 1; got 0.",
+        "max_tokens",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": [7] * CONTEXT},
+        400,
+        f"This model's maximum context length is {CONTEXT} tokens. "
+        f"However, you requested {CONTEXT} tokens in "
+        "the prompt",
+        "prompt",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": [7] * 200, "max_tokens": 100},
+        400,
+        f"This model's maximum context length is {CONTEXT} tokens. "
+        f"However, you requested 300 tokens (200 in "
+        "the prompt, 100 in the completion).",
+        "max_tokens",
+    ),
+    (
+        CHAT,
+        {"model": M, "messages": HI, "temperature": 3},
+        400,
+        "temperature must be between 0 and 2",
+        "temperature",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "top_p": 0},
+        400,
+        "top_p must be greater than 0 and at most 1; got 0.0.",
+        "top_p",
+    ),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "hi", "stop": ["a", "b", "c", "d", "e"]},
+        400,
+        "At most 4 stop sequences are supported; got 5.",
+        "stop",
+    ),
+    (
+        CHAT,
+        {"model": M, "messages": [{"role": "robot", "content": "hi"}]},
+        400,
+        "messages[0].role must be one of",
+        "messages[0].role",
+    ),
+]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("path", "body", "status", "message", "param"), BAD_REQUESTS)
+async def test_bad_request(
+    make_stack: Callable[..., Stack],
+    model_name: str,
+    stream: bool,
+    path: str,
+    body: Any,
+    status: int,
+    message: str,
+    param: str | None,
+) -> None:
+    stack = make_stack()
+    if isinstance(body, dict):
+        body = {**body, "stream": stream, **({"model": model_name} if body.get("model") == M else {})}
+    content = body if isinstance(body, bytes) else json.dumps(body).encode()
+    async with asgi_client(stack) as client:
+        response = await client.post(path, content=content, headers={"content-type": "application/json"})
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    error = response.json()["error"]
+    assert error["message"].startswith(message), error["message"]
+    assert error["type"] == "invalid_request_error"
+    assert error["param"] == param
+    assert error["code"] == ("model_not_found" if status == 404 else "invalid_request")
+    assert stack.router.calls == []

@@ -1,0 +1,171 @@
+"""The path every request takes, below end to end: the front door's real request router, dispatch, the
+prefill and decode workers' real code with their KV hand-off over the real KV exchange, aborts,
+cancellation and worker death. On fake engines over an in-process fabric: no Ray, no vLLM (``FakeCluster``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import pytest
+
+from engine.fake_engine import FakeEngine
+from engine.fake_model import next_token
+from protocol.errors import PoolEmpty, WorkerFailed
+from protocol.ids import RequestId
+from protocol.lifecycle import RequestState
+from protocol.messages import FinishReason, TokenChunk
+from protocol.snapshots import Role
+from tests.support.fake_cluster import FakeCluster
+
+PROMPT = tuple(range(100, 150))  # 50 tokens: 13 KV blocks of 4
+
+
+def colocated(prompt: tuple[int, ...], n: int) -> list[int]:
+    """The tokens one engine gives ``prompt`` on its own."""
+    sequence, out = list(prompt), []
+    for _ in range(n):
+        out.append(next_token(sequence))
+        sequence.append(out[-1])
+    return out
+
+
+async def test_a_request_streams_the_colocated_tokens_through_a_kv_hand_off_and_frees_everything() -> None:
+    async with FakeCluster(decode=1) as cluster:
+        tokens, finish = await cluster.generate(PROMPT, 20, request_id="one")
+        assert tokens == colocated(PROMPT, 20) and finish == "length"
+        assert cluster.states("one") == [
+            RequestState.QUEUED,
+            RequestState.PREFILLING,
+            RequestState.TRANSFERRING,
+            RequestState.DECODING,
+            RequestState.FINISHED_LENGTH,
+        ]
+        record = cluster.requests.get("one")
+        assert record is not None and record.transfer is not None
+        assert record.transfer.outcome.value == "success" and record.transfer.tokens == len(PROMPT)
+        await cluster.wait_idle()
+
+
+async def test_a_request_that_ends_at_its_first_token_frees_the_kv_pushed_for_it() -> None:
+    async with FakeCluster(decode=1) as cluster:
+        first = colocated(PROMPT, 1)[0]
+        tokens, finish = await cluster.generate(PROMPT, 16, request_id="stop", stop_token_ids=(first,))
+        assert (tokens, finish) == ([first], "stop")
+        await cluster.wait_idle()  # the decode worker released the landed hand-off it will never decode
+
+
+async def test_least_loaded_dispatch_spreads_concurrent_requests_over_the_decode_pool() -> None:
+    async with FakeCluster(decode=2) as cluster:
+        prompts = [tuple(range(i, i + 30)) for i in range(6)]
+        results = await asyncio.gather(
+            *(cluster.generate(p, 30, request_id=f"spread-{i}") for i, p in enumerate(prompts))
+        )
+        assert [tokens for tokens, _ in results] == [colocated(p, 30) for p in prompts]
+        placed = {cluster.requests.get(f"spread-{i}").decode_instance for i in range(6)}  # type: ignore[union-attr]
+        assert placed == {"decode-0", "decode-1"}
+        await cluster.wait_idle()
+
+
+async def test_an_empty_pool_is_refused_with_a_clear_error() -> None:
+    async with FakeCluster(decode=0) as cluster:
+        with pytest.raises(PoolEmpty, match="decode pool is empty"):
+            await cluster.generate(PROMPT, 4)
+
+
+def stalled(engine: FakeEngine) -> asyncio.Event:
+    """Hold every step of ``engine`` (prefill or decode) until the returned event is set."""
+    release, original = asyncio.Event(), engine._sleep
+
+    async def held(seconds: float) -> None:
+        await release.wait()
+        await original(seconds)
+
+    engine._sleep = held  # type: ignore[method-assign]
+    return release
+
+
+@pytest.mark.parametrize("stage", [RequestState.PREFILLING, RequestState.TRANSFERRING, RequestState.DECODING])
+async def test_an_abort_at_each_stage_ends_the_stream_and_frees_both_workers(stage: RequestState) -> None:
+    """Aborted while prefilling, between the first token and the decode worker's first (the KV landed, not
+    loaded), or while decoding: the stream ends with "abort", and neither worker holds anything after."""
+    async with FakeCluster(decode=1) as cluster:
+        held = {
+            RequestState.PREFILLING: "pdflow-prefill-0",
+            RequestState.TRANSFERRING: "pdflow-decode-0",
+        }.get(stage)
+        release = stalled(cluster.engines[held]) if held else asyncio.Event()
+        chunks: list[TokenChunk] = []
+        async with contextlib.aclosing(cluster.stream(PROMPT, 200, request_id="abort")) as stream:
+            reading = asyncio.ensure_future(_read(stream, chunks))
+            await cluster.wait_for(f"the request in {stage}", lambda: cluster.states("abort")[-1:] == [stage])
+            if stage is RequestState.DECODING:
+                await cluster.wait_for("five tokens", lambda: len(chunks) >= 5)
+            assert await cluster.router.abort(RequestId("abort"))
+            await reading
+            release.set()
+        assert chunks[-1].finish_reason is FinishReason.ABORT
+        assert cluster.states("abort")[-2:] == [stage, RequestState.FINISHED_ABORTED]
+        await cluster.wait_idle()
+
+
+async def _read(stream: AsyncIterator[TokenChunk], chunks: list[TokenChunk]) -> None:
+    async for chunk in stream:
+        chunks.append(chunk)
+
+
+async def test_a_client_that_stops_reading_mid_stream_frees_both_workers() -> None:
+    async with FakeCluster(decode=1) as cluster:
+        async with contextlib.aclosing(cluster.stream(PROMPT, 500, request_id="gone")) as stream:
+            seen = 0
+            async for chunk in stream:
+                seen += len(chunk.token_ids)
+                if seen >= 10:
+                    break  # the client goes away; closing the stream aborts the request
+        assert cluster.states("gone")[-1] is RequestState.FINISHED_ABORTED
+        await cluster.wait_idle()
+
+
+async def test_a_decode_worker_that_dies_mid_stream_gives_the_client_a_clear_error() -> None:
+    async with FakeCluster(decode=1) as cluster:
+        tokens = []
+        with pytest.raises(WorkerFailed, match="decode worker decode-0 failed"):
+            async for chunk in cluster.stream(PROMPT, 500, request_id="dies"):
+                tokens.extend(chunk.token_ids)
+                if len(tokens) == 5:
+                    cluster.client.fail("pdflow-decode-0")
+        assert tokens == colocated(PROMPT, len(tokens))  # what it got before is right
+        assert cluster.states("dies")[-1] is RequestState.FINISHED_ERROR
+
+
+async def test_a_prefill_engine_that_dies_gives_a_clear_error_before_any_token() -> None:
+    async with FakeCluster(decode=1) as cluster:
+        cluster.engines["pdflow-prefill-0"].kill()
+        with pytest.raises(WorkerFailed, match="prefill worker prefill-0 failed: engine prefill-0 is dead"):
+            await cluster.generate(PROMPT, 8, request_id="no-prefill")
+        assert cluster.states("no-prefill")[-1] is RequestState.FINISHED_ERROR
+        # the worker reports itself DEAD; the front door then sends no request its way
+        await cluster.wait_for(
+            "prefill-0 reported DEAD", lambda: not cluster.router.snapshot.live(Role.PREFILL)
+        )
+        with pytest.raises(PoolEmpty, match="prefill pool is empty"):
+            await cluster.generate(PROMPT, 8)
+
+
+def test_this_tier_runs_without_vllm_or_ray() -> None:
+    """Everything these tests run (the router, the workers, the fake engines, the exchange, the coordinator)
+    imports neither vLLM nor Ray: they run anywhere, in seconds."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "import sys, tests.support.fake_cluster, tests.integration.test_migration_path; "
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'vllm', 'ray'}))"
+    )
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
