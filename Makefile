@@ -37,6 +37,7 @@ lint: $(STAMP)
 	$(VENV)/bin/lint-imports
 	$(VENV)/bin/mypy protocol policy controller frontdoor engine prefill_worker decode_worker kv_transfer runtime \
 		autoscaler simulator pdctl
+	$(VENV)/bin/mypy benchmarks  # scripts, apart: benchmarks/kv_transfer.py would shadow the package
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e" tests

@@ -54,9 +54,9 @@ def _endpoint(name: str, host: str, arena_mib: int) -> tuple[Any, Any]:
     from kv_transfer.exchange.allocator import keep_freed_memory
     from kv_transfer.exchange.endpoint import KVEndpoint
     from kv_transfer.transport.nixl import NixlTransport
-    from protocol.config import EngineConfig
+    from protocol.kv_config import KVTransferConfig
 
-    keep_freed_memory(EngineConfig().kv_keep_freed_mib)  # as the connector does in an engine's process
+    keep_freed_memory(KVTransferConfig().keep_freed_mib)  # as the connector does in an engine's process
     early = None if os.environ.get(_EARLY_ENV, "1") == "1" else 0
     transport = NixlTransport(name, arena_mib << 20)
     endpoint = KVEndpoint(transport, host=host, timeout_s=120, lease_s=300, predecode_bytes=early)
@@ -169,9 +169,11 @@ def _registered(key: Any, value: Any) -> tuple[Any, Any]:
     """A layer's K and V as codec ``none`` sends them: straight from the registered KV cache."""
     from kv_transfer.codec import KVHeader, KVKind
     from kv_transfer.exchange.outgoing import RegisteredKV
+    from protocol.kv_config import KVCodecKind
 
     def one(kind: KVKind, t: Any) -> RegisteredKV:
-        return RegisteredKV(KVHeader("none", kind, tuple(t.shape), t.dtype), [(t.data_ptr(), t.nbytes)])
+        header = KVHeader(KVCodecKind.NONE, kind, tuple(t.shape), t.dtype)
+        return RegisteredKV(header, [(t.data_ptr(), t.nbytes)])
 
     return one(KVKind.KEY, key), one(KVKind.VALUE, value)
 

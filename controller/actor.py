@@ -150,11 +150,11 @@ class Controller:
         while True:
             await asyncio.sleep(self.config.controller.snapshot_interval_s)
             try:
-                self._push_snapshot()
+                await self._push_snapshot()
             except Exception:  # one bad round must not stop health checks and pushes for good
                 log.exception("snapshot round failed")
 
-    def _push_snapshot(self) -> None:
+    async def _push_snapshot(self) -> None:
         import ray
 
         for dead in self.registry.expire(time.monotonic()):
@@ -165,8 +165,8 @@ class Controller:
             if pending is not None and not ray.wait([pending], timeout=0)[0]:
                 continue  # that front door has not taken the last one yet: send no backlog
             try:
-                handle = self._actors.get(name)
-            except ActorGone:  # that front door is gone
+                handle = await self._actors.handle(name)
+            except (ActorGone, TimeoutError):  # that front door is gone
                 self._frontdoors.pop(name, None)
                 continue
             self._pushes[name] = handle.update_snapshot.remote(snapshot)

@@ -108,27 +108,27 @@ def _transfer(t: TransferRecord) -> admin_pb2.TransferInfo:
 
 class AdminServicer(admin_pb2_grpc.AdminServicer):
     def __init__(self, backend: AdminBackend) -> None:
-        self._c = backend
+        self._backend = backend
 
     def _instances(self, role: str = "") -> list[admin_pb2.Instance]:
         return [
-            instance_message(i, self._c.seconds_since_report(i.instance_id))
-            for i in self._c.cluster_snapshot().instances
+            instance_message(i, self._backend.seconds_since_report(i.instance_id))
+            for i in self._backend.cluster_snapshot().instances
             if not role or i.role.value == role
         ]
 
     async def GetClusterStatus(
         self, request: admin_pb2.ClusterStatusRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ClusterStatus:
-        doors = list(self._c.frontdoor_addresses().values())
+        doors = list(self._backend.frontdoor_addresses().values())
         return admin_pb2.ClusterStatus(
-            model=self._c.model_name,
+            model=self._backend.model_name,
             instances=self._instances(),
-            requests_by_state=self._c.request_counts(),
+            requests_by_state=self._backend.request_counts(),
             http_address=doors[0]["http"] if doors else "",
             grpc_address=doors[0]["grpc"] if doors else "",
-            snapshot_version=self._c.cluster_snapshot().version,
-            migrations_in_flight=[migration_message(e) for e in self._c.migrations_in_flight()],
+            snapshot_version=self._backend.cluster_snapshot().version,
+            migrations_in_flight=[migration_message(e) for e in self._backend.migrations_in_flight()],
         )
 
     async def ListInstances(
@@ -145,7 +145,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListRequestsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListRequestsResponse:
         try:
-            records = self._c.list_requests(request.state, request.limit or 100, request.request_id)
+            records = self._backend.list_requests(request.state, request.limit or 100, request.request_id)
         except ValueError:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"unknown request state {request.state!r}")
         return admin_pb2.ListRequestsResponse(requests=[request_message(r) for r in records])
@@ -157,7 +157,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             modes = ", ".join(m.value for m in MigrationMode)
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"mode must be one of {modes}")
         try:
-            entry = await self._c.migrate(request.request_id, request.to_instance, request.mode)
+            entry = await self._backend.migrate(request.request_id, request.to_instance, request.mode)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
         return migration_message(entry)
@@ -165,18 +165,18 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
     async def Cordon(
         self, request: admin_pb2.InstanceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Instance:
-        return await self._on_instance(request.instance_id, self._c.cordon, context)
+        return await self._on_instance(request.instance_id, self._backend.cordon, context)
 
     async def Uncordon(
         self, request: admin_pb2.InstanceRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.Instance:
-        return await self._on_instance(request.instance_id, self._c.uncordon, context)
+        return await self._on_instance(request.instance_id, self._backend.uncordon, context)
 
     async def Drain(
         self, request: admin_pb2.DrainRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.DrainResponse:
         try:
-            result = await self._c.drain(request.instance_id, request.timeout_seconds)
+            result = await self._backend.drain(request.instance_id, request.timeout_seconds)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
         return admin_pb2.DrainResponse(
@@ -192,8 +192,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ListMigrationsRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.ListMigrationsResponse:
         return admin_pb2.ListMigrationsResponse(
-            in_flight=[migration_message(e) for e in self._c.migrations_in_flight()],
-            recent=[migration_message(e) for e in self._c.recent_migrations(request.limit or 50)],
+            in_flight=[migration_message(e) for e in self._backend.migrations_in_flight()],
+            recent=[migration_message(e) for e in self._backend.recent_migrations(request.limit or 50)],
         )
 
     async def _on_instance(
@@ -203,7 +203,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             snapshot = action(instance_id)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
-        return instance_message(snapshot, self._c.seconds_since_report(instance_id))
+        return instance_message(snapshot, self._backend.seconds_since_report(instance_id))
 
 
 def migration_message(entry: MigrationEntry) -> admin_pb2.MigrationInfo:

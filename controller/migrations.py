@@ -132,8 +132,8 @@ class MigrationCoordinator:
         self._policy_state = MigrationState()
         self._draining: set[str] = set()  # instances a drain is emptying (cordoned ones only stop taking)
         self._planned_tasks: set[asyncio.Task[MigrationEntry | None]] = set()
-        # requests that left a worker (moved, or finished) after its last load report: request id -> (that
-        # worker, when); the policy must not plan them from its stale report
+        # requests that left a worker (moved, or finished) since its last load report: request id -> (that
+        # worker, when, on the registry's clock); the policy must not plan them from its stale report
         self._left: dict[str, tuple[str, float]] = {}
 
     def in_flight(self) -> list[MigrationEntry]:
@@ -199,7 +199,8 @@ class MigrationCoordinator:
             self._in_flight.pop(migration_id, None)
             self._policy_state = self._policy_state.finished(RequestId(request_id))
         if report.outcome is not MigrationOutcome.FAILED:
-            self._left[request_id] = (src.instance_id, self._wall_clock())
+            self._left[request_id] = (src.instance_id, self._clock())
+        self._forget_reported()
         done = replace(entry, report=report)
         self._recent.append(done)
         self.counters.counts[(str(trigger), report.outcome.value)] += 1
@@ -226,8 +227,7 @@ class MigrationCoordinator:
         put."""
         snapshot = self._registry.snapshot(self._wall_clock())
         busy = {e.request_id for e in self._in_flight.values()}
-        reported: dict[str, float] = {i.instance_id: i.reported_at for i in snapshot.instances}
-        self._left = {rid: (w, at) for rid, (w, at) in self._left.items() if reported.get(w, at) <= at}
+        self._forget_reported()
         requests = [
             RunningRequest(r.request_id, inst.instance_id, r.priority, r.kv_blocks, r.kv_blocks)
             for inst in snapshot.instances
@@ -258,6 +258,13 @@ class MigrationCoordinator:
             log.info("policy migration of %s skipped: %s", intent.request_id, err.message)
             self._policy_state = self._policy_state.finished(intent.request_id)
             return None
+
+    def _forget_reported(self) -> None:
+        """Drop what ``_left`` knows of workers that reported since (or are gone from the registry)."""
+        heard = self._registry.heard_at
+        self._left = {
+            rid: (w, at) for rid, (w, at) in self._left.items() if (h := heard(w)) is not None and h <= at
+        }
 
     def cordon(self, instance_id: str) -> InstanceSnapshot:
         self._known(instance_id)
@@ -294,13 +301,14 @@ class MigrationCoordinator:
                 result.remaining = len(running)
                 break
             exhausted = frozenset(rid for rid, n in tried.items() if n >= _DRAIN_TRIES)
-            tasks = self._plan_once(drains_only=True, exclude=exhausted)
-            if not tasks:  # nothing to move yet (not reported, no room elsewhere, or left to finish)
+            entries = await asyncio.gather(
+                *self._plan_once(drains_only=True, exclude=exhausted), return_exceptions=True
+            )
+            mine = [e for e in entries if isinstance(e, MigrationEntry) and e.source == src.instance_id]
+            if not mine:  # nothing moved yet (not reported, no room elsewhere, or left to finish)
                 await asyncio.sleep(_DRAIN_POLL_S)
                 continue
-            for entry in await asyncio.gather(*tasks, return_exceptions=True):
-                if isinstance(entry, BaseException) or entry is None:
-                    continue
+            for entry in mine:
                 tried[entry.request_id] += 1
                 result.migrations.append(entry)
                 assert entry.report is not None

@@ -57,6 +57,10 @@ class InstanceRegistry:
             self.mark_dead(iid)
         return newly
 
+    def heard_at(self, instance_id: str) -> float | None:
+        """When (on the clock ``report`` is given) ``instance_id`` last reported; None if never."""
+        return self._heard_at.get(instance_id)
+
     def seconds_since_report(self, instance_id: str, now: float) -> float:
         return now - self._heard_at.get(instance_id, now)
 

@@ -50,8 +50,9 @@ class DecodeWorker(EngineWorker[MigratableEngine]):
             yield item
 
     async def release(self, request: DecodeRequest) -> None:
-        """Pull and drop the KV of a request that ended on the prefill worker (its first token was a stop
-        token), so that the prefill worker frees those blocks now rather than when their lease runs out."""
+        """Load and drop the KV of a request that ended on the prefill worker (its first token was a stop
+        token), so that the KV pushed here is freed now rather than when its lease runs out (and, with
+        vLLM's NixlConnector, the prefill worker's blocks too)."""
         one_step = replace(request.sampling, max_tokens=2, ignore_eos=True, stop_token_ids=())
         async for _ in self.engine.decode(replace(request, sampling=one_step)):
             pass
@@ -91,7 +92,11 @@ class DecodeWorker(EngineWorker[MigratableEngine]):
 
     async def leak_check(self) -> dict[str, int]:
         """``EngineWorker.leak_check`` plus the streams and migrations this worker runs."""
-        figures = {"streams": len(self.streams.running()), "migrating": len(self.migrations.migrating())}
+        figures = {
+            "streams": len(self.streams.running()),
+            "migrating": len(self.migrations.migrating()),
+            "migration_cleanups": self.migrations.cleanups,
+        }
         return await super().leak_check() | figures
 
     def running_requests(self) -> list[str]:

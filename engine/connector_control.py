@@ -80,6 +80,11 @@ class ConnectorControl:
     def loaded(self, request_id: str) -> None:
         self._queued_kv.pop(request_id, None)
 
+    @property
+    def queued(self) -> int:
+        """Requests whose landed KV waits in vLLM's queue with its lease renewed (leak check)."""
+        return len(self._queued_kv)
+
     def close(self) -> None:
         if self._renewer is not None:
             self._renewer.cancel()

@@ -22,7 +22,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.fake_model import DIM, HEADS, LAYERS, LatencyModel, kv_of, next_token
+import torch
+
+from engine.fake_model import LatencyModel, next_token
+from engine.stats import rate
 from kv_transfer.codec import get_codec
 from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
 from kv_transfer.transport.base import Transport
@@ -44,7 +47,20 @@ from protocol.snapshots import TransferCounters
 from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
-_RATE_WINDOW_S = 2.0
+LAYERS, HEADS, DIM = 2, 1, 4  # the fake KV's shape per token: small, but every layer and token is checked
+
+
+def kv_of(tokens: Sequence[int], start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fake KV of ``tokens`` (the first at position ``start``), per layer: keys ``[token, layer,
+    position, 1]`` and values the same plus one half, ``[len(tokens), HEADS, DIM]`` each."""
+    ids = torch.tensor(list(tokens), dtype=torch.float64)
+    positions = torch.arange(start, start + len(tokens), dtype=torch.float64)
+    layers = []
+    for layer in range(LAYERS):
+        key = torch.stack([ids, torch.full_like(ids, layer), positions, torch.ones_like(ids)], dim=1)
+        key = key.to(torch.float32).view(len(tokens), HEADS, DIM)
+        layers.append((key, key + 0.5))
+    return layers
 
 
 @dataclass(eq=False)
@@ -253,8 +269,8 @@ class FakeEngine:
             num_waiting=0,
             kv_blocks_used=used,
             kv_blocks_total=self.kv_blocks,
-            decode_tps=_rate(self._tokens, now),
-            prompt_tps=_rate(self._prompt_tokens, now),
+            decode_tps=rate(self._tokens, now),
+            prompt_tps=rate(self._prompt_tokens, now),
             transfer=TransferCounters(
                 transfers=len(done),
                 failed=sum(1 for r in self._records.values() if r.outcome is TransferOutcome.FAILED),
@@ -393,9 +409,3 @@ class FakeEngine:
         if self._endpoint is not None:
             for record in self._endpoint.drain_records():
                 self._records[record.transfer_id] = record
-
-
-def _rate(events: deque[tuple[float, int]], now: float) -> float:
-    while events and now - events[0][0] > _RATE_WINDOW_S:
-        events.popleft()
-    return sum(n for _, n in events) / _RATE_WINDOW_S

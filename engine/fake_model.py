@@ -1,6 +1,6 @@
-"""What the fake engine computes, with no model: the next token of a sequence, the KV of its tokens, and how
-long an engine step takes. Pure functions and a table; the fake engine (``engine.fake_engine``) runs them,
-and the simulator's engine will take the same latency model."""
+"""What the fake engine computes, with no model and no torch: the next token of a sequence, and how long an
+engine step takes. A pure function and a table; the fake engine (``engine.fake_engine``) runs them, and the
+simulator's engine will take the same latency model."""
 
 from __future__ import annotations
 
@@ -8,10 +8,7 @@ import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
-
 VOCAB = 49152
-LAYERS, HEADS, DIM = 2, 1, 4  # the fake KV's shape per token: small, but every layer and token is checked
 
 
 def next_token(sequence: Sequence[int]) -> int:
@@ -46,16 +43,3 @@ def _interpolate(table: tuple[tuple[int, float], ...], x: int) -> float:
         return table[-1][1]
     (x0, y0), (x1, y1) = table[i - 1], table[i]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-
-
-def kv_of(tokens: Sequence[int], start: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fake KV of ``tokens`` (the first at position ``start``), per layer: keys ``[token, layer,
-    position, 1]`` and values the same plus one half, ``[len(tokens), HEADS, DIM]`` each."""
-    ids = torch.tensor(list(tokens), dtype=torch.float64)
-    positions = torch.arange(start, start + len(tokens), dtype=torch.float64)
-    layers = []
-    for layer in range(LAYERS):
-        key = torch.stack([ids, torch.full_like(ids, layer), positions, torch.ones_like(ids)], dim=1)
-        key = key.to(torch.float32).view(len(tokens), HEADS, DIM)
-        layers.append((key, key + 0.5))
-    return layers

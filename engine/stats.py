@@ -118,8 +118,8 @@ class EngineStats:
             num_waiting=self._waiting,
             kv_blocks_used=round(self._usage * self._total_blocks),
             kv_blocks_total=self._total_blocks,
-            decode_tps=_rate(self._gen_events, now),
-            prompt_tps=_rate(self._prompt_events, now),
+            decode_tps=rate(self._gen_events, now),
+            prompt_tps=rate(self._prompt_events, now),
             transfer=TransferCounters(
                 transfers=self._transfers,
                 failed=self._failed,
@@ -130,7 +130,8 @@ class EngineStats:
         )
 
 
-def _rate(events: deque[tuple[float, int]], now: float) -> float:
+def rate(events: deque[tuple[float, int]], now: float) -> float:
+    """Events a second over the last ``_RATE_WINDOW_S`` (older ones dropped): (time, count) pairs."""
     while events and now - events[0][0] > _RATE_WINDOW_S:
         events.popleft()
     return sum(n for _, n in events) / _RATE_WINDOW_S

@@ -263,8 +263,11 @@ class VllmEngine:
             log.debug("dropping the hand-off KV of %s: %s", request_id, exc)
 
     async def kv_held(self) -> dict[str, int]:
-        """Leak-check figures of the pdflow connector in the engine (regions, transfers, pushes, loads)."""
-        return await self._control.held() if self._control is not None else {}
+        """Leak-check figures of the pdflow connector in the engine (regions, transfers, pushes, loads) and
+        of the landed KV this host keeps renewing for requests queued in vLLM."""
+        if self._control is None:
+            return {}
+        return await self._control.held() | {"queued_kv": self._control.queued}
 
     async def kv_settings(self) -> dict[str, Any]:
         """The KV transfer settings the connector in vLLM's worker runs with ({} under another connector)."""

@@ -1,8 +1,9 @@
-"""Mixed into vLLM's worker class (``parallel_config.worker_extension_cls``) so that the decode worker can
-reach the pdflow connector through ``AsyncLLM.collective_rpc`` (calls that run in the engine core between two
-steps): attach the model runner's request states to it, renew, drop and count KV. Migration pushes, and
-their polling, go over the connector's side channel instead, so that they never wait for a step, nor hold
-one up. Imported only inside vLLM's engine process."""
+"""Mixed into vLLM's worker class (``parallel_config.worker_extension_cls``) of every engine with the pdflow
+connector, so that the engine host can reach the connector through ``AsyncLLM.collective_rpc`` (calls that
+run in the engine core between two steps): attach the model runner's request states to it, renew, drop and
+count KV, report its settings. Migration pushes, and their polling, go over the connector's side channel
+instead, so that they never wait for a step, nor hold one up. The host imports this module only to name the
+class; its methods run inside vLLM's worker process."""
 
 from __future__ import annotations
 

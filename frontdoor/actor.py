@@ -95,6 +95,10 @@ class FrontDoor:
     def update_snapshot(self, snapshot: ClusterSnapshot) -> None:
         self.router.update_snapshot(snapshot)
 
+    def requests_in_flight(self) -> int:
+        """Requests this front door is serving (leak check)."""
+        return sum(self.router.in_flight().values())
+
     def health(self) -> dict[str, Any]:
         """Serving needs a live worker of each role in a fresh snapshot. A snapshot older than the heartbeat
         timeout means the controller stopped pushing: the pools may have changed without this front door
@@ -130,14 +134,12 @@ class FrontDoor:
             if not self._pending:
                 continue
             batch, self._pending = self._pending, []
-            try:
-                await self._actors.call(
-                    self._controller_name, "record_events", batch, timeout_s=_CONTROLLER_CALL_S
-                )
-            except Exception as exc:  # the controller may be restarting
-                log.warning(
-                    "request events not delivered to the controller (%s); dropped %d", exc, len(batch)
-                )
+            try:  # sent, not awaited: a slow controller must not hold up (or lose) the next batches
+                controller = await self._actors.handle(self._controller_name)
+                controller.record_events.remote(batch)
+            except Exception as exc:  # the controller is gone
+                self._actors.forget(self._controller_name)
+                log.warning("controller unreachable (%s); dropped %d request events", exc, len(batch))
 
     async def shutdown(self) -> None:
         if self._grpc is not None:

@@ -37,6 +37,7 @@ from protocol.transfers import TransferRecord
 log = logging.getLogger(__name__)
 
 EventSink = Callable[[RequestEvent, int, int], None]
+_CANCEL_WAIT_S = 5.0  # how long a cancelled call to a worker may take to leave (a Ray call: at once)
 _FINAL_STATE = {
     FinishReason.STOP: RequestState.FINISHED_STOP,
     FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
@@ -271,7 +272,7 @@ class RequestRouter:
             stop.cancel()
             if not work.done():
                 work.cancel()
-                await asyncio.wait({work})
+                await asyncio.wait({work}, timeout=_CANCEL_WAIT_S)
         if work in done:
             return work.result()
         if stop in done:

@@ -35,7 +35,7 @@ class WorkerClient(Protocol):
         ``Handover``."""
 
     def release(self, worker: str, request: DecodeRequest) -> None:
-        """Have decode worker ``worker`` pull and drop the KV of a request that ended at its first token."""
+        """Have decode worker ``worker`` load and drop the KV of a request that ended at its first token."""
 
     def drop_handoff(self, worker: str, request_id: str, destination: str) -> None:
         """Have prefill worker ``worker`` drop the KV it pushed to ``destination`` for ``request_id``."""

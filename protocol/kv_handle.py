@@ -63,6 +63,11 @@ class KVHandle:
         unknown = self.in_flight - {p.transfer_id for p in self.parts}
         if unknown:
             raise ValueError(f"parts in flight that the handle does not name: {sorted(unknown)}")
+        if not self.migrated and (
+            len(self.parts) > 1 or self.in_flight or any(p.first_block for p in self.parts)
+        ):
+            # only a migration's KV travels in several parts, or with one still on its way
+            raise ValueError(f"a hand-off's KV is one part from block 0, landed: {self}")
 
     @classmethod
     def handoff(cls, transfer_id: str, block_format: str = "") -> KVHandle:
@@ -111,8 +116,8 @@ class LoadParams:
     def to_params(self) -> dict[str, Any]:
         handle = self.handle
         if handle.nixl is not None:  # vLLM's NixlConnector reads its own keys, and pdflow's token count
-            return {**handle.nixl, "do_remote_prefill": True, "do_remote_decode": False,
-                    _REMOTE_TOKENS: self.remote_tokens}  # fmt: skip
+            nixl = {"do_remote_prefill": True, "do_remote_decode": False, _REMOTE_TOKENS: self.remote_tokens}
+            return {**handle.nixl, **nixl}
         params: dict[str, Any] = {
             _TRANSFER_ID: handle.parts[-1].transfer_id,
             _REMOTE_TOKENS: self.remote_tokens,

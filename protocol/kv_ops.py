@@ -167,9 +167,6 @@ def parse_reply(op: type[Any] | Op, data: dict[str, Any]) -> Any:
     return _build(REPLIES[op if isinstance(op, type) else type(op)], data)
 
 
-_SCALARS: dict[Any, Any] = {int: int, float: float, str: str, bool: bool}
-
-
 def _build(cls: type[T], data: dict[str, Any]) -> T:
     hints = typing.get_type_hints(cls)
     values: dict[str, Any] = {}
@@ -183,20 +180,20 @@ def _build(cls: type[T], data: dict[str, Any]) -> T:
 
 
 def _check(cls: type[Any], name: str, hint: Any, value: Any) -> Any:
-    """``value`` as field ``name`` of type ``hint`` wants it: scalars converted, containers checked only for
-    their kind; ValueError otherwise."""
+    """``value`` if it is what field ``name`` of type ``hint`` holds (an int is a float too; nothing else is
+    converted); ValueError otherwise."""
     options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
-    if value is None and type(None) in options:
-        return None
     for option in options:
-        scalar = _SCALARS.get(option)
-        if scalar is bool and isinstance(value, bool):
+        if option is type(None) and value is None:
             return value
-        if scalar is not None and scalar is not bool and isinstance(value, int | float | str):
-            try:
-                return scalar(value)
-            except ValueError:
-                continue
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
         origin = typing.get_origin(option) or option
         if origin in (list, dict) and isinstance(value, origin):
             return value

@@ -16,8 +16,9 @@ class ActorGone(LookupError):
 
 
 class ActorDirectory:
-    def __init__(self, namespace: str = NAMESPACE) -> None:
+    def __init__(self, namespace: str = NAMESPACE, *, lookup_timeout_s: float = 10.0) -> None:
         self.namespace = namespace
+        self._lookup_timeout_s = lookup_timeout_s
         self._handles: dict[str, Any] = {}
 
     def get(self, name: str) -> Any:
@@ -35,10 +36,11 @@ class ActorDirectory:
         return handle
 
     async def handle(self, name: str) -> Any:
-        """``get`` without blocking the event loop on the lookup."""
+        """``get`` without blocking the event loop on the lookup, within the lookup deadline
+        (``TimeoutError``)."""
         if (handle := self._handles.get(name)) is not None:
             return handle
-        return await asyncio.to_thread(self.get, name)
+        return await asyncio.wait_for(asyncio.to_thread(self.get, name), self._lookup_timeout_s)
 
     def forget(self, name: str) -> None:
         """Drop a handle whose actor failed a call: the next call looks it up again."""

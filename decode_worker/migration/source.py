@@ -82,6 +82,11 @@ class MigrationSource:
     def migrating(self) -> dict[str, str]:
         return {rid: migration_id for rid, (migration_id, _) in self._moves.items()}
 
+    @property
+    def cleanups(self) -> int:
+        """Drops of abandoned migrations' parts still on their way (leak check)."""
+        return sum(1 for task in self._background if not task.done())
+
     async def migrate(
         self, request_id: str, migration_id: str, target: MigrationTarget, mode: MigrationMode
     ) -> MigrationReport:

@@ -5,7 +5,7 @@ held until the load) and encodes through temporaries of the same sizes. With gli
 go to ``mmap`` or are trimmed off the heap when freed, so the next transfer faults in every page again: on
 the 2-vCPU dev VM a 5-layer int4 group took 121-959 minor faults and 1.8-3.2 ms to decode inside a transfer,
 against 1.04 ms alone. Fixing the mmap threshold at the largest glibc allows (32 MiB) and the trim threshold
-at ``keep_mib`` (``engine.kv_keep_freed_mib``) keeps freed blocks in the heap for the next transfer. SmolLM2
+at ``keep_mib`` (``kv.keep_freed_mib``) keeps freed blocks in the heap for the next transfer. SmolLM2
 at 512 tokens over 1 Gbit/s, ``benchmarks/kv_transfer.py``, six alternating pairs of runs: int4 2.29-2.99x
 faster than raw with it against 1.86-2.54x without, int8 1.75-1.84x against 1.64-1.82x, better in every pair.
 """

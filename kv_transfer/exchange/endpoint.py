@@ -62,12 +62,14 @@ class KVEndpoint:
         buffer's size; 0 turns early decoding off)."""
         self._staging = Staging(transport, clock, lease_s)
         budget = transport.buffer.numel() if predecode_bytes is None else predecode_bytes
-        self.receiver = Receiver(self._staging, predecode_bytes=budget)
-        self.sender = Sender(self._staging, timeout_s=timeout_s, checksum=checksum)
-        self._puller = Puller(transport, self.receiver.hold, timeout_s=timeout_s)  # transfers this side reads
+        self._receiver = Receiver(self._staging, predecode_bytes=budget)
+        self._sender = Sender(self._staging, timeout_s=timeout_s, checksum=checksum)
+        self._puller = Puller(
+            transport, self._receiver.hold, timeout_s=timeout_s
+        )  # transfers this side reads
         self._handlers: dict[type[Any], Handler] = {
-            Reserve: self.receiver.reserve,
-            Commit: self.receiver.commit,
+            Reserve: self._receiver.reserve,
+            Commit: self._receiver.commit,
             Abort: self._abort_incoming,
             Pull: self._puller.start,
             PullStatus: self._puller.status,
@@ -98,7 +100,7 @@ class KVEndpoint:
         codec: KVCodec,
         reason: str = "",
     ) -> OutgoingTransfer:
-        return self.sender.open(
+        return self._sender.open(
             transfer_id,
             request_id,
             destination,
@@ -112,17 +114,17 @@ class KVEndpoint:
     def send_layer(
         self, t: OutgoingTransfer, index: int, key: torch.Tensor, value: torch.Tensor, *, hold: bool = False
     ) -> None:
-        self.sender.send_layer(t, index, key, value, hold=hold)
+        self._sender.send_layer(t, index, key, value, hold=hold)
 
     def send_layer_from(
         self, t: OutgoingTransfer, index: int, key: RegisteredKV, value: RegisteredKV
     ) -> None:
-        self.sender.send_layer_from(t, index, key, value)
+        self._sender.send_layer_from(t, index, key, value)
 
     def send_layers_from(
         self, t: OutgoingTransfer, layers: Iterable[tuple[int, RegisteredKV, RegisteredKV]]
     ) -> None:
-        self.sender.send_layers_from(t, layers)
+        self._sender.send_layers_from(t, layers)
 
     def finish(
         self,
@@ -131,44 +133,44 @@ class KVEndpoint:
         compute_done_at: float | None = None,
         before_commit: Callable[[], None] | None = None,
     ) -> TransferRecord:
-        return self.sender.finish(t, compute_done_at=compute_done_at, before_commit=before_commit)
+        return self._sender.finish(t, compute_done_at=compute_done_at, before_commit=before_commit)
 
     def abort(self, t: OutgoingTransfer, why: str) -> None:
-        self.sender.abort(t, why)
+        self._sender.abort(t, why)
 
     def drop_remote(self, destination: str, transfer_ids: list[str], why: str) -> None:
-        self.sender.drop_remote(destination, transfer_ids, why)
+        self._sender.drop_remote(destination, transfer_ids, why)
 
     def probe(self, destination: str, nbytes: int = 8 << 20) -> float:
-        return self.sender.probe(destination, nbytes)
+        return self._sender.probe(destination, nbytes)
 
     # ---- receiving (see ``Receiver``) ----
 
     def take(self, transfer_id: str) -> IncomingTransfer | None:
-        return self.receiver.take(transfer_id)
+        return self._receiver.take(transfer_id)
 
     def gone(self, transfer_id: str) -> str | None:
-        return self.receiver.gone(transfer_id)
+        return self._receiver.gone(transfer_id)
 
     def early_layers(self, transfer_id: str) -> int:
-        return self.receiver.early_layers(transfer_id)
+        return self._receiver.early_layers(transfer_id)
 
     def landed_ids(self) -> list[str]:
-        return self.receiver.landed_ids()
+        return self._receiver.landed_ids()
 
     def decode_layers(self, incoming: IncomingTransfer) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
-        return self.receiver.decode_layers(incoming)
+        return self._receiver.decode_layers(incoming)
 
     def release(
         self, transfer_id: str, *, decode_s: float | None = None, error: str = "", record: bool = True
     ) -> None:
-        self.receiver.release(transfer_id, decode_s=decode_s, error=error, record=record)
+        self._receiver.release(transfer_id, decode_s=decode_s, error=error, record=record)
 
     def renew(self, transfer_ids: list[str]) -> list[str]:
-        return self.receiver.renew(transfer_ids)
+        return self._receiver.renew(transfer_ids)
 
     def expire(self) -> None:
-        self.receiver.expire()
+        self._receiver.expire()
 
     # ---- both ----
 
@@ -180,22 +182,22 @@ class KVEndpoint:
     def held(self) -> dict[str, int]:
         """Leak-check figures: staging regions held, landed and reserved transfers, transfers with layers
         decoded early, pulls (after ending those whose lease ran out)."""
-        self.receiver.expire()
+        self._receiver.expire()
         with self._staging.lock:
             regions = len(self._staging.arena.keys)
-        return {"regions": regions, **self.receiver.held(), "pulls": self._puller.running()}
+        return {"regions": regions, **self._receiver.held(), "pulls": self._puller.running()}
 
     def close(self) -> None:
-        self.receiver.close()
+        self._receiver.close()
         self._server.close()
         self._puller.close()
-        self.sender.close()
+        self._sender.close()
         self._staging.transport.close()
 
     def _abort_incoming(self, op: Abort) -> Done:
         # The sender records the failure it aborts for; this side only frees (once it reads no more).
         self._puller.stop(op.transfer_id)
-        self.receiver.release(op.transfer_id, error=op.why, record=False)
+        self._receiver.release(op.transfer_id, error=op.why, record=False)
         return Done()
 
     def _handle(self, msg: dict[str, Any]) -> dict[str, Any]:

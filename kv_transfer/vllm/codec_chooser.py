@@ -56,9 +56,10 @@ def measure_profiles(
 
 class CodecChooser:
     """Per-worker codec choice. ``codec`` is ``auto`` (the policy, within ``floor``) or a codec (always that
-    one). A destination's link is probed at first contact on a thread of its own (``probe``, twice, the
-    faster kept), not inside the forward pass that sends the first transfer: until it is measured, transfers
-    to it take the most exact codec the floor admits. Without ``probe`` a link reads 1 GB/s."""
+    one). A destination's link is probed (``probe``, twice, the faster kept) on a thread of its own once the
+    first transfer to it has ended, so that the probe neither runs inside the forward pass that sends that
+    transfer nor shares the link with it; until the link is measured, transfers to it take the most exact
+    codec the floor admits. Without ``probe`` a link reads 1 GB/s."""
 
     def __init__(
         self,
@@ -78,6 +79,7 @@ class CodecChooser:
         self._probe = probe
         self._lock = threading.Lock()
         self._links: dict[str, LinkEstimate] = {}
+        self._seen: set[str] = set()  # destinations chosen for, whose link is not measured yet
         self._probes: dict[str, Future[None]] = {}
         self._prober = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-link-probe")
 
@@ -104,8 +106,11 @@ class CodecChooser:
         return {"group_size": self._group_size} if codec in _LOSSY else {}
 
     def choose(self, destination: str, raw_bytes: int, *, override: KVCodecKind | None = None) -> CodecChoice:
-        """The codec for a transfer of ``raw_bytes`` to ``destination``. Never blocks: a destination not
-        seen before gets its probe started and the most exact admitted codec meanwhile."""
+        """The codec for a transfer of ``raw_bytes`` to ``destination``. Never blocks: a destination whose
+        link is not measured yet gets the most exact admitted codec (and its probe, if a transfer to it has
+        been chosen before)."""
+        if override is KVCodecKind.AUTO:  # asked for the policy: as if not asked
+            override = None
         fixed = override or (self._codec if self._codec is not KVCodecKind.AUTO else None)
         if fixed is not None:
             if fixed not in CODEC_NAMES:
@@ -116,14 +121,18 @@ class CodecChooser:
             link = self._links.get(destination)
             if link is None and self._probe is None:
                 link = self._links[destination] = LinkEstimate(1e9, 0)
-            if link is None and destination not in self._probes:
-                self._probes[destination] = self._prober.submit(self._measure, destination)
+            if link is None and destination in self._seen:  # its first transfer did not report back
+                self._start_probe(destination)
+            self._seen.add(destination)
         return choose_codec(raw_bytes, link, self.profiles, self._floor, chunks=self._layers)
 
     def probed(self, destination: str, timeout_s: float) -> bool:
-        """Wait until the link to ``destination`` is measured (a benchmark's warm-up, a test); False if it
-        was not within ``timeout_s``."""
+        """Wait until the link to ``destination`` is measured, probing it now if it is not being probed (a
+        benchmark's warm-up, a test); False if it was not within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        with self._lock:
+            if destination not in self._links and self._probe is not None:
+                self._start_probe(destination)
         while True:
             with self._lock:
                 if destination in self._links:
@@ -150,6 +159,8 @@ class CodecChooser:
         the transfer, ``_PACED_BY_ENCODER``), and how fast ``codec`` really encoded its ``raw_bytes``."""
         with self._lock:
             link = self._links.get(destination)
+            if link is None and self._probe is not None:  # its first transfer ended: the link is free now
+                self._start_probe(destination)
             if link is not None and encode_s <= _PACED_BY_ENCODER * wire_s:
                 self._links[destination] = link.observe(wire_bytes, wire_s)
             self.profiles = tuple(
@@ -157,7 +168,14 @@ class CodecChooser:
             )
 
     def close(self) -> None:
-        self._prober.shutdown(wait=False, cancel_futures=True)
+        """Stop probing; a probe under way ends first (its transfer's deadline bounds it), so that the
+        endpoint it writes through can close after this."""
+        self._prober.shutdown(wait=True, cancel_futures=True)
+
+    def _start_probe(self, destination: str) -> None:
+        """Probe the link to ``destination`` unless a probe of it runs (the caller holds the lock)."""
+        if destination not in self._probes:
+            self._probes[destination] = self._prober.submit(self._measure, destination)
 
     def _measure(self, destination: str) -> None:
         """The probe thread: measure the link, or forget it was asked (the next transfer asks again)."""

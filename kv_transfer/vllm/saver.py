@@ -22,6 +22,7 @@ from kv_transfer.vllm.block_push import block_kv
 from kv_transfer.vllm.codec_chooser import CodecChooser
 from kv_transfer.vllm.meta import PdflowConnectorMetadata, SaveSpec
 from kv_transfer.vllm.paged import PagedLayout, block_format, gather
+from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +74,10 @@ class KVSaver:
                 self._failed.add(rid)
                 if (t := self._sending.pop(rid, None)) is not None:
                     self._endpoint.abort(t, str(exc))
+                error = f"KV transfer {spec.transfer_id} failed: {exc}"
+                self.records.append(
+                    TransferRecord(spec.transfer_id, rid, TransferOutcome.FAILED, error=error).to_dict()
+                )
 
     def wait_for_save(self) -> None:
         """End of the step: finish every transfer it started (the tail of the writes, the commit), learn the

@@ -11,6 +11,8 @@ arrives with ``SaveParams`` is saved layer by layer during its prefill step.
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from kv_transfer.vllm.meta import LoadSpec, PdflowConnectorMetadata, SaveSpec
@@ -20,6 +22,19 @@ if TYPE_CHECKING:
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.core.sched.output import SchedulerOutput
     from vllm.v1.request import Request
+
+
+log = logging.getLogger(__name__)
+
+
+def _load_params(request_id: str, params: Mapping[str, Any] | None) -> LoadParams | None:
+    """The request's load, or None: none asked, or asked in a form this connector cannot read (logged; the
+    request then computes its KV itself rather than taking the engine core down)."""
+    try:
+        return LoadParams.from_params(params)
+    except ValueError as exc:
+        log.warning("pdflow: %s: %s; its KV is computed here instead", request_id, exc)
+        return None
 
 
 def _all_landed(load: LoadParams) -> bool:
@@ -40,7 +55,7 @@ class PdflowScheduler:
     ) -> tuple[int | None, bool]:
         """The tokens the request's KV transfer brings beyond a local prefix-cache hit, and whether they
         arrive asynchronously (a part still in flight)."""
-        load = LoadParams.from_params(request.kv_transfer_params)
+        load = _load_params(request.request_id, request.kv_transfer_params)
         if load is not None:
             count = load.remote_tokens - num_computed_tokens
             if count > 0:
@@ -53,7 +68,7 @@ class PdflowScheduler:
     ) -> None:
         params = request.kv_transfer_params or {}
         block_ids = list(blocks.get_block_ids()[0]) if blocks is not None else []
-        load = LoadParams.from_params(params) if num_external_tokens > 0 else None
+        load = _load_params(request.request_id, params) if num_external_tokens > 0 else None
         if load is not None:
             handle = load.handle
             local = self._local_hits.pop(request.request_id, 0)

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from pdctl.local_cluster import NAMESPACE, ClusterHandle, LocalCluster, free_port
+from pdctl.local_cluster import FRONTDOOR_NAME, NAMESPACE, ClusterHandle, LocalCluster, free_port
 from protocol.config import ClusterConfig
 from protocol.messages import SamplingSpec
 from protocol.snapshots import InstanceSnapshot, Role
@@ -42,7 +42,7 @@ class E2ECluster:
         """What anything still holds, by holder, zero figures left out: every worker's leak check (KV blocks,
         requests, staging regions, landed and reserved transfers, early-decoded layers, pulls, pushes, loads
         waiting, streams, migrations; the reference engine's too) and the controller's migrations in
-        flight."""
+        flight, and the front door's requests in flight."""
         import ray
 
         from pdctl.admin_client import AdminClient
@@ -58,6 +58,8 @@ class E2ECluster:
         figures = {name: ray.get(actor.leak_check.remote(), timeout=30) for name, actor in actors.items()}
         with AdminClient(self.admin_address) as admin:
             figures["controller"] = {"migrations_in_flight": len(admin.migrations(0).in_flight)}
+        in_flight = self.handle.actors[FRONTDOOR_NAME].requests_in_flight.remote()
+        figures["frontdoor"] = {"requests_in_flight": ray.get(in_flight, timeout=30)}
         return {name: held for name, of in figures.items() if (held := {k: v for k, v in of.items() if v})}
 
     def wait_idle(self, timeout_s: float = 30.0) -> dict[str, InstanceSnapshot]:

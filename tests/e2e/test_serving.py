@@ -310,13 +310,13 @@ async def test_an_abort_at_each_stage_of_a_hand_off_frees_both_workers(
         async with grpc.aio.insecure_channel(cluster.grpc_address) as channel:
             stub = router_pb2_grpc.RouterStub(channel)
             call = stub.Generate(request, timeout=120)
-            if stage == "PREFILLING":  # ~1 s of prefill on CPU: abort a third of the way into it
-                for _ in range(500):
+            if stage == "PREFILLING":  # ~1 s of prefill on CPU: abort once the prefill engine runs it
+                prefill = cluster.worker(Role.PREFILL)
+                for _ in range(1000):
                     found = admin.requests(request_id=rid).requests
-                    if found and found[0].state == stage:
+                    if found and found[0].state == stage and (await prefill.snapshot.remote()).in_flight:
                         break
                     await asyncio.sleep(0.01)
-                await asyncio.sleep(0.3)
             else:
                 async for resp in call:
                     tokens += len(resp.token_ids)

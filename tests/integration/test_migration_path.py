@@ -17,6 +17,8 @@ from protocol.snapshots import InstanceState, Role
 from tests.integration.test_request_path import colocated
 from tests.support.fake_cluster import FakeCluster
 
+pytestmark = pytest.mark.fakes
+
 PROMPT = tuple(range(300, 350))  # 50 tokens: 13 blocks of 4, so a live migration pre-copies before it pauses
 SLOW = LatencyModel(decode=((1, 0.004), (32, 0.008)))  # long enough streams for a migration mid-way
 

@@ -87,3 +87,13 @@ def test_a_priming_request_loads_the_parts_and_leaves_them_for_the_request_it_pr
         "q/m1/0",
         "q/m1/1",
     ]
+
+
+def test_params_it_cannot_read_make_the_request_compute_its_kv_rather_than_stop_the_engine() -> None:
+    connector = _scheduler_half()
+    params = _load(("m/s1", 0), ("m/s2", 3), tokens=64)
+    params["pdflow_parts"] = []  # as a buggy or hostile caller might send it
+    request = SimpleNamespace(request_id="m", kv_transfer_params=params, num_prompt_tokens=65)
+    assert connector.get_num_new_matched_tokens(request, 0) == (0, False)
+    connector.update_state_after_alloc(request, _Blocks([0, 1, 2, 3]), 0)
+    assert connector.build_connector_meta(SimpleNamespace(num_scheduled_tokens={})).loads == {}

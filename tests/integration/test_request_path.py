@@ -20,6 +20,8 @@ from protocol.messages import FinishReason, TokenChunk
 from protocol.snapshots import Role
 from tests.support.fake_cluster import FakeCluster
 
+pytestmark = pytest.mark.fakes
+
 PROMPT = tuple(range(100, 150))  # 50 tokens: 13 KV blocks of 4
 
 

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import itertools
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from controller.migrations import MigrationCoordinator
@@ -60,6 +60,8 @@ class FakeCluster:
         *,
         latency: LatencyModel | None = None,
         overrides: dict[str, Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = ClusterConfig.load(
             overrides={
@@ -79,9 +81,19 @@ class FakeCluster:
         self.engines: dict[str, FakeEngine] = {}
         self.client = LocalWorkerClient(self.workers)
         self.metrics = FrontDoorMetrics(lambda: self.router.snapshot)
-        self.router = RequestRouter(self.config.frontdoor, self.client, self.metrics, self._event)
+        # one pair of clocks for everything that reads time: the router, the coordinator, the workers'
+        # reports, the registry (monotonic), and the request events and snapshots (wall)
+        self.clock, self.wall_clock = clock, wall_clock
+        self.router = RequestRouter(
+            self.config.frontdoor, self.client, self.metrics, self._event, clock=clock, wall_clock=wall_clock
+        )
         self.coordinator = MigrationCoordinator(
-            self.registry, self.config.migration, _LocalDecodeWorkers(self.workers), self._decoding_on
+            self.registry,
+            self.config.migration,
+            _LocalDecodeWorkers(self.workers),
+            self._decoding_on,
+            clock=clock,
+            wall_clock=wall_clock,
         )
         self._pools = {Role.PREFILL: prefill, Role.DECODE: decode}
         self._ids = itertools.count()
@@ -100,10 +112,21 @@ class FakeCluster:
             self.config.kv,
             transport=InProcessTransport(name, _STAGING_BYTES, self.fabric),
             latency=self.latency,
+            clock=self.clock,
         )
         cls = PrefillWorker if role is Role.PREFILL else DecodeWorker
         config = self.config.model_dump(mode="json")
-        worker = cls(instance, name, "", config, "", "pdflow", engine=engine, report=self._report)
+        worker = cls(
+            instance,
+            name,
+            "",
+            config,
+            "",
+            "pdflow",
+            engine=engine,
+            report=self._report,
+            clock=self.wall_clock,
+        )
         self.workers[name], self.engines[name] = worker, engine
         await worker.start()
         if isinstance(worker, DecodeWorker):  # a migration primes its destination in this process
@@ -152,6 +175,7 @@ class FakeCluster:
         await self.client.settled()
         held = {name: await w.leak_check() for name, w in self.workers.items()}
         held["controller"] = {"migrations_in_flight": len(self.coordinator.in_flight())}
+        held["frontdoor"] = {"requests_in_flight": sum(self.router.in_flight().values())}
         return {name: nonzero for name, of in held.items() if (nonzero := {k: v for k, v in of.items() if v})}
 
     async def wait_idle(self, timeout_s: float = 10.0) -> None:
@@ -167,8 +191,8 @@ class FakeCluster:
             await asyncio.sleep(0.005)
 
     async def _report(self, snapshot: InstanceSnapshot) -> None:
-        self.registry.report(snapshot, time.monotonic())
-        self.router.update_snapshot(self.registry.snapshot(time.time()))
+        self.registry.report(snapshot, self.clock())
+        self.router.update_snapshot(self.registry.snapshot(self.wall_clock()))
 
     def _event(self, event: RequestEvent, prompt_tokens: int, output_tokens: int) -> None:
         self.requests.apply(event, prompt_tokens, output_tokens)
