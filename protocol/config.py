@@ -1,6 +1,6 @@
-"""Configuration: one pydantic model per component, composed into ``ClusterConfig`` (the ``kv`` section's
-model is in ``protocol.kv_config``). The YAML file, the ``PDFLOW__SECTION__FIELD`` environment overrides and
-``pdctl``'s ``--set`` all come from these models."""
+"""Configuration: one pydantic model per component, composed into ``ClusterConfig`` (the models of the
+``kv`` and ``autoscaler`` sections are in ``protocol.kv_config`` and ``protocol.scaling_config``). The YAML
+file, the ``PDFLOW__SECTION__FIELD`` environment overrides and ``pdctl``'s ``--set`` all come from them."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from protocol.kv_config import KVTransferConfig
+from protocol.scaling_config import AutoscalerConfig
 
 
 class _Section(BaseModel):
@@ -162,6 +163,7 @@ class ClusterConfig(_Section):
     controller: ControllerConfig = ControllerConfig()
     frontdoor: FrontDoorConfig = FrontDoorConfig()
     migration: MigrationConfig = MigrationConfig()
+    autoscaler: AutoscalerConfig = AutoscalerConfig()
 
     @classmethod
     def load(

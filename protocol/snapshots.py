@@ -1,5 +1,6 @@
 """Frozen views of the cluster: what a worker reports about itself, and what the controller pushes to the
-front doors. Policies decide from these alone."""
+front doors. Policies decide from these alone. (``InstanceState``, the instance lifecycle, is
+``protocol.instances``.)"""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import enum
 from dataclasses import dataclass, field
 
 from protocol.ids import InstanceId, RequestId
+from protocol.instances import InstanceState
 from protocol.lifecycle import RequestState
 from protocol.transfers import TransferRecord
 
@@ -14,17 +16,6 @@ from protocol.transfers import TransferRecord
 class Role(enum.StrEnum):
     PREFILL = "prefill"
     DECODE = "decode"
-
-
-class InstanceState(enum.StrEnum):
-    STARTING = "STARTING"
-    READY = "READY"
-    CORDONED = "CORDONED"  # alive, takes no new requests
-    DEAD = "DEAD"  # stopped reporting or failed; gets no work
-
-    @property
-    def schedulable(self) -> bool:
-        return self is InstanceState.READY
 
 
 @dataclass(frozen=True, slots=True)
