@@ -1,0 +1,210 @@
+"""The Kubernetes actuator through the real ``kubernetes`` client and a kubeconfig, against the fake API
+server (``tests/support/fake_kube.py``): what an operator would see on a cluster. The fake's ReplicaSet
+deletes pods in Kubernetes' order, so a scale-in that does not steer it takes the wrong pod (a test shows it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from autoscaler.kubernetes import (
+    DECISION,
+    DELETION_COST,
+    REPLICAS,
+    KubernetesActuator,
+    Outcome,
+    PoolWorkload,
+)
+from protocol.snapshots import Role
+from tests.support.fake_kube import FakeKube
+
+NS = "pdflow"
+
+
+@pytest.fixture
+def kube() -> Iterator[FakeKube]:
+    fake = FakeKube(NS)
+    yield fake
+    fake.close()
+
+
+def _actuator(kube: FakeKube, tmp_path: Path, kind: str = "Deployment", **kw: Any) -> KubernetesActuator:
+    workloads = {
+        Role.DECODE: PoolWorkload(kind, "decode", NS),
+        Role.PREFILL: PoolWorkload(kind, "prefill", NS),
+    }
+    return KubernetesActuator.from_kubeconfig(kube.kubeconfig(tmp_path / "kubeconfig"), workloads, **kw)
+
+
+def _annotations(kube: FakeKube, name: str) -> dict[str, str]:
+    pod = next(p for p in kube.pods("decode") if p["metadata"]["name"] == name)
+    return dict(pod["metadata"]["annotations"])
+
+
+def test_scale_out_raises_replicas_once_per_decision(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("Deployment", "decode", 1)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+
+    first = actuator.scale("d-1", Role.DECODE, 3)
+    again = actuator.scale("d-1", Role.DECODE, 3)
+
+    assert first.outcome is Outcome.APPLIED and (first.replicas_before, first.replicas_after) == (1, 3)
+    assert again.outcome is Outcome.UNCHANGED
+    assert kube.replicas("Deployment", "decode") == 3 and len(kube.pod_names("decode")) == 3
+    assert kube.replicas("Deployment", "prefill") == 1
+    status = actuator.status(Role.DECODE)
+    assert (status.set_by_pdflow, status.decision_id) == (3, "d-1")
+    assert len(status.pending) == 2  # the new pods wait for a node
+
+
+def test_scale_in_removes_exactly_the_drained_victim(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("Deployment", "decode", 3)
+    kube.add_workload("Deployment", "prefill", 1)
+    # The ReplicaSet alone would delete the newest pod: drain the oldest to see the annotation win.
+    victim = min(kube.pods("decode"), key=lambda p: int(p["metadata"]["resourceVersion"]))["metadata"]["name"]
+    actuator = _actuator(kube, tmp_path)
+    actuator.scale("d-0", Role.DECODE, 3)  # adopt the workload as pdflow's
+
+    done = actuator.scale("d-2", Role.DECODE, 2, victims=(victim,))
+
+    assert done.outcome is Outcome.APPLIED, done.detail
+    assert done.removed == (victim,)
+    assert victim not in kube.pod_names("decode") and len(kube.pod_names("decode")) == 2
+    assert actuator.scale("d-2", Role.DECODE, 2, victims=(victim,)).outcome is Outcome.UNCHANGED
+
+
+def test_without_the_deletion_cost_the_replicaset_takes_another_pod(kube: FakeKube, tmp_path: Path) -> None:
+    """The control case: lowering the replicas alone removes a pod the autoscaler did not drain, and the
+    actuator's watch catches it (FAILED, naming the pod removed)."""
+    kube.add_workload("Deployment", "decode", 3)
+    kube.add_workload("Deployment", "prefill", 1)
+    victim = min(kube.pods("decode"), key=lambda p: int(p["metadata"]["resourceVersion"]))["metadata"]["name"]
+    actuator = _actuator(kube, tmp_path, deadline_s=2.0)
+    actuator.scale("d-0", Role.DECODE, 3)
+    actuator._mark_victim = lambda workload, pod_name: None  # type: ignore[method-assign]
+
+    done = actuator.scale("d-2", Role.DECODE, 2, victims=(victim,))
+
+    assert done.outcome is Outcome.FAILED
+    assert done.removed and victim not in done.removed
+    assert victim in kube.pod_names("decode")
+
+
+def test_no_scale_in_while_a_pod_is_pending_or_not_ready(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("Deployment", "decode", 2)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    victim = kube.pod_names("decode")[0]
+    actuator.scale("up", Role.DECODE, 3)
+    new = new_pod(kube)
+
+    held = actuator.scale("down", Role.DECODE, 2, victims=(victim,))
+    assert held.outcome is Outcome.PENDING and new in held.detail
+    assert kube.replicas("Deployment", "decode") == 3 and victim in kube.pod_names("decode")
+
+    kube.ready(new, ready=False)  # scheduled, not ready yet: the ReplicaSet would still take it first
+    assert actuator.scale("down", Role.DECODE, 2, victims=(victim,)).outcome is Outcome.PENDING
+
+    kube.ready(new)
+    done = actuator.scale("down", Role.DECODE, 2, victims=(victim,))
+    assert done.outcome is Outcome.APPLIED and done.removed == (victim,)
+    assert new in kube.pod_names("decode")
+
+
+def test_cancel_removes_only_pending_pods(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("Deployment", "decode", 2)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    serving = kube.pod_names("decode")
+    actuator.scale("up", Role.DECODE, 3)
+    pending = new_pod(kube)
+
+    refused = actuator.scale("cancel", Role.DECODE, 2, cancel=(serving[0],))
+    assert refused.outcome is Outcome.REFUSED and kube.replicas("Deployment", "decode") == 3
+
+    done = actuator.scale("cancel", Role.DECODE, 2, cancel=(pending,))
+    assert done.outcome is Outcome.APPLIED and done.removed == (pending,)
+    assert kube.pod_names("decode") == serving
+
+
+def test_statefulset_removes_only_its_highest_ordinal(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("StatefulSet", "decode", 3)
+    kube.add_workload("StatefulSet", "prefill", 1)
+    actuator = _actuator(kube, tmp_path, kind="StatefulSet")
+    actuator.scale("d-0", Role.DECODE, 3)
+
+    assert actuator.victim_order(Role.DECODE, ["decode-0", "decode-2", "decode-1"]) == ["decode-2"]
+    refused = actuator.scale("d-1", Role.DECODE, 2, victims=("decode-0",))
+    assert refused.outcome is Outcome.REFUSED and "highest ordinals" in refused.detail
+    assert kube.pod_names("decode") == ["decode-0", "decode-1", "decode-2"]
+
+    done = actuator.scale("d-2", Role.DECODE, 2, victims=("decode-2",))
+    assert done.outcome is Outcome.APPLIED and done.removed == ("decode-2",)
+    assert kube.pod_names("decode") == ["decode-0", "decode-1"]
+    assert all(DELETION_COST not in _annotations(kube, n) for n in kube.pod_names("decode"))
+
+
+def test_a_manual_scale_holds_the_pool_until_resumed(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("Deployment", "decode", 2)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    actuator.scale("d-1", Role.DECODE, 2)
+    kube.edit_replicas("Deployment", "decode", 4)  # kubectl scale --replicas=4
+
+    held = actuator.scale("d-2", Role.DECODE, 3)
+    assert held.outcome is Outcome.MANUAL_OVERRIDE and "pdflow set 2" in held.detail
+    assert kube.replicas("Deployment", "decode") == 4
+    assert actuator.status(Role.DECODE).manual_override
+
+    status = actuator.resume(Role.DECODE)
+    assert not status.manual_override and status.set_by_pdflow == 4
+    assert actuator.scale("d-3", Role.DECODE, 5).outcome is Outcome.APPLIED
+    assert kube.replicas("Deployment", "decode") == 5
+
+
+def test_a_conflicting_write_is_read_again_and_retried(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("Deployment", "decode", 1)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    kube.conflicts_to_inject = 2
+
+    done = actuator.scale("d-1", Role.DECODE, 2)
+
+    assert done.outcome is Outcome.APPLIED and kube.replicas("Deployment", "decode") == 2
+    assert kube.conflicts_to_inject == 0
+    assert sum(1 for method, path in kube.requests if method == "PUT" and path.endswith("/scale")) == 3
+
+
+def test_conflicts_past_the_retries_surface(kube: FakeKube, tmp_path: Path) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    kube.add_workload("Deployment", "decode", 1)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path, conflict_retries=1)
+    kube.conflicts_to_inject = 5
+
+    with pytest.raises(ApiException) as raised:
+        actuator.scale("d-1", Role.DECODE, 2)
+    assert raised.value.status == 409
+    assert kube.replicas("Deployment", "decode") == 1
+
+
+def test_the_decision_and_replicas_are_recorded_on_the_workload(kube: FakeKube, tmp_path: Path) -> None:
+    kube.add_workload("Deployment", "decode", 1)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    actuator.scale("scale-out-7", Role.PREFILL, 2)
+    obj = actuator._get(actuator.workloads[Role.PREFILL])
+    assert obj.metadata.annotations[REPLICAS] == "2" and obj.metadata.annotations[DECISION] == "scale-out-7"
+
+
+def new_pod(kube: FakeKube) -> str:
+    """The decode pod created last (the one still Pending after a scale-out)."""
+    pending = [p["metadata"]["name"] for p in kube.pods("decode") if p["status"]["phase"] == "Pending"]
+    assert len(pending) == 1, pending
+    return pending[0]
