@@ -21,7 +21,6 @@ RBAC: exactly ``RBAC_RULES``.
 
 from __future__ import annotations
 
-import enum
 import logging
 import time
 from dataclasses import dataclass, field
@@ -31,6 +30,7 @@ from typing import Any
 from kubernetes import client, config, watch
 from kubernetes.client.exceptions import ApiException
 
+from protocol.actuation import Actuation, Outcome, PoolMembers
 from protocol.snapshots import Role
 
 log = logging.getLogger(__name__)
@@ -94,28 +94,6 @@ class PoolStatus:
         return tuple(p.name for p in self.pods if p.pending or not p.ready)
 
 
-class Outcome(enum.StrEnum):
-    APPLIED = "applied"
-    UNCHANGED = "unchanged"  # already applied (same decision), or nothing to do
-    MANUAL_OVERRIDE = "manual_override"  # someone else scaled the workload: held until resumed
-    PENDING = "pending"  # a pod of the pool is Pending: no scale-in now
-    REFUSED = "refused"  # not a victim this workload can remove
-    FAILED = "failed"
-
-
-@dataclass(frozen=True, slots=True)
-class Actuation:
-    """What one call did, for the decision it carried out."""
-
-    decision_id: str
-    role: Role
-    outcome: Outcome
-    replicas_before: int
-    replicas_after: int
-    removed: tuple[str, ...] = ()
-    detail: str = ""
-
-
 @dataclass
 class KubernetesActuator:
     workloads: dict[Role, PoolWorkload]
@@ -139,7 +117,20 @@ class KubernetesActuator:
             return cls(workloads, client.ApiClient(), **settings)
         return cls(workloads, config.new_client_from_config(config_file=str(path)), **settings)
 
+    kind = "kubernetes"
+
     # ---- reading ----
+
+    def members(self, role: Role) -> PoolMembers:
+        status = self.status(role)
+        hold = ""
+        if status.manual_override:
+            workload = self.workloads[role]
+            hold = (
+                f"manual_override: {workload.kind} {workload.name} has {status.replicas} replicas, "
+                f"pdflow set {status.set_by_pdflow}"
+            )
+        return PoolMembers(status.replicas, tuple(p.name for p in status.pods), status.not_ready, hold)
 
     def status(self, role: Role) -> PoolStatus:
         workload = self.workloads[role]
@@ -164,12 +155,12 @@ class KubernetesActuator:
 
     # ---- acting ----
 
-    def resume(self, role: Role) -> PoolStatus:
+    def resume(self, role: Role) -> PoolMembers:
         """An operator's word after a manual override: the workload's replicas are pdflow's again."""
         workload = self.workloads[role]
         obj = self._get(workload)
         self._annotate(workload, obj, {REPLICAS: str(obj.spec.replicas or 0)})
-        return self.status(role)
+        return self.members(role)
 
     def scale(
         self,

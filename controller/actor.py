@@ -12,10 +12,12 @@ from dataclasses import replace
 from typing import Any
 
 from controller.admin_service import start_admin_server
+from controller.autoscaling import AutoscalerLoop
 from controller.migrations import DrainResult, MigrationCoordinator, MigrationEntry
 from controller.registry import InstanceRegistry
 from controller.request_log import RequestLog
 from policy.migration import MigrationTrigger
+from protocol.actuation import Actuator
 from protocol.config import ClusterConfig
 from protocol.lifecycle import RequestState
 from protocol.messages import MigrationTarget
@@ -24,13 +26,14 @@ from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestEvent, 
 from runtime.actors import ActorDirectory, ActorGone
 
 log = logging.getLogger(__name__)
+_FRONTDOOR_CALL_S = 10.0
 
 
 class _RayDecodeWorkers:
     """The coordinator's calls to decode workers, as Ray actors."""
 
     def __init__(self, actors: ActorDirectory) -> None:
-        self._actors = actors
+        self.actors = actors
 
     async def migrate(
         self,
@@ -41,14 +44,41 @@ class _RayDecodeWorkers:
         mode: str,
         timeout_s: float,
     ) -> MigrationReport:
-        report: MigrationReport = await self._actors.call(
+        report: MigrationReport = await self.actors.call(
             worker, "migrate", request_id, migration_id, target, mode, timeout_s=timeout_s
         )
         return report
 
     async def running_requests(self, worker: str, timeout_s: float) -> list[str]:
-        running: list[str] = await self._actors.call(worker, "running_requests", timeout_s=timeout_s)
+        running: list[str] = await self.actors.call(worker, "running_requests", timeout_s=timeout_s)
         return running
+
+
+class _RayFrontDoors:
+    """The autoscaler's calls to the front doors, as Ray actors (by name, each with a deadline)."""
+
+    def __init__(self, controller: Controller) -> None:
+        self._controller = controller
+
+    async def publish(self) -> None:
+        snapshot = self._controller.cluster_snapshot()
+        await asyncio.gather(
+            *(self._call(name, "update_snapshot", snapshot) for name in list(self._controller.frontdoors))
+        )
+
+    async def inbound(self, instance_id: str) -> int:
+        counts = await asyncio.gather(
+            *(self._call(name, "inbound", instance_id) for name in list(self._controller.frontdoors))
+        )
+        return sum(counts)
+
+    async def _call(self, name: str, method: str, *args: Any) -> int:
+        try:
+            result = await self._controller.actors.call(name, method, *args, timeout_s=_FRONTDOOR_CALL_S)
+        except ActorGone:  # that front door is gone: nothing of it to wait for
+            self._controller.frontdoors.pop(name, None)
+            return 0
+        return int(result or 0)
 
 
 class Controller:
@@ -56,38 +86,57 @@ class Controller:
         self.config = ClusterConfig.model_validate(config)
         self.registry = InstanceRegistry(self.config.controller.heartbeat_timeout_s)
         self.requests = RequestLog(self.config.controller.request_history)
-        self._actors = ActorDirectory(namespace)
-        self._frontdoors: dict[str, dict[str, str]] = {}
+        self.actors = ActorDirectory(namespace)
+        self.frontdoors: dict[str, dict[str, str]] = {}
         self._pushes: dict[str, Any] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._admin: Any = None
+        self._autoscaler: AutoscalerLoop | None = None
         self.admin_port = 0
         self.migrations = MigrationCoordinator(
-            self.registry, self.config.migration, _RayDecodeWorkers(self._actors), self._decoding_on
+            self.registry, self.config.migration, _RayDecodeWorkers(self.actors), self._decoding_on
         )
 
-    async def start(self) -> int:
-        """Start the admin server and the snapshot loop; return the admin port."""
+    async def start(self, actuator: Actuator | None = None) -> int:
+        """Start the admin server and the snapshot loop (and, given the actuator that sizes the pools, the
+        autoscaler: it acts when ``autoscaler.enabled``, and takes manual targets either way); return the
+        admin port."""
         self._admin, self.admin_port = await start_admin_server(
             self, self.config.controller.admin_host, self.config.controller.admin_port
         )
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
         if self.config.migration.auto:
             self._tasks.append(asyncio.create_task(self.migrations.policy_loop()))
+        if actuator is not None:
+            self._autoscaler = AutoscalerLoop(
+                self.config, self.registry, self.requests, self.migrations, actuator, _RayFrontDoors(self)
+            )
+            if not self.config.autoscaler.enabled:
+                self._autoscaler.pause("autoscaler.enabled is false: manual targets only")
+            self._tasks.append(asyncio.create_task(self._autoscaler.run()))
         return self.admin_port
+
+    @property
+    def autoscaler(self) -> AutoscalerLoop | None:
+        return self._autoscaler
 
     async def report(self, snapshot: InstanceSnapshot) -> None:
         self.registry.report(snapshot, time.monotonic())
 
     def subscribe(self, actor_name: str, http_address: str, grpc_address: str) -> ClusterSnapshot:
-        self._frontdoors[actor_name] = {"http": http_address, "grpc": grpc_address}
+        self.frontdoors[actor_name] = {"http": http_address, "grpc": grpc_address}
         return self.cluster_snapshot()
 
     def cluster_snapshot(self) -> ClusterSnapshot:
-        return replace(self.registry.snapshot(time.time()), migrations=self.migrations.counters.totals())
+        scaling = self._autoscaler.totals() if self._autoscaler is not None else None
+        return replace(
+            self.registry.snapshot(time.time()),
+            migrations=self.migrations.counters.totals(),
+            autoscaler=scaling,
+        )
 
     def frontdoor_addresses(self) -> dict[str, dict[str, str]]:
-        return dict(self._frontdoors)
+        return dict(self.frontdoors)
 
     def record_events(self, events: list[tuple[RequestEvent, int, int]]) -> None:
         for event, prompt_tokens, output_tokens in events:
@@ -160,13 +209,13 @@ class Controller:
         for dead in self.registry.expire(time.monotonic()):
             log.warning("instance %s stopped reporting: marked DEAD", dead)
         snapshot = self.cluster_snapshot()
-        for name in list(self._frontdoors):
+        for name in list(self.frontdoors):
             pending = self._pushes.get(name)
             if pending is not None and not ray.wait([pending], timeout=0)[0]:
                 continue  # that front door has not taken the last one yet: send no backlog
             try:
-                handle = await self._actors.handle(name)
+                handle = await self.actors.handle(name)
             except (ActorGone, TimeoutError):  # that front door is gone
-                self._frontdoors.pop(name, None)
+                self.frontdoors.pop(name, None)
                 continue
             self._pushes[name] = handle.update_snapshot.remote(snapshot)

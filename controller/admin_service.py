@@ -10,11 +10,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from controller.admin_autoscaler import decision_message, status_message
+from controller.autoscaling import AutoscalerLoop
 from controller.migrations import DrainResult, MigrationEntry
 from protocol.config import MigrationMode
 from protocol.errors import InvalidRequest
 from protocol.proto import admin_pb2, admin_pb2_grpc
-from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestRecord
+from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestRecord, Role
 from protocol.transfers import TransferRecord
 
 
@@ -49,6 +51,11 @@ class AdminBackend(Protocol):
     def uncordon(self, instance_id: str) -> InstanceSnapshot: ...
 
     async def drain(self, instance_id: str, timeout_s: float) -> DrainResult: ...
+
+    @property
+    def autoscaler(self) -> AutoscalerLoop | None:
+        """The autoscaler loop; None when the cluster runs without one (no actuator)."""
+        ...
 
 
 def instance_message(inst: InstanceSnapshot, seconds_since_report: float) -> admin_pb2.Instance:
@@ -195,6 +202,71 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             in_flight=[migration_message(e) for e in self._backend.migrations_in_flight()],
             recent=[migration_message(e) for e in self._backend.recent_migrations(request.limit or 50)],
         )
+
+    async def GetAutoscalerStatus(
+        self, request: admin_pb2.AutoscalerStatusRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AutoscalerStatus:
+        return status_message((await self._autoscaler(context)).status())
+
+    async def ExplainAutoscaler(
+        self, request: admin_pb2.ExplainAutoscalerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ExplainAutoscalerResponse:
+        if request.limit < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be 0 (the default) or more")
+        loop = await self._autoscaler(context)
+        records = [r for r in reversed(loop.history) if not request.acting_only or r.actions]
+        return admin_pb2.ExplainAutoscalerResponse(
+            decisions=[decision_message(r) for r in records[: request.limit or 20]]
+        )
+
+    async def PauseAutoscaler(
+        self, request: admin_pb2.PauseAutoscalerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AutoscalerStatus:
+        loop = await self._autoscaler(context)
+        loop.pause(request.reason or "paused by an operator")
+        return status_message(loop.status())
+
+    async def ResumeAutoscaler(
+        self, request: admin_pb2.ResumeAutoscalerRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.AutoscalerStatus:
+        loop = await self._autoscaler(context)
+        await loop.resume()
+        return status_message(loop.status())
+
+    async def Scale(
+        self, request: admin_pb2.ScaleRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ScaleDecisionInfo:
+        loop = await self._autoscaler(context)
+        try:
+            record = await loop.set_target(request.prefill, request.decode)
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        return decision_message(record)
+
+    async def SetRole(
+        self, request: admin_pb2.SetRoleRequest, context: grpc.aio.ServicerContext
+    ) -> admin_pb2.ScaleDecisionInfo:
+        loop = await self._autoscaler(context)
+        if request.role not in ("prefill", "decode"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"role must be 'prefill' or 'decode', not {request.role!r}"
+            )
+        try:
+            record = await loop.set_role(request.instance_id, Role(request.role))
+        except InvalidRequest as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        return decision_message(record)
+
+    async def _autoscaler(self, context: grpc.aio.ServicerContext) -> AutoscalerLoop:
+        loop = self._backend.autoscaler
+        if loop is None:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "this cluster runs no autoscaler: start it with `pdctl up --autoscale` "
+                "(or autoscaler.enabled in the config)",
+            )
+        assert loop is not None
+        return loop
 
     async def _on_instance(
         self, instance_id: str, action: Callable[[str], InstanceSnapshot], context: grpc.aio.ServicerContext

@@ -11,7 +11,7 @@ import collections
 import itertools
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from typing import Protocol
 
@@ -36,6 +36,9 @@ _RECENT = 200
 _DRAIN_POLL_S = 0.2
 _DRAIN_TRIES = 3  # attempts to move one request off a draining worker; then it may finish there
 _LIST_CALL_S = 10.0
+
+
+Inbound = Callable[[], Awaitable[int]]  # requests still on their way to an instance (the front doors' count)
 
 
 class DecodeWorkers(Protocol):
@@ -274,38 +277,49 @@ class MigrationCoordinator:
         self._known(instance_id)
         return self._registry.uncordon(instance_id)
 
-    async def drain(self, instance_id: str, timeout_s: float = 0.0) -> DrainResult:
+    async def drain(
+        self, instance_id: str, timeout_s: float = 0.0, inbound: Inbound | None = None
+    ) -> DrainResult:
         """Cordon ``instance_id``, then migrate every request it runs to the other decode workers until it
-        runs none (requests that finish meanwhile count as finished) or ``timeout_s`` passes."""
+        runs none (requests that finish meanwhile count as finished) or ``timeout_s`` passes. With
+        ``inbound`` (the requests still on their way to it: prefilling for it, or being handed over), the
+        drain also waits until none is left, and moves them once they arrive."""
         src = self._decode_instance(instance_id, "instance")
         self._registry.cordon(instance_id)
         self._draining.add(instance_id)
         try:
-            return await self._empty(src, timeout_s)
+            return await self._empty(src, timeout_s, inbound)
         finally:
             self._draining.discard(instance_id)
 
-    async def _empty(self, src: InstanceSnapshot, timeout_s: float) -> DrainResult:
+    async def _empty(self, src: InstanceSnapshot, timeout_s: float, inbound: Inbound | None) -> DrainResult:
         """Move what ``src`` runs away, round after round of the policy's DRAIN moves (within
-        ``max_concurrent``), until it runs nothing or ``timeout_s`` passes. A request that failed to move
-        ``_DRAIN_TRIES`` times is left to finish there."""
+        ``max_concurrent``), until it runs nothing, nothing is on its way to it, or ``timeout_s`` passes.
+        A request that failed to move ``_DRAIN_TRIES`` times is tried once by recompute (the destination
+        re-runs it), then left to finish there."""
         started = self._clock()
         deadline = started + (timeout_s or self._config.timeout_s * 4)
         result = DrainResult()
         tried: collections.Counter[str] = collections.Counter()
+        recomputed: set[str] = set()
         while True:
+            coming = await inbound() if inbound is not None else 0  # first: what arrives after is listed
             running = await self._workers.running_requests(src.actor_name, _LIST_CALL_S)
-            if not running:
+            if not running and not coming:
                 break
             if self._clock() > deadline:
-                result.remaining = len(running)
+                result.remaining = len(running) + coming
                 break
             exhausted = frozenset(rid for rid, n in tried.items() if n >= _DRAIN_TRIES)
+            fallback = [rid for rid in running if rid in exhausted and rid not in recomputed]
+            recomputed.update(fallback)
             entries = await asyncio.gather(
-                *self._plan_once(drains_only=True, exclude=exhausted), return_exceptions=True
+                *self._plan_once(drains_only=True, exclude=exhausted),
+                *(self._recompute(rid, src.instance_id) for rid in fallback),
+                return_exceptions=True,
             )
             mine = [e for e in entries if isinstance(e, MigrationEntry) and e.source == src.instance_id]
-            if not mine:  # nothing moved yet (not reported, no room elsewhere, or left to finish)
+            if not mine:  # nothing moved yet (on its way, not reported, no room elsewhere, left to finish)
                 await asyncio.sleep(_DRAIN_POLL_S)
                 continue
             for entry in mine:
@@ -323,6 +337,16 @@ class MigrationCoordinator:
         )
         result.seconds = self._clock() - started
         return result
+
+    async def _recompute(self, request_id: str, source: str) -> MigrationEntry | None:
+        """The last resort of a drain for a request live migration could not move: re-run it elsewhere."""
+        try:
+            return await self.migrate(
+                request_id, source=source, mode=MigrationMode.RECOMPUTE.value, trigger=MigrationTrigger.DRAIN
+            )
+        except InvalidRequest as err:  # it finished meanwhile, or no destination takes it
+            log.info("recompute migration of %s skipped: %s", request_id, err.message)
+            return None
 
     def _known(self, instance_id: str) -> InstanceSnapshot:
         found = self._registry.snapshot(self._wall_clock()).by_id(instance_id)

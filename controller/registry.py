@@ -14,9 +14,12 @@ class InstanceRegistry:
         self._instances: dict[str, InstanceSnapshot] = {}
         self._heard_at: dict[str, float] = {}
         self._cordoned: set[str] = set()
+        self._gone: set[str] = set()  # removed for good: a late report does not bring them back
         self._version = 0
 
     def report(self, snapshot: InstanceSnapshot, now: float) -> None:
+        if snapshot.instance_id in self._gone:
+            return
         if snapshot.instance_id in self._cordoned and snapshot.state is InstanceState.READY:
             snapshot = replace(snapshot, state=InstanceState.CORDONED)
         self._instances[snapshot.instance_id] = snapshot
@@ -45,6 +48,18 @@ class InstanceRegistry:
         if current is not None and current.state is not InstanceState.DEAD:
             self._instances[instance_id] = replace(current, state=InstanceState.DEAD)
             self._version += 1
+
+    def forget(self, instance_id: str) -> None:
+        """``instance_id`` was removed (a scale-in): drop it, and ignore its reports from now on."""
+        self._gone.add(instance_id)
+        self._cordoned.discard(instance_id)
+        self._heard_at.pop(instance_id, None)
+        if self._instances.pop(instance_id, None) is not None:
+            self._version += 1
+
+    def admit(self, instance_id: str) -> None:
+        """An instance id may serve again (a new instance reuses the id of one removed before)."""
+        self._gone.discard(instance_id)
 
     def expire(self, now: float) -> list[str]:
         """Mark every instance not heard from within the timeout DEAD; return the ones newly marked."""

@@ -95,6 +95,13 @@ class FrontDoor:
     def update_snapshot(self, snapshot: ClusterSnapshot) -> None:
         self.router.update_snapshot(snapshot)
 
+    def inbound(self, instance_id: str) -> int:
+        """Requests planned on ``instance_id`` that still need it before it can go (a drain waits)."""
+        return self.router.inbound(instance_id)
+
+    def snapshot_version(self) -> int:
+        return self.router.snapshot.version
+
     def requests_in_flight(self) -> int:
         """Requests this front door is serving (leak check)."""
         return sum(self.router.in_flight().values())

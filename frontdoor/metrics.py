@@ -11,7 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
-from protocol.snapshots import PAUSE_BUCKETS_S, ClusterSnapshot, MigrationTotals
+from protocol.snapshots import PAUSE_BUCKETS_S, AutoscalerTotals, ClusterSnapshot, MigrationTotals
 from protocol.transfers import TransferOutcome, TransferRecord
 
 _LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
@@ -144,6 +144,8 @@ class _SnapshotCollector(Collector):
         yield from gauges.values()
         yield from (transfer_bytes, transfer_seconds, transfers)
         yield from _migration_metrics(self._snapshot().migrations)
+        if (scaling := self._snapshot().autoscaler) is not None:
+            yield from _autoscaler_metrics(scaling)
 
 
 def _migration_metrics(totals: MigrationTotals) -> Iterator[Metric]:
@@ -163,3 +165,33 @@ def _migration_metrics(totals: MigrationTotals) -> Iterator[Metric]:
     ]
     pause.add_metric([], [*buckets, ("+Inf", totals.paused_count)], totals.paused_sum_s)
     yield from (count, moved, pause)
+
+
+def _autoscaler_metrics(totals: AutoscalerTotals) -> Iterator[Metric]:
+    per_pool = {
+        what: GaugeMetricFamily(f"pdflow_autoscaler_{what}_replicas", help_, labels=["role"])
+        for what, help_ in (
+            ("desired", "Instances the autoscaler wants in the pool (in service or on their way)."),
+            ("ready", "Instances of the pool in service."),
+            ("pending", "Instances of the pool on their way (not scheduled, or the engine starting)."),
+            ("draining", "Instances of the pool on their way out: cordoned, draining, drained or kept warm."),
+        )
+    }
+    for role, desired, ready, pending, draining in totals.pools:
+        for what, n in (("desired", desired), ("ready", ready), ("pending", pending), ("draining", draining)):
+            per_pool[what].add_metric([role], n)
+    decisions = CounterMetricFamily(
+        "pdflow_autoscaler_decisions", "Autoscaler decisions by reason.", labels=["reason"]
+    )
+    for reason, n in totals.decisions:
+        decisions.add_metric([reason], n)
+    metric = GaugeMetricFamily(
+        "pdflow_autoscaler_metric",
+        "The figure the autoscaler scales each pool on, per pool.",
+        labels=["role"],
+    )
+    metric.add_metric(["decode"], totals.decode_tps)  # decode tokens/s
+    metric.add_metric(["prefill"], totals.prefill_miss_tps)  # cache-miss prompt tokens/s
+    paused = GaugeMetricFamily("pdflow_autoscaler_paused", "1 while the autoscaler's policy does not act.")
+    paused.add_metric([], 1.0 if totals.paused else 0.0)
+    yield from (*per_pool.values(), decisions, metric, paused)

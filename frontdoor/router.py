@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 EventSink = Callable[[RequestEvent, int, int], None]
 _CANCEL_WAIT_S = 5.0  # how long a cancelled call to a worker may take to leave (a Ray call: at once)
+_NEEDS_PREFILL = (RequestState.QUEUED, RequestState.PREFILLING, RequestState.TRANSFERRING)
+_NEEDS_DECODE = (*_NEEDS_PREFILL, RequestState.MIGRATING)
 _FINAL_STATE = {
     FinishReason.STOP: RequestState.FINISHED_STOP,
     FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
@@ -82,6 +84,18 @@ class RequestRouter:
         for flight in self._active.values():
             counts[flight.state.value] = counts.get(flight.state.value, 0) + 1
         return counts
+
+    def inbound(self, instance_id: str) -> int:
+        """Requests this front door has planned on ``instance_id`` that still need it but may not show in
+        its engine: on a prefill worker, those not yet decoding elsewhere (its KV may still be on its way);
+        on a decode worker, those whose hand-off (or migration) to it has not started decoding there. A
+        drain of that instance waits for them."""
+        return sum(
+            1
+            for f in self._active.values()
+            if (f.plan.prefill.instance_id == instance_id and f.state in _NEEDS_PREFILL)
+            or (f.decode_instance == instance_id and f.state in _NEEDS_DECODE)
+        )
 
     async def abort(self, request_id: RequestId) -> bool:
         flight = self._active.get(request_id)

@@ -58,6 +58,27 @@ class AdminClient:
     def migrations(self, limit: int = 20) -> admin_pb2.ListMigrationsResponse:
         return self._call(self._stub.ListMigrations, admin_pb2.ListMigrationsRequest(limit=limit))
 
+    def autoscaler(self) -> admin_pb2.AutoscalerStatus:
+        return self._call(self._stub.GetAutoscalerStatus, admin_pb2.AutoscalerStatusRequest())
+
+    def autoscaler_decisions(self, limit: int, acting_only: bool) -> admin_pb2.ExplainAutoscalerResponse:
+        request = admin_pb2.ExplainAutoscalerRequest(limit=limit, acting_only=acting_only)
+        return self._call(self._stub.ExplainAutoscaler, request)
+
+    def pause_autoscaler(self, reason: str) -> admin_pb2.AutoscalerStatus:
+        return self._call(self._stub.PauseAutoscaler, admin_pb2.PauseAutoscalerRequest(reason=reason))
+
+    def resume_autoscaler(self) -> admin_pb2.AutoscalerStatus:
+        return self._call(self._stub.ResumeAutoscaler, admin_pb2.ResumeAutoscalerRequest(), deadline_s=30.0)
+
+    def scale(self, prefill: int, decode: int, deadline_s: float) -> admin_pb2.ScaleDecisionInfo:
+        request = admin_pb2.ScaleRequest(prefill=prefill, decode=decode)
+        return self._call(self._stub.Scale, request, deadline_s=deadline_s)
+
+    def set_role(self, instance_id: str, role: str, deadline_s: float) -> admin_pb2.ScaleDecisionInfo:
+        request = admin_pb2.SetRoleRequest(instance_id=instance_id, role=role)
+        return self._call(self._stub.SetRole, request, deadline_s=deadline_s)
+
     def _call(self, method, request, deadline_s: float = DEADLINE_S):  # type: ignore[no-untyped-def]
         try:
             return method(request, timeout=deadline_s)

@@ -48,12 +48,16 @@ def up(
     config: ConfigOpt = None,
     set_: SetOpt = None,
     detach: Annotated[bool, typer.Option("--detach", "-d", help="Run in the background.")] = False,
+    autoscale: Annotated[
+        bool, typer.Option("--autoscale", help="Let the autoscaler size both pools (autoscaler.enabled).")
+    ] = False,
 ) -> None:
     """Start a local cluster (Ray head, controller, workers, front door). Ctrl-C stops it cleanly."""
     cfg = build_config(
         config,
         set_,
         **{
+            "autoscaler.enabled": True if autoscale else None,
             "prefill.replicas": prefill,
             "decode.replicas": decode,
             "frontdoor.http_port": http_port,
@@ -295,7 +299,10 @@ def demo(
 
 
 def main() -> None:
-    from pdctl import operations  # noqa: F401  (adds migrate, cordon, uncordon, drain, migrations after these)
+    from pdctl import (
+        operations,  # noqa: F401  (adds migrate, cordon, uncordon, drain, migrations after these)
+        scaling,  # noqa: F401  (adds autoscaler, scale, set-role)
+    )
 
     app()
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
+from autoscaler.ray_actors import RayActuator, spawn_worker
 from protocol.config import ClusterConfig
 from protocol.snapshots import Role
 from runtime.actors import CONTROLLER_NAME, NAMESPACE
@@ -109,46 +110,16 @@ class LocalCluster:
             .options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=1000)
             .remote(cfg.model_dump(mode="json"), NAMESPACE)
         )
-        port: int = ray.get(actor.start.remote(), timeout=60)
+        # the controller sizes the pools through this actuator: the autoscaler's policy when
+        # autoscaler.enabled, and `pdctl scale` / `pdctl set-role` either way
+        actuator = RayActuator(cfg.model_dump(mode="json"), str(self.model_path), NAMESPACE)
+        port: int = ray.get(actor.start.remote(actuator), timeout=60)
         self.handle.actors[CONTROLLER_NAME] = actor
         self.handle.admin_address = f"{cfg.controller.admin_host}:{port}"
 
     def add_worker(self, role: Role, index: int) -> tuple[str, Any]:
         """Create one worker actor (not yet started)."""
-        import ray
-
-        from decode_worker.actor import DecodeWorker
-        from prefill_worker.actor import PrefillWorker
-
-        cls = PrefillWorker if role is Role.PREFILL else DecodeWorker
-        instance_id = f"{role.value}-{index}"
-        name = f"pdflow-{instance_id}"
-        engine = self.config.engine
-        base = self.config.worker.nixl_base_port
-        env = {
-            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(
-                base + index * 2 + (role is Role.DECODE) if base else free_port()
-            ),
-            "VLLM_CPU_KVCACHE_SPACE": str(engine.kv_cache_gib),
-            "OMP_NUM_THREADS": str(engine.cpu_threads),
-        }
-        actor = (
-            ray.remote(cls)
-            .options(
-                name=name,
-                num_cpus=0,
-                max_concurrency=1000,
-                runtime_env={"env_vars": env},
-            )
-            .remote(
-                instance_id,
-                name,
-                str(self.model_path),
-                self.config.model_dump(mode="json"),
-                CONTROLLER_NAME,
-                NAMESPACE,
-            )
-        )
+        name, actor = spawn_worker(self.config, str(self.model_path), role, index)
         self.handle.actors[name] = actor
         return name, actor
 

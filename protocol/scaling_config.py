@@ -68,6 +68,9 @@ class AutoscalerConfig(BaseModel):
     kv_limit: float = Field(
         0.9, gt=0, le=1, description="...and its KV cache would stay under this share of its blocks."
     )
+    latency_window_s: float = Field(
+        30.0, gt=0, description="The p99 latencies are over the requests that finished this recently."
+    )
     warm_s: float = Field(
         60.0,
         ge=0,

@@ -83,11 +83,23 @@ class MigrationTotals:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoscalerTotals:
+    """The autoscaler's figures, carried in the snapshot for the metrics (absent without an autoscaler)."""
+
+    pools: tuple[tuple[str, int, int, int, int], ...] = ()  # (role, desired, ready, pending, draining)
+    decisions: tuple[tuple[str, int], ...] = ()  # (reason, decisions so far)
+    decode_tps: float = 0.0  # the metric it scales on
+    prefill_miss_tps: float = 0.0
+    paused: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSnapshot:
     version: int
     instances: tuple[InstanceSnapshot, ...] = ()
     taken_at: float = 0.0
     migrations: MigrationTotals = field(default_factory=MigrationTotals)
+    autoscaler: AutoscalerTotals | None = None
 
     def live(self, role: Role) -> tuple[InstanceSnapshot, ...]:
         return tuple(i for i in self.instances if i.role is role and i.state.schedulable)

@@ -254,3 +254,128 @@ class ListMigrationsResponse(_message.Message):
     in_flight: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
     recent: _containers.RepeatedCompositeFieldContainer[MigrationInfo]
     def __init__(self, in_flight: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ..., recent: _Optional[_Iterable[_Union[MigrationInfo, _Mapping]]] = ...) -> None: ...
+
+class AutoscalerStatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class PoolScale(_message.Message):
+    __slots__ = ("role", "desired", "ready", "pending", "draining")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    DESIRED_FIELD_NUMBER: _ClassVar[int]
+    READY_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    desired: int
+    ready: int
+    pending: int
+    draining: int
+    def __init__(self, role: _Optional[str] = ..., desired: _Optional[int] = ..., ready: _Optional[int] = ..., pending: _Optional[int] = ..., draining: _Optional[int] = ...) -> None: ...
+
+class ScaleDecisionInfo(_message.Message):
+    __slots__ = ("decision_id", "at", "reason", "detail", "prefill", "decode", "victims", "restore", "flips", "cancel", "remove", "actions", "manual", "decode_tps", "prefill_miss_tps", "ttft_p99_seconds", "tpot_p99_seconds", "instances")
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    AT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    VICTIMS_FIELD_NUMBER: _ClassVar[int]
+    RESTORE_FIELD_NUMBER: _ClassVar[int]
+    FLIPS_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    MANUAL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TPS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MISS_TPS_FIELD_NUMBER: _ClassVar[int]
+    TTFT_P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TPOT_P99_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INSTANCES_FIELD_NUMBER: _ClassVar[int]
+    decision_id: int
+    at: float
+    reason: str
+    detail: str
+    prefill: int
+    decode: int
+    victims: _containers.RepeatedScalarFieldContainer[str]
+    restore: _containers.RepeatedScalarFieldContainer[str]
+    flips: _containers.RepeatedScalarFieldContainer[str]
+    cancel: _containers.RepeatedScalarFieldContainer[str]
+    remove: _containers.RepeatedScalarFieldContainer[str]
+    actions: _containers.RepeatedScalarFieldContainer[str]
+    manual: bool
+    decode_tps: float
+    prefill_miss_tps: float
+    ttft_p99_seconds: float
+    tpot_p99_seconds: float
+    instances: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, decision_id: _Optional[int] = ..., at: _Optional[float] = ..., reason: _Optional[str] = ..., detail: _Optional[str] = ..., prefill: _Optional[int] = ..., decode: _Optional[int] = ..., victims: _Optional[_Iterable[str]] = ..., restore: _Optional[_Iterable[str]] = ..., flips: _Optional[_Iterable[str]] = ..., cancel: _Optional[_Iterable[str]] = ..., remove: _Optional[_Iterable[str]] = ..., actions: _Optional[_Iterable[str]] = ..., manual: _Optional[bool] = ..., decode_tps: _Optional[float] = ..., prefill_miss_tps: _Optional[float] = ..., ttft_p99_seconds: _Optional[float] = ..., tpot_p99_seconds: _Optional[float] = ..., instances: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class AutoscalerStatus(_message.Message):
+    __slots__ = ("enabled", "actuator", "paused", "pools", "decode_tps", "prefill_miss_tps", "decisions_by_reason", "last")
+    class DecisionsByReasonEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    ENABLED_FIELD_NUMBER: _ClassVar[int]
+    ACTUATOR_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_FIELD_NUMBER: _ClassVar[int]
+    POOLS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_TPS_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_MISS_TPS_FIELD_NUMBER: _ClassVar[int]
+    DECISIONS_BY_REASON_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    enabled: bool
+    actuator: str
+    paused: str
+    pools: _containers.RepeatedCompositeFieldContainer[PoolScale]
+    decode_tps: float
+    prefill_miss_tps: float
+    decisions_by_reason: _containers.ScalarMap[str, int]
+    last: ScaleDecisionInfo
+    def __init__(self, enabled: _Optional[bool] = ..., actuator: _Optional[str] = ..., paused: _Optional[str] = ..., pools: _Optional[_Iterable[_Union[PoolScale, _Mapping]]] = ..., decode_tps: _Optional[float] = ..., prefill_miss_tps: _Optional[float] = ..., decisions_by_reason: _Optional[_Mapping[str, int]] = ..., last: _Optional[_Union[ScaleDecisionInfo, _Mapping]] = ...) -> None: ...
+
+class ExplainAutoscalerRequest(_message.Message):
+    __slots__ = ("limit", "acting_only")
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    ACTING_ONLY_FIELD_NUMBER: _ClassVar[int]
+    limit: int
+    acting_only: bool
+    def __init__(self, limit: _Optional[int] = ..., acting_only: _Optional[bool] = ...) -> None: ...
+
+class ExplainAutoscalerResponse(_message.Message):
+    __slots__ = ("decisions",)
+    DECISIONS_FIELD_NUMBER: _ClassVar[int]
+    decisions: _containers.RepeatedCompositeFieldContainer[ScaleDecisionInfo]
+    def __init__(self, decisions: _Optional[_Iterable[_Union[ScaleDecisionInfo, _Mapping]]] = ...) -> None: ...
+
+class PauseAutoscalerRequest(_message.Message):
+    __slots__ = ("reason",)
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    reason: str
+    def __init__(self, reason: _Optional[str] = ...) -> None: ...
+
+class ResumeAutoscalerRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ScaleRequest(_message.Message):
+    __slots__ = ("prefill", "decode")
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    prefill: int
+    decode: int
+    def __init__(self, prefill: _Optional[int] = ..., decode: _Optional[int] = ...) -> None: ...
+
+class SetRoleRequest(_message.Message):
+    __slots__ = ("instance_id", "role")
+    INSTANCE_ID_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    instance_id: str
+    role: str
+    def __init__(self, instance_id: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...

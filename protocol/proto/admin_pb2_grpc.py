@@ -74,6 +74,36 @@ class AdminStub:
                 request_serializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
                 response_deserializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsResponse.FromString,
                 _registered_method=True)
+        self.GetAutoscalerStatus = channel.unary_unary(
+                '/pdflow.v1.Admin/GetAutoscalerStatus',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatusRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.FromString,
+                _registered_method=True)
+        self.ExplainAutoscaler = channel.unary_unary(
+                '/pdflow.v1.Admin/ExplainAutoscaler',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.ExplainAutoscalerRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.ExplainAutoscalerResponse.FromString,
+                _registered_method=True)
+        self.PauseAutoscaler = channel.unary_unary(
+                '/pdflow.v1.Admin/PauseAutoscaler',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.PauseAutoscalerRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.FromString,
+                _registered_method=True)
+        self.ResumeAutoscaler = channel.unary_unary(
+                '/pdflow.v1.Admin/ResumeAutoscaler',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.ResumeAutoscalerRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.FromString,
+                _registered_method=True)
+        self.Scale = channel.unary_unary(
+                '/pdflow.v1.Admin/Scale',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.ScaleRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.ScaleDecisionInfo.FromString,
+                _registered_method=True)
+        self.SetRole = channel.unary_unary(
+                '/pdflow.v1.Admin/SetRole',
+                request_serializer=protocol_dot_proto_dot_admin__pb2.SetRoleRequest.SerializeToString,
+                response_deserializer=protocol_dot_proto_dot_admin__pb2.ScaleDecisionInfo.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -127,6 +157,44 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetAutoscalerStatus(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExplainAutoscaler(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseAutoscaler(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeAutoscaler(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Scale(self, request, context):
+        """a manual target; pauses the policy
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetRole(self, request, context):
+        """drain an instance and switch its role
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -169,6 +237,36 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListMigrations,
                     request_deserializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsRequest.FromString,
                     response_serializer=protocol_dot_proto_dot_admin__pb2.ListMigrationsResponse.SerializeToString,
+            ),
+            'GetAutoscalerStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetAutoscalerStatus,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatusRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.SerializeToString,
+            ),
+            'ExplainAutoscaler': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainAutoscaler,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.ExplainAutoscalerRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.ExplainAutoscalerResponse.SerializeToString,
+            ),
+            'PauseAutoscaler': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseAutoscaler,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.PauseAutoscalerRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.SerializeToString,
+            ),
+            'ResumeAutoscaler': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeAutoscaler,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.ResumeAutoscalerRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.SerializeToString,
+            ),
+            'Scale': grpc.unary_unary_rpc_method_handler(
+                    servicer.Scale,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.ScaleRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.ScaleDecisionInfo.SerializeToString,
+            ),
+            'SetRole': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRole,
+                    request_deserializer=protocol_dot_proto_dot_admin__pb2.SetRoleRequest.FromString,
+                    response_serializer=protocol_dot_proto_dot_admin__pb2.ScaleDecisionInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -387,6 +485,168 @@ class Admin:
             '/pdflow.v1.Admin/ListMigrations',
             protocol_dot_proto_dot_admin__pb2.ListMigrationsRequest.SerializeToString,
             protocol_dot_proto_dot_admin__pb2.ListMigrationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetAutoscalerStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/GetAutoscalerStatus',
+            protocol_dot_proto_dot_admin__pb2.AutoscalerStatusRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainAutoscaler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/ExplainAutoscaler',
+            protocol_dot_proto_dot_admin__pb2.ExplainAutoscalerRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.ExplainAutoscalerResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseAutoscaler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/PauseAutoscaler',
+            protocol_dot_proto_dot_admin__pb2.PauseAutoscalerRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeAutoscaler(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/ResumeAutoscaler',
+            protocol_dot_proto_dot_admin__pb2.ResumeAutoscalerRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.AutoscalerStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Scale(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/Scale',
+            protocol_dot_proto_dot_admin__pb2.ScaleRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.ScaleDecisionInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRole(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pdflow.v1.Admin/SetRole',
+            protocol_dot_proto_dot_admin__pb2.SetRoleRequest.SerializeToString,
+            protocol_dot_proto_dot_admin__pb2.ScaleDecisionInfo.FromString,
             options,
             channel_credentials,
             insecure,

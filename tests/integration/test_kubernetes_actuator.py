@@ -16,9 +16,9 @@ from autoscaler.kubernetes import (
     DELETION_COST,
     REPLICAS,
     KubernetesActuator,
-    Outcome,
     PoolWorkload,
 )
+from protocol.actuation import Outcome
 from protocol.snapshots import Role
 from tests.support.fake_kube import FakeKube
 
@@ -161,8 +161,10 @@ def test_a_manual_scale_holds_the_pool_until_resumed(kube: FakeKube, tmp_path: P
     assert kube.replicas("Deployment", "decode") == 4
     assert actuator.status(Role.DECODE).manual_override
 
-    status = actuator.resume(Role.DECODE)
-    assert not status.manual_override and status.set_by_pdflow == 4
+    assert actuator.members(Role.DECODE).hold.startswith("manual_override")
+    members = actuator.resume(Role.DECODE)
+    assert not members.hold and members.replicas == 4
+    assert actuator.status(Role.DECODE).set_by_pdflow == 4
     assert actuator.scale("d-3", Role.DECODE, 5).outcome is Outcome.APPLIED
     assert kube.replicas("Deployment", "decode") == 5
 

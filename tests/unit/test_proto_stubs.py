@@ -62,4 +62,10 @@ def test_services_have_the_documented_methods() -> None:
         "Uncordon",
         "Drain",
         "ListMigrations",
+        "GetAutoscalerStatus",
+        "ExplainAutoscaler",
+        "PauseAutoscaler",
+        "ResumeAutoscaler",
+        "Scale",
+        "SetRole",
     }

@@ -1,0 +1,230 @@
+"""The Ray actuator: a pool is the worker actors named ``pdflow-<role>-<n>`` in the cluster's namespace, on
+the local Ray cluster or any other (KubeRay included). Scaling out creates actors and starts their engines;
+scaling in shuts exactly the named instances down (their engines' subprocesses exit) and kills the actors.
+``spawn_worker`` is the one place worker actors are created (``pdctl up`` uses it too).
+
+The actuator is handed to the controller actor by whoever starts the cluster; it pickles by value (settings
+only) and looks everything else up in Ray when called."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import re
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.actuation import Actuation, Outcome, PoolMembers
+from protocol.config import ClusterConfig
+from protocol.snapshots import Role
+from runtime.actors import CONTROLLER_NAME, NAMESPACE
+
+log = logging.getLogger(__name__)
+_NAME = re.compile(r"^pdflow-(prefill|decode)-(\d+)$")
+_SHUTDOWN_S = 30.0
+
+
+def worker_name(role: Role, index: int) -> str:
+    return f"pdflow-{role.value}-{index}"
+
+
+def spawn_worker(
+    config: ClusterConfig,
+    model_path: str,
+    role: Role,
+    index: int,
+    *,
+    namespace: str = NAMESPACE,
+    controller_name: str = CONTROLLER_NAME,
+) -> tuple[str, Any]:
+    """Create worker actor ``pdflow-<role>-<index>`` (instance ``<role>-<index>``); its engine starts when
+    ``start`` is called on it."""
+    import ray
+
+    from decode_worker.actor import DecodeWorker
+    from prefill_worker.actor import PrefillWorker
+
+    cls = PrefillWorker if role is Role.PREFILL else DecodeWorker
+    name = worker_name(role, index)
+    base = config.worker.nixl_base_port
+    if base:
+        side_channel = base + index * 2 + (role is Role.DECODE)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            side_channel = s.getsockname()[1]
+    env = {
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel),
+        "VLLM_CPU_KVCACHE_SPACE": str(config.engine.kv_cache_gib),
+        "OMP_NUM_THREADS": str(config.engine.cpu_threads),
+    }
+    actor = (
+        ray.remote(cls)
+        .options(
+            name=name, namespace=namespace, num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env}
+        )
+        .remote(
+            f"{role.value}-{index}",
+            name,
+            model_path,
+            config.model_dump(mode="json"),
+            controller_name,
+            namespace,
+        )
+    )
+    return name, actor
+
+
+@dataclass
+class RayActuator:
+    """Sizes the pools as Ray actors. Instance ids are ``<role>-<n>``, actor names ``pdflow-<role>-<n>``."""
+
+    config: dict[str, Any]  # the ClusterConfig, as JSON
+    model_path: str
+    namespace: str = NAMESPACE
+    kind = "ray"
+    _starting: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # instance -> start ref
+    _applied: dict[tuple[str, Role], Actuation] = field(default_factory=dict, init=False, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only: handles and refs belong to the process that made them."""
+        return {"config": self.config, "model_path": self.model_path, "namespace": self.namespace}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(**state)  # type: ignore[misc]
+
+    def members(self, role: Role) -> PoolMembers:
+        instances = self._instances(role)
+        pending = tuple(i for i in instances if self._still_starting(i))
+        return PoolMembers(len(instances), instances, pending)
+
+    def victim_order(self, role: Role, candidates: list[str]) -> list[str]:
+        return list(candidates)  # any actor can go
+
+    def resume(self, role: Role) -> PoolMembers:
+        return self.members(role)  # nobody else sizes a Ray pool
+
+    def scale(
+        self,
+        decision_id: str,
+        role: Role,
+        replicas: int,
+        *,
+        victims: tuple[str, ...] = (),
+        cancel: tuple[str, ...] = (),
+    ) -> Actuation:
+        done = self._applied.get((decision_id, role))
+        if done is not None:
+            return Actuation(decision_id, role, Outcome.UNCHANGED, done.replicas_after, done.replicas_after)
+        instances = self._instances(role)
+        before = len(instances)
+        if replicas == before:
+            return Actuation(decision_id, role, Outcome.UNCHANGED, before, before)
+        if replicas > before:
+            result = self._start(decision_id, role, instances, replicas - before)
+        else:
+            result = self._stop(decision_id, role, instances, replicas, victims, cancel)
+        if result.outcome is Outcome.APPLIED:
+            self._applied[(decision_id, role)] = result
+        return result
+
+    # ---- helpers ----
+
+    def _instances(self, role: Role) -> tuple[str, ...]:
+        import ray
+
+        names = ray.util.list_named_actors(all_namespaces=True)
+        found = []
+        for entry in names:
+            m = _NAME.match(entry["name"])
+            if m is not None and entry["namespace"] == self.namespace and m[1] == role.value:
+                found.append((int(m[2]), f"{m[1]}-{m[2]}"))
+        return tuple(iid for _, iid in sorted(found))
+
+    def _still_starting(self, instance_id: str) -> bool:
+        import ray
+
+        ref = self._starting.get(instance_id)
+        if ref is None:
+            return False
+        if not ray.wait([ref], timeout=0)[0]:
+            return True
+        self._starting.pop(instance_id, None)
+        try:
+            ray.get(ref, timeout=1)
+        except Exception as exc:  # its engine did not start: the instance is of no use
+            log.error("instance %s failed to start (%s); removing it", instance_id, exc)
+            self._kill(instance_id)
+        return False
+
+    def _start(self, decision_id: str, role: Role, instances: tuple[str, ...], count: int) -> Actuation:
+        config = ClusterConfig.model_validate(self.config)
+        used = {int(i.rsplit("-", 1)[1]) for i in instances}
+        started: list[str] = []
+        index = 0
+        while len(started) < count:
+            if index not in used:
+                _, actor = spawn_worker(
+                    config,
+                    self.model_path,
+                    role,
+                    index,
+                    namespace=self.namespace,
+                )
+                instance_id = f"{role.value}-{index}"
+                self._starting[instance_id] = actor.start.remote()
+                started.append(instance_id)
+            index += 1
+        log.info("decision %s: starting %s", decision_id, ", ".join(started))
+        return Actuation(
+            decision_id,
+            role,
+            Outcome.APPLIED,
+            len(instances),
+            len(instances) + count,
+            detail=f"starting {', '.join(started)}",
+        )
+
+    def _stop(
+        self,
+        decision_id: str,
+        role: Role,
+        instances: tuple[str, ...],
+        replicas: int,
+        victims: tuple[str, ...],
+        cancel: tuple[str, ...],
+    ) -> Actuation:
+        before = len(instances)
+        leaving = tuple(cancel) or tuple(victims)
+        if len(leaving) != before - replicas or not set(leaving) <= set(instances):
+            detail = (
+                f"{before} -> {replicas} needs {before - replicas} of {list(instances)}, got {list(leaving)}"
+            )
+            return Actuation(decision_id, role, Outcome.REFUSED, before, before, detail=detail)
+        if not cancel:
+            starting = [i for i in instances if self._still_starting(i)]
+            if starting:
+                detail = f"{starting} are still starting: no scale-in until they serve"
+                return Actuation(decision_id, role, Outcome.PENDING, before, before, detail=detail)
+        for instance_id in leaving:
+            self._kill(instance_id)
+        return Actuation(decision_id, role, Outcome.APPLIED, before, replicas, tuple(leaving))
+
+    def _kill(self, instance_id: str) -> None:
+        """Shut the worker down (it tells the controller, then stops its engine), then end its actor."""
+        import ray
+
+        role, index = instance_id.rsplit("-", 1)
+        name = worker_name(Role(role), int(index))
+        self._starting.pop(instance_id, None)
+        try:
+            actor = ray.get_actor(name, namespace=self.namespace)
+        except ValueError:
+            return  # gone already
+        deadline = time.monotonic() + _SHUTDOWN_S
+        with contextlib.suppress(Exception):  # a dead or hung worker is killed below either way
+            ray.get(actor.shutdown.remote(), timeout=max(1.0, deadline - time.monotonic()))
+        with contextlib.suppress(Exception):
+            ray.kill(actor)

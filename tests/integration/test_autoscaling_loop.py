@@ -1,0 +1,257 @@
+"""The controller's autoscaler loop end to end below the engine: the pure policy decides, the loop cordons,
+drains (live migration, and the requests still on their way to the victim), keeps warm, puts back and
+removes, through an actuator that adds and removes in-process workers on fake engines (``FakeCluster``). What
+a user would notice: the pools follow the load, and no request fails or loses a token while they do."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+import pytest
+
+from engine.fake_model import LatencyModel
+from policy.scaling import ScaleReason
+from protocol.errors import InvalidRequest
+from protocol.instances import InstanceState
+from protocol.snapshots import Role
+from tests.integration.test_request_path import colocated
+from tests.support.fake_cluster import FakeCluster
+from tests.support.fake_scaling import autoscaler
+
+pytestmark = pytest.mark.fakes
+
+PROMPT = tuple(range(300, 340))
+TOKENS = 40
+# prefill long enough that requests are on their way to a victim when it is cordoned; decode long enough
+# that some are running there
+LATENCY = LatencyModel(prefill=((1, 0.15), (4096, 0.15)), decode=((1, 0.004), (32, 0.006)))
+SCALE_IN = {
+    "autoscaler.target_decode_tps": 1e6,  # one decode instance carries anything: the policy wants one
+    "autoscaler.in_ticks": 1,
+    "autoscaler.warm_s": 0,
+    "autoscaler.min_prefill": 1,
+    "autoscaler.min_decode": 1,
+}
+
+
+class Load:
+    """``clients`` clients, each sending one request after another until stopped; every answer is checked
+    against what one colocated engine gives."""
+
+    def __init__(self, cluster: FakeCluster, clients: int) -> None:
+        self.cluster = cluster
+        self.stop = asyncio.Event()
+        self.ok = 0
+        self.failures: list[str] = []
+        self._ids = itertools.count()
+        self._expected = colocated(PROMPT, TOKENS)
+        self._tasks = [asyncio.create_task(self._client(k)) for k in range(clients)]
+
+    async def _client(self, k: int) -> None:
+        while not self.stop.is_set():
+            rid = f"c{k}-{next(self._ids)}"
+            try:
+                tokens, finish = await self.cluster.generate(PROMPT, TOKENS, request_id=rid)
+            except Exception as exc:
+                self.failures.append(f"{rid}: {type(exc).__name__}: {exc}")
+                continue
+            if tokens != self._expected or finish != "length":
+                self.failures.append(f"{rid}: {len(tokens)} tokens, finish {finish!r}, wrong tokens")
+            else:
+                self.ok += 1
+
+    async def finish(self) -> None:
+        self.stop.set()
+        await asyncio.wait_for(asyncio.gather(*self._tasks), 30)
+
+    async def __aenter__(self) -> Load:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if not self.stop.is_set():  # a failed assertion: stop the clients, or the cluster never settles
+            self.stop.set()
+            for task in self._tasks:
+                task.cancel()
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+
+async def _until(what: str, cond: Any, timeout_s: float = 10.0) -> None:
+    async def poll() -> None:
+        while not cond():
+            await asyncio.sleep(0.005)
+
+    try:
+        await asyncio.wait_for(poll(), timeout_s)
+    except TimeoutError:
+        raise AssertionError(f"waited {timeout_s} s for {what}") from None
+
+
+async def test_a_decode_scale_in_under_load_drains_the_victim_and_loses_no_request() -> None:
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN) as cluster:
+        loop, actuator, doors = autoscaler(cluster)
+        async with Load(cluster, clients=6) as load:
+            # both decode workers have requests running and requests still prefilling for them
+            await _until(
+                "requests on their way to both decode workers",
+                lambda: all(cluster.router.inbound(f"decode-{i}") > 0 for i in (0, 1)),
+            )
+            record = await loop.tick()
+            assert record is not None and record.decision.reason is ScaleReason.SCALE_IN, record
+            (victim,) = record.decision.victims
+            await loop.settle(30)
+            served_before = load.ok
+            await _until("requests served after the scale-in", lambda: load.ok >= served_before + 6)
+            await load.finish()
+
+        assert load.failures == []
+        assert actuator.removed == [victim] and f"pdflow-{victim}" not in cluster.workers
+        assert cluster.registry.snapshot(0).by_id(victim) is None
+        assert doors.most_inbound[victim] > 0, "the drain had requests on their way to wait for"
+        (done,) = [r for r in loop.history if r.decision.victims]
+        assert any("drained" in a for a in done.actions) and any("applied" in a for a in done.actions)
+        await cluster.wait_idle()
+
+
+async def test_without_waiting_for_requests_on_their_way_a_scale_in_fails_them() -> None:
+    """The control case: a drain that sees only what already runs on the victim removes it while requests
+    are still prefilling for it, and those requests fail."""
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN) as cluster:
+        loop, _, _ = autoscaler(cluster, blind=True)
+        async with Load(cluster, clients=6) as load:
+            await _until(
+                "requests on their way to both decode workers",
+                lambda: all(cluster.router.inbound(f"decode-{i}") > 0 for i in (0, 1)),
+            )
+            record = await loop.tick()
+            assert record is not None and record.decision.victims
+            await loop.settle(30)
+            await load.finish()
+        assert load.failures, "removing a victim with requests on their way to it should fail them"
+
+
+async def test_a_prefill_scale_in_waits_for_the_prompts_and_hand_offs_in_flight() -> None:
+    overrides = {**SCALE_IN, "autoscaler.shape": "1:1"}
+    async with FakeCluster(prefill=2, decode=1, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, doors = autoscaler(cluster)
+        async with Load(cluster, clients=6) as load:
+            await _until(
+                "prompts on both prefill workers",
+                lambda: all(cluster.router.inbound(f"prefill-{i}") > 0 for i in (0, 1)),
+            )
+            record = await loop.tick()
+            assert record is not None and record.decision.reason is ScaleReason.SCALE_IN, record
+            (victim,) = record.decision.victims
+            assert victim.startswith("prefill-")
+            await loop.settle(30)
+            served_before = load.ok
+            await _until("requests served after the scale-in", lambda: load.ok >= served_before + 6)
+            await load.finish()
+
+        assert load.failures == []
+        assert actuator.removed == [victim]
+        assert doors.most_inbound[victim] > 0
+        await cluster.wait_idle()
+
+
+async def test_load_over_target_starts_an_instance_that_is_pending_until_it_serves() -> None:
+    overrides = {"autoscaler.target_decode_tps": 1.0, "autoscaler.max_decode": 3, "autoscaler.shape": "1:3"}
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        async with Load(cluster, clients=4) as load:
+            await _until("decode tokens/s reported", lambda: loop.observe(_members(actuator)).decode_tps > 3)
+            record = await loop.tick()
+            assert record is not None and record.decision.reason is ScaleReason.SCALE_OUT, record
+            assert (record.decision.prefill, record.decision.decode) == (1, 3)
+            await loop.settle(10)
+            (new,) = [i for i in actuator.members(Role.DECODE).instances if i not in ("decode-0", "decode-1")]
+
+            await _until(
+                "the new decode worker serving",
+                lambda: any(r.decode_instance == new for r in cluster.requests.list("", 0)),
+            )
+            await load.finish()
+        assert load.failures == []
+        await loop.tick()  # at the maximum: nothing more to start
+        status = loop.status()
+        assert (status.ready[Role.DECODE], status.pending[Role.DECODE]) == (3, 0)
+        await cluster.wait_idle()
+
+
+async def test_a_warm_victim_is_put_back_when_latency_regresses() -> None:
+    overrides = {**SCALE_IN, "autoscaler.warm_s": 600}
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        async with Load(cluster, clients=4) as load:
+            await _until("requests on both decode workers", lambda: _busy_decoders(cluster) == 2)
+            record = await loop.tick()
+            assert record is not None
+            (victim,) = record.decision.victims
+            await loop.settle(30)
+            assert _state(cluster, victim) is InstanceState.CORDONED  # out of dispatch, still there
+            assert loop.status().draining[Role.DECODE] == 1 and actuator.removed == []
+
+            loop.config.ttft_slo_s = 0.01  # every request is now over its TTFT SLO
+            await _until("a request over the SLO", lambda: loop.observe(_members(actuator)).ttft_p99_s)
+            record = await loop.tick()
+            assert record is not None and record.decision.restore == (victim,), record
+            await loop.settle(10)
+            assert _state(cluster, victim) is InstanceState.READY
+            served = {r.request_id for r in cluster.requests.list("", 0) if r.decode_instance == victim}
+            await _until(
+                "requests on the restored worker",
+                lambda: any(
+                    r.decode_instance == victim and r.request_id not in served
+                    for r in cluster.requests.list("", 0)
+                ),
+            )
+            await load.finish()
+        assert load.failures == []
+        await cluster.wait_idle()
+
+
+async def test_a_manual_target_pauses_the_policy_until_resumed() -> None:
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        with pytest.raises(InvalidRequest, match=r"decode must be within 1\.\.4"):
+            await loop.set_target(1, 9)
+        record = await loop.set_target(1, 1)
+        assert record.manual and len(actuator.removed) == 1
+        assert loop.paused == "manual target 1P+1D" and await loop.tick() is None
+
+        await loop.resume()
+        assert loop.paused == "" and loop.manual_target is None
+        assert await loop.tick() is not None
+        await cluster.wait_idle()
+
+
+async def test_set_role_drains_an_instance_and_replaces_it_in_the_other_pool() -> None:
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        async with Load(cluster, clients=4) as load:
+            await _until("requests on both decode workers", lambda: _busy_decoders(cluster) == 2)
+            record = await loop.set_role("decode-1", Role.PREFILL)
+            assert record.decision.flips == (("decode-1", Role.PREFILL),)
+            assert actuator.removed == ["decode-1"]
+            await _until(
+                "a second prefill worker", lambda: len(actuator.members(Role.PREFILL).instances) == 2
+            )
+            await load.finish()
+        assert load.failures == []
+        with pytest.raises(InvalidRequest, match="prefill instance already"):
+            await loop.set_role("prefill-0", Role.PREFILL)
+        await cluster.wait_idle()
+
+
+def _state(cluster: FakeCluster, iid: str) -> InstanceState | None:
+    inst = cluster.registry.snapshot(0).by_id(iid)
+    return inst.state if inst is not None else None
+
+
+def _members(actuator: Any) -> dict[Role, Any]:
+    return {role: actuator.members(role) for role in (Role.PREFILL, Role.DECODE)}
+
+
+def _busy_decoders(cluster: FakeCluster) -> int:
+    return sum(1 for w in cluster.workers.values() if hasattr(w, "running_requests") and w.running_requests())

@@ -1,0 +1,110 @@
+"""The autoscaler loop on a ``FakeCluster``: an actuator that adds and removes the cluster's in-process
+workers (a new one is on its way until its engine starts), and the front doors as the cluster's one router."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Any
+
+from controller.autoscaling import AutoscalerLoop
+from protocol.actuation import Actuation, Outcome, PoolMembers
+from protocol.snapshots import Role
+from tests.support.fake_cluster import FakeCluster
+
+
+class FakeActuator:
+    kind = "fake"
+
+    def __init__(self, cluster: FakeCluster) -> None:
+        self.cluster = cluster
+        self.starting: dict[str, asyncio.Task[Any]] = {}
+        self.calls: list[tuple[str, Role, int, tuple[str, ...], tuple[str, ...]]] = []
+        self.removed: list[str] = []
+        self.stopping: list[asyncio.Task[Any]] = []
+        self._applied: set[str] = set()
+        self._next = itertools.count(100)
+
+    def members(self, role: Role) -> PoolMembers:
+        ids = sorted(
+            {n.removeprefix("pdflow-") for n in self.cluster.workers if n.startswith(f"pdflow-{role.value}-")}
+            | {i for i in self.starting if i.startswith(f"{role.value}-")}
+        )
+        pending = tuple(i for i in ids if i in self.starting and not self.starting[i].done())
+        return PoolMembers(len(ids), tuple(ids), pending)
+
+    def victim_order(self, role: Role, candidates: list[str]) -> list[str]:
+        return list(candidates)
+
+    def resume(self, role: Role) -> PoolMembers:
+        return self.members(role)
+
+    def scale(
+        self,
+        decision_id: str,
+        role: Role,
+        replicas: int,
+        *,
+        victims: tuple[str, ...] = (),
+        cancel: tuple[str, ...] = (),
+    ) -> Actuation:
+        self.calls.append((decision_id, role, replicas, victims, cancel))
+        before = self.members(role).replicas
+        if decision_id in self._applied or replicas == before:
+            return Actuation(decision_id, role, Outcome.UNCHANGED, before, before)
+        self._applied.add(decision_id)
+        if replicas > before:
+            for _ in range(replicas - before):
+                index = next(self._next)
+                task = asyncio.ensure_future(self.cluster.add_worker(role, index))
+                self.starting[f"{role.value}-{index}"] = task
+                task.add_done_callback(lambda _, i=f"{role.value}-{index}": self.starting.pop(i, None))
+            return Actuation(decision_id, role, Outcome.APPLIED, before, replicas)
+        leaving = cancel or victims
+        for iid in leaving:
+            worker = self.cluster.workers.pop(f"pdflow-{iid}", None)
+            if worker is not None:  # gone from the cluster at once: a request sent there now fails
+                self.stopping.append(asyncio.ensure_future(worker.shutdown()))
+            task = self.starting.pop(iid, None)
+            if task is not None:
+                task.cancel()
+            self.removed.append(iid)
+        return Actuation(decision_id, role, Outcome.APPLIED, before, replicas, tuple(leaving))
+
+
+class FakeFrontDoors:
+    def __init__(self, cluster: FakeCluster, *, blind: bool = False) -> None:
+        """``blind``: report nothing on its way to any instance (the control case)."""
+        self.cluster = cluster
+        self.blind = blind
+        self.most_inbound: dict[str, int] = {}
+
+    async def publish(self) -> None:
+        self.cluster.router.update_snapshot(self.cluster.registry.snapshot(self.cluster.wall_clock()))
+
+    async def inbound(self, instance_id: str) -> int:
+        count = self.cluster.router.inbound(instance_id)
+        self.most_inbound[instance_id] = max(count, self.most_inbound.get(instance_id, 0))
+        return 0 if self.blind else count
+
+
+async def _direct(fn: Any, *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
+
+
+def autoscaler(
+    cluster: FakeCluster, *, blind: bool = False
+) -> tuple[AutoscalerLoop, FakeActuator, FakeFrontDoors]:
+    actuator, doors = FakeActuator(cluster), FakeFrontDoors(cluster, blind=blind)
+    loop = AutoscalerLoop(
+        cluster.config,
+        cluster.registry,
+        cluster.requests,
+        cluster.coordinator,
+        actuator,
+        doors,
+        clock=cluster.clock,
+        wall_clock=cluster.wall_clock,
+        offload=_direct,
+    )
+    return loop, actuator, doors
