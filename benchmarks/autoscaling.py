@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import math
 import random
@@ -66,7 +67,7 @@ class Run:
 
 def _rate_multiple(t: float, scale: float) -> float:
     points = [(at * scale, m) for at, m in PROFILE]
-    for (t0, m0), (t1, m1) in zip(points, points[1:], strict=False):
+    for (t0, m0), (t1, m1) in itertools.pairwise(points):
         if t0 <= t <= t1:
             return m0 + (m1 - m0) * (t - t0) / (t1 - t0) if t1 > t0 else m1
     return points[-1][1]
@@ -83,7 +84,8 @@ def _schedule(target_tps: float, scale: float, seed: int, max_prompt: int, max_o
     rng = random.Random(seed)
     end = PROFILE[-1][0] * scale
     peak = max(m for _, m in PROFILE) * target_tps / mean_out  # requests/s at the peak
-    reqs, t = [], 0.0
+    reqs: list[Req] = []
+    t = 0.0
     while True:  # thinning: candidates at the peak rate, kept with probability rate(t) / peak
         t += rng.expovariate(peak)
         if t >= end:
@@ -177,7 +179,9 @@ async def _sampler(admin: str, run: Run, start: float, stop: asyncio.Event, offe
             await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - start - t)))
 
 
-async def _drive(url: str, admin: str, reqs: list[Req], run: Run, seed: int, target: float, scale: float) -> None:
+async def _drive(
+    url: str, admin: str, reqs: list[Req], run: Run, seed: int, target: float, scale: float
+) -> None:
     import httpx
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -188,7 +192,9 @@ async def _drive(url: str, admin: str, reqs: list[Req], run: Run, seed: int, tar
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=None) as client:
         start = time.monotonic()
-        sampler = asyncio.create_task(_sampler(admin, run, start, stop, lambda t: _rate_multiple(t, scale) * target))
+        sampler = asyncio.create_task(
+            _sampler(admin, run, start, stop, lambda t: _rate_multiple(t, scale) * target)
+        )
         with Progress(
             TextColumn(f"{run.name}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()
         ) as bar:
@@ -278,9 +284,7 @@ def run_once(name: str, cfg: Any, reqs: list[Req], seed: int, target: float, sca
             except Exception:  # a static run has no autoscaler
                 run.decisions = []
             migrations = client.migrations(500)
-            run.drain_migrations = [
-                json.loads(_json(m)) for m in migrations.recent if m.trigger == "drain"
-            ]
+            run.drain_migrations = [json.loads(_json(m)) for m in migrations.recent if m.trigger == "drain"]
 
     print(f"{name}: starting the cluster", flush=True)
     _with_cluster(cfg, body)
@@ -309,7 +313,7 @@ def summarize(run: Run, slo_ttft: float, slo_tpot: float, static_instances: int)
     on_victims = [r for r in reqs if r.request_id in migrated]
     duration = run.samples[-1]["t"] if run.samples else 0.0
     instance_s = 0.0
-    for a, b in zip(run.samples, run.samples[1:], strict=False):
+    for a, b in itertools.pairwise(run.samples):
         alive = a.get("alive", {})
         instance_s += (alive.get("prefill", 0) + alive.get("decode", 0)) * (b["t"] - a["t"])
     return {
@@ -329,7 +333,8 @@ def summarize(run: Run, slo_ttft: float, slo_tpot: float, static_instances: int)
         "instance_seconds": instance_s,
         "static_instance_seconds": static_instances * duration,
         "decisions": [
-            f"{d.get('reason')}: {d.get('prefill', 0)}P+{d.get('decode', 0)}D {'; '.join(d.get('actions', []))}"
+            f"{d.get('reason')}: {d.get('prefill', 0)}P+{d.get('decode', 0)}D; "
+            + "; ".join(d.get("actions", []))
             for d in reversed(run.decisions)
         ],
     }
@@ -347,21 +352,36 @@ def plot(runs: list[Run], path: Path, slo_ttft: float, slo_tpot: float) -> None:
     ax = axes[0]
     ax.plot(t, [s["offered_tps"] for s in auto.samples], "k--", label="offered (output tok/s)")
     for run, style in zip(runs, ("tab:blue", "tab:gray"), strict=False):
-        ax.plot([s["t"] for s in run.samples], [s.get("decode_tps", 0) for s in run.samples], color=style,
-                label=f"decode tok/s ({run.name})")
+        ax.plot(
+            [s["t"] for s in run.samples],
+            [s.get("decode_tps", 0) for s in run.samples],
+            color=style,
+            label=f"decode tok/s ({run.name})",
+        )
     ax.set_ylabel("tokens/s")
     ax.legend(loc="upper right", fontsize=8)
     ax = axes[1]
     for role, color in (("decode", "tab:blue"), ("prefill", "tab:orange")):
-        ax.step(t, [s.get(role, {}).get("desired", 0) for s in auto.samples], where="post", color=color,
-                linestyle="--", label=f"desired {role[0].upper()}")
-        ax.step(t, [s.get(role, {}).get("ready", 0) for s in auto.samples], where="post", color=color,
-                label=f"ready {role[0].upper()}")
+        ax.step(
+            t,
+            [s.get(role, {}).get("desired", 0) for s in auto.samples],
+            where="post",
+            color=color,
+            linestyle="--",
+            label=f"desired {role[0].upper()}",
+        )
+        ax.step(
+            t,
+            [s.get(role, {}).get("ready", 0) for s in auto.samples],
+            where="post",
+            color=color,
+            label=f"ready {role[0].upper()}",
+        )
     ax.set_ylabel("instances (autoscaled)")
     ax.legend(loc="upper right", fontsize=8)
     ax = axes[2]
     for run, color in zip(runs, ("tab:blue", "tab:gray"), strict=False):
-        for what, style, slo in (("ttft", "-", slo_ttft), ("tpot", ":", slo_tpot)):
+        for what, style in (("ttft", "-"), ("tpot", ":")):
             xs, ys = _rolling_p99(run.requests, what)
             ax.plot(xs, ys, color=color, linestyle=style, label=f"{what.upper()} p99 ({run.name})")
         ax.axhline(slo_ttft, color="red", linewidth=0.5)
@@ -384,9 +404,9 @@ def _rolling_p99(reqs: list[Req], what: str, window: float = 30.0) -> tuple[list
     t = window
     while t <= end + window:
         values = [v for s, v in done if t - window <= s < t]
-        if values:
+        if (p99 := _p99(values)) is not None:
             xs.append(t)
-            ys.append(_p99(values))
+            ys.append(p99)
         t += window / 3
     return xs, ys
 
@@ -452,8 +472,10 @@ def main() -> None:
         ("instance-seconds", lambda s: f"{s['instance_seconds']:.0f}"),
         ("static peak allocation", lambda s: f"{s['static_instance_seconds']:.0f}"),
         ("scale-in migrations (moved)", lambda s: f"{s['drain_migrations']} ({s['drain_migrations_moved']})"),
-        ("requests moved by scale-in (failed)",
-         lambda s: f"{s['requests_moved_by_scale_in']} ({s['requests_moved_by_scale_in_failed']})"),
+        (
+            "requests moved by scale-in (failed)",
+            lambda s: f"{s['requests_moved_by_scale_in']} ({s['requests_moved_by_scale_in_failed']})",
+        ),
         ("largest gap, moved request", lambda s: _ms(s["largest_gap_of_a_moved_request_s"])),
         ("largest gap, any request", lambda s: _ms(s["largest_gap_any_request_s"])),
     )
@@ -465,11 +487,21 @@ def main() -> None:
     args.output.parent.mkdir(parents=True, exist_ok=True)
     args.output.write_text(
         json.dumps(
-            {"target_decode_tps": target, "profile": PROFILE, "time_scale": args.time_scale,
-             "summaries": summaries,
-             "runs": {r.name: {"samples": r.samples, "requests": [asdict(q) for q in r.requests],
-                               "decisions": r.decisions, "drain_migrations": r.drain_migrations}
-                      for r in runs}},
+            {
+                "target_decode_tps": target,
+                "profile": PROFILE,
+                "time_scale": args.time_scale,
+                "summaries": summaries,
+                "runs": {
+                    r.name: {
+                        "samples": r.samples,
+                        "requests": [asdict(q) for q in r.requests],
+                        "decisions": r.decisions,
+                        "drain_migrations": r.drain_migrations,
+                    }
+                    for r in runs
+                },
+            },
             indent=1,
         )
     )

@@ -53,9 +53,11 @@ async def _pdctl(*args: str) -> tuple[int, str]:
 async def test_without_an_autoscaler_every_call_says_how_to_get_one() -> None:
     server, address = await _serve(None)
     try:
-        with AdminClient(address) as client:
-            with pytest.raises(AdminUnavailable, match="FAILED_PRECONDITION.*pdctl up --autoscale"):
-                await asyncio.to_thread(client.autoscaler)
+        with (
+            AdminClient(address) as client,
+            pytest.raises(AdminUnavailable, match=r"FAILED_PRECONDITION.*pdctl up --autoscale"),
+        ):
+            await asyncio.to_thread(client.autoscaler)
         code, output = await _pdctl("scale", "--prefill", "1", "--decode", "1", "--admin", address)
         assert code == 1 and "pdctl up --autoscale" in output
     finally:
