@@ -86,6 +86,8 @@ class RayActuator:
     namespace: str = NAMESPACE
     kind = "ray"
     _starting: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # instance -> start ref
+    # the handles of the actors this actuator created: Ray ends an actor once no handle to it is left
+    _handles: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _applied: dict[tuple[str, Role], Actuation] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -174,6 +176,7 @@ class RayActuator:
                     namespace=self.namespace,
                 )
                 instance_id = f"{role.value}-{index}"
+                self._handles[instance_id] = actor
                 self._starting[instance_id] = actor.start.remote()
                 started.append(instance_id)
             index += 1
@@ -219,10 +222,12 @@ class RayActuator:
         role, index = instance_id.rsplit("-", 1)
         name = worker_name(Role(role), int(index))
         self._starting.pop(instance_id, None)
-        try:
-            actor = ray.get_actor(name, namespace=self.namespace)
-        except ValueError:
-            return  # gone already
+        actor = self._handles.pop(instance_id, None)
+        if actor is None:
+            try:
+                actor = ray.get_actor(name, namespace=self.namespace)
+            except ValueError:
+                return  # gone already
         deadline = time.monotonic() + _SHUTDOWN_S
         with contextlib.suppress(Exception):  # a dead or hung worker is killed below either way
             ray.get(actor.shutdown.remote(), timeout=max(1.0, deadline - time.monotonic()))

@@ -150,6 +150,9 @@ class AutoscalerLoop:
         """One round: observe, decide (unless paused or a decision is still being carried out), and start
         carrying the decision out. Returns the decision, if one was made."""
         members = {role: await self._members(role) for role in _ROLES}
+        idle = self._busy is None or self._busy.done()
+        if idle and await self._remove_dead(members):
+            members = {role: await self._members(role) for role in _ROLES}
         obs = self.observe(members)
         self._last_members = members
         self.hold = "; ".join(m.hold for m in members.values() if m.hold)
@@ -169,6 +172,27 @@ class AutoscalerLoop:
         else:
             self.history.append(record)
         return record
+
+    async def _remove_dead(self, members: dict[Role, PoolMembers]) -> bool:
+        """Instances the actuator still runs whose worker is DEAD are removed, so that the policy's scale-out
+        replaces them: at once if the worker said so (its engine failed), after three heartbeat timeouts of
+        silence otherwise (a starved worker may be late, not dead)."""
+        snapshot = self._registry.snapshot(self._wall_clock())
+        timeout = self._cluster.controller.heartbeat_timeout_s
+        removed = False
+        for role, pool in members.items():
+            for iid in pool.instances:
+                inst = snapshot.by_id(iid)
+                if inst is None or inst.state is not InstanceState.DEAD or iid in self._leaving:
+                    continue
+                silent = self._registry.seconds_since_report(iid, self._clock())
+                if timeout <= silent <= 3 * timeout:
+                    continue
+                action = await self._scale(f"dead-{iid}-{int(self._wall_clock())}", role, -1, victims=(iid,))
+                log.warning("%s is DEAD: %s", iid, action)
+                self.counts["removed_dead"] += 1
+                removed = True
+        return removed
 
     async def settle(self, timeout_s: float) -> None:
         """Wait until the decision being carried out is done (tests, shutdown)."""

@@ -175,6 +175,20 @@ class LocalCluster:
             time.sleep(0.1)
         raise TimeoutError(f"cluster not serving after {timeout_s:.0f}s: {health}")
 
+    def _workers_started_by_the_autoscaler(self) -> list[Any]:
+        """Worker actors this process did not create (the controller's actuator did)."""
+        import ray
+
+        found = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            name = entry["name"]
+            if entry["namespace"] != NAMESPACE or name in self.handle.actors:
+                continue
+            if name.startswith(("pdflow-prefill-", "pdflow-decode-")):
+                with contextlib.suppress(ValueError):
+                    found.append(ray.get_actor(name, namespace=NAMESPACE))
+        return found
+
     def stop(self) -> None:
         """Stop the front door (no new requests), then the workers (their engines' subprocesses exit), then
         the controller, then Ray. Idempotent."""
@@ -183,9 +197,11 @@ class LocalCluster:
         if not ray.is_initialized():
             return
         actors = self.handle.actors
+        workers = [a for n, a in actors.items() if n not in (FRONTDOOR_NAME, CONTROLLER_NAME)]
+        workers += self._workers_started_by_the_autoscaler()
         tiers = [
             [a for n, a in actors.items() if n == FRONTDOOR_NAME],
-            [a for n, a in actors.items() if n not in (FRONTDOOR_NAME, CONTROLLER_NAME)],
+            workers,
             [a for n, a in actors.items() if n == CONTROLLER_NAME],
         ]
         for tier in tiers:

@@ -255,3 +255,17 @@ def _members(actuator: Any) -> dict[Role, Any]:
 
 def _busy_decoders(cluster: FakeCluster) -> int:
     return sum(1 for w in cluster.workers.values() if hasattr(w, "running_requests") and w.running_requests())
+
+
+async def test_a_dead_instance_is_removed_and_replaced() -> None:
+    overrides = {"autoscaler.target_decode_tps": 1e6, "autoscaler.min_decode": 2, "autoscaler.in_ticks": 1}
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        cluster.engines["pdflow-decode-1"].kill()  # its engine core dies: the worker reports DEAD
+        await _until("decode-1 reported DEAD", lambda: _state(cluster, "decode-1") is InstanceState.DEAD)
+        record = await loop.tick()
+        assert actuator.removed == ["decode-1"] and loop.counts["removed_dead"] == 1
+        assert record is not None and record.decision.reason is ScaleReason.SCALE_OUT, record
+        await loop.settle(10)
+        replacement = [i for i in actuator.members(Role.DECODE).instances if i != "decode-0"]
+        assert len(replacement) == 1 and replacement[0] != "decode-1"
