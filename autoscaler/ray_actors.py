@@ -88,6 +88,7 @@ class RayActuator:
     _starting: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # instance -> start ref
     # the handles of the actors this actuator created: Ray ends an actor once no handle to it is left
     _handles: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
+    _highest: int = field(default=-1, init=False, repr=False)  # ids are never reused: caches key on them
     _applied: dict[tuple[str, Role], Actuation] = field(default_factory=dict, init=False, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
@@ -163,11 +164,14 @@ class RayActuator:
 
     def _start(self, decision_id: str, role: Role, instances: tuple[str, ...], count: int) -> Actuation:
         config = ClusterConfig.model_validate(self.config)
-        used = {int(i.rsplit("-", 1)[1]) for i in instances}
+        used = {
+            int(i.rsplit("-", 1)[1]) for i in self._instances(Role.PREFILL) + self._instances(Role.DECODE)
+        }
         started: list[str] = []
-        index = 0
+        index = max(used | {self._highest}) + 1
         while len(started) < count:
             if index not in used:
+                self._highest = index
                 _, actor = spawn_worker(
                     config,
                     self.model_path,

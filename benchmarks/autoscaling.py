@@ -1,7 +1,7 @@
 """Autoscaling on real engines: a local cluster (Ray, vLLM CPU engines with SmolLM2) starts at 1P+1D with the
 autoscaler on; a load whose request lengths come from the Azure conversation trace (clipped for a CPU) and
 whose arrival rate follows a profile rises from half of what one decode instance should carry
-(``autoscaler.target_decode_tps``) to about three times that, holds, and falls back. Then the same load, the
+(``autoscaler.target_decode_tps``) to about three times that, holds, and falls back to 0.9 times it. Then the same load, the
 same seed, runs on a static allocation sized for the peak (1P+3D, autoscaler off).
 
 It samples the autoscaler every second and measures every request (TTFT, TPOT, the largest gap between two
@@ -38,8 +38,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 TRACE = ROOT / "benchmarks" / "traces" / "AzureLLMInferenceTrace_conv.csv"
-# (seconds from the start, offered load as a multiple of target_decode_tps): linear between the points
-PROFILE = ((0, 0.5), (60, 0.5), (240, 3.0), (420, 3.0), (540, 0.5), (840, 0.5))
+# (seconds from the start, offered load as a multiple of target_decode_tps): linear between the points. The
+# tail is at 0.9x: one instance would do, but each survivor of 2 -> 1 would carry 0.9x, over the
+# consolidation check's 0.8x, so the pool should stop at 2 rather than flap; and the victims of 3 -> 2 have
+# requests running when they are drained.
+PROFILE = ((0, 0.5), (60, 0.5), (240, 3.0), (420, 3.0), (540, 0.9), (840, 0.9))
 
 
 @dataclass

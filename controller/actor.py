@@ -67,10 +67,16 @@ class _RayFrontDoors:
         )
 
     async def inbound(self, instance_id: str) -> int:
-        counts = await asyncio.gather(
-            *(self._call(name, "inbound", instance_id) for name in list(self._controller.frontdoors))
-        )
-        return sum(counts)
+        async def one(name: str) -> int:
+            try:
+                return await self._call(name, "inbound", instance_id)
+            except Exception as exc:  # it did not answer: it may still send there, so count one
+                log.warning(
+                    "front door %s did not say what it has on its way to %s: %s", name, instance_id, exc
+                )
+                return 1
+
+        return sum(await asyncio.gather(*(one(name) for name in list(self._controller.frontdoors))))
 
     async def _call(self, name: str, method: str, *args: Any) -> int:
         try:
@@ -111,8 +117,6 @@ class Controller:
             self._autoscaler = AutoscalerLoop(
                 self.config, self.registry, self.requests, self.migrations, actuator, _RayFrontDoors(self)
             )
-            if not self.config.autoscaler.enabled:
-                self._autoscaler.pause("autoscaler.enabled is false: manual targets only")
             self._tasks.append(asyncio.create_task(self._autoscaler.run()))
         return self.admin_port
 

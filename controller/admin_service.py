@@ -230,7 +230,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.ResumeAutoscalerRequest, context: grpc.aio.ServicerContext
     ) -> admin_pb2.AutoscalerStatus:
         loop = await self._autoscaler(context)
-        await loop.resume()
+        try:
+            await loop.resume()
+        except Exception as exc:  # the actuator did not answer
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"could not resume: {type(exc).__name__}: {exc}")
         return status_message(loop.status())
 
     async def Scale(
@@ -241,6 +244,8 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             record = await loop.set_target(request.prefill, request.decode)
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        except Exception as exc:  # the actuator did not answer before anything was done
+            await context.abort(grpc.StatusCode.UNAVAILABLE, f"could not scale: {type(exc).__name__}: {exc}")
         return decision_message(record)
 
     async def SetRole(
@@ -255,6 +260,10 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
             record = await loop.set_role(request.instance_id, Role(request.role))
         except InvalidRequest as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        except Exception as exc:  # the actuator did not answer before anything was done
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE, f"could not switch the role: {type(exc).__name__}: {exc}"
+            )
         return decision_message(record)
 
     async def _autoscaler(self, context: grpc.aio.ServicerContext) -> AutoscalerLoop:

@@ -1,18 +1,12 @@
 """The autoscaler loop in the controller: every ``autoscaler.interval_s`` it observes the cluster (the
 registry, the request log's latencies, the actuator's view of the pools), runs the pure policy
-(``policy.scaling.step``) and carries its decision out through the actuator it was given (Ray actors or a
-Kubernetes workload: ``protocol.actuation.Actuator``), one decision at a time.
-
-A scale-in loses nothing: the victim is cordoned, every front door is sent the snapshot that says so (and
-answers), then it is drained: its running requests move by live migration (recompute as the last resort),
-and the requests still on their way to it (prefilling for it, being handed over) are waited for and moved
-once they land. A prefill victim is drained by waiting for its prompts and their hand-offs. The drained
-instance stays warm (``warm_s``), is put back at once if an SLO regresses, and only then is removed. This
-loop keeps that lifecycle (``protocol.instances``) for the instances it takes out; the registry's cordon
-keeps them out of dispatch.
+(``policy.scaling.step``) and has its decision carried out (``controller.scale_actions``) through the
+actuator it was given (Ray actors or a Kubernetes workload: ``protocol.actuation.Actuator``). One decision
+at a time: a lock covers deciding and carrying out, the operator's manual targets and role switches included.
 
 An operator can pause it, resume it, or set a manual target (which pauses the policy); a pool someone else
-sized (``manual_override``) holds the loop until an operator resumes it."""
+sized (``manual_override``) holds the loop until an operator resumes it. With ``autoscaler.enabled`` false
+the policy never acts, and manual targets still work."""
 
 from __future__ import annotations
 
@@ -24,11 +18,11 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
-from typing import Protocol
 
-from controller.migrations import DrainResult, MigrationCoordinator
+from controller.migrations import MigrationCoordinator
 from controller.registry import InstanceRegistry
 from controller.request_log import RequestLog
+from controller.scale_actions import ROLES, FrontDoors, ScaleActions, missing
 from policy.scaling import (
     InstanceView,
     ScaleDecision,
@@ -38,38 +32,17 @@ from policy.scaling import (
     step,
     within_budget,
 )
-from protocol.actuation import Actuation, Actuator, Outcome, PoolMembers
+from protocol.actuation import Actuator, PoolMembers
 from protocol.config import ClusterConfig
 from protocol.errors import InvalidRequest
-from protocol.instances import InstanceState, advance
+from protocol.instances import InstanceState
 from protocol.lifecycle import RequestState
 from protocol.snapshots import AutoscalerTotals, InstanceSnapshot, Role
 
+__all__ = ["AutoscalerLoop", "AutoscalerStatus", "DecisionRecord", "FrontDoors"]
 log = logging.getLogger(__name__)
-_ROLES = (Role.PREFILL, Role.DECODE)
 _HISTORY = 200
-_SETTLE_POLL_S = 0.2
-
-
-class FrontDoors(Protocol):
-    async def publish(self) -> None:
-        """Send every front door the current snapshot and wait until each has it (within a deadline)."""
-        ...
-
-    async def inbound(self, instance_id: str) -> int:
-        """Requests the front doors have planned on ``instance_id`` that still need it (see
-        ``RequestRouter.inbound``)."""
-        ...
-
-
-@dataclass
-class _Leaving:
-    """An instance this loop is taking out of service (or switching role)."""
-
-    role: Role
-    state: InstanceState
-    since: float
-    flip_to: Role | None = None
+DISABLED = "autoscaler.enabled is false: manual targets only"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,23 +91,25 @@ class AutoscalerLoop:
         self._cluster = config
         self._registry = registry
         self._requests = requests
-        self._migrations = migrations
-        self._actuator = actuator
-        self._frontdoors = frontdoors
         self._clock = clock
         self._wall_clock = wall_clock
-        self._offload = offload or asyncio.to_thread
+        self.actions = ScaleActions(
+            config, registry, migrations, actuator, frontdoors, clock, offload or asyncio.to_thread
+        )
         self.state = ScaleState()
-        self.paused = ""
+        self.paused = "" if self.config.enabled else DISABLED
         self.hold = ""  # a pool someone else sized (the actuator's word), until an operator resumes
         self.manual_target: tuple[int, int] | None = None
-        self._leaving: dict[str, _Leaving] = {}
         self._first_seen: dict[str, float] = {}
         self.history: collections.deque[DecisionRecord] = collections.deque(maxlen=_HISTORY)
         self.counts: collections.Counter[str] = collections.Counter()
         self._ids = itertools.count(1)
+        self._lock = asyncio.Lock()  # held while deciding and carrying out
         self._busy: asyncio.Task[None] | None = None
         self._last_members: dict[Role, PoolMembers] = {}  # the actuator's view at the last tick
+        self._rates: collections.deque[tuple[float, float, float]] = (
+            collections.deque()
+        )  # (at, decode, prefill)
 
     # ---- the loop ----
 
@@ -147,52 +122,47 @@ class AutoscalerLoop:
                 log.exception("autoscaler round failed")
 
     async def tick(self) -> DecisionRecord | None:
-        """One round: observe, decide (unless paused or a decision is still being carried out), and start
-        carrying the decision out. Returns the decision, if one was made."""
-        members = {role: await self._members(role) for role in _ROLES}
-        idle = self._busy is None or self._busy.done()
-        if idle and await self._remove_dead(members):
-            members = {role: await self._members(role) for role in _ROLES}
-        obs = self.observe(members)
-        self._last_members = members
-        self.hold = "; ".join(m.hold for m in members.values() if m.hold)
-        if self._busy is not None and not self._busy.done():
+        """One round: observe, decide (unless paused, held, or a decision is still being carried out), and
+        start carrying the decision out. Returns the decision, if one was made."""
+        if self._lock.locked():
             return None
-        if self.paused or self.hold:
-            return None
-        decision, self.state = step(obs, self.state, self._clock(), self.config)
-        decision = replace(decision, decision_id=next(self._ids))
-        record = DecisionRecord(decision, self._wall_clock())
-        self.counts[decision.reason.value] += 1
-        if self._acts(decision):
+        await self._lock.acquire()
+        handed_over = False
+        try:
+            members = await self._members()
+            removed = await self.actions.remove_dead(members)
+            if removed:
+                self.counts["removed_dead"] += len(removed)
+                members = await self._members()
+            self.actions.readmit(members)
+            now = self._clock()
+            for pool in members.values():
+                for iid in pool.instances:
+                    self._first_seen.setdefault(iid, now)
+            self._last_members = members
+            self.hold = "; ".join(m.hold for m in members.values() if m.hold)
+            if self.paused or self.hold:
+                return None
+            observation = self.observe(members)
+            self._record_rates(now)
+            decision, self.state = step(observation, self.state, now, self.config)
+            record = DecisionRecord(replace(decision, decision_id=next(self._ids)), self._wall_clock())
+            self.counts[decision.reason.value] += 1
+            if not self._acts(record.decision):
+                self.history.append(record)
+                return record
             log.info(
-                "autoscaler decision %d: %s (%s)", decision.decision_id, decision.reason, decision.detail
+                "autoscaler decision %d: %s (%s)",
+                record.decision.decision_id,
+                decision.reason,
+                decision.detail,
             )
-            self._busy = asyncio.create_task(self._carry_out(record, members))
-        else:
-            self.history.append(record)
-        return record
-
-    async def _remove_dead(self, members: dict[Role, PoolMembers]) -> bool:
-        """Instances the actuator still runs whose worker is DEAD are removed, so that the policy's scale-out
-        replaces them: at once if the worker said so (its engine failed), after three heartbeat timeouts of
-        silence otherwise (a starved worker may be late, not dead)."""
-        snapshot = self._registry.snapshot(self._wall_clock())
-        timeout = self._cluster.controller.heartbeat_timeout_s
-        removed = False
-        for role, pool in members.items():
-            for iid in pool.instances:
-                inst = snapshot.by_id(iid)
-                if inst is None or inst.state is not InstanceState.DEAD or iid in self._leaving:
-                    continue
-                silent = self._registry.seconds_since_report(iid, self._clock())
-                if timeout <= silent <= 3 * timeout:
-                    continue
-                action = await self._scale(f"dead-{iid}-{int(self._wall_clock())}", role, -1, victims=(iid,))
-                log.warning("%s is DEAD: %s", iid, action)
-                self.counts["removed_dead"] += 1
-                removed = True
-        return removed
+            self._busy = asyncio.create_task(self._run(record))
+            handed_over = True
+            return record
+        finally:
+            if not handed_over:
+                self._lock.release()
 
     async def settle(self, timeout_s: float) -> None:
         """Wait until the decision being carried out is done (tests, shutdown)."""
@@ -200,15 +170,14 @@ class AutoscalerLoop:
             await asyncio.wait_for(asyncio.shield(self._busy), timeout_s)
 
     def observe(self, members: dict[Role, PoolMembers], *, latencies: bool = True) -> ScaleObservation:
-        """The policy's inputs: every instance (the registry's, the ones the actuator has on their way, and
-        this loop's view of those it is taking out), the decode and cache-miss prompt tokens/s, and the
-        p99 latencies of the requests that finished within the latency window."""
+        """The policy's inputs, read without changing anything: every instance (the registry's, the ones
+        the actuator has on their way, and the lifecycle of those being taken out), the decode and
+        cache-miss prompt tokens/s, and the p99 latencies of the requests that finished within the window."""
         now = self._clock()
-        snapshot = self._registry.snapshot(self._wall_clock())
         views: list[InstanceView] = []
         known = set()
         decode_tps = prefill_tps = 0.0
-        for inst in snapshot.instances:
+        for inst in self._registry.snapshot(self._wall_clock()).instances:
             known.add(inst.instance_id)
             if inst.state is InstanceState.DEAD:
                 continue
@@ -216,23 +185,40 @@ class AutoscalerLoop:
                 decode_tps += inst.decode_tps
             else:
                 prefill_tps += inst.prompt_tps
-            leaving = self._leaving.get(inst.instance_id)
-            state = leaving.state if leaving is not None else inst.state
+            leaving = self.actions.leaving.get(inst.instance_id)
             if leaving is None and inst.state is InstanceState.CORDONED:
                 continue  # an operator's cordon: neither supply nor the autoscaler's to touch
-            since = (
-                leaving.since if leaving is not None else self._first_seen.setdefault(inst.instance_id, now)
-            )
+            state = leaving.state if leaving is not None else inst.state
+            since = leaving.since if leaving is not None else self._first_seen.get(inst.instance_id, now)
             views.append(_view(inst, state, since))
         for role, pool in members.items():
             for iid in pool.instances:
-                if iid in known or iid in self._leaving:
+                if iid in known or iid in self.actions.leaving:
                     continue
-                self._registry.admit(iid)  # a new instance may reuse the id of one removed before
                 state = InstanceState.PENDING if iid in pool.pending else InstanceState.STARTING
-                views.append(InstanceView(iid, role, state, since=self._first_seen.setdefault(iid, now)))
+                views.append(InstanceView(iid, role, state, since=self._first_seen.get(iid, now)))
         ttft, tpot = self._latencies() if latencies else (None, None)
+        decode_tps, prefill_tps = self._smoothed(now, decode_tps, prefill_tps)
         return ScaleObservation(decode_tps, prefill_tps, ttft, tpot, tuple(views))
+
+    def _smoothed(self, now: float, decode_tps: float, prefill_tps: float) -> tuple[float, float]:
+        """The mean of the rates over ``metric_window_s``, this reading included (read, not recorded:
+        ``tick`` records one reading per round)."""
+        window = [(d, p) for at, d, p in self._rates if now - at <= self.config.metric_window_s]
+        window.append((decode_tps, prefill_tps))
+        return sum(d for d, _ in window) / len(window), sum(p for _, p in window) / len(window)
+
+    def _record_rates(self, now: float) -> None:
+        decode = prefill = 0.0
+        for inst in self._registry.snapshot(self._wall_clock()).instances:
+            if inst.state is not InstanceState.DEAD:
+                if inst.role is Role.DECODE:
+                    decode += inst.decode_tps
+                else:
+                    prefill += inst.prompt_tps
+        self._rates.append((now, decode, prefill))
+        while self._rates and now - self._rates[0][0] > self.config.metric_window_s:
+            self._rates.popleft()
 
     # ---- the operator's controls ----
 
@@ -240,18 +226,20 @@ class AutoscalerLoop:
         self.paused = why
 
     async def resume(self) -> None:
-        """The policy acts again: a manual target and a manual override are both lifted."""
-        self.paused = ""
-        self.manual_target = None
-        for role in _ROLES:
-            if (await self._members(role)).hold:
-                await self._offload(self._actuator.resume, role)
+        """The policy acts again (if ``autoscaler.enabled``): a manual target and a manual override are
+        both lifted."""
+        for role in ROLES:
+            if (await self.actions.members(role)).hold:
+                await self.actions.resume(role)
         self.hold = ""
+        self.manual_target = None
+        self.paused = "" if self.config.enabled else DISABLED
         self.state = ScaleState()
 
     async def set_target(self, prefill: int, decode: int) -> DecisionRecord:
-        """A manual target: the policy pauses, and the pools are brought to ``prefill`` + ``decode`` the
-        way the policy would (new instances, or drained victims removed at once)."""
+        """A manual target: the policy pauses, and the pools are brought to ``prefill`` + ``decode``: warm
+        instances put back and new ones started, or instances on their way cancelled and then drained
+        victims removed at once (no warm window)."""
         c = self.config
         for role, n, low, high in (
             ("prefill", prefill, c.min_prefill, c.max_prefill),
@@ -266,76 +254,79 @@ class AutoscalerLoop:
                 f"{prefill}P+{decode}D is over the budget ({c.max_instances} instances, "
                 f"{c.max_accelerators} accelerators)"
             )
-        await self._wait_idle()
-        self.manual_target = (prefill, decode)
-        self.paused = f"manual target {prefill}P+{decode}D"
-        members = {role: await self._members(role) for role in _ROLES}
-        obs = self.observe(members)
-        victims: list[str] = []
-        for role, want in zip(_ROLES, (prefill, decode), strict=True):
-            ready = sorted(
-                (v for v in obs.instances if v.role is role and v.state is InstanceState.READY),
-                key=lambda v: (v.load, v.kv_blocks_used, v.instance_id),
-            )
-            coming = [v for v in obs.instances if v.role is role and v.state.on_its_way]
-            extra = len(ready) + len(coming) - want
-            order = self._actuator.victim_order(role, [v.instance_id for v in ready])
-            victims += order[: max(0, extra)]
-        decision = ScaleDecision(
-            next(self._ids),
-            prefill,
-            decode,
-            ScaleReason.SCALE_IN if victims else ScaleReason.SCALE_OUT,
-            f"manual target {prefill}P+{decode}D",
-            obs,
-            victims=tuple(victims),
-        )
-        return await self._manual(decision, members)
+        await self._lock.acquire()
+        try:
+            self.manual_target = (prefill, decode)
+            self.paused = f"manual target {prefill}P+{decode}D"
+            obs = self.observe(await self._members(), latencies=False)
+            why = f"manual target {prefill}P+{decode}D"
+            decision = ScaleDecision(next(self._ids), prefill, decode, ScaleReason.STEADY, why, obs)
+            record = DecisionRecord(self._manual_moves(decision), self._wall_clock(), manual=True)
+        except BaseException:
+            self._lock.release()
+            raise
+        return await self._hand_over(self._carry_out(record, keep_warm=False, release=True))
 
     async def set_role(self, iid: str, role: Role) -> DecisionRecord:
         """Switch ``iid`` to ``role``: drained, then replaced in the other pool (a manual decision; the
         policy keeps running)."""
-        await self._wait_idle()
-        members = {r: await self._members(r) for r in _ROLES}
-        obs = self.observe(members)
-        view = next((v for v in obs.instances if v.instance_id == iid), None)
-        if view is None:
-            raise InvalidRequest(f"no instance {iid!r} in service", param="instance_id")
-        if view.role is role:
-            raise InvalidRequest(f"{iid} is a {role.value} instance already", param="role")
-        if view.state not in (InstanceState.READY, InstanceState.DRAINED, InstanceState.WARM):
-            raise InvalidRequest(f"{iid} is {view.state.value}: only a ready or drained one can switch")
-        counts = [sum(1 for v in obs.instances if v.role is r and v.state.schedulable) for r in _ROLES]
-        counts[_ROLES.index(view.role)] -= view.state.schedulable
-        counts[_ROLES.index(role)] += 1
-        decision = ScaleDecision(
-            next(self._ids),
-            counts[0],
-            counts[1],
-            ScaleReason.SCALE_OUT,
-            f"manual role switch of {iid} to {role.value}",
-            obs,
-            flips=((iid, role),),
-        )
-        return await self._manual(decision, members)
+        await self._lock.acquire()
+        try:
+            obs = self.observe(await self._members(), latencies=False)
+            view = next((v for v in obs.instances if v.instance_id == iid), None)
+            if view is None:
+                raise InvalidRequest(f"no instance {iid!r} in service", param="instance_id")
+            if view.role is role:
+                raise InvalidRequest(f"{iid} is a {role.value} instance already", param="role")
+            if view.state not in (InstanceState.READY, InstanceState.DRAINED, InstanceState.WARM):
+                raise InvalidRequest(f"{iid} is {view.state.value}: only a ready or drained one can switch")
+            counts = [sum(1 for v in obs.instances if v.role is r and v.state.schedulable) for r in ROLES]
+            counts[ROLES.index(view.role)] -= view.state.schedulable
+            counts[ROLES.index(role)] += 1
+            decision = ScaleDecision(
+                next(self._ids),
+                counts[0],
+                counts[1],
+                ScaleReason.STEADY,
+                f"manual role switch of {iid} to {role.value}",
+                obs,
+                flips=((iid, role),),
+            )
+            record = DecisionRecord(decision, self._wall_clock(), manual=True)
+        except BaseException:
+            self._lock.release()
+            raise
+        return await self._hand_over(self._switch(record, iid, role))
 
-    async def _manual(self, decision: ScaleDecision, members: dict[Role, PoolMembers]) -> DecisionRecord:
-        record = DecisionRecord(decision, self._wall_clock(), manual=True)
-        self.counts["manual"] += 1
-        self._busy = asyncio.create_task(self._carry_out(record, members, keep_warm=False))
-        await self.settle(self._cluster.migration.timeout_s * 8 + self._cluster.worker.start_timeout_s)
-        return self.history[-1]
+    async def _switch(self, record: DecisionRecord, iid: str, role: Role) -> DecisionRecord:
+        """Carry a manual role switch out (the lock is held, and let go after)."""
+        try:
+            self.counts["manual"] += 1
+            did = f"pdflow-{record.decision.decision_id}-{int(record.at)}"
+            try:
+                action = await self.actions.flip(did, iid, role)
+            except Exception as exc:
+                log.exception("switching %s failed", iid)
+                action = f"failed: {type(exc).__name__}: {exc}"
+            done = replace(record, actions=(action,))
+            self.history.append(done)
+            return done
+        finally:
+            self._lock.release()
 
-    async def _wait_idle(self) -> None:
-        if self._busy is not None and not self._busy.done():
-            await self.settle(self._cluster.migration.timeout_s * 8 + self._cluster.worker.start_timeout_s)
+    async def _hand_over(self, work: Awaitable[DecisionRecord]) -> DecisionRecord:
+        """Run ``work`` as its own task: a caller that goes away (an admin call past its deadline) does not
+        stop a drain half way."""
+        task = asyncio.ensure_future(work)
+        self._busy = task  # type: ignore[assignment]
+        return await asyncio.shield(task)
 
     def status(self) -> AutoscalerStatus:
         """Now, by the registry, and by the actuator's view of the pools at the last tick."""
         obs = self.observe(self._last_members, latencies=False)
         status = AutoscalerStatus(
             self.config.enabled,
-            self._actuator.kind,
+            self.actions.actuator.kind,
             self.paused or self.hold,
             self.manual_target,
             decode_tps=obs.decode_tps,
@@ -343,16 +334,13 @@ class AutoscalerLoop:
             decisions=dict(self.counts),
             last=self.history[-1] if self.history else None,
         )
-        for role in _ROLES:
+        last = status.last.decision if status.last else None
+        target = self.manual_target or ((last.prefill, last.decode) if last else None)
+        for k, role in enumerate(ROLES):
             mine = [v for v in obs.instances if v.role is role]
             status.ready[role] = sum(v.state is InstanceState.READY for v in mine)
             status.pending[role] = sum(v.state.on_its_way for v in mine)
             status.draining[role] = sum(v.state.out_of_service for v in mine)
-            last = status.last.decision if status.last else None
-            target = (last.prefill, last.decode) if last else None
-            if self.manual_target is not None:
-                target = self.manual_target
-            k = _ROLES.index(role)
             status.desired[role] = target[k] if target else status.ready[role] + status.pending[role]
         return status
 
@@ -360,181 +348,75 @@ class AutoscalerLoop:
         """For the metrics (carried in the cluster snapshot)."""
         st = self.status()
         return AutoscalerTotals(
-            tuple((r.value, st.desired[r], st.ready[r], st.pending[r], st.draining[r]) for r in _ROLES),
+            tuple((r.value, st.desired[r], st.ready[r], st.pending[r], st.draining[r]) for r in ROLES),
             tuple(sorted(st.decisions.items())),
             st.decode_tps,
             st.prefill_miss_tps,
             bool(st.paused),
         )
 
-    # ---- carrying a decision out ----
+    # ---- helpers ----
+
+    async def _run(self, record: DecisionRecord) -> None:
+        await self._carry_out(record, keep_warm=True, release=True)
 
     async def _carry_out(
-        self, record: DecisionRecord, members: dict[Role, PoolMembers], *, keep_warm: bool = True
-    ) -> None:
+        self, record: DecisionRecord, *, keep_warm: bool, release: bool = False
+    ) -> DecisionRecord:
+        """Carry ``record`` out (the lock is held); ``release``: let the lock go after."""
         d = record.decision
-        did = f"pdflow-{d.decision_id}-{int(record.at)}"
         actions: list[str] = []
         try:
-            for iid in d.restore:
-                actions.append(self._restore(iid))
-            for role in _ROLES:
-                cancel = tuple(i for i in d.cancel if _role_of(d, i) is role)
-                if cancel:
-                    actions.append(await self._scale(did, role, -len(cancel), cancel=cancel))
-            for iid, role in d.flips:
-                actions.append(await self._flip(did, iid, role))
-            for role in _ROLES:
-                extra = self._missing(d, role)
-                if extra > 0:
-                    actions.append(await self._scale(did, role, extra))
-            for iid in d.victims:
-                actions.append(await self._take_out(did, iid, _role_of(d, iid), keep_warm))
-            for iid in d.remove:
-                actions.append(await self._remove(did, iid))
+            if record.manual:
+                self.counts["manual"] += 1
+            did = f"pdflow-{d.decision_id}-{int(record.at)}"
+            actions = await self.actions.carry_out(d, did, keep_warm=keep_warm)
         except Exception as exc:
             log.exception("autoscaler decision %d failed", d.decision_id)
-            actions.append(f"failed: {exc}")
+            actions.append(f"failed: {type(exc).__name__}: {exc}")
         finally:
-            self.history.append(replace(record, actions=tuple(actions)))
-
-    def _acts(self, d: ScaleDecision) -> bool:
-        return bool(d.victims or d.restore or d.flips or d.cancel or d.remove) or any(
-            self._missing(d, role) > 0 for role in _ROLES
-        )
-
-    def _missing(self, d: ScaleDecision, role: Role) -> int:
-        """New instances of ``role`` the decision needs beyond those in service, on their way, put back or
-        switched into it."""
-        obs = d.observation
-        have = sum(1 for v in obs.instances if v.role is role and (v.state.schedulable or v.state.on_its_way))
-        have += sum(1 for i in d.restore if _role_of(d, i) is role)
-        have += sum(1 for _, r in d.flips if r is role)
-        have -= sum(1 for i, _ in d.flips if _role_of(d, i) is role and self._was_ready(d, i))
-        have -= sum(1 for i in (*d.cancel, *d.victims) if _role_of(d, i) is role)
-        return (d.prefill if role is Role.PREFILL else d.decode) - have
-
-    @staticmethod
-    def _was_ready(d: ScaleDecision, iid: str) -> bool:
-        return any(v.instance_id == iid and v.state.schedulable for v in d.observation.instances)
-
-    def _restore(self, iid: str) -> str:
-        self._leaving.pop(iid, None)
-        self._registry.uncordon(iid)
-        return f"{iid}: back in service"
-
-    async def _scale(
-        self,
-        did: str,
-        role: Role,
-        change: int,
-        *,
-        victims: tuple[str, ...] = (),
-        cancel: tuple[str, ...] = (),
-    ) -> str:
-        pool = await self._members(role)
-        target = pool.replicas + change
-        # one id per intent: the same intent sent again (a retry) is applied once
-        call_id = f"{did}/{role.value}/{target}/{','.join(victims or cancel)}"
-        done: Actuation = await self._offload(  # type: ignore[assignment]
-            self._actuator.scale, call_id, role, target, victims=victims, cancel=cancel
-        )
-        if done.outcome is Outcome.MANUAL_OVERRIDE:
-            self.pause(done.detail or "manual_override")
-        for iid in done.removed:
-            self._registry.forget(iid)
-            self._leaving.pop(iid, None)
-            self._first_seen.pop(iid, None)
-        detail = f": {done.detail}" if done.detail else ""
-        return (
-            f"{role.value} {done.replicas_before} -> {done.replicas_after} replicas: {done.outcome}{detail}"
-        )
-
-    async def _take_out(self, did: str, iid: str, role: Role, keep_warm: bool) -> str:
-        """Cordon, drain, then keep warm (or remove at once)."""
-        drained = await self._drain(iid, role)
-        if keep_warm and self.config.warm_s > 0:
-            self._move(iid, InstanceState.WARM)
-            return f"{iid}: {drained}; warm for {self.config.warm_s:g} s"
-        return f"{iid}: {drained}; " + await self._remove(did, iid)
-
-    async def _remove(self, did: str, iid: str) -> str:
-        leaving = self._leaving.get(iid)
-        role = leaving.role if leaving is not None else self._role_in_registry(iid)
-        done = await self._scale(did, role, -1, victims=(iid,))
-        still = self._leaving.get(iid)
-        if still is not None:  # not removed (a pod pending, a refusal): kept warm, tried again later
-            if still.state is InstanceState.DRAINED:
-                self._move(iid, InstanceState.WARM)
-            else:
-                still.since = self._clock()
+            if release:
+                self._lock.release()
+        done = replace(record, actions=tuple(actions))
+        self.history.append(done)
         return done
 
-    async def _flip(self, did: str, iid: str, to: Role) -> str:
-        """A role switch: drained first, then removed from its pool and replaced by a new instance of the
-        other (a restart in place is the worker's job; see the runtime role switch)."""
-        role = self._role_in_registry(iid)
-        if iid not in self._leaving:
-            await self._drain(iid, role)
-        removed = await self._scale(did, role, -1, victims=(iid,))
-        added = await self._scale(did, to, 1)
-        return f"{iid}: {role.value} -> {to.value}: {removed}; {added}"
-
-    async def _drain(self, iid: str, role: Role) -> str:
-        """Cordoned, known so by every front door, then emptied of what runs there and what is coming."""
-        self._leaving[iid] = _Leaving(role, InstanceState.READY, self._clock())
-        self._move(iid, InstanceState.CORDONED)
-        self._registry.cordon(iid)
-        await self._frontdoors.publish()
-        self._move(iid, InstanceState.DRAINING)
-        timeout = self._cluster.migration.timeout_s * 4
-
-        async def inbound() -> int:
-            return await self._frontdoors.inbound(iid)
-
-        if role is Role.DECODE:
-            result: DrainResult = await self._migrations.drain(iid, timeout, inbound)
-            if result.remaining:
-                log.warning("%s: drain left %d request(s) after %.0f s", iid, result.remaining, timeout)
-            summary = (
-                f"drained in {result.seconds:.1f} s ({result.moved} moved, {result.finished} finished, "
-                f"{result.failed} failed attempts, {result.remaining} left)"
+    def _manual_moves(self, d: ScaleDecision) -> ScaleDecision:
+        """The moves to a manual target, per pool: more: put back warm instances first (new ones are started
+        for the rest); fewer: cancel instances on their way (newest first), then drain the least loaded ready
+        ones this pool can remove; warm instances beyond the target go."""
+        restore: list[str] = []
+        cancel: list[str] = []
+        victims: list[str] = []
+        remove: list[str] = []
+        for role, want in zip(ROLES, (d.prefill, d.decode), strict=True):
+            mine = [v for v in d.observation.instances if v.role is role]
+            ready = sorted(
+                (v for v in mine if v.state.schedulable),
+                key=lambda v: (v.load, v.kv_blocks_used, v.instance_id),
             )
-        else:
-            summary = await self._settle_prefill(iid, inbound, timeout)
-        self._move(iid, InstanceState.DRAINED)
-        return summary
+            coming = sorted((v for v in mine if v.state.on_its_way), key=lambda v: (-v.since, v.instance_id))
+            idle = [v.instance_id for v in mine if v.state in (InstanceState.DRAINED, InstanceState.WARM)]
+            extra = len(ready) + len(coming) - want
+            if extra < 0:
+                restore += idle[:-extra]
+                remove += idle[-extra:]
+                continue
+            remove += idle
+            cancel += [v.instance_id for v in coming[:extra]]
+            extra -= min(extra, len(coming))
+            order = self.actions.actuator.victim_order(role, [v.instance_id for v in ready])
+            victims += order[:extra]
+        return replace(
+            d, restore=tuple(restore), cancel=tuple(cancel), victims=tuple(victims), remove=tuple(remove)
+        )
 
-    async def _settle_prefill(self, iid: str, inbound: Callable[[], Awaitable[int]], timeout: float) -> str:
-        """A prefill worker is empty once no front door needs it and it has reported no load since."""
-        started = self._clock()
-        quiet_since: float | None = None  # since when no front door needs it
-        while self._clock() - started < timeout:
-            if await inbound() == 0:
-                quiet_since = self._clock() if quiet_since is None else quiet_since
-                heard = self._registry.heard_at(iid)
-                inst = self._registry.snapshot(self._wall_clock()).by_id(iid)
-                if inst is None or (heard is not None and heard > quiet_since and inst.load == 0):
-                    return f"drained in {self._clock() - started:.1f} s"
-            else:
-                quiet_since = None
-            await asyncio.sleep(_SETTLE_POLL_S)
-        return f"still busy after {timeout:.0f} s"
+    def _acts(self, d: ScaleDecision) -> bool:
+        moves = d.victims or d.restore or d.cancel or d.remove or d.flips
+        return bool(moves) or any(missing(d, role) > 0 for role in ROLES)
 
-    def _move(self, iid: str, state: InstanceState) -> None:
-        leaving = self._leaving[iid]
-        leaving.state = advance(leaving.state, state)
-        leaving.since = self._clock()
-
-    def _role_in_registry(self, iid: str) -> Role:
-        inst = self._registry.snapshot(self._wall_clock()).by_id(iid)
-        if inst is None:
-            raise LookupError(f"no instance {iid!r}")
-        return inst.role
-
-    async def _members(self, role: Role) -> PoolMembers:
-        members: PoolMembers = await self._offload(self._actuator.members, role)  # type: ignore[assignment]
-        return members
+    async def _members(self) -> dict[Role, PoolMembers]:
+        return {role: await self.actions.members(role) for role in ROLES}
 
     def _latencies(self) -> tuple[float | None, float | None]:
         """p99 TTFT and TPOT of the requests that finished within ``latency_window_s``."""
@@ -551,7 +433,8 @@ class AutoscalerLoop:
             ttfts.append(first - start)
             if record.output_tokens > 1:
                 tpots.append((record.events[-1].at - first) / (record.output_tokens - 1))
-        return _p99(ttfts), _p99(tpots)
+        least = self.config.latency_min_samples
+        return _p99(ttfts) if len(ttfts) >= least else None, _p99(tpots) if len(tpots) >= least else None
 
 
 _FIRST_TOKEN = frozenset(
@@ -562,10 +445,6 @@ _FIRST_TOKEN = frozenset(
         RequestState.FINISHED_LENGTH,
     }
 )
-
-
-def _role_of(d: ScaleDecision, iid: str) -> Role:
-    return next(v.role for v in d.observation.instances if v.instance_id == iid)
 
 
 def _view(inst: InstanceSnapshot, state: InstanceState, since: float) -> InstanceView:

@@ -304,6 +304,7 @@ class MigrationCoordinator:
         recomputed: set[str] = set()
         while True:
             coming = await inbound() if inbound is not None else 0  # first: what arrives after is listed
+            coming += sum(1 for e in self._in_flight.values() if e.destination == src.instance_id)
             running = await self._workers.running_requests(src.actor_name, _LIST_CALL_S)
             if not running and not coming:
                 break
@@ -347,6 +348,11 @@ class MigrationCoordinator:
         except InvalidRequest as err:  # it finished meanwhile, or no destination takes it
             log.info("recompute migration of %s skipped: %s", request_id, err.message)
             return None
+
+    async def running_on(self, instance_id: str) -> list[str]:
+        """The requests decode worker ``instance_id`` runs, by its own account."""
+        inst = self._decode_instance(instance_id, "instance")
+        return await self._workers.running_requests(inst.actor_name, _LIST_CALL_S)
 
     def _known(self, instance_id: str) -> InstanceSnapshot:
         found = self._registry.snapshot(self._wall_clock()).by_id(instance_id)

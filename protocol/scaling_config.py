@@ -68,8 +68,19 @@ class AutoscalerConfig(BaseModel):
     kv_limit: float = Field(
         0.9, gt=0, le=1, description="...and its KV cache would stay under this share of its blocks."
     )
+    metric_window_s: float = Field(
+        30.0,
+        ge=0,
+        description="Decode and cache-miss prompt tokens/s are averaged over this many seconds of reports "
+        "(the engines' own rates are over a few seconds: bursts would move the pools). 0: the latest.",
+    )
     latency_window_s: float = Field(
         30.0, gt=0, description="The p99 latencies are over the requests that finished this recently."
+    )
+    latency_min_samples: int = Field(
+        10,
+        ge=1,
+        description="Fewer finished requests than this in the window: no p99 (one slow request is no trend).",
     )
     warm_s: float = Field(
         60.0,

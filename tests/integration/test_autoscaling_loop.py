@@ -269,3 +269,48 @@ async def test_a_dead_instance_is_removed_and_replaced() -> None:
         await loop.settle(10)
         replacement = [i for i in actuator.members(Role.DECODE).instances if i != "decode-0"]
         assert len(replacement) == 1 and replacement[0] != "decode-1"
+
+
+async def test_a_drain_that_cannot_finish_puts_the_victim_back_instead_of_removing_it() -> None:
+    overrides = {**SCALE_IN, "migration.timeout_s": 0.5}  # a drain gives up after 4 x 0.5 s
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, doors = autoscaler(cluster)
+        doors.stuck = True  # a front door that always has a request on its way to the victim
+        record = await loop.tick()
+        assert record is not None and record.decision.victims
+        (victim,) = record.decision.victims
+        await loop.settle(30)
+        assert actuator.removed == [] and _state(cluster, victim) is InstanceState.READY
+        assert any("back in service" in a for a in loop.history[-1].actions), loop.history[-1].actions
+
+
+async def test_a_pool_that_removes_only_its_highest_ordinal_gets_that_victim() -> None:
+    async with FakeCluster(prefill=1, decode=3, latency=LATENCY, overrides=SCALE_IN) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        actuator.highest_only = True
+        cluster.config.autoscaler.min_decode = 2
+        cluster.config.autoscaler.shape = "1:3"  # one prefill instance for up to three decode ones
+        record = await loop.tick()
+        assert record is not None and record.decision.reason is ScaleReason.SCALE_IN
+        await loop.settle(30)
+        assert actuator.removed == ["decode-2"], (record.decision.victims, loop.history[-1].actions)
+
+
+async def test_a_disabled_autoscaler_takes_manual_targets_and_stays_paused() -> None:
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN) as cluster:
+        loop, actuator, _ = autoscaler(cluster, enabled=False)
+        assert loop.paused.startswith("autoscaler.enabled is false") and await loop.tick() is None
+        await loop.set_target(1, 1)
+        assert len(actuator.removed) == 1
+        await loop.resume()
+        assert loop.paused.startswith("autoscaler.enabled is false") and loop.manual_target is None
+
+
+async def test_no_decision_is_made_while_an_operator_s_action_is_carried_out() -> None:
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN) as cluster:
+        loop, _, _ = autoscaler(cluster)
+        switching = asyncio.create_task(loop.set_role("decode-1", Role.PREFILL))
+        await _until("the switch under way", lambda: loop._lock.locked())
+        assert await loop.tick() is None
+        await asyncio.wait_for(switching, 30)
+        assert await loop.tick() is not None

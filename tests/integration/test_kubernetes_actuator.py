@@ -11,13 +11,8 @@ from typing import Any
 
 import pytest
 
-from autoscaler.kubernetes import (
-    DECISION,
-    DELETION_COST,
-    REPLICAS,
-    KubernetesActuator,
-    PoolWorkload,
-)
+from autoscaler.kube_api import DECISION, DELETION_COST, PREVIOUS, REPLICAS, PoolWorkload
+from autoscaler.kubernetes import KubernetesActuator
 from protocol.actuation import Outcome
 from protocol.snapshots import Role
 from tests.support.fake_kube import FakeKube
@@ -86,7 +81,7 @@ def test_without_the_deletion_cost_the_replicaset_takes_another_pod(kube: FakeKu
     victim = min(kube.pods("decode"), key=lambda p: int(p["metadata"]["resourceVersion"]))["metadata"]["name"]
     actuator = _actuator(kube, tmp_path, deadline_s=2.0)
     actuator.scale("d-0", Role.DECODE, 3)
-    actuator._mark_victim = lambda workload, pod_name: None  # type: ignore[method-assign]
+    actuator._calls.mark_victim = lambda workload, pod_name: None  # type: ignore[method-assign]
 
     done = actuator.scale("d-2", Role.DECODE, 2, victims=(victim,))
 
@@ -201,8 +196,9 @@ def test_the_decision_and_replicas_are_recorded_on_the_workload(kube: FakeKube, 
     kube.add_workload("Deployment", "prefill", 1)
     actuator = _actuator(kube, tmp_path)
     actuator.scale("scale-out-7", Role.PREFILL, 2)
-    obj = actuator._get(actuator.workloads[Role.PREFILL])
-    assert obj.metadata.annotations[REPLICAS] == "2" and obj.metadata.annotations[DECISION] == "scale-out-7"
+    obj = actuator._calls.get(actuator.workloads[Role.PREFILL])
+    annotations = obj.metadata.annotations
+    assert (annotations[REPLICAS], annotations[PREVIOUS], annotations[DECISION]) == ("2", "1", "scale-out-7")
 
 
 def new_pod(kube: FakeKube) -> str:
@@ -210,3 +206,74 @@ def new_pod(kube: FakeKube) -> str:
     pending = [p["metadata"]["name"] for p in kube.pods("decode") if p["status"]["phase"] == "Pending"]
     assert len(pending) == 1, pending
     return pending[0]
+
+
+def test_a_victim_counts_as_removed_once_its_graceful_deletion_starts(kube: FakeKube, tmp_path: Path) -> None:
+    """A real pod ends gracefully (its preStop hook drains it): it is Terminating long before it is gone.
+    The actuator sees the deletion start, and the pod is no longer a member."""
+    kube.add_workload("Deployment", "decode", 3)
+    kube.add_workload("Deployment", "prefill", 1)
+    kube.termination_grace_s = 30.0
+    victim = kube.pod_names("decode")[1]
+    actuator = _actuator(kube, tmp_path, deadline_s=10.0)
+    actuator.scale("d-0", Role.DECODE, 3)
+
+    done = actuator.scale("d-1", Role.DECODE, 2, victims=(victim,))
+
+    assert done.outcome is Outcome.APPLIED and done.removed == (victim,), done.detail
+    assert kube.terminating("decode") == [victim]
+    members = actuator.members(Role.DECODE)
+    assert victim not in members.instances and members.replicas == 2
+
+
+def test_a_scale_write_that_failed_is_not_taken_for_a_manual_override(kube: FakeKube, tmp_path: Path) -> None:
+    from kubernetes.client.exceptions import ApiException
+
+    kube.add_workload("Deployment", "decode", 1)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    kube.failures_to_inject = 1  # the API server fails the /scale write after pdflow recorded it
+
+    with pytest.raises(ApiException):
+        actuator.scale("d-1", Role.DECODE, 2)
+    status = actuator.status(Role.DECODE)
+    assert status.write_lost and not status.manual_override and not actuator.members(Role.DECODE).hold
+
+    again = actuator.scale("d-1", Role.DECODE, 2)  # the same decision, sent again
+    assert again.outcome is Outcome.APPLIED and kube.replicas("Deployment", "decode") == 2
+    assert actuator.scale("d-1", Role.DECODE, 2).outcome is Outcome.UNCHANGED
+
+
+def test_cancelling_a_starting_pod_needs_the_pods_the_replicaset_takes_first(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    kube.add_workload("Deployment", "decode", 1)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    actuator.scale("up", Role.DECODE, 3)
+    starting, unscheduled = [p for p in kube.pod_names("decode") if p in _pending_names(kube)]
+    kube.ready(starting, ready=False)  # scheduled, its engine still starting
+
+    refused = actuator.scale("cancel-1", Role.DECODE, 2, cancel=(starting,))
+    assert refused.outcome is Outcome.REFUSED and unscheduled in refused.detail
+
+    done = actuator.scale("cancel-2", Role.DECODE, 1, cancel=(starting, unscheduled))
+    assert done.outcome is Outcome.APPLIED and set(done.removed) == {starting, unscheduled}
+    assert len(kube.pod_names("decode")) == 1
+
+
+def test_a_victim_that_is_not_ready_itself_can_still_go(kube: FakeKube, tmp_path: Path) -> None:
+    """The guard is against other pods the ReplicaSet would take first, not the victim (a dead worker)."""
+    kube.add_workload("Deployment", "decode", 2)
+    kube.add_workload("Deployment", "prefill", 1)
+    actuator = _actuator(kube, tmp_path)
+    actuator.scale("d-0", Role.DECODE, 2)
+    victim = kube.pod_names("decode")[0]
+    kube.ready(victim, ready=False)
+
+    done = actuator.scale("d-1", Role.DECODE, 1, victims=(victim,))
+    assert done.outcome is Outcome.APPLIED and done.removed == (victim,)
+
+
+def _pending_names(kube: FakeKube) -> set[str]:
+    return {p["metadata"]["name"] for p in kube.pods("decode") if p["status"]["phase"] == "Pending"}

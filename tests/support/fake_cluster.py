@@ -137,7 +137,7 @@ class FakeCluster:
 
     async def stop(self) -> None:
         await self.client.settled()
-        for worker in self.workers.values():
+        for worker in list(self.workers.values()):
             await worker.shutdown()
 
     async def __aenter__(self) -> FakeCluster:

@@ -5,7 +5,9 @@ API server can be installed here, so this one speaks the wire protocol for what 
   subresource (``autoscaling/v1`` Scale: get, patch, replace);
 - ``v1`` pods: get, list (label selectors), watch (newline-delimited JSON events), patch, delete;
 - ``metadata.resourceVersion`` on every object; a replace or patch carrying a stale one is a 409 Conflict;
-  unknown paths are 404s as ``Status`` objects.
+  unknown paths are 404s as ``Status`` objects; injected 409s and 500s on scale writes;
+- graceful deletion when ``termination_grace_s`` > 0: a deleted pod is Terminating (``deletionTimestamp``,
+  a MODIFIED event) for that long, and no longer counted by its controller, before it is DELETED.
 
 It also plays the controllers: a workload's ``spec.replicas`` creates and deletes its pods. A Deployment's
 ReplicaSet deletes pods in Kubernetes' order (unscheduled before scheduled, Pending before Running, not ready
@@ -63,6 +65,11 @@ class FakeKube:
         self._events: list[tuple[int, str, dict[str, Any]]] = []  # (resourceVersion, type, pod)
         self.requests: list[tuple[str, str]] = []  # (method, path) served, for tests
         self.conflicts_to_inject = 0  # the next N writes of a scale answer 409, as a racing writer would
+        self.failures_to_inject = 0  # the next N writes of a scale answer 500 (after any conflicts)
+        # >0: a deleted pod is Terminating (deletionTimestamp set) this long before it is gone, as a pod
+        # whose preStop hook drains it would be
+        self.termination_grace_s = 0.0
+        self._timers: list[threading.Timer] = []
         self._server: ThreadingHTTPServer | None = None
 
     # ---- cluster objects (tests and the controllers) ----
@@ -96,11 +103,20 @@ class FakeKube:
                     self._set_phase(pod, "Running", True)
 
     def pods(self, workload: str) -> list[dict[str, Any]]:
+        """The workload's live pods (not Terminating)."""
         with self._lock:
             return [copy.deepcopy(p) for p in self._owned_by_label(workload)]
 
     def pod_names(self, workload: str) -> list[str]:
         return sorted(p["metadata"]["name"] for p in self.pods(workload))
+
+    def terminating(self, workload: str) -> list[str]:
+        with self._lock:
+            return sorted(
+                p["metadata"]["name"]
+                for p in self._pods.values()
+                if p["metadata"]["labels"].get("app") == workload and p["metadata"].get("deletionTimestamp")
+            )
 
     def ready(self, pod_name: str, *, scheduled: bool = True, ready: bool = True) -> None:
         """Schedule a pod (Running) and make it ready, or schedule it but leave it not ready."""
@@ -169,6 +185,8 @@ class FakeKube:
         return path
 
     def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -259,6 +277,9 @@ class FakeKube:
                 raise ApiError(
                     409, "Conflict", f"Operation cannot be fulfilled on {what}: the object has been modified"
                 )
+            if self.failures_to_inject > 0:
+                self.failures_to_inject -= 1
+                raise ApiError(500, "InternalError", "etcdserver: request timed out")
             self._check_version(obj, body)
             scale = _patched(_scale_of(obj), body, content_type) if method == "PATCH" else body
             self._set_replicas(plural, name, int(scale["spec"]["replicas"]))
@@ -345,8 +366,23 @@ class FakeKube:
         self._bump(self._pods[name], "ADDED")
 
     def _delete(self, pod: dict[str, Any]) -> None:
+        if self.termination_grace_s > 0:
+            if not pod["metadata"].get("deletionTimestamp"):
+                pod["metadata"]["deletionTimestamp"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+                self._bump(pod, "MODIFIED")
+                timer = threading.Timer(self.termination_grace_s, self._gone, [pod["metadata"]["name"]])
+                timer.daemon = True
+                timer.start()
+                self._timers.append(timer)
+            return
         self._pods.pop(pod["metadata"]["name"], None)
         self._bump(pod, "DELETED")
+
+    def _gone(self, name: str) -> None:
+        with self._lock:
+            pod = self._pods.pop(name, None)
+            if pod is not None:
+                self._bump(pod, "DELETED")
 
     def _set_phase(self, pod: dict[str, Any], phase: str, ready: bool, scheduled: bool = True) -> None:
         pod["spec"]["nodeName"] = "node-1" if scheduled else None
@@ -360,7 +396,12 @@ class FakeKube:
         return self._owned_by_label(name)
 
     def _owned_by_label(self, workload: str) -> list[dict[str, Any]]:
-        return [p for p in self._pods.values() if p["metadata"]["labels"].get("app") == workload]
+        """The live pods a workload's controller counts (Terminating ones are no longer counted)."""
+        return [
+            p
+            for p in self._pods.values()
+            if p["metadata"]["labels"].get("app") == workload and not p["metadata"].get("deletionTimestamp")
+        ]
 
     def _select(self, selector: str) -> list[dict[str, Any]]:
         return sorted(

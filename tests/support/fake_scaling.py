@@ -24,6 +24,7 @@ class FakeActuator:
         self.stopping: list[asyncio.Task[Any]] = []
         self._applied: set[str] = set()
         self._next = itertools.count(100)
+        self.highest_only = False
 
     def members(self, role: Role) -> PoolMembers:
         ids = sorted(
@@ -34,6 +35,8 @@ class FakeActuator:
         return PoolMembers(len(ids), tuple(ids), pending)
 
     def victim_order(self, role: Role, candidates: list[str]) -> list[str]:
+        if self.highest_only:  # as a StatefulSet: only its highest ordinal can go
+            return sorted(candidates, key=lambda i: int(i.rsplit("-", 1)[1]))[-1:]
         return list(candidates)
 
     def resume(self, role: Role) -> PoolMembers:
@@ -74,9 +77,11 @@ class FakeActuator:
 
 class FakeFrontDoors:
     def __init__(self, cluster: FakeCluster, *, blind: bool = False) -> None:
-        """``blind``: report nothing on its way to any instance (the control case)."""
+        """``blind``: report nothing on its way to any instance (the control case). ``stuck``: report one
+        request on its way to every instance, for ever (a drain cannot finish)."""
         self.cluster = cluster
         self.blind = blind
+        self.stuck = False
         self.most_inbound: dict[str, int] = {}
 
     async def publish(self) -> None:
@@ -85,7 +90,7 @@ class FakeFrontDoors:
     async def inbound(self, instance_id: str) -> int:
         count = self.cluster.router.inbound(instance_id)
         self.most_inbound[instance_id] = max(count, self.most_inbound.get(instance_id, 0))
-        return 0 if self.blind else count
+        return 1 if self.stuck else 0 if self.blind else count
 
 
 async def _direct(fn: Any, *args: Any, **kwargs: Any) -> Any:
@@ -93,8 +98,9 @@ async def _direct(fn: Any, *args: Any, **kwargs: Any) -> Any:
 
 
 def autoscaler(
-    cluster: FakeCluster, *, blind: bool = False
+    cluster: FakeCluster, *, blind: bool = False, enabled: bool = True
 ) -> tuple[AutoscalerLoop, FakeActuator, FakeFrontDoors]:
+    cluster.config.autoscaler.enabled = enabled
     actuator, doors = FakeActuator(cluster), FakeFrontDoors(cluster, blind=blind)
     loop = AutoscalerLoop(
         cluster.config,

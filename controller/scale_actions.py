@@ -1,0 +1,330 @@
+"""Carrying the autoscaler's decisions out, move by move, through the actuator; and the lifecycle of the
+instances taken out of service (``protocol.instances``), which the registry's cordon keeps out of dispatch.
+
+A scale-in loses nothing. The victim is cordoned and every front door is sent the snapshot that says so (and
+answers); then it is drained: its running requests move by live migration (recompute as the last resort), and
+the requests still on their way to it (prefilling for it, being handed over, migrating to it) are waited for
+and moved once they land. A prefill victim is drained by waiting for its prompts and their hand-offs. A drain
+that does not finish puts the instance back in service; a drained instance is checked again just before it
+is removed, and put back if it holds anything."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol, TypeVar, cast
+
+from controller.migrations import MigrationCoordinator
+from controller.registry import InstanceRegistry
+from policy.scaling import ScaleDecision
+from protocol.actuation import Actuation, Actuator, Outcome, PoolMembers
+from protocol.config import ClusterConfig
+from protocol.instances import TRANSITIONS, InstanceState, advance
+from protocol.snapshots import Role
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+ROLES = (Role.PREFILL, Role.DECODE)
+_SETTLE_POLL_S = 0.2
+ACTUATOR_CALL_S = 300.0  # one actuator call: a Kubernetes scale-in waits for the pod's deletion to start
+
+
+class FrontDoors(Protocol):
+    async def publish(self) -> None:
+        """Send every front door the current snapshot and wait until each has it (raises past a deadline)."""
+        ...
+
+    async def inbound(self, instance_id: str) -> int:
+        """Requests the front doors have planned on ``instance_id`` that still need it (see
+        ``RequestRouter.inbound``); a front door that does not answer counts as one."""
+        ...
+
+
+@dataclass
+class Leaving:
+    """An instance the autoscaler is taking out of service."""
+
+    role: Role
+    state: InstanceState
+    since: float
+
+
+class ScaleActions:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        registry: InstanceRegistry,
+        migrations: MigrationCoordinator,
+        actuator: Actuator,
+        frontdoors: FrontDoors,
+        clock: Callable[[], float],
+        offload: Callable[..., Awaitable[object]],
+    ) -> None:
+        self._config = config
+        self._registry = registry
+        self._migrations = migrations
+        self.actuator = actuator
+        self._frontdoors = frontdoors
+        self._clock = clock
+        self._offload = offload
+        self.leaving: dict[str, Leaving] = {}
+        self.removed_at: dict[str, float] = {}  # instance -> when the actuator removed it (``clock``)
+
+    async def members(self, role: Role) -> PoolMembers:
+        return await self._call(self.actuator.members, role)
+
+    async def resume(self, role: Role) -> PoolMembers:
+        return await self._call(self.actuator.resume, role)
+
+    async def _call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """A blocking actuator call, off the event loop, within ``ACTUATOR_CALL_S``."""
+        return cast(T, await asyncio.wait_for(self._offload(fn, *args, **kwargs), ACTUATOR_CALL_S))
+
+    async def carry_out(self, d: ScaleDecision, did: str, *, keep_warm: bool) -> list[str]:
+        """Every move of ``d``, in order: put back, cancel, switch, start, take out, remove. Returns what
+        each did, in words."""
+        actions: list[str] = []
+        for iid in d.restore:
+            actions.append(self.restore(iid))
+        for role in ROLES:
+            cancel = tuple(i for i in d.cancel if role_of(d, i) is role)
+            if cancel:
+                actions.append((await self.scale(did, role, -len(cancel), cancel=cancel))[0])
+        for iid, role in d.flips:
+            if self._idle(d, iid):  # a drained or warm instance: replaced in the other pool
+                actions.append(await self.flip(did, iid, role))
+        for role in ROLES:
+            extra = missing(d, role)
+            if extra > 0:
+                actions.append((await self.scale(did, role, extra))[0])
+        for iid in self._victims(d):
+            actions.append(await self.take_out(did, iid, role_of(d, iid), keep_warm=keep_warm))
+        for iid in d.remove:
+            actions.append(await self.remove(did, iid))
+        return actions
+
+    def restore(self, iid: str) -> str:
+        leaving = self.leaving.pop(iid, None)
+        if leaving is not None:
+            advance(leaving.state, InstanceState.READY)
+        try:
+            self._registry.uncordon(iid)
+        except KeyError:
+            return f"{iid}: gone, not put back"
+        return f"{iid}: back in service"
+
+    async def scale(
+        self,
+        did: str,
+        role: Role,
+        change: int,
+        *,
+        victims: tuple[str, ...] = (),
+        cancel: tuple[str, ...] = (),
+    ) -> tuple[str, Actuation]:
+        pool = await self.members(role)
+        # one id per intent, whatever the pool's size when it is sent: sent again, it is applied once
+        call_id = f"{did}/{role.value}/{change:+d}/{','.join(victims or cancel)}"
+        done = await self._call(
+            self.actuator.scale, call_id, role, pool.replicas + change, victims=victims, cancel=cancel
+        )
+        for iid in done.removed:
+            leaving = self.leaving.pop(iid, None)
+            if leaving is not None and InstanceState.TERMINATED in TRANSITIONS[leaving.state]:
+                advance(leaving.state, InstanceState.TERMINATED)
+            self._registry.forget(iid)
+            self.removed_at[iid] = self._clock()
+        detail = f": {done.detail}" if done.detail else ""
+        text = (
+            f"{role.value} {done.replicas_before} -> {done.replicas_after} replicas: {done.outcome}{detail}"
+        )
+        return text, done
+
+    async def take_out(self, did: str, iid: str, role: Role, *, keep_warm: bool) -> str:
+        """Cordon and drain ``iid``, then keep it warm (or remove it at once); put it back if the drain fails
+        or does not finish."""
+        try:
+            drained, empty = await self._drain(iid, role)
+        except Exception as exc:  # a front door that did not answer, a worker gone: back in service
+            log.exception("draining %s failed", iid)
+            return f"{iid}: drain failed ({type(exc).__name__}: {exc}); " + self.restore(iid)
+        if not empty:
+            return f"{iid}: {drained}; " + self.restore(iid)
+        if keep_warm and self._config.autoscaler.warm_s > 0:
+            self._move(iid, InstanceState.WARM)
+            return f"{iid}: {drained}; warm for {self._config.autoscaler.warm_s:g} s"
+        return f"{iid}: {drained}; " + await self.remove(did, iid)
+
+    async def remove(self, did: str, iid: str) -> str:
+        """Remove a drained (or warm) instance, if it still holds nothing; otherwise put it back."""
+        leaving = self.leaving.get(iid)
+        role = leaving.role if leaving is not None else self._role_in_registry(iid)
+        held = await self._holds(iid, role)
+        if held:
+            return f"{iid}: holds {held} request(s) when it was to go; " + self.restore(iid)
+        text, done = await self.scale(did, role, -1, victims=(iid,))
+        still = self.leaving.get(iid)
+        if still is not None and done.outcome is not Outcome.APPLIED:  # kept warm, tried again later
+            if still.state is InstanceState.DRAINED:
+                self._move(iid, InstanceState.WARM)
+            else:
+                still.since = self._clock()
+        return text
+
+    async def flip(self, did: str, iid: str, to: Role) -> str:
+        """A role switch: drained first, then removed from its pool and replaced by a new instance of the
+        other (a restart in place, the same worker in the other role, is not built yet)."""
+        role = self._role_in_registry(iid)
+        if iid not in self.leaving:
+            drained, empty = await self._drain(iid, role)
+            if not empty:
+                return f"{iid}: {drained}; " + self.restore(iid)
+        removed, done = await self.scale(did, role, -1, victims=(iid,))
+        if done.outcome is not Outcome.APPLIED:
+            return f"{iid}: not switched: {removed}"
+        added, _ = await self.scale(did, to, 1)
+        return f"{iid}: {role.value} -> {to.value}: {removed}; {added}"
+
+    async def remove_dead(self, members: dict[Role, PoolMembers]) -> list[str]:
+        """Instances the actuator still runs whose worker is DEAD are removed, so that the policy's scale-out
+        replaces them: at once if the worker said so (its engine failed), after three heartbeat timeouts of
+        silence otherwise (a starved worker may be late, not dead)."""
+        snapshot = self._registry.snapshot(0.0)
+        timeout = self._config.controller.heartbeat_timeout_s
+        removed = []
+        for role, pool in members.items():
+            for iid in pool.instances:
+                inst = snapshot.by_id(iid)
+                if inst is None or inst.state is not InstanceState.DEAD or iid in self.leaving:
+                    continue
+                if timeout <= self._registry.seconds_since_report(iid, self._clock()) <= 3 * timeout:
+                    continue
+                text, done = await self.scale(f"dead-{iid}", role, -1, victims=(iid,))
+                log.warning("%s is DEAD: %s", iid, text)
+                if done.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
+                    removed.append(iid)
+        return removed
+
+    def readmit(self, members: dict[Role, PoolMembers]) -> None:
+        """An instance id the actuator reports again, long after it removed one of that id (a StatefulSet's
+        ordinal), is a new instance: its reports count again."""
+        quiet = 3 * self._config.controller.heartbeat_timeout_s
+        for pool in members.values():
+            for iid in pool.instances:
+                at = self.removed_at.get(iid)
+                if at is not None and self._clock() - at > quiet:
+                    self._registry.admit(iid)
+                    del self.removed_at[iid]
+
+    # ---- draining ----
+
+    async def _drain(self, iid: str, role: Role) -> tuple[str, bool]:
+        """Cordoned, known so by every front door, then emptied of what runs there and what is coming.
+        Returns what happened and whether it is empty."""
+        self.leaving[iid] = Leaving(role, InstanceState.READY, self._clock())
+        self._move(iid, InstanceState.CORDONED)
+        self._registry.cordon(iid)
+        await self._frontdoors.publish()
+        self._move(iid, InstanceState.DRAINING)
+        timeout = self._config.migration.timeout_s * 4
+
+        async def inbound() -> int:
+            return await self._frontdoors.inbound(iid)
+
+        if role is Role.DECODE:
+            result = await self._migrations.drain(iid, timeout, inbound)
+            summary = (
+                f"drained in {result.seconds:.1f} s ({result.moved} moved, {result.finished} finished, "
+                f"{result.failed} failed attempts, {result.remaining} left)"
+            )
+            empty = result.remaining == 0
+        else:
+            summary, empty = await self._settle_prefill(iid, inbound, timeout)
+        if empty:
+            self._move(iid, InstanceState.DRAINED)
+        return summary, empty
+
+    async def _settle_prefill(
+        self, iid: str, inbound: Callable[[], Awaitable[int]], timeout: float
+    ) -> tuple[str, bool]:
+        """A prefill worker is empty once no front door needs it and it has reported no load since."""
+        started = self._clock()
+        quiet_since: float | None = None  # since when no front door needs it
+        while self._clock() - started < timeout:
+            if await inbound() == 0:
+                quiet_since = self._clock() if quiet_since is None else quiet_since
+                heard = self._registry.heard_at(iid)
+                inst = self._registry.snapshot(0.0).by_id(iid)
+                if inst is None or (heard is not None and heard > quiet_since and inst.load == 0):
+                    return f"drained in {self._clock() - started:.1f} s", True
+            else:
+                quiet_since = None
+            await asyncio.sleep(_SETTLE_POLL_S)
+        return f"still busy after {timeout:.0f} s", False
+
+    async def _holds(self, iid: str, role: Role) -> int:
+        """What a drained instance still holds or has coming (0 when it can go)."""
+        coming = await self._frontdoors.inbound(iid)
+        if role is Role.DECODE:
+            return coming + len(await self._migrations.running_on(iid))
+        inst = self._registry.snapshot(0.0).by_id(iid)
+        return coming + (inst.load if inst is not None else 0)
+
+    # ---- helpers ----
+
+    def _victims(self, d: ScaleDecision) -> list[str]:
+        """The decision's victims, each replaced by one its pool can remove if it cannot (a StatefulSet
+        removes only its highest ordinal)."""
+        chosen: list[str] = []
+        for role in ROLES:
+            mine = [i for i in d.victims if role_of(d, i) is role]
+            if not mine:
+                continue
+            ready = sorted(
+                (v for v in d.observation.instances if v.role is role and v.state.schedulable),
+                key=lambda v: (v.load, v.kv_blocks_used, v.instance_id),
+            )
+            allowed = self.actuator.victim_order(role, [v.instance_id for v in ready])
+            picks = [i for i in mine if i in allowed]
+            picks += [i for i in allowed if i not in picks][: len(mine) - len(picks)]
+            chosen += picks
+        return chosen
+
+    @staticmethod
+    def _idle(d: ScaleDecision, iid: str) -> bool:
+        return any(
+            v.instance_id == iid and v.state in (InstanceState.DRAINED, InstanceState.WARM)
+            for v in d.observation.instances
+        )
+
+    def _move(self, iid: str, state: InstanceState) -> None:
+        leaving = self.leaving[iid]
+        leaving.state = advance(leaving.state, state)
+        leaving.since = self._clock()
+
+    def _role_in_registry(self, iid: str) -> Role:
+        inst = self._registry.snapshot(0.0).by_id(iid)
+        if inst is None:
+            raise LookupError(f"no instance {iid!r}")
+        return inst.role
+
+
+def role_of(d: ScaleDecision, iid: str) -> Role:
+    return next(v.role for v in d.observation.instances if v.instance_id == iid)
+
+
+def missing(d: ScaleDecision, role: Role) -> int:
+    """New instances of ``role`` the decision needs beyond those in service, on their way, put back or
+    switched into it (only drained or warm instances switch: a ready one stays where it is until the in-place
+    role switch exists, and the pool that needs more starts one instead)."""
+    idle = (InstanceState.DRAINED, InstanceState.WARM)
+    states = {v.instance_id: v.state for v in d.observation.instances}
+    have = sum(
+        1 for v in d.observation.instances if v.role is role and (v.state.schedulable or v.state.on_its_way)
+    )
+    have += sum(1 for i in d.restore if role_of(d, i) is role)
+    have += sum(1 for i, r in d.flips if r is role and states.get(i) in idle)
+    have -= sum(1 for i in (*d.cancel, *d.victims) if role_of(d, i) is role)
+    return (d.prefill if role is Role.PREFILL else d.decode) - have
