@@ -19,7 +19,7 @@ from pdctl.local_cluster import FRONTDOOR_NAME, NAMESPACE
 from tests.e2e.conftest import E2ECluster
 
 pytestmark = pytest.mark.e2e
-TOKENS = 160
+TOKENS = 200
 
 
 def _live_decode(cluster: E2ECluster) -> list[str]:
@@ -73,9 +73,13 @@ def test_scale_out_then_in_under_load_loses_no_request(e2e_cluster: E2ECluster) 
         )
         time.sleep(0.5)
     (new,) = set(_live_decode(cluster)) - set(before)
+    deadline = time.monotonic() + 30
+    while httpx.get(f"{cluster.http_url}/health", timeout=10).json()["decode_workers"] != len(before) + 1:
+        assert time.monotonic() < deadline, f"the front door never saw {new}"
+        time.sleep(0.05)
 
-    with ThreadPoolExecutor(6) as pool:
-        streams = [pool.submit(_stream, cluster, k) for k in range(6)]
+    with ThreadPoolExecutor(8) as pool:
+        streams = [pool.submit(_stream, cluster, k) for k in range(8)]
         deadline = time.monotonic() + 60
         while not all(_busy(cluster, i) for i in (*before, new)):  # requests running on every decode worker
             assert time.monotonic() < deadline, "the requests never spread over the decode workers"
