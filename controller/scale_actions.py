@@ -21,6 +21,7 @@ from controller.registry import InstanceRegistry
 from policy.scaling import ScaleDecision
 from protocol.actuation import Actuation, Actuator, Outcome, PoolMembers
 from protocol.config import ClusterConfig
+from protocol.errors import InvalidRequest
 from protocol.instances import TRANSITIONS, InstanceState, advance
 from protocol.snapshots import Role
 
@@ -197,7 +198,7 @@ class ScaleActions:
         for role, pool in members.items():
             for iid in pool.instances:
                 inst = snapshot.by_id(iid)
-                if inst is None or inst.state is not InstanceState.DEAD or iid in self.leaving:
+                if inst is None or inst.state is not InstanceState.DEAD:  # warm ones that died too
                     continue
                 if timeout <= self._registry.seconds_since_report(iid, self._clock()) <= 3 * timeout:
                     continue
@@ -268,7 +269,10 @@ class ScaleActions:
         """What a drained instance still holds or has coming (0 when it can go)."""
         coming = await self._frontdoors.inbound(iid)
         if role is Role.DECODE:
-            return coming + len(await self._migrations.running_on(iid))
+            try:
+                return coming + len(await self._migrations.running_on(iid))
+            except InvalidRequest:  # DEAD or gone: it holds nothing any more
+                return coming
         inst = self._registry.snapshot(0.0).by_id(iid)
         return coming + (inst.load if inst is not None else 0)
 

@@ -314,3 +314,19 @@ async def test_no_decision_is_made_while_an_operator_s_action_is_carried_out() -
         assert await loop.tick() is None
         await asyncio.wait_for(switching, 30)
         assert await loop.tick() is not None
+
+
+async def test_a_warm_victim_that_dies_is_still_removed() -> None:
+    overrides = {**SCALE_IN, "autoscaler.warm_s": 0.2}
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        record = await loop.tick()
+        assert record is not None
+        (victim,) = record.decision.victims
+        await loop.settle(30)
+        assert actuator.removed == []  # warm
+        cluster.engines[f"pdflow-{victim}"].kill()
+        await _until("the victim reported DEAD", lambda: _state(cluster, victim) is InstanceState.DEAD)
+        await loop.tick()  # out of sight of the policy (DEAD), but the loop removes it
+        assert actuator.removed == [victim] and loop.counts["removed_dead"] == 1
+        assert victim not in loop.actions.leaving
