@@ -1,8 +1,8 @@
 """Autoscaling on real engines: a local cluster (Ray, vLLM CPU engines with SmolLM2) starts at 1P+1D with the
 autoscaler on; a load whose request lengths come from the Azure conversation trace (clipped for a CPU) and
 whose arrival rate follows a profile rises from half of what one decode instance should carry
-(``autoscaler.target_decode_tps``) to about three times that, holds, and falls back to 0.9 times it. Then the same load, the
-same seed, runs on a static allocation sized for the peak (1P+3D, autoscaler off).
+(``autoscaler.target_decode_tps``) to about three times that, holds, and falls back to 0.9 times it. Then
+the same load, the same seed, runs on a static allocation sized for the peak (1P+3D, autoscaler off).
 
 It samples the autoscaler every second and measures every request (TTFT, TPOT, the largest gap between two
 of its tokens, failures), and reports: failed requests (every request on a drained instance included),
