@@ -1,3 +1,4 @@
-"""Autoscaling of both pools on one metric (decode tokens/s): signal readers, the pure ``decide`` policy,
-and the actuators (Ray actors locally, the Kubernetes scale subresource in a cluster). The only package that
-imports ``kubernetes``. Not built yet: see the open autoscaling issue."""
+"""The actuators that size the pools: Ray actors (``ray_actors``, on the local Ray cluster or any other, with
+workers that switch roles in place, ``switchable``) and the Kubernetes scale subresource (``kubernetes``,
+the only code that imports ``kubernetes``). The policy they carry out is ``policy.scaling``; the loop that
+drives them is ``controller.autoscaling``."""

@@ -56,6 +56,8 @@ class KubernetesActuator:
     deadline_s: float = 60.0
     conflict_retries: int = 5
     kind = "kubernetes"
+    # a pod belongs to its pool's workload: a role switch removes it there and starts one in the other pool
+    switches_in_place = False
     _calls: WorkloadApi = field(init=False)
 
     def __post_init__(self) -> None:
@@ -96,6 +98,12 @@ class KubernetesActuator:
         return [highest] if highest is not None else []
 
     # ---- acting ----
+
+    def switch(self, decision_id: str, instance_id: str, role: Role) -> Actuation:
+        """Not in place: the workload that owns a pod would replace a pod that left it."""
+        replicas = self.status(role).replicas
+        detail = f"{instance_id}: a pod stays in its workload; switched by removing it and starting one"
+        return Actuation(decision_id, role, Outcome.REFUSED, replicas, replicas, detail=detail)
 
     def resume(self, role: Role) -> PoolMembers:
         """An operator's word after a manual override: the workload's replicas are pdflow's again."""

@@ -1,7 +1,9 @@
 """The Ray actuator: a pool is the worker actors named ``pdflow-<role>-<n>`` in the cluster's namespace, on
 the local Ray cluster or any other (KubeRay included). Scaling out creates actors and starts their engines;
-scaling in shuts exactly the named instances down (their engines' subprocesses exit) and kills the actors.
-``spawn_worker`` is the one place worker actors are created (``pdctl up`` uses it too).
+scaling in shuts exactly the named instances down (their engines' subprocesses exit) and kills the actors; a
+role switch moves a drained worker to the other pool in place (``autoscaler.switchable``), so an actor's name
+says the role it started in and its pool is the role it reports. ``spawn_worker`` is the one place worker
+actors are created (``pdctl up`` uses it too).
 
 The actuator is handed to the controller actor by whoever starts the cluster; it pickles by value (settings
 only) and looks everything else up in Ray when called."""
@@ -24,6 +26,7 @@ from runtime.actors import CONTROLLER_NAME, NAMESPACE
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^pdflow-(prefill|decode)-(\d+)$")
 _SHUTDOWN_S = 30.0
+_ASK_S = 2.0  # a worker's answer to a quick question (its role, a switch)
 
 
 def worker_name(role: Role, index: int) -> str:
@@ -43,10 +46,8 @@ def spawn_worker(
     ``start`` is called on it."""
     import ray
 
-    from decode_worker.actor import DecodeWorker
-    from prefill_worker.actor import PrefillWorker
+    from autoscaler.switchable import SwitchableWorker
 
-    cls = PrefillWorker if role is Role.PREFILL else DecodeWorker
     name = worker_name(role, index)
     base = config.worker.nixl_base_port
     if base:
@@ -61,7 +62,7 @@ def spawn_worker(
         "OMP_NUM_THREADS": str(config.engine.cpu_threads),
     }
     actor = (
-        ray.remote(cls)
+        ray.remote(SwitchableWorker)
         .options(
             name=name, namespace=namespace, num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env}
         )
@@ -72,6 +73,7 @@ def spawn_worker(
             config.model_dump(mode="json"),
             controller_name,
             namespace,
+            role=role.value,
         )
     )
     return name, actor
@@ -79,17 +81,20 @@ def spawn_worker(
 
 @dataclass
 class RayActuator:
-    """Sizes the pools as Ray actors. Instance ids are ``<role>-<n>``, actor names ``pdflow-<role>-<n>``."""
+    """Sizes the pools as Ray actors. Instance ids are ``<role>-<n>`` and actor names ``pdflow-<role>-<n>``,
+    after the role each started in."""
 
     config: dict[str, Any]  # the ClusterConfig, as JSON
     model_path: str
     namespace: str = NAMESPACE
     kind = "ray"
+    switches_in_place = True
     _starting: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # instance -> start ref
     # the handles of the actors this actuator created: Ray ends an actor once no handle to it is left
     _handles: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     _highest: int = field(default=-1, init=False, repr=False)  # ids are never reused: caches key on them
     _applied: dict[tuple[str, Role], Actuation] = field(default_factory=dict, init=False, repr=False)
+    _roles: dict[str, Role] = field(default_factory=dict, init=False, repr=False)  # instance -> its role now
 
     def __getstate__(self) -> dict[str, Any]:
         """Settings only: handles and refs belong to the process that made them."""
@@ -133,6 +138,28 @@ class RayActuator:
             self._applied[(decision_id, role)] = result
         return result
 
+    def switch(self, decision_id: str, instance_id: str, role: Role) -> Actuation:
+        """The drained worker ``instance_id`` serves as ``role`` from now on (``SwitchableWorker``): one call
+        to it, within ``_ASK_S``."""
+        import ray
+
+        done = self._applied.get((decision_id, role))
+        if done is not None:
+            return Actuation(decision_id, role, Outcome.UNCHANGED, done.replicas_after, done.replicas_after)
+        before = len(self._instances(role))
+        try:
+            actor = self._actor(instance_id)
+            ray.get(actor.switch_role.remote(role.value), timeout=_ASK_S)
+        except Exception as exc:  # gone, busy, or not answering: it stays where it is
+            detail = f"{instance_id} not switched: {type(exc).__name__}: {exc}"
+            return Actuation(decision_id, role, Outcome.FAILED, before, before, detail=detail)
+        self._roles[instance_id] = role
+        result = Actuation(
+            decision_id, role, Outcome.APPLIED, before, before + 1, detail=f"{instance_id} switched in place"
+        )
+        self._applied[(decision_id, role)] = result
+        return result
+
     # ---- helpers ----
 
     def _instances(self, role: Role) -> tuple[str, ...]:
@@ -142,9 +169,35 @@ class RayActuator:
         found = []
         for entry in names:
             m = _NAME.match(entry["name"])
-            if m is not None and entry["namespace"] == self.namespace and m[1] == role.value:
-                found.append((int(m[2]), f"{m[1]}-{m[2]}"))
+            if m is None or entry["namespace"] != self.namespace:
+                continue
+            iid = f"{m[1]}-{m[2]}"
+            if self._role_of(iid, Role(m[1])) is role:
+                found.append((int(m[2]), iid))
         return tuple(iid for _, iid in sorted(found))
+
+    def _role_of(self, instance_id: str, named: Role) -> Role:
+        """The role ``instance_id`` serves: as this actuator last set it, else as the worker says (once; a
+        worker this actuator did not start, or one switched before a controller restart), else its name's."""
+        import ray
+
+        role = self._roles.get(instance_id)
+        if role is None:
+            try:
+                role = Role(ray.get(self._actor(instance_id).current_role.remote(), timeout=_ASK_S))
+            except Exception:  # not scheduled yet, or busy: ask again next time
+                return named
+            self._roles[instance_id] = role
+        return role
+
+    def _actor(self, instance_id: str) -> Any:
+        import ray
+
+        actor = self._handles.get(instance_id)
+        if actor is None:
+            role, index = instance_id.rsplit("-", 1)
+            actor = ray.get_actor(worker_name(Role(role), int(index)), namespace=self.namespace)
+        return actor
 
     def _still_starting(self, instance_id: str) -> bool:
         import ray
@@ -181,6 +234,7 @@ class RayActuator:
                 )
                 instance_id = f"{role.value}-{index}"
                 self._handles[instance_id] = actor
+                self._roles[instance_id] = role
                 self._starting[instance_id] = actor.start.remote()
                 started.append(instance_id)
             index += 1
@@ -223,15 +277,13 @@ class RayActuator:
         """Shut the worker down (it tells the controller, then stops its engine), then end its actor."""
         import ray
 
-        role, index = instance_id.rsplit("-", 1)
-        name = worker_name(Role(role), int(index))
         self._starting.pop(instance_id, None)
-        actor = self._handles.pop(instance_id, None)
-        if actor is None:
-            try:
-                actor = ray.get_actor(name, namespace=self.namespace)
-            except ValueError:
-                return  # gone already
+        self._roles.pop(instance_id, None)
+        try:
+            actor = self._actor(instance_id)
+        except ValueError:
+            return  # gone already
+        self._handles.pop(instance_id, None)
         deadline = time.monotonic() + _SHUTDOWN_S
         with contextlib.suppress(Exception):  # a dead or hung worker is killed below either way
             ray.get(actor.shutdown.remote(), timeout=max(1.0, deadline - time.monotonic()))

@@ -98,7 +98,7 @@ def _schedule(target_tps: float, scale: float, seed: int, max_prompt: int, max_o
             reqs.append(Req(t, p, o))
 
 
-async def _one(client: Any, model: str, req: Req, index: int, seed: int, start: float) -> None:
+async def send_one(client: Any, model: str, req: Req, index: int, seed: int, start: float) -> None:
     from pdctl.bench import synthesize_prompt
 
     await asyncio.sleep(max(0.0, start + req.sent - time.monotonic()))
@@ -204,7 +204,7 @@ async def _drive(
             task = bar.add_task(run.name, total=len(reqs))
 
             async def one(i: int, r: Req) -> None:
-                await _one(client, model, r, i, seed, start)
+                await send_one(client, model, r, i, seed, start)
                 bar.advance(task)
 
             await asyncio.gather(*(one(i, r) for i, r in enumerate(reqs)))
@@ -213,7 +213,7 @@ async def _drive(
     run.requests = reqs
 
 
-def _cluster_config(overrides: dict[str, Any]) -> Any:
+def cluster_config(overrides: dict[str, Any]) -> Any:
     from protocol.config import ClusterConfig
 
     return ClusterConfig.load(
@@ -228,7 +228,7 @@ def _cluster_config(overrides: dict[str, Any]) -> Any:
     )
 
 
-def _with_cluster(cfg: Any, body: Any) -> Any:
+def with_cluster(cfg: Any, body: Any) -> Any:
     from pdctl.local_cluster import LocalCluster
     from pdctl.model_cache import prepare_model
 
@@ -259,7 +259,7 @@ def calibrate(max_prompt: int, max_output: int, seconds: float = 45.0, clients: 
                 async with httpx.AsyncClient(base_url=handle.http_url, timeout=None) as client:
                     while time.monotonic() < stop_at:
                         r = Req(0.0, max_prompt // 2, max_output)
-                        await _one(client, model, r, 10_000 * k + i, 99, time.monotonic())
+                        await send_one(client, model, r, 10_000 * k + i, 99, time.monotonic())
                         i += 1
                         tokens += r.tokens if r.ok else 0
 
@@ -270,7 +270,7 @@ def calibrate(max_prompt: int, max_output: int, seconds: float = 45.0, clients: 
         return asyncio.run(go())
 
     print("calibrating: one decode engine, closed-loop clients", flush=True)
-    return float(_with_cluster(_cluster_config({"prefill.replicas": 1, "decode.replicas": 1}), body))
+    return float(with_cluster(cluster_config({"prefill.replicas": 1, "decode.replicas": 1}), body))
 
 
 def run_once(name: str, cfg: Any, reqs: list[Req], seed: int, target: float, scale: float) -> Run:
@@ -283,24 +283,24 @@ def run_once(name: str, cfg: Any, reqs: list[Req], seed: int, target: float, sca
         with AdminClient(handle.admin_address) as client:
             try:
                 resp = client.autoscaler_decisions(200, True)
-                run.decisions = [json.loads(_json(d)) for d in resp.decisions]
+                run.decisions = [json.loads(as_json(d)) for d in resp.decisions]
             except Exception:  # a static run has no autoscaler
                 run.decisions = []
             migrations = client.migrations(500)
-            run.drain_migrations = [json.loads(_json(m)) for m in migrations.recent if m.trigger == "drain"]
+            run.drain_migrations = [json.loads(as_json(m)) for m in migrations.recent if m.trigger == "drain"]
 
     print(f"{name}: starting the cluster", flush=True)
-    _with_cluster(cfg, body)
+    with_cluster(cfg, body)
     return run
 
 
-def _json(message: Any) -> str:
+def as_json(message: Any) -> str:
     from google.protobuf.json_format import MessageToJson
 
     return MessageToJson(message, preserving_proto_field_name=True)
 
 
-def _p99(values: list[float]) -> float | None:
+def p99(values: list[float]) -> float | None:
     if not values:
         return None
     ordered = sorted(values)
@@ -324,8 +324,8 @@ def summarize(run: Run, slo_ttft: float, slo_tpot: float, static_instances: int)
         "failed": len(failed),
         "failures": [f"{r.request_id or '?'}: {r.error}" for r in failed[:10]],
         "slo_attainment": len(meets) / len(reqs) if reqs else 0.0,
-        "ttft_p99_s": _p99([r.ttft for r in ok if r.ttft is not None]),
-        "tpot_p99_s": _p99([r.tpot for r in ok if r.tpot is not None]),
+        "ttft_p99_s": p99([r.ttft for r in ok if r.ttft is not None]),
+        "tpot_p99_s": p99([r.tpot for r in ok if r.tpot is not None]),
         "drain_migrations": len(run.drain_migrations),
         "drain_migrations_moved": sum(1 for m in run.drain_migrations if m.get("outcome") == "moved"),
         "requests_moved_by_scale_in": len(on_victims),
@@ -407,9 +407,9 @@ def _rolling_p99(reqs: list[Req], what: str, window: float = 30.0) -> tuple[list
     t = window
     while t <= end + window:
         values = [v for s, v in done if t - window <= s < t]
-        if (p99 := _p99(values)) is not None:
+        if (value := p99(values)) is not None:
             xs.append(t)
-            ys.append(p99)
+            ys.append(value)
         t += window / 3
     return xs, ys
 
@@ -453,11 +453,11 @@ def main() -> None:
     runs = []
     reqs = _schedule(target, args.time_scale, args.seed, args.max_prompt, args.max_output)
     print(f"{len(reqs)} requests over {PROFILE[-1][0] * args.time_scale:.0f} s", flush=True)
-    cfg = _cluster_config({"prefill.replicas": 1, "decode.replicas": 1, **autoscaler})
+    cfg = cluster_config({"prefill.replicas": 1, "decode.replicas": 1, **autoscaler})
     runs.append(run_once("autoscaled", cfg, reqs, args.seed, target, args.time_scale))
     if not args.no_static:
         reqs = _schedule(target, args.time_scale, args.seed, args.max_prompt, args.max_output)
-        cfg = _cluster_config({"prefill.replicas": 1, "decode.replicas": 3})
+        cfg = cluster_config({"prefill.replicas": 1, "decode.replicas": 3})
         runs.append(run_once("static 1P+3D", cfg, reqs, args.seed, target, args.time_scale))
     summaries = {run.name: summarize(run, args.slo_ttft, args.slo_tpot, 4) for run in runs}
     from rich.console import Console

@@ -268,8 +268,8 @@ class AutoscalerLoop:
         return await self._hand_over(self._carry_out(record, keep_warm=False, release=True))
 
     async def set_role(self, iid: str, role: Role) -> DecisionRecord:
-        """Switch ``iid`` to ``role``: drained, then replaced in the other pool (a manual decision; the
-        policy keeps running)."""
+        """Switch ``iid`` to ``role``: drained, then moved to the other pool in place (or, where the actuator
+        cannot, replaced there). A manual decision; the policy keeps running."""
         await self._lock.acquire()
         try:
             obs = self.observe(await self._members(), latencies=False)
@@ -413,7 +413,8 @@ class AutoscalerLoop:
 
     def _acts(self, d: ScaleDecision) -> bool:
         moves = d.victims or d.restore or d.cancel or d.remove or d.flips
-        return bool(moves) or any(missing(d, role) > 0 for role in ROLES)
+        in_place = self.actions.actuator.switches_in_place
+        return bool(moves) or any(missing(d, role, in_place=in_place) > 0 for role in ROLES)
 
     async def _members(self) -> dict[Role, PoolMembers]:
         return {role: await self.actions.members(role) for role in ROLES}

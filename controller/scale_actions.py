@@ -93,11 +93,12 @@ class ScaleActions:
             cancel = tuple(i for i in d.cancel if role_of(d, i) is role)
             if cancel:
                 actions.append((await self.scale(did, role, -len(cancel), cancel=cancel))[0])
+        in_place = self.actuator.switches_in_place
         for iid, role in d.flips:
-            if self._idle(d, iid):  # a drained or warm instance: replaced in the other pool
+            if in_place or self._idle(d, iid):  # elsewhere a ready one stays; the other pool starts one
                 actions.append(await self.flip(did, iid, role))
         for role in ROLES:
-            extra = missing(d, role)
+            extra = missing(d, role, in_place=in_place)
             if extra > 0:
                 actions.append((await self.scale(did, role, extra))[0])
         for iid in self._victims(d):
@@ -175,18 +176,36 @@ class ScaleActions:
         return text
 
     async def flip(self, did: str, iid: str, to: Role) -> str:
-        """A role switch: drained first, then removed from its pool and replaced by a new instance of the
-        other (a restart in place, the same worker in the other role, is not built yet)."""
+        """A role switch: drained first (unless it is already), then moved to the other pool in place where
+        the actuator can, else removed from its pool and replaced by a new instance of the other."""
         role = self._role_in_registry(iid)
-        if iid not in self.leaving:
+        started = self._clock()
+        leaving = self.leaving.get(iid)
+        if leaving is None or leaving.state not in (InstanceState.DRAINED, InstanceState.WARM):
             drained, empty = await self._drain(iid, role)
             if not empty:
                 return f"{iid}: {drained}; " + self.restore(iid)
+        if self.actuator.switches_in_place:
+            return await self._switch(did, iid, role, to, started)
         removed, done = await self.scale(did, role, -1, victims=(iid,))
         if done.outcome is not Outcome.APPLIED:
             return f"{iid}: not switched: {removed}"
         added, _ = await self.scale(did, to, 1)
         return f"{iid}: {role.value} -> {to.value}: {removed}; {added}"
+
+    async def _switch(self, did: str, iid: str, role: Role, to: Role, started: float) -> str:
+        """The drained ``iid`` serves as ``to`` once it reports so; then it is back in service. If it does not
+        switch, it is back in service in its old role."""
+        done = await self._call(self.actuator.switch, f"{did}/switch/{iid}", iid, to)
+        if done.outcome not in (Outcome.APPLIED, Outcome.UNCHANGED):
+            return f"{iid}: not switched ({done.outcome}: {done.detail}); " + self.restore(iid)
+        self._move(iid, InstanceState.STARTING)
+        deadline = self._clock() + self._config.controller.heartbeat_timeout_s
+        while self._role_in_registry(iid) is not to and self._clock() < deadline:
+            await asyncio.sleep(_SETTLE_POLL_S)  # its report is on its way
+        late = "" if self._role_in_registry(iid) is to else " (not reported yet)"
+        back = self.restore(iid)  # either role's calls work on it: its engine is the same
+        return f"{iid}: {role.value} -> {to.value} in place in {self._clock() - started:.1f} s{late}; {back}"
 
     async def remove_dead(self, members: dict[Role, PoolMembers]) -> list[str]:
         """Instances the actuator still runs whose worker is DEAD are removed, so that the policy's scale-out
@@ -319,16 +338,19 @@ def role_of(d: ScaleDecision, iid: str) -> Role:
     return next(v.role for v in d.observation.instances if v.instance_id == iid)
 
 
-def missing(d: ScaleDecision, role: Role) -> int:
+def missing(d: ScaleDecision, role: Role, *, in_place: bool) -> int:
     """New instances of ``role`` the decision needs beyond those in service, on their way, put back or
-    switched into it (only drained or warm instances switch: a ready one stays where it is until the in-place
-    role switch exists, and the pool that needs more starts one instead)."""
+    switched into it. Every switch counts where the actuator switches in place; elsewhere only drained or
+    warm instances switch (a ready one stays where it is, and the pool that needs more starts one)."""
     idle = (InstanceState.DRAINED, InstanceState.WARM)
     states = {v.instance_id: v.state for v in d.observation.instances}
     have = sum(
         1 for v in d.observation.instances if v.role is role and (v.state.schedulable or v.state.on_its_way)
     )
     have += sum(1 for i in d.restore if role_of(d, i) is role)
-    have += sum(1 for i, r in d.flips if r is role and states.get(i) in idle)
+    for iid, to in d.flips:
+        if in_place or states.get(iid) in idle:
+            have += to is role
+            have -= role_of(d, iid) is role and states.get(iid) is InstanceState.READY
     have -= sum(1 for i in (*d.cancel, *d.victims) if role_of(d, i) is role)
     return (d.prefill if role is Role.PREFILL else d.decode) - have

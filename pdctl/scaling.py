@@ -103,7 +103,8 @@ def set_role(
     admin: AdminOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Switch INSTANCE to the other pool: drain it, then serve in ROLE."""
+    """Switch INSTANCE to the other pool: drain it, then serve in ROLE (in place on Ray: the engine keeps
+    running; on Kubernetes the pod is replaced by one in the other pool)."""
     if role not in ("prefill", "decode"):
         fail(f"ROLE must be 'prefill' or 'decode', not {role!r}")
     d = _ask(admin, lambda c: c.set_role(instance, role, _ACTION_DEADLINE_S))

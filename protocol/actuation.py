@@ -1,8 +1,9 @@
 """The actuator contract: how the controller's autoscaler loop sizes a pool, whatever runs it (Ray actors, a
 Kubernetes Deployment or StatefulSet). One call, ``scale``, keyed by the decision it carries out and
 idempotent; it names exactly which instances leave on a scale-in (drained victims, or instances still on
-their way), and reports what happened. Calls block (the loop runs them off its event loop) and each carries
-its own deadline."""
+their way), and reports what happened. ``switch`` moves a drained instance to the other pool in place, where
+the actuator can (``switches_in_place``); elsewhere a role switch is a removal and a start. Calls block (the
+loop runs them off its event loop) and each carries its own deadline."""
 
 from __future__ import annotations
 
@@ -53,6 +54,11 @@ class Actuator(Protocol):
         """ "ray" or "kubernetes", for status lines."""
         ...
 
+    @property
+    def switches_in_place(self) -> bool:
+        """Whether ``switch`` moves an instance between the pools without restarting it."""
+        ...
+
     def members(self, role: Role) -> PoolMembers: ...
 
     def victim_order(self, role: Role, candidates: list[str]) -> list[str]:
@@ -70,6 +76,12 @@ class Actuator(Protocol):
     ) -> Actuation:
         """Bring ``role``'s pool to ``replicas``: up by starting instances; down by removing exactly
         ``victims`` (drained) or ``cancel`` (on their way). The same decision again changes nothing."""
+        ...
+
+    def switch(self, decision_id: str, instance_id: str, role: Role) -> Actuation:
+        """Move drained ``instance_id`` into ``role``'s pool without restarting it: APPLIED once it serves
+        there, REFUSED where this actuator cannot, FAILED if the instance did not switch (it stays where it
+        was). The same decision again changes nothing."""
         ...
 
     def resume(self, role: Role) -> PoolMembers:

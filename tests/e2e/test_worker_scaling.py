@@ -1,6 +1,7 @@
-"""The pools resized on real engines through the controller's Ray actuator, as `pdctl scale` does it: a new
-decode worker is started and serves; then the pool shrinks back while requests stream, the victim is drained
-by live migration, and every stream ends whole. Runs last of the end-to-end modules (it reshapes the pools,
+"""The pools resized on real engines through the controller's Ray actuator, as `pdctl scale` and `pdctl
+set-role` do it: a new decode worker is started and serves; a decode worker switches to prefill and back in
+place while requests stream; then the pool shrinks back while requests stream, the victim is drained by live
+migration, and every stream ends whole. Runs last of the end-to-end modules (it reshapes the pools,
 and may remove the worker the other modules know as the first decode worker)."""
 
 from __future__ import annotations
@@ -59,43 +60,93 @@ def _stream(cluster: E2ECluster, k: int) -> tuple[int, str, str]:
     return tokens, finish, ""
 
 
-def test_scale_out_then_in_under_load_loses_no_request(e2e_cluster: E2ECluster) -> None:
+def test_scale_out_starts_a_decode_worker_that_serves(e2e_cluster: E2ECluster) -> None:
+    before = _live_decode(e2e_cluster)
+    new = _scale_out_decode(e2e_cluster)
+    assert new not in before and len(_live_decode(e2e_cluster)) == len(before) + 1
+    tokens, finish, error = _stream(e2e_cluster, 0)
+    assert (tokens, finish, error) == (TOKENS, "length", "")
+
+
+def test_a_decode_worker_switches_to_prefill_and_back_in_place_under_load(e2e_cluster: E2ECluster) -> None:
     cluster = e2e_cluster
+    if len(_live_decode(cluster)) < 2:  # run alone: the pool needs a second decode worker to give one up
+        _scale_out_decode(cluster)
+    switched = _live_decode(cluster)[-1]
+    with ThreadPoolExecutor(6) as pool:
+        streams = [pool.submit(_stream, cluster, k) for k in range(6)]
+        _wait_for("requests on the worker to switch", lambda: _busy(cluster, switched), 60)
+        with AdminClient(cluster.admin_address) as admin:
+            there = admin.set_role(switched, "prefill", deadline_s=300)
+        assert any(f"{switched}: decode -> prefill in place" in a for a in there.actions), there.actions
+        assert switched in _live(cluster, "prefill") and switched not in _live_decode(cluster)
+        _wait_for("the front door sending prompts to it", lambda: _front_door_sees(cluster, 2, 1), 30)
+        more = [pool.submit(_stream, cluster, 100 + k) for k in range(4)]
+        _wait_for("a prompt prefilled there", lambda: _prefilled_on(cluster, switched), 120)
+        with AdminClient(cluster.admin_address) as admin:
+            back = admin.set_role(switched, "decode", deadline_s=300)
+        assert any(f"{switched}: prefill -> decode in place" in a for a in back.actions), back.actions
+        results = [s.result(timeout=300) for s in (*streams, *more)]
+    assert [r for r in results if r[2] or r[0] != TOKENS or r[1] != "length"] == [], results
+    assert switched in _live_decode(cluster)
+    # the same actor all along: no engine was started or stopped
+    assert ray.get_actor(f"pdflow-{switched}", namespace=NAMESPACE) is not None
+    _wait_nothing_held(cluster)
+
+
+def test_scale_in_under_load_drains_the_victim_and_loses_no_request(e2e_cluster: E2ECluster) -> None:
+    cluster = e2e_cluster
+    if len(_live_decode(cluster)) < 2:
+        _scale_out_decode(cluster)
     before = _live_decode(cluster)
     prefill = len(_live(cluster, "prefill"))
-    with AdminClient(cluster.admin_address) as admin:
-        out = admin.scale(prefill, len(before) + 1, deadline_s=120)
-    assert out.manual and any("starting decode-" in a for a in out.actions), out
-    deadline = time.monotonic() + 300
-    while len(_live_decode(cluster)) != len(before) + 1:
-        assert time.monotonic() < deadline, (
-            f"no new decode worker serving after 300 s: {_live_decode(cluster)}"
-        )
-        time.sleep(0.5)
-    (new,) = set(_live_decode(cluster)) - set(before)
-    deadline = time.monotonic() + 30
-    while httpx.get(f"{cluster.http_url}/health", timeout=10).json()["decode_workers"] != len(before) + 1:
-        assert time.monotonic() < deadline, f"the front door never saw {new}"
-        time.sleep(0.05)
-
     with ThreadPoolExecutor(8) as pool:
         streams = [pool.submit(_stream, cluster, k) for k in range(8)]
-        deadline = time.monotonic() + 60
-        while not all(_busy(cluster, i) for i in (*before, new)):  # requests running on every decode worker
-            assert time.monotonic() < deadline, "the requests never spread over the decode workers"
-            time.sleep(0.05)
+        _wait_for(  # requests running on every decode worker
+            "the requests spread over the decode workers", lambda: all(_busy(cluster, i) for i in before), 60
+        )
         with AdminClient(cluster.admin_address) as admin:
-            shrink = admin.scale(prefill, len(before), deadline_s=300)
+            shrink = admin.scale(prefill, len(before) - 1, deadline_s=300)
         results = [s.result(timeout=300) for s in streams]
 
     assert [r for r in results if r[2] or r[0] != TOKENS or r[1] != "length"] == [], results
     assert len(shrink.victims) == 1 and any("drained" in a for a in shrink.actions), shrink
     assert any("applied" in a for a in shrink.actions), shrink.actions
     (victim,) = shrink.victims
-    assert victim not in _live_decode(cluster) and len(_live_decode(cluster)) == len(before)
+    assert victim not in _live_decode(cluster) and len(_live_decode(cluster)) == len(before) - 1
     with pytest.raises(ValueError):  # its actor is gone
         ray.get_actor(f"pdflow-{victim}", namespace=NAMESPACE)
     _wait_nothing_held(cluster)
+
+
+def _scale_out_decode(cluster: E2ECluster) -> str:
+    """One more decode worker, as ``pdctl scale`` starts it; returns it once the front door sees it."""
+    before = _live_decode(cluster)
+    prefill = len(_live(cluster, "prefill"))
+    with AdminClient(cluster.admin_address) as admin:
+        out = admin.scale(prefill, len(before) + 1, deadline_s=120)
+    assert out.manual and any("starting decode-" in a for a in out.actions), out
+    _wait_for("a new decode worker serving", lambda: len(_live_decode(cluster)) == len(before) + 1, 300)
+    (new,) = set(_live_decode(cluster)) - set(before)
+    _wait_for(f"the front door seeing {new}", lambda: _front_door_sees(cluster, prefill, len(before) + 1), 30)
+    return new
+
+
+def _front_door_sees(cluster: E2ECluster, prefill: int, decode: int) -> bool:
+    health = httpx.get(f"{cluster.http_url}/health", timeout=10).json()
+    return bool(health["prefill_workers"] == prefill and health["decode_workers"] == decode)
+
+
+def _prefilled_on(cluster: E2ECluster, instance: str) -> bool:
+    with AdminClient(cluster.admin_address) as admin:
+        return any(r.prefill_instance == instance for r in admin.requests(limit=200).requests)
+
+
+def _wait_for(what: str, cond: Any, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not cond():
+        assert time.monotonic() < deadline, f"waited {timeout_s} s for {what}"
+        time.sleep(0.05)
 
 
 def _busy(cluster: E2ECluster, instance: str) -> bool:

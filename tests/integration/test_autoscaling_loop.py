@@ -244,6 +244,76 @@ async def test_set_role_drains_an_instance_and_replaces_it_in_the_other_pool() -
         await cluster.wait_idle()
 
 
+async def test_set_role_switches_a_worker_in_place_under_load_and_back() -> None:
+    async with FakeCluster(
+        prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN, switchable=True
+    ) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        async with Load(cluster, clients=4) as load:
+            await _until("requests on both decode workers", lambda: _busy_decoders(cluster) == 2)
+            with pytest.raises(InvalidRequest, match="drain it before switching"):
+                await cluster.worker("decode-1").switch_role("prefill")
+            record = await loop.set_role("decode-1", Role.PREFILL)
+            assert "decode -> prefill in place" in record.actions[0], record.actions
+            assert actuator.switched == [("decode-1", Role.PREFILL)]
+            assert actuator.removed == [] and actuator.starting == {}  # no instance stopped or started
+            assert _view(cluster, "decode-1") == (Role.PREFILL, InstanceState.READY)
+            await _until("decode-1 prefilling", lambda: _served(cluster, "decode-1", Role.PREFILL) > 0)
+            decoded = _served(cluster, "decode-1", Role.DECODE)
+
+            record = await loop.set_role("decode-1", Role.DECODE)
+            assert "prefill -> decode in place" in record.actions[0], record.actions
+            assert _view(cluster, "decode-1") == (Role.DECODE, InstanceState.READY)
+            await _until(
+                "decode-1 decoding again", lambda: _served(cluster, "decode-1", Role.DECODE) > decoded
+            )
+            await load.finish()
+        assert load.failures == [] and load.ok > 0
+        assert actuator.removed == [] and len(cluster.workers) == 3
+        await cluster.wait_idle()
+
+
+async def test_a_prefill_heavy_load_switches_a_ready_decode_worker_instead_of_starting_one() -> None:
+    overrides = {
+        **SCALE_IN,
+        "autoscaler.in_ticks": 6,  # the decode pool's surplus goes to the prefill pool, not away
+        "autoscaler.target_prefill_tps": 1.0,  # every prompt token is over target: P wants more
+        "autoscaler.max_instances": 3,
+    }
+    async with FakeCluster(
+        prefill=1, decode=2, latency=LATENCY, overrides=overrides, switchable=True
+    ) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        async with Load(cluster, clients=4) as load:
+            await _until(
+                "prompt tokens/s reported", lambda: loop.observe(_members(actuator)).prefill_miss_tps > 2
+            )
+            record = await loop.tick()
+            assert record is not None and record.decision.reason is ScaleReason.PREFILL_PRESSURE, record
+            ((flipped, to),) = record.decision.flips
+            assert to is Role.PREFILL and flipped.startswith("decode-")
+            assert (record.decision.prefill, record.decision.decode) == (2, 1)
+            await loop.settle(10)
+            assert actuator.switched == [(flipped, Role.PREFILL)] and actuator.starting == {}
+            assert _view(cluster, flipped) == (Role.PREFILL, InstanceState.READY)
+            await load.finish()
+        assert load.failures == [] and actuator.removed == []
+        status = loop.status()
+        assert (status.ready[Role.PREFILL], status.ready[Role.DECODE]) == (2, 1)
+        await cluster.wait_idle()
+
+
+def _view(cluster: FakeCluster, iid: str) -> tuple[Role, InstanceState] | None:
+    inst = cluster.registry.snapshot(0).by_id(iid)
+    return (inst.role, inst.state) if inst is not None else None
+
+
+def _served(cluster: FakeCluster, iid: str, role: Role) -> int:
+    """Requests in the log that ``iid`` prefilled (or decoded)."""
+    field = "prefill_instance" if role is Role.PREFILL else "decode_instance"
+    return sum(1 for r in cluster.requests.list("", 0) if getattr(r, field) == iid)
+
+
 def _state(cluster: FakeCluster, iid: str) -> InstanceState | None:
     inst = cluster.registry.snapshot(0).by_id(iid)
     return inst.state if inst is not None else None

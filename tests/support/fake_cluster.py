@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+from autoscaler.switchable import SwitchableWorker
 from controller.migrations import MigrationCoordinator
 from controller.registry import InstanceRegistry
 from controller.request_log import RequestLog
@@ -62,7 +63,11 @@ class FakeCluster:
         overrides: dict[str, Any] | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
+        switchable: bool = False,
     ) -> None:
+        """``switchable``: the workers are the Ray actuator's (``SwitchableWorker``: either role, switched in
+        place); otherwise ``PrefillWorker`` and ``DecodeWorker``."""
+        self.switchable = switchable
         self.config = ClusterConfig.load(
             overrides={
                 "worker.report_interval_s": 0.02,
@@ -116,17 +121,10 @@ class FakeCluster:
         )
         cls = PrefillWorker if role is Role.PREFILL else DecodeWorker
         config = self.config.model_dump(mode="json")
-        worker = cls(
-            instance,
-            name,
-            "",
-            config,
-            "",
-            "pdflow",
-            engine=engine,
-            report=self._report,
-            clock=self.wall_clock,
-        )
+        kwargs: dict[str, Any] = {"engine": engine, "report": self._report, "clock": self.wall_clock}
+        if self.switchable:
+            cls, kwargs["role"] = SwitchableWorker, role.value
+        worker = cls(instance, name, "", config, "", "pdflow", **kwargs)
         self.workers[name], self.engines[name] = worker, engine
         await worker.start()
         if isinstance(worker, DecodeWorker):  # a migration primes its destination in this process

@@ -14,10 +14,14 @@ from tests.support.fake_cluster import FakeCluster
 
 
 class FakeActuator:
+    """Switches roles in place where the cluster's workers can (``FakeCluster(switchable=True)``)."""
+
     kind = "fake"
 
     def __init__(self, cluster: FakeCluster) -> None:
         self.cluster = cluster
+        self.switches_in_place = cluster.switchable
+        self.switched: list[tuple[str, Role]] = []
         self.starting: dict[str, asyncio.Task[Any]] = {}
         self.calls: list[tuple[str, Role, int, tuple[str, ...], tuple[str, ...]]] = []
         self.removed: list[str] = []
@@ -28,7 +32,7 @@ class FakeActuator:
 
     def members(self, role: Role) -> PoolMembers:
         ids = sorted(
-            {n.removeprefix("pdflow-") for n in self.cluster.workers if n.startswith(f"pdflow-{role.value}-")}
+            {n.removeprefix("pdflow-") for n, w in self.cluster.workers.items() if w.role is role}
             | {i for i in self.starting if i.startswith(f"{role.value}-")}
         )
         pending = tuple(i for i in ids if i in self.starting and not self.starting[i].done())
@@ -73,6 +77,17 @@ class FakeActuator:
                 task.cancel()
             self.removed.append(iid)
         return Actuation(decision_id, role, Outcome.APPLIED, before, replicas, tuple(leaving))
+
+    def switch(self, decision_id: str, instance_id: str, role: Role) -> Actuation:
+        before = self.members(role).replicas
+        if not self.switches_in_place:
+            return Actuation(decision_id, role, Outcome.REFUSED, before, before)
+        worker = self.cluster.worker(instance_id)
+        switched = asyncio.ensure_future(worker.switch_role(role.value))  # reports; the loop waits for that
+        switched.add_done_callback(
+            lambda t: t.cancelled() or t.exception() or self.switched.append((instance_id, role))
+        )
+        return Actuation(decision_id, role, Outcome.APPLIED, before, before + 1)
 
 
 class FakeFrontDoors:
