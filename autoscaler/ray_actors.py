@@ -26,7 +26,8 @@ from runtime.actors import CONTROLLER_NAME, NAMESPACE
 log = logging.getLogger(__name__)
 _NAME = re.compile(r"^pdflow-(prefill|decode)-(\d+)$")
 _SHUTDOWN_S = 30.0
-_ASK_S = 2.0  # a worker's answer to a quick question (its role, a switch)
+_ASK_S = 2.0  # a worker's answer to a quick question (its role)
+_SWITCH_S = 10.0  # a drained worker taking the other role
 
 
 def worker_name(role: Role, index: int) -> str:
@@ -140,17 +141,19 @@ class RayActuator:
 
     def switch(self, decision_id: str, instance_id: str, role: Role) -> Actuation:
         """The drained worker ``instance_id`` serves as ``role`` from now on (``SwitchableWorker``): one call
-        to it, within ``_ASK_S``."""
+        to it, within ``_SWITCH_S``."""
         import ray
 
         done = self._applied.get((decision_id, role))
         if done is not None:
             return Actuation(decision_id, role, Outcome.UNCHANGED, done.replicas_after, done.replicas_after)
-        before = len(self._instances(role))
+        before = 0
         try:
+            before = len(self._instances(role))
             actor = self._actor(instance_id)
-            ray.get(actor.switch_role.remote(role.value), timeout=_ASK_S)
+            ray.get(actor.switch_role.remote(role.value), timeout=_SWITCH_S)
         except Exception as exc:  # gone, busy, or not answering: it stays where it is
+            self._roles.pop(instance_id, None)  # a call that timed out may still land: ask it next time
             detail = f"{instance_id} not switched: {type(exc).__name__}: {exc}"
             return Actuation(decision_id, role, Outcome.FAILED, before, before, detail=detail)
         self._roles[instance_id] = role

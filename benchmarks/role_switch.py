@@ -32,7 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# the autoscaling benchmark's client and cluster helpers (this script's folder is on the path before ROOT)
+# the autoscaling benchmark's client and cluster helpers (this script's folder is on the path too, after ROOT,
+# which has no module of that name)
 from autoscaling import Req, as_json, cluster_config, p99, send_one, with_cluster  # noqa: E402
 
 
@@ -51,7 +52,10 @@ PHASES = (
     Phase("prefill-heavy", 180, 1200, 2, 0.0, 2.5),
     Phase("decode-heavy again", 180, 64, 96, 1.6, 0.0),
 )
-_SWITCH = re.compile(r"(\S+): (prefill|decode) -> (prefill|decode) in place in ([\d.]+) s")
+_SWITCH = re.compile(
+    r"(\S+): (?:drained in ([\d.]+) s[^;]*|drained already); "
+    r"(prefill|decode) -> (prefill|decode) in place in ([\d.]+) s"
+)
 
 
 def _schedule(target_d: float, target_p: float, scale: float, seed: int) -> list[tuple[str, Req]]:
@@ -91,7 +95,10 @@ async def _sample(admin: str, samples: list[dict[str, Any]], start: float, stop:
             await asyncio.sleep(max(0.0, 0.5 - (time.monotonic() - start - t)))
 
 
-async def _drive(url: str, admin: str, reqs: list[tuple[str, Req]], seed: int) -> list[dict[str, Any]]:
+async def _drive(
+    url: str, admin: str, reqs: list[tuple[str, Req]], seed: int
+) -> tuple[list[dict[str, Any]], float]:
+    """Send the load; returns the samples and when (unix seconds) the load's clock started."""
     import httpx
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -102,7 +109,7 @@ async def _drive(url: str, admin: str, reqs: list[tuple[str, Req]], seed: int) -
     stop = asyncio.Event()
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=None) as client:
-        start = time.monotonic()
+        start, wall_start = time.monotonic(), time.time()
         sampler = asyncio.create_task(_sample(admin, samples, start, stop))
         with Progress(TextColumn("load"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as bar:
             task = bar.add_task("load", total=len(reqs))
@@ -114,7 +121,7 @@ async def _drive(url: str, admin: str, reqs: list[tuple[str, Req]], seed: int) -
             await asyncio.gather(*(one(i, r) for i, (_, r) in enumerate(reqs)))
         stop.set()
         await sampler
-    return samples
+    return samples, wall_start
 
 
 def _cold_start(admin: str) -> dict[str, Any]:
@@ -142,25 +149,8 @@ def _cold_start(admin: str) -> dict[str, Any]:
     return {"instance": "", "seconds": None, "actions": list(decision.actions)}
 
 
-def _observed_switches(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """From the samples: each instance that left READY in one role and came back READY in the other."""
-    out: list[dict[str, Any]] = []
-    left: dict[str, tuple[float, str]] = {}
-    for s in samples:
-        for iid, (role, state) in s.get("instances", {}).items():
-            if state != "READY" and iid not in left:
-                left[iid] = (s["t"], role)
-            elif state == "READY" and iid in left:
-                since, was = left.pop(iid)
-                if role != was:
-                    out.append(
-                        {"instance": iid, "from": was, "to": role, "at": since, "seconds": s["t"] - since}
-                    )
-    return out
-
-
 def summarize(
-    reqs: list[tuple[str, Req]], decisions: list[dict[str, Any]], samples: list[dict[str, Any]]
+    reqs: list[tuple[str, Req]], decisions: list[dict[str, Any]], wall_start: float
 ) -> dict[str, Any]:
     phases = {}
     for ph in PHASES:
@@ -173,32 +163,27 @@ def summarize(
             "tpot_p99_s": p99([r.tpot for r in ok if r.tpot is not None]),
         }
     switches = []
-    for d in reversed(decisions):
+    for d in reversed(decisions):  # oldest first
         for action in d.get("actions", []):
             if m := _SWITCH.search(action):
                 switches.append(
                     {
                         "instance": m[1],
-                        "from": m[2],
-                        "to": m[3],
-                        "seconds": float(m[4]),
+                        "drain_s": float(m[2]) if m[2] else 0.0,
+                        "from": m[3],
+                        "to": m[4],
+                        "seconds": float(m[5]),  # from its drain's start to serving in the new role
+                        "at": float(d.get("at", 0.0)) - wall_start,  # when decided, on the load's clock
                         "reason": d.get("reason"),
+                        "manual": bool(d.get("manual")),
                     }
                 )
-    drains = [
-        float(m[1])
-        for d in decisions
-        for a in d.get("actions", [])
-        if (m := re.search(r"drained in ([\d.]+) s", a))
-    ]
     return {
         "requests": len(reqs),
         "failed": sum(1 for _, r in reqs if not r.ok),
         "failures": [f"{r.request_id or '?'}: {r.error}" for _, r in reqs if not r.ok][:10],
         "phases": phases,
         "switches": switches,
-        "drain_seconds": drains,
-        "observed_switches": _observed_switches(samples),
         "decisions": [
             f"{d.get('reason')}: {d.get('prefill', 0)}P+{d.get('decode', 0)}D; "
             + "; ".join(d.get("actions", []))
@@ -283,10 +268,10 @@ def main() -> None:
     def body(handle: Any) -> dict[str, Any]:
         from pdctl.admin_client import AdminClient
 
-        samples = asyncio.run(_drive(handle.http_url, handle.admin_address, reqs, args.seed))
+        samples, wall_start = asyncio.run(_drive(handle.http_url, handle.admin_address, reqs, args.seed))
         with AdminClient(handle.admin_address) as client:
             decisions = [json.loads(as_json(d)) for d in client.autoscaler_decisions(200, True).decisions]
-        result = summarize(reqs, decisions, samples)
+        result = summarize(reqs, decisions, wall_start)
         print("timing a cold start: 1P+1D, then 1P+2D by hand", flush=True)
         result["cold_start"] = _cold_start(handle.admin_address)
         result["samples"] = samples
@@ -307,7 +292,8 @@ def main() -> None:
     Console().print(table)
     for sw in result["switches"]:
         print(
-            f"  switch {sw['instance']}: {sw['from']} -> {sw['to']} in {sw['seconds']:.1f} s ({sw['reason']})"
+            f"  switch {sw['instance']}: {sw['from']} -> {sw['to']} at {sw['at']:.0f} s"
+            f" in {sw['seconds']:.1f} s (drain {sw['drain_s']:.1f} s; {sw['reason']})"
         )
     cold = result["cold_start"]
     print(
@@ -325,13 +311,13 @@ def main() -> None:
         json.dumps(
             {
                 **result,
-                "requests": [(n, asdict(r)) for n, r in reqs],
+                "request_records": [(n, asdict(r)) for n, r in reqs],
                 "phases_spec": [asdict(p) for p in PHASES],
             },
             indent=1,
         )
     )
-    plot(result["samples"], result["observed_switches"], args.png, args.time_scale)
+    plot(result["samples"], result["switches"], args.png, args.time_scale)
     print(f"wrote {args.output} and {args.png}")
 
 

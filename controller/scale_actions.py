@@ -84,8 +84,8 @@ class ScaleActions:
         return cast(T, await asyncio.wait_for(self._offload(fn, *args, **kwargs), ACTUATOR_CALL_S))
 
     async def carry_out(self, d: ScaleDecision, did: str, *, keep_warm: bool) -> list[str]:
-        """Every move of ``d``, in order: put back, cancel, switch, start, take out, remove. Returns what
-        each did, in words."""
+        """Every move of ``d``, in order: put back, cancel, switch idle instances, start, switch ready ones
+        (after a drain), take out, remove. Returns what each did, in words."""
         actions: list[str] = []
         for iid in d.restore:
             actions.append(self.restore(iid))
@@ -94,13 +94,16 @@ class ScaleActions:
             if cancel:
                 actions.append((await self.scale(did, role, -len(cancel), cancel=cancel))[0])
         in_place = self.actuator.switches_in_place
-        for iid, role in d.flips:
-            if in_place or self._idle(d, iid):  # elsewhere a ready one stays; the other pool starts one
-                actions.append(await self.flip(did, iid, role))
-        for role in ROLES:
+        idle = [(iid, role) for iid, role in d.flips if self._idle(d, iid)]
+        ready = [(iid, role) for iid, role in d.flips if in_place and not self._idle(d, iid)]
+        for iid, role in idle:  # drained or warm already: at once
+            actions.append(await self.flip(did, iid, role))
+        for role in ROLES:  # new instances start before any drain below holds the decision up
             extra = missing(d, role, in_place=in_place)
             if extra > 0:
                 actions.append((await self.scale(did, role, extra))[0])
+        for iid, role in ready:  # drained first; elsewhere a ready one stays and its pool starts one
+            actions.append(await self.flip(did, iid, role))
         for iid in self._victims(d):
             actions.append(await self.take_out(did, iid, role_of(d, iid), keep_warm=keep_warm))
         for iid in d.remove:
@@ -177,16 +180,22 @@ class ScaleActions:
 
     async def flip(self, did: str, iid: str, to: Role) -> str:
         """A role switch: drained first (unless it is already), then moved to the other pool in place where
-        the actuator can, else removed from its pool and replaced by a new instance of the other."""
+        the actuator can, else removed from its pool and replaced by a new instance of the other. If it
+        cannot be drained or switched, it is back in service where it was."""
         role = self._role_in_registry(iid)
         started = self._clock()
-        leaving = self.leaving.get(iid)
-        if leaving is None or leaving.state not in (InstanceState.DRAINED, InstanceState.WARM):
-            drained, empty = await self._drain(iid, role)
-            if not empty:
-                return f"{iid}: {drained}; " + self.restore(iid)
-        if self.actuator.switches_in_place:
-            return await self._switch(did, iid, role, to, started)
+        drained = "drained already"
+        try:
+            leaving = self.leaving.get(iid)
+            if leaving is None or leaving.state not in (InstanceState.DRAINED, InstanceState.WARM):
+                drained, empty = await self._drain(iid, role)
+                if not empty:
+                    return f"{iid}: {drained}; " + self.restore(iid)
+            if self.actuator.switches_in_place:
+                return f"{iid}: {drained}; " + await self._switch(did, iid, role, to, started)
+        except Exception as exc:  # a front door that did not answer, a worker gone: back in service
+            log.exception("switching %s failed", iid)
+            return f"{iid}: switch failed ({type(exc).__name__}: {exc}); " + self.restore(iid)
         removed, done = await self.scale(did, role, -1, victims=(iid,))
         if done.outcome is not Outcome.APPLIED:
             return f"{iid}: not switched: {removed}"
@@ -198,14 +207,14 @@ class ScaleActions:
         switch, it is back in service in its old role."""
         done = await self._call(self.actuator.switch, f"{did}/switch/{iid}", iid, to)
         if done.outcome not in (Outcome.APPLIED, Outcome.UNCHANGED):
-            return f"{iid}: not switched ({done.outcome}: {done.detail}); " + self.restore(iid)
+            return f"not switched ({done.outcome}: {done.detail}); " + self.restore(iid)
         self._move(iid, InstanceState.STARTING)
         deadline = self._clock() + self._config.controller.heartbeat_timeout_s
         while self._role_in_registry(iid) is not to and self._clock() < deadline:
             await asyncio.sleep(_SETTLE_POLL_S)  # its report is on its way
         late = "" if self._role_in_registry(iid) is to else " (not reported yet)"
         back = self.restore(iid)  # either role's calls work on it: its engine is the same
-        return f"{iid}: {role.value} -> {to.value} in place in {self._clock() - started:.1f} s{late}; {back}"
+        return f"{role.value} -> {to.value} in place in {self._clock() - started:.1f} s{late}; {back}"
 
     async def remove_dead(self, members: dict[Role, PoolMembers]) -> list[str]:
         """Instances the actuator still runs whose worker is DEAD are removed, so that the policy's scale-out

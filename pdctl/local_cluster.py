@@ -59,6 +59,8 @@ class ClusterHandle:
     actors: dict[str, Any] = field(default_factory=dict)
 
     def workers(self, role: Role) -> dict[str, Any]:
+        """The workers this process started as ``role``, by actor name (a worker switched to the other role
+        since keeps its name: ask the controller for the pools as they are)."""
         return {name: a for name, a in self.actors.items() if name.startswith(f"pdflow-{role.value}-")}
 
 

@@ -73,24 +73,29 @@ def test_a_decode_worker_switches_to_prefill_and_back_in_place_under_load(e2e_cl
     if len(_live_decode(cluster)) < 2:  # run alone: the pool needs a second decode worker to give one up
         _scale_out_decode(cluster)
     switched = _live_decode(cluster)[-1]
+    actor_id = ray.get_actor(f"pdflow-{switched}", namespace=NAMESPACE)._actor_id
     with ThreadPoolExecutor(6) as pool:
         streams = [pool.submit(_stream, cluster, k) for k in range(6)]
         _wait_for("requests on the worker to switch", lambda: _busy(cluster, switched), 60)
         with AdminClient(cluster.admin_address) as admin:
             there = admin.set_role(switched, "prefill", deadline_s=300)
-        assert any(f"{switched}: decode -> prefill in place" in a for a in there.actions), there.actions
+        assert any(
+            a.startswith(f"{switched}: drained") and "decode -> prefill in place" in a for a in there.actions
+        ), there.actions
         assert switched in _live(cluster, "prefill") and switched not in _live_decode(cluster)
         _wait_for("the front door sending prompts to it", lambda: _front_door_sees(cluster, 2, 1), 30)
         more = [pool.submit(_stream, cluster, 100 + k) for k in range(4)]
         _wait_for("a prompt prefilled there", lambda: _prefilled_on(cluster, switched), 120)
         with AdminClient(cluster.admin_address) as admin:
             back = admin.set_role(switched, "decode", deadline_s=300)
-        assert any(f"{switched}: prefill -> decode in place" in a for a in back.actions), back.actions
+        assert any(
+            a.startswith(f"{switched}: drained") and "prefill -> decode in place" in a for a in back.actions
+        ), back.actions
         results = [s.result(timeout=300) for s in (*streams, *more)]
     assert [r for r in results if r[2] or r[0] != TOKENS or r[1] != "length"] == [], results
     assert switched in _live_decode(cluster)
-    # the same actor all along: no engine was started or stopped
-    assert ray.get_actor(f"pdflow-{switched}", namespace=NAMESPACE) is not None
+    # the same worker all along: not replaced by a new one
+    assert ray.get_actor(f"pdflow-{switched}", namespace=NAMESPACE)._actor_id == actor_id
     _wait_nothing_held(cluster)
 
 

@@ -256,7 +256,7 @@ async def test_set_role_switches_a_worker_in_place_under_load_and_back() -> None
             record = await loop.set_role("decode-1", Role.PREFILL)
             assert "decode -> prefill in place" in record.actions[0], record.actions
             assert actuator.switched == [("decode-1", Role.PREFILL)]
-            assert actuator.removed == [] and actuator.starting == {}  # no instance stopped or started
+            assert actuator.calls == []  # no instance stopped or started
             assert _view(cluster, "decode-1") == (Role.PREFILL, InstanceState.READY)
             await _until("decode-1 prefilling", lambda: _served(cluster, "decode-1", Role.PREFILL) > 0)
             decoded = _served(cluster, "decode-1", Role.DECODE)
@@ -269,7 +269,7 @@ async def test_set_role_switches_a_worker_in_place_under_load_and_back() -> None
             )
             await load.finish()
         assert load.failures == [] and load.ok > 0
-        assert actuator.removed == [] and len(cluster.workers) == 3
+        assert actuator.calls == [] and len(cluster.workers) == 3
         await cluster.wait_idle()
 
 
@@ -294,12 +294,56 @@ async def test_a_prefill_heavy_load_switches_a_ready_decode_worker_instead_of_st
             assert to is Role.PREFILL and flipped.startswith("decode-")
             assert (record.decision.prefill, record.decision.decode) == (2, 1)
             await loop.settle(10)
-            assert actuator.switched == [(flipped, Role.PREFILL)] and actuator.starting == {}
+            assert actuator.switched == [(flipped, Role.PREFILL)]
+            assert actuator.calls == [] and len(cluster.workers) == 3  # switched: nothing started
             assert _view(cluster, flipped) == (Role.PREFILL, InstanceState.READY)
             await load.finish()
-        assert load.failures == [] and actuator.removed == []
+        assert load.failures == []
         status = loop.status()
         assert (status.ready[Role.PREFILL], status.ready[Role.DECODE]) == (2, 1)
+        await cluster.wait_idle()
+
+
+async def test_a_switch_that_fails_leaves_the_worker_serving_in_its_old_role() -> None:
+    async with FakeCluster(
+        prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN, switchable=True
+    ) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        actuator.refuse_switch = True
+        async with Load(cluster, clients=4) as load:
+            await _until("requests on both decode workers", lambda: _busy_decoders(cluster) == 2)
+            record = await loop.set_role("decode-1", Role.PREFILL)
+            assert "not switched" in record.actions[0] and "back in service" in record.actions[0], record
+            assert _view(cluster, "decode-1") == (Role.DECODE, InstanceState.READY)
+            decoded = _served(cluster, "decode-1", Role.DECODE)
+            await _until(
+                "decode-1 decoding again", lambda: _served(cluster, "decode-1", Role.DECODE) > decoded
+            )
+            await load.finish()
+        assert load.failures == [] and actuator.switched == []
+        assert loop.actions.leaving == {}
+        await cluster.wait_idle()
+
+
+async def test_a_warm_instance_switches_without_a_second_drain() -> None:
+    overrides = {**SCALE_IN, "autoscaler.warm_s": 600}
+    async with FakeCluster(
+        prefill=1, decode=2, latency=LATENCY, overrides=overrides, switchable=True
+    ) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        async with Load(cluster, clients=4) as load:
+            await _until("requests on both decode workers", lambda: _busy_decoders(cluster) == 2)
+            record = await loop.tick()
+            assert record is not None
+            (victim,) = record.decision.victims
+            await loop.settle(30)
+            assert loop.actions.leaving[victim].state is InstanceState.WARM
+            record = await loop.set_role(victim, Role.PREFILL)
+            assert f"{victim}: drained already; decode -> prefill in place" in record.actions[0], record
+            assert _view(cluster, victim) == (Role.PREFILL, InstanceState.READY)
+            await _until(f"{victim} prefilling", lambda: _served(cluster, victim, Role.PREFILL) > 0)
+            await load.finish()
+        assert load.failures == [] and actuator.removed == [] and loop.actions.leaving == {}
         await cluster.wait_idle()
 
 

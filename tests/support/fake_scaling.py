@@ -9,6 +9,7 @@ from typing import Any
 
 from controller.autoscaling import AutoscalerLoop
 from protocol.actuation import Actuation, Outcome, PoolMembers
+from protocol.errors import InvalidRequest
 from protocol.snapshots import Role
 from tests.support.fake_cluster import FakeCluster
 
@@ -22,6 +23,8 @@ class FakeActuator:
         self.cluster = cluster
         self.switches_in_place = cluster.switchable
         self.switched: list[tuple[str, Role]] = []
+        self.refuse_switch = False
+        self.reports: list[asyncio.Task[Any]] = []
         self.starting: dict[str, asyncio.Task[Any]] = {}
         self.calls: list[tuple[str, Role, int, tuple[str, ...], tuple[str, ...]]] = []
         self.removed: list[str] = []
@@ -83,10 +86,14 @@ class FakeActuator:
         if not self.switches_in_place:
             return Actuation(decision_id, role, Outcome.REFUSED, before, before)
         worker = self.cluster.worker(instance_id)
-        switched = asyncio.ensure_future(worker.switch_role(role.value))  # reports; the loop waits for that
-        switched.add_done_callback(
-            lambda t: t.cancelled() or t.exception() or self.switched.append((instance_id, role))
-        )
+        try:
+            if self.refuse_switch:  # as a worker that does not answer
+                raise TimeoutError(f"{instance_id} did not answer")
+            worker.take_role(role.value)
+        except (InvalidRequest, TimeoutError) as exc:
+            return Actuation(decision_id, role, Outcome.FAILED, before, before, detail=str(exc))
+        self.reports.append(asyncio.ensure_future(worker.switch_role(role.value)))  # as the Ray worker does
+        self.switched.append((instance_id, role))
         return Actuation(decision_id, role, Outcome.APPLIED, before, before + 1)
 
 
