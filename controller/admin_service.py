@@ -214,7 +214,7 @@ class AdminServicer(admin_pb2_grpc.AdminServicer):
         if request.limit < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "limit must be 0 (the default) or more")
         loop = await self._autoscaler(context)
-        records = [r for r in reversed(loop.history) if not request.acting_only or r.actions]
+        records = list(reversed(loop.acted if request.acting_only else loop.history))
         return admin_pb2.ExplainAutoscalerResponse(
             decisions=[decision_message(r) for r in records[: request.limit or 20]]
         )

@@ -99,9 +99,13 @@ class AutoscalerLoop:
         self.state = ScaleState()
         self.paused = "" if self.config.enabled else DISABLED
         self.hold = ""  # a pool someone else sized (the actuator's word), until an operator resumes
+        self.starting = "starting: waiting for the cluster's instances to serve"  # until they first have
+        self._first_tick: float | None = None
         self.manual_target: tuple[int, int] | None = None
         self._first_seen: dict[str, float] = {}
         self.history: collections.deque[DecisionRecord] = collections.deque(maxlen=_HISTORY)
+        # the ones that did something, kept apart: hours of steady ticks do not push them out
+        self.acted: collections.deque[DecisionRecord] = collections.deque(maxlen=_HISTORY)
         self.counts: collections.Counter[str] = collections.Counter()
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # held while deciding and carrying out
@@ -141,7 +145,7 @@ class AutoscalerLoop:
                     self._first_seen.setdefault(iid, now)
             self._last_members = members
             self.hold = "; ".join(m.hold for m in members.values() if m.hold)
-            if self.paused or self.hold:
+            if self.paused or self.hold or self._still_starting(members, now):
                 return None
             observation = self.observe(members)
             self._record_rates(now)
@@ -309,10 +313,26 @@ class AutoscalerLoop:
                 log.exception("switching %s failed", iid)
                 action = f"failed: {type(exc).__name__}: {exc}"
             done = replace(record, actions=(action,))
-            self.history.append(done)
+            self._remember(done)
             return done
         finally:
             self._lock.release()
+
+    def _still_starting(self, members: dict[Role, PoolMembers], now: float) -> bool:
+        """The policy waits for the instances there at the first tick (the cluster as it was started) until
+        each has served once, or ``worker.start_timeout_s`` has passed: an engine still starting is no sign
+        that demand fell, and cancelling it would fail the cluster's start."""
+        if not self.starting:
+            return False
+        self._first_tick = now if self._first_tick is None else self._first_tick
+        served = {i.instance_id for i in self._registry.snapshot(self._wall_clock()).instances}
+        waiting = sorted(i for pool in members.values() for i in pool.instances if i not in served)
+        if waiting and now - self._first_tick < self._cluster.worker.start_timeout_s:
+            self.starting = f"starting: waiting for {', '.join(waiting)} to serve"
+            return True
+        self.starting = ""
+        self.state = ScaleState()  # the counters start with the cluster up
+        return False
 
     async def _hand_over(self, work: Awaitable[DecisionRecord]) -> DecisionRecord:
         """Run ``work`` as its own task: a caller that goes away (an admin call past its deadline) does not
@@ -327,7 +347,7 @@ class AutoscalerLoop:
         status = AutoscalerStatus(
             self.config.enabled,
             self.actions.actuator.kind,
-            self.paused or self.hold,
+            self.paused or self.hold or self.starting,
             self.manual_target,
             decode_tps=obs.decode_tps,
             prefill_miss_tps=obs.prefill_miss_tps,
@@ -378,8 +398,13 @@ class AutoscalerLoop:
             if release:
                 self._lock.release()
         done = replace(record, actions=tuple(actions))
-        self.history.append(done)
+        self._remember(done)
         return done
+
+    def _remember(self, record: DecisionRecord) -> None:
+        self.history.append(record)
+        if record.actions:
+            self.acted.append(record)
 
     def _manual_moves(self, d: ScaleDecision) -> ScaleDecision:
         """The moves to a manual target, per pool: more: put back warm instances first (new ones are started

@@ -176,6 +176,10 @@ async def test_load_over_target_starts_an_instance_that_is_pending_until_it_serv
         await loop.tick()  # at the maximum: nothing more to start
         status = loop.status()
         assert (status.ready[Role.DECODE], status.pending[Role.DECODE]) == (3, 0)
+        for _ in range(loop.history.maxlen or 0):  # steady ticks fill the history...
+            await loop.tick()
+        assert all(not r.actions for r in loop.history)
+        assert [r.decision.reason for r in loop.acted] == [ScaleReason.SCALE_OUT]  # ...not what was done
         await cluster.wait_idle()
 
 
@@ -345,6 +349,32 @@ async def test_a_warm_instance_switches_without_a_second_drain() -> None:
             await load.finish()
         assert load.failures == [] and actuator.removed == [] and loop.actions.leaving == {}
         await cluster.wait_idle()
+
+
+async def test_nothing_is_decided_until_the_cluster_s_first_instances_serve() -> None:
+    """An engine still starting is not demand falling: the policy waits for it (or its start deadline)."""
+    overrides = {**SCALE_IN, "worker.start_timeout_s": 30}
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        actuator.ghosts = {"decode-9"}  # as `pdctl up` has started it, still loading its engine
+        assert await loop.tick() is None
+        assert loop.status().paused == "starting: waiting for decode-9 to serve"
+        assert actuator.calls == [] and actuator.removed == []
+
+        actuator.ghosts = set()  # it served (and went): the policy acts, here scaling in the idle pool
+        record = await loop.tick()
+        assert record is not None and record.decision.reason is ScaleReason.SCALE_IN, record
+        assert loop.status().paused == ""
+        await loop.settle(30)
+
+    overrides = {**SCALE_IN, "worker.start_timeout_s": 0.05}
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, _ = autoscaler(cluster)
+        actuator.ghosts = {"decode-9"}
+        assert await loop.tick() is None
+        await _until("the start deadline", lambda: cluster.clock() - (loop._first_tick or 0) > 0.05)
+        record = await loop.tick()  # past its deadline, a hung start no longer holds the pools
+        assert record is not None and "decode-9" in record.decision.cancel, record
 
 
 def _view(cluster: FakeCluster, iid: str) -> tuple[Role, InstanceState] | None:

@@ -24,6 +24,7 @@ class FakeActuator:
         self.switches_in_place = cluster.switchable
         self.switched: list[tuple[str, Role]] = []
         self.refuse_switch = False
+        self.ghosts: set[str] = set()  # instances on their way that never serve (an engine that hangs)
         self.reports: list[asyncio.Task[Any]] = []
         self.starting: dict[str, asyncio.Task[Any]] = {}
         self.calls: list[tuple[str, Role, int, tuple[str, ...], tuple[str, ...]]] = []
@@ -36,9 +37,11 @@ class FakeActuator:
     def members(self, role: Role) -> PoolMembers:
         ids = sorted(
             {n.removeprefix("pdflow-") for n, w in self.cluster.workers.items() if w.role is role}
-            | {i for i in self.starting if i.startswith(f"{role.value}-")}
+            | {i for i in (*self.starting, *self.ghosts) if i.startswith(f"{role.value}-")}
         )
-        pending = tuple(i for i in ids if i in self.starting and not self.starting[i].done())
+        pending = tuple(
+            i for i in ids if i in self.ghosts or (i in self.starting and not self.starting[i].done())
+        )
         return PoolMembers(len(ids), tuple(ids), pending)
 
     def victim_order(self, role: Role, candidates: list[str]) -> list[str]:
