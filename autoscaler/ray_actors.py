@@ -93,7 +93,8 @@ class RayActuator:
     _starting: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # instance -> start ref
     # the handles of the actors this actuator created: Ray ends an actor once no handle to it is left
     _handles: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
-    _highest: int = field(default=-1, init=False, repr=False)  # ids are never reused: caches key on them
+    # ids are never reused (front doors, NIXL agents and actor lookups cache by name): the highest index seen
+    _highest: int = field(default=-1, init=False, repr=False)
     _applied: dict[tuple[str, Role], Actuation] = field(default_factory=dict, init=False, repr=False)
     _roles: dict[str, Role] = field(default_factory=dict, init=False, repr=False)  # instance -> its role now
 
@@ -175,6 +176,9 @@ class RayActuator:
             if m is None or entry["namespace"] != self.namespace:
                 continue
             iid = f"{m[1]}-{m[2]}"
+            # every index seen stays taken, workers this actuator did not start included (`pdctl up`'s, an
+            # operator's): the loop lists the pools each tick, so a worker that served is seen before it dies
+            self._highest = max(self._highest, int(m[2]))
             if self._role_of(iid, Role(m[1])) is role:
                 found.append((int(m[2]), iid))
         return tuple(iid for _, iid in sorted(found))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from decode_worker.actor import DecodeWorker
@@ -19,6 +20,8 @@ from protocol.errors import InvalidRequest
 from protocol.snapshots import Role
 
 log = logging.getLogger(__name__)
+_SETTLE_S = 5.0
+_SETTLE_POLL_S = 0.05
 
 
 class SwitchableWorker(DecodeWorker, PrefillWorker):
@@ -43,9 +46,13 @@ class SwitchableWorker(DecodeWorker, PrefillWorker):
             self.role = to
         return to.value
 
-    async def switch_role(self, role: str) -> str:
+    async def switch_role(self, role: str, settle_s: float = _SETTLE_S) -> str:
         """``take_role``, then report at once (in the background: a slow controller does not fail the switch,
-        which has happened; the timer's reports follow either way)."""
+        which has happened; the timer's reports follow either way). A request that has just moved away may
+        take a moment to leave the engine: it waits up to ``settle_s`` for the worker to hold nothing."""
+        deadline = time.monotonic() + settle_s
+        while self._busy() and time.monotonic() < deadline:
+            await asyncio.sleep(_SETTLE_POLL_S)
         taken = self.take_role(role)
         if self._report is not None:
             self._announce = asyncio.create_task(self._announce_role())
@@ -58,11 +65,8 @@ class SwitchableWorker(DecodeWorker, PrefillWorker):
             log.warning("%s: reporting the new role failed: %s", self.instance_id, exc)
 
     def _busy(self) -> int:
-        load = self.engine.load()
+        """Requests in the engine (pdflow's own count: vLLM's running figure is from its last step, which
+        may predate the last request's leaving), streams served here, migrations away from here."""
         return (
-            load.num_running
-            + load.num_waiting
-            + load.in_flight
-            + len(self.streams.running())
-            + len(self.migrations.migrating())
+            self.engine.load().in_flight + len(self.streams.running()) + len(self.migrations.migrating())
         )

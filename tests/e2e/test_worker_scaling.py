@@ -65,7 +65,7 @@ def test_scale_out_starts_a_decode_worker_that_serves(e2e_cluster: E2ECluster) -
     new = _scale_out_decode(e2e_cluster)
     assert new not in before and len(_live_decode(e2e_cluster)) == len(before) + 1
     tokens, finish, error = _stream(e2e_cluster, 0)
-    assert (tokens, finish, error) == (TOKENS, "length", "")
+    assert (tokens, finish, error) == (TOKENS, "length", ""), error
 
 
 def test_a_decode_worker_switches_to_prefill_and_back_in_place_under_load(e2e_cluster: E2ECluster) -> None:

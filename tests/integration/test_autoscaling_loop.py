@@ -256,7 +256,7 @@ async def test_set_role_switches_a_worker_in_place_under_load_and_back() -> None
         async with Load(cluster, clients=4) as load:
             await _until("requests on both decode workers", lambda: _busy_decoders(cluster) == 2)
             with pytest.raises(InvalidRequest, match="drain it before switching"):
-                await cluster.worker("decode-1").switch_role("prefill")
+                cluster.worker("decode-1").take_role("prefill")
             record = await loop.set_role("decode-1", Role.PREFILL)
             assert "decode -> prefill in place" in record.actions[0], record.actions
             assert actuator.switched == [("decode-1", Role.PREFILL)]
