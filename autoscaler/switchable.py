@@ -67,6 +67,4 @@ class SwitchableWorker(DecodeWorker, PrefillWorker):
     def _busy(self) -> int:
         """Requests in the engine (pdflow's own count: vLLM's running figure is from its last step, which
         may predate the last request's leaving), streams served here, migrations away from here."""
-        return (
-            self.engine.load().in_flight + len(self.streams.running()) + len(self.migrations.migrating())
-        )
+        return self.engine.load().in_flight + len(self.streams.running()) + len(self.migrations.migrating())
