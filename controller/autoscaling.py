@@ -373,6 +373,8 @@ class AutoscalerLoop:
             st.decode_tps,
             st.prefill_miss_tps,
             bool(st.paused),
+            self.config.target_decode_tps,
+            self.config.target_prefill_tps,
         )
 
     # ---- helpers ----

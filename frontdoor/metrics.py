@@ -120,14 +120,22 @@ class _SnapshotCollector(Collector):
             ),
             "up": GaugeMetricFamily("pdflow_instance_up", "1 if the instance takes requests.", labels=labels),
         }
+        # per instance, from its connector's reports; named apart from the front door's per-transfer
+        # ``pdflow_kv_transfer*`` series so that a sum over one name never counts a transfer twice
         transfer_bytes = CounterMetricFamily(
-            "pdflow_kv_transfer_bytes", "KV bytes received over the connector.", labels=labels
+            "pdflow_instance_kv_received_bytes",
+            "KV bytes the instance received over the connector.",
+            labels=labels,
         )
         transfer_seconds = CounterMetricFamily(
-            "pdflow_kv_transfer_seconds", "Seconds spent in KV transfers.", labels=labels
+            "pdflow_instance_kv_transfer_seconds",
+            "Seconds the instance spent in KV transfers.",
+            labels=labels,
         )
         transfers = CounterMetricFamily(
-            "pdflow_kv_transfers", "KV transfers by outcome.", labels=[*labels, "outcome"]
+            "pdflow_instance_kv_transfers",
+            "KV transfers the instance took part in, by outcome.",
+            labels=[*labels, "outcome"],
         )
         for inst in self._snapshot().instances:
             lv = [inst.instance_id, inst.role.value]
@@ -192,6 +200,13 @@ def _autoscaler_metrics(totals: AutoscalerTotals) -> Iterator[Metric]:
     )
     metric.add_metric(["decode"], totals.decode_tps)  # decode tokens/s
     metric.add_metric(["prefill"], totals.prefill_miss_tps)  # cache-miss prompt tokens/s
+    target = GaugeMetricFamily(
+        "pdflow_autoscaler_target",
+        "What one instance of each pool should carry, in the units of pdflow_autoscaler_metric.",
+        labels=["role"],
+    )
+    target.add_metric(["decode"], totals.target_decode_tps)
+    target.add_metric(["prefill"], totals.target_prefill_tps)
     paused = GaugeMetricFamily("pdflow_autoscaler_paused", "1 while the autoscaler's policy does not act.")
     paused.add_metric([], 1.0 if totals.paused else 0.0)
-    yield from (*per_pool.values(), decisions, metric, paused)
+    yield from (*per_pool.values(), decisions, metric, target, paused)

@@ -91,6 +91,8 @@ class AutoscalerTotals:
     decode_tps: float = 0.0  # the metric it scales on
     prefill_miss_tps: float = 0.0
     paused: bool = False
+    target_decode_tps: float = 0.0  # what one instance of each pool should carry (the config's targets)
+    target_prefill_tps: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
