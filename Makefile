@@ -38,6 +38,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy protocol policy controller frontdoor engine prefill_worker decode_worker kv_transfer runtime \
 		autoscaler simulator pdctl
 	$(VENV)/bin/mypy benchmarks  # scripts, apart: benchmarks/kv_transfer.py would shadow the package
+	$(VENV)/bin/mypy deploy/grafana/build.py
 
 unit: $(STAMP)
 	$(PY) -m pytest -q -m "not e2e" tests
