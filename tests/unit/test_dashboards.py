@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import re
+import shutil
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -145,3 +147,31 @@ def test_each_panel_has_a_unique_id_a_unit_and_a_query(name: str) -> None:
     for panel in board["panels"]:
         assert panel["fieldConfig"]["defaults"].get("unit"), panel["title"]
         assert panel["targets"] and all(t["expr"].strip() for t in panel["targets"]), panel["title"]
+
+
+def _promtool(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    promtool = shutil.which("promtool")
+    assert promtool, "promtool is missing: `make setup` installs it (Debian's prometheus package)"
+    return subprocess.run([promtool, *args], cwd=cwd, capture_output=True, text=True, timeout=60)
+
+
+def test_promtool_accepts_the_rules_and_their_unit_tests_pass() -> None:
+    checked = _promtool("check", "rules", "rules.yml", cwd=RULES.parent)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    tested = _promtool("test", "rules", "rules_test.yml", cwd=RULES.parent)
+    assert tested.returncode == 0 and "SUCCESS" in tested.stdout, tested.stdout + tested.stderr
+
+
+def test_the_rules_unit_tests_fail_when_an_alert_changes(tmp_path: Path) -> None:
+    """The control case: an alert that waits 60 minutes instead of 10 no longer fires when the test says."""
+    rules = RULES.read_text()
+    late = rules.replace(
+        "expr: pdflow:time_to_first_token_seconds:p99_5m > 2\n        for: 10m",
+        "expr: pdflow:time_to_first_token_seconds:p99_5m > 2\n        for: 60m",
+    )
+    assert late != rules
+    (tmp_path / "rules.yml").write_text(late)
+    (tmp_path / "rules_test.yml").write_text((RULES.parent / "rules_test.yml").read_text())
+    tested = _promtool("test", "rules", "rules_test.yml", cwd=tmp_path)
+    failed = tested.stdout + tested.stderr
+    assert tested.returncode != 0 and "alertname: PdflowTTFTOverSLO" in failed, failed
