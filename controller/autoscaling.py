@@ -369,7 +369,14 @@ class AutoscalerLoop:
         st = self.status()
         return AutoscalerTotals(
             tuple((r.value, st.desired[r], st.ready[r], st.pending[r], st.draining[r]) for r in ROLES),
-            tuple(sorted(st.decisions.items())),
+            # every reason from the start, at 0: a dashboard's rate sees the first decision of each
+            tuple(
+                sorted(
+                    (
+                        {r.value: 0 for r in ScaleReason} | {"manual": 0, "removed_dead": 0} | st.decisions
+                    ).items()
+                )
+            ),
             st.decode_tps,
             st.prefill_miss_tps,
             bool(st.paused),

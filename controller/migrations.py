@@ -100,8 +100,11 @@ class MigrationCounters:
         self.paused_sum_s += seconds
 
     def totals(self) -> MigrationTotals:
+        """Every (trigger, outcome) is there from the start, at 0 (the metrics' series exist before the first
+        migration, so a dashboard's rate sees it)."""
+        every = {(t.value, o.value): 0 for t in MigrationTrigger for o in MigrationOutcome}
         return MigrationTotals(
-            counts=tuple((t, o, n) for (t, o), n in sorted(self.counts.items())),
+            counts=tuple((t, o, n) for (t, o), n in sorted((every | dict(self.counts)).items())),
             wire_bytes=self.wire_bytes,
             paused_buckets=tuple(self.paused_buckets),
             paused_count=self.paused_count,

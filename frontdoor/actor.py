@@ -13,6 +13,7 @@ from frontdoor.metrics import FrontDoorMetrics
 from frontdoor.router import RequestRouter
 from frontdoor.workers import RayWorkerClient
 from protocol.config import ClusterConfig
+from protocol.lifecycle import RequestState
 from protocol.snapshots import ClusterSnapshot, RequestEvent, Role
 from runtime.actors import ActorDirectory
 
@@ -128,8 +129,10 @@ class FrontDoor:
         return health
 
     def _metrics_text(self) -> tuple[bytes, str]:
-        for state, count in self.router.in_flight().items():
-            self.metrics.in_flight.labels(state=state).set(count)
+        counts = self.router.in_flight()
+        for state in RequestState:  # every state, 0 included: one that empties must not keep its last count
+            if not state.is_terminal:
+                self.metrics.in_flight.labels(state=state.value).set(counts.get(state.value, 0))
         return self.metrics.exposition()
 
     def _queue_event(self, event: RequestEvent, prompt_tokens: int, output_tokens: int) -> None:

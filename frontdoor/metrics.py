@@ -11,6 +11,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 
+from protocol.kv_config import KVCodecKind
 from protocol.snapshots import PAUSE_BUCKETS_S, AutoscalerTotals, ClusterSnapshot, MigrationTotals
 from protocol.transfers import TransferOutcome, TransferRecord
 
@@ -77,6 +78,15 @@ class FrontDoorMetrics:
             registry=r,
         )
         r.register(_SnapshotCollector(snapshot))
+        # Every series a dashboard sums exists from the first scrape at 0: a series born with its first
+        # increments has no rate until its next one (Prometheus reads the first sample as the start).
+        for outcome in ("stop", "length", "aborted", "error", "rejected"):
+            self.requests.labels(outcome=outcome)
+        for codec in (c.value for c in KVCodecKind if c is not KVCodecKind.AUTO):
+            for transfer_outcome in TransferOutcome:
+                self.transfers.labels(codec=codec, outcome=transfer_outcome.value)
+            for kind in ("raw", "wire"):
+                self.transfer_bytes.labels(codec=codec, kind=kind)
 
     def observe_transfer(self, record: TransferRecord) -> None:
         codec = record.codec or "unknown"
@@ -103,7 +113,8 @@ class _SnapshotCollector(Collector):
         self._snapshot = snapshot
 
     def collect(self) -> Iterator[Metric]:
-        labels = ["instance", "role"]
+        # not "instance": Prometheus gives every scraped series the scrape target's ``instance`` label
+        labels = ["instance_id", "role"]
         gauges = {
             "running": GaugeMetricFamily(
                 "pdflow_instance_requests_running", "Requests running.", labels=labels

@@ -59,8 +59,9 @@ DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
                 "percentunit",
                 (
                     q(
-                        f'sum(rate(pdflow_requests_total{{outcome=~"error|rejected"}}[{RATE}])) '
-                        f"/ clamp_min(sum(rate(pdflow_requests_total[{RATE}])), 1e-9)",
+                        f'(sum(rate(pdflow_requests_total{{outcome=~"error|rejected"}}[{RATE}]))'
+                        " or vector(0))"
+                        f" / clamp_min(sum(rate(pdflow_requests_total[{RATE}])), 1e-9)",
                         "errors",
                     ),
                 ),
@@ -90,37 +91,57 @@ DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
             Panel(
                 "Requests running",
                 "short",
-                (q("max by (instance, role) (pdflow_instance_requests_running)", "{{role}} {{instance}}"),),
+                (
+                    q(
+                        "max by (instance_id, role) (pdflow_instance_requests_running)",
+                        "{{role}} {{instance_id}}",
+                    ),
+                ),
             ),
             Panel(
                 "Requests waiting",
                 "short",
-                (q("max by (instance, role) (pdflow_instance_requests_waiting)", "{{role}} {{instance}}"),),
+                (
+                    q(
+                        "max by (instance_id, role) (pdflow_instance_requests_waiting)",
+                        "{{role}} {{instance_id}}",
+                    ),
+                ),
             ),
             Panel(
                 "KV cache in use",
                 "percentunit",
-                (q("max by (instance, role) (pdflow_instance_kv_usage_ratio)", "{{role}} {{instance}}"),),
+                (
+                    q(
+                        "max by (instance_id, role) (pdflow_instance_kv_usage_ratio)",
+                        "{{role}} {{instance_id}}",
+                    ),
+                ),
             ),
             Panel(
                 "Decode tokens/s",
                 "short",
                 (
                     q(
-                        'max by (instance) (pdflow_instance_decode_tokens_per_second{role="decode"})',
-                        "{{instance}}",
+                        'max by (instance_id) (pdflow_instance_decode_tokens_per_second{role="decode"})',
+                        "{{instance_id}}",
                     ),
                 ),
             ),
             Panel(
                 "Instances taking requests",
                 "short",
-                (q("sum by (role) (max by (instance, role) (pdflow_instance_up))", "{{role}}"),),
+                (q("sum by (role) (max by (instance_id, role) (pdflow_instance_up))", "{{role}}"),),
             ),
             Panel(
                 "KV cache blocks",
                 "short",
-                (q("max by (instance, role) (pdflow_instance_kv_blocks_total)", "{{role}} {{instance}}"),),
+                (
+                    q(
+                        "max by (instance_id, role) (pdflow_instance_kv_blocks_total)",
+                        "{{role}} {{instance_id}}",
+                    ),
+                ),
             ),
         ),
     ),
@@ -169,11 +190,12 @@ DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
                 "ops",
                 (
                     q(
-                        f'sum(rate(pdflow_kv_transfers_total{{outcome!="success"}}[{RATE}]))',
+                        f'sum(rate(pdflow_kv_transfers_total{{outcome!="success"}}[{RATE}])) or vector(0)',
                         "failed or aborted",
                     ),
                     q(
-                        f'max(rate(pdflow_instance_kv_transfers_total{{outcome="failed"}}[{RATE}]))',
+                        f'max(rate(pdflow_instance_kv_transfers_total{{outcome="failed"}}[{RATE}]))'
+                        " or vector(0)",
                         "failed, as the receivers report",
                     ),
                 ),
@@ -183,8 +205,8 @@ DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
                 "Bps",
                 (
                     q(
-                        f"max by (instance) (rate(pdflow_instance_kv_received_bytes_total[{RATE}]))",
-                        "{{instance}}",
+                        f"max by (instance_id) (rate(pdflow_instance_kv_received_bytes_total[{RATE}]))",
+                        "{{instance_id}}",
                     ),
                 ),
             ),

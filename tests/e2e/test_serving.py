@@ -254,8 +254,8 @@ def test_metrics_report_latencies_and_transfers(cluster: E2ECluster) -> None:
             values[name] = float(value)
     assert values["pdflow_time_to_first_token_seconds_count"] > 0
     assert values["pdflow_time_per_output_token_seconds_count"] > 0
-    assert values['pdflow_instance_kv_received_bytes_total{instance="decode-0",role="decode"}'] > 0
-    assert values['pdflow_instance_kv_usage_ratio{instance="prefill-0",role="prefill"}'] == 0.0
+    assert values['pdflow_instance_kv_received_bytes_total{instance_id="decode-0",role="decode"}'] > 0
+    assert values['pdflow_instance_kv_usage_ratio{instance_id="prefill-0",role="prefill"}'] == 0.0
     assert any(k.startswith('pdflow_requests_total{outcome="stop"') for k in values)
 
 

@@ -31,7 +31,7 @@ def _frontdoor_sees_load(cluster: E2ECluster, instance: str) -> bool:
     text = httpx.get(f"{cluster.http_url}/metrics", timeout=10).text
     return any(
         line.startswith(("pdflow_instance_requests_running{", "pdflow_instance_requests_waiting{"))
-        and f'instance="{instance}"' in line
+        and f'instance_id="{instance}"' in line
         and float(line.rsplit(" ", 1)[1]) > 0
         for line in text.splitlines()
     )
