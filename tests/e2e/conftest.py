@@ -5,6 +5,7 @@ unregistered colocated engine as the reference. Every scenario ends with a leak 
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -142,3 +143,34 @@ def cluster(e2e_cluster: E2ECluster) -> Iterator[E2ECluster]:
     """The shared cluster, with the full leak check after the test (``E2ECluster.leaks``)."""
     yield e2e_cluster
     e2e_cluster.wait_idle()
+
+
+def stream_completion(cluster: E2ECluster, prompt: str, max_tokens: int) -> tuple[int, str, str]:
+    """One streamed completion through the HTTP API, every token forced (``ignore_eos``): (tokens, finish
+    reason, error); the error is empty when the stream ended well."""
+    import httpx
+
+    body = {
+        "model": cluster.model,
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    tokens, finish = 0, ""
+    with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=180) as resp:
+        if resp.status_code != 200:
+            return 0, "", f"HTTP {resp.status_code}: {resp.read()[:200]!r}"
+        for line in resp.iter_lines():
+            if not line.startswith("data:") or line.endswith("[DONE]"):
+                continue
+            chunk = json.loads(line[5:])
+            if "error" in chunk:
+                return tokens, "", str(chunk["error"])
+            for choice in chunk.get("choices", []):
+                finish = choice.get("finish_reason") or finish
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+    return tokens, finish, ""

@@ -22,7 +22,7 @@ import pytest
 
 from pdctl.admin_client import AdminClient
 from pdctl.local_cluster import free_port
-from tests.e2e.conftest import E2ECluster
+from tests.e2e.conftest import E2ECluster, stream_completion
 
 pytestmark = pytest.mark.e2e
 ROOT = Path(__file__).resolve().parents[2]
@@ -169,31 +169,7 @@ def _scale_out_decode(cluster: E2ECluster) -> str:
 
 
 def _stream(cluster: E2ECluster, k: int) -> tuple[int, str, str]:
-    """One streamed completion: (tokens, finish reason, error)."""
-    body = {
-        "model": cluster.model,
-        "prompt": f"Describe a harbour at dawn, scene {k}.",
-        "max_tokens": TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    tokens, finish = 0, ""
-    with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=180) as resp:
-        if resp.status_code != 200:
-            return 0, "", f"HTTP {resp.status_code}: {resp.read()[:200]!r}"
-        for line in resp.iter_lines():
-            if not line.startswith("data:") or line.endswith("[DONE]"):
-                continue
-            chunk = json.loads(line[5:])
-            if "error" in chunk:
-                return tokens, "", str(chunk["error"])
-            for choice in chunk.get("choices", []):
-                finish = choice.get("finish_reason") or finish
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return tokens, finish, ""
+    return stream_completion(cluster, f"Describe a harbour at dawn, scene {k}.", TOKENS)
 
 
 def _wait_for(what: str, cond: Any, timeout_s: float) -> None:

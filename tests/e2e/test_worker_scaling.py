@@ -6,7 +6,6 @@ and may remove the worker the other modules know as the first decode worker)."""
 
 from __future__ import annotations
 
-import json
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -17,7 +16,7 @@ import ray
 
 from pdctl.admin_client import AdminClient
 from pdctl.local_cluster import FRONTDOOR_NAME, NAMESPACE
-from tests.e2e.conftest import E2ECluster
+from tests.e2e.conftest import E2ECluster, stream_completion
 
 pytestmark = pytest.mark.e2e
 TOKENS = 200
@@ -33,31 +32,7 @@ def _live(cluster: E2ECluster, role: str) -> list[str]:
 
 
 def _stream(cluster: E2ECluster, k: int) -> tuple[int, str, str]:
-    """One streamed completion: (tokens, finish reason, error)."""
-    body = {
-        "model": cluster.model,
-        "prompt": f"Tell a long story about a lighthouse keeper, part {k}.",
-        "max_tokens": TOKENS,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-        "stream_options": {"include_usage": True},
-    }
-    tokens, finish = 0, ""
-    with httpx.stream("POST", f"{cluster.http_url}/v1/completions", json=body, timeout=180) as resp:
-        if resp.status_code != 200:
-            return 0, "", f"HTTP {resp.status_code}: {resp.read()[:200]!r}"
-        for line in resp.iter_lines():
-            if not line.startswith("data:") or line.endswith("[DONE]"):
-                continue
-            chunk = json.loads(line[5:])
-            if "error" in chunk:
-                return tokens, "", str(chunk["error"])
-            for choice in chunk.get("choices", []):
-                finish = choice.get("finish_reason") or finish
-            if chunk.get("usage"):
-                tokens = chunk["usage"]["completion_tokens"]
-    return tokens, finish, ""
+    return stream_completion(cluster, f"Tell a long story about a lighthouse keeper, part {k}.", TOKENS)
 
 
 def test_scale_out_starts_a_decode_worker_that_serves(e2e_cluster: E2ECluster) -> None:
