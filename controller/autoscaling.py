@@ -382,6 +382,7 @@ class AutoscalerLoop:
             bool(st.paused),
             self.config.target_decode_tps,
             self.config.target_prefill_tps,
+            self.config.enabled,
         )
 
     # ---- helpers ----

@@ -82,7 +82,8 @@ class FrontDoorMetrics:
         # increments has no rate until its next one (Prometheus reads the first sample as the start).
         for outcome in ("stop", "length", "aborted", "error", "rejected"):
             self.requests.labels(outcome=outcome)
-        for codec in (c.value for c in KVCodecKind if c is not KVCodecKind.AUTO):
+        # "unknown": a failed transfer may not have chosen its codec yet
+        for codec in (*(c.value for c in KVCodecKind if c is not KVCodecKind.AUTO), "unknown"):
             for transfer_outcome in TransferOutcome:
                 self.transfers.labels(codec=codec, outcome=transfer_outcome.value)
             for kind in ("raw", "wire"):
@@ -220,4 +221,9 @@ def _autoscaler_metrics(totals: AutoscalerTotals) -> Iterator[Metric]:
     target.add_metric(["prefill"], totals.target_prefill_tps)
     paused = GaugeMetricFamily("pdflow_autoscaler_paused", "1 while the autoscaler's policy does not act.")
     paused.add_metric([], 1.0 if totals.paused else 0.0)
-    yield from (*per_pool.values(), decisions, metric, target, paused)
+    enabled = GaugeMetricFamily(
+        "pdflow_autoscaler_enabled",
+        "1 if autoscaler.enabled (the policy may act; otherwise manual targets only).",
+    )
+    enabled.add_metric([], 1.0 if totals.enabled else 0.0)
+    yield from (*per_pool.values(), decisions, metric, target, paused, enabled)

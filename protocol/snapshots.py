@@ -93,6 +93,7 @@ class AutoscalerTotals:
     paused: bool = False
     target_decode_tps: float = 0.0  # what one instance of each pool should carry (the config's targets)
     target_prefill_tps: float = 0.0
+    enabled: bool = False  # autoscaler.enabled: the policy may act (otherwise only manual targets)
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,6 +1,6 @@
 """The Grafana dashboards, as code: each panel is a title, a unit and its PromQL; this script writes the JSON
-files beside it (`python deploy/grafana/build.py`), which the Helm chart provisions and Grafana imports. A
-test rebuilds them and fails when the JSON and this file disagree, and checks every query against the
+files beside it (`python deploy/grafana/build.py`), which Grafana imports (the Helm chart will provision
+them). A test rebuilds them and fails when the JSON and this file disagree, and checks every query against the
 metrics the code exports (names, counters only through `rate()`/`increase()`, a unit on every panel).
 
 Every front door exports the controller's figures (instances, migrations, the autoscaler) from the same
@@ -194,7 +194,8 @@ DASHBOARDS: dict[str, tuple[str, tuple[Panel, ...]]] = {
                         "failed or aborted",
                     ),
                     q(
-                        f'max(rate(pdflow_instance_kv_transfers_total{{outcome="failed"}}[{RATE}]))'
+                        "sum(max by (instance_id) "
+                        f'(rate(pdflow_instance_kv_transfers_total{{outcome="failed"}}[{RATE}])))'
                         " or vector(0)",
                         "failed, as the receivers report",
                     ),

@@ -256,7 +256,7 @@ def test_metrics_report_latencies_and_transfers(cluster: E2ECluster) -> None:
     assert values["pdflow_time_per_output_token_seconds_count"] > 0
     assert values['pdflow_instance_kv_received_bytes_total{instance_id="decode-0",role="decode"}'] > 0
     assert values['pdflow_instance_kv_usage_ratio{instance_id="prefill-0",role="prefill"}'] == 0.0
-    assert any(k.startswith('pdflow_requests_total{outcome="stop"') for k in values)
+    assert values['pdflow_requests_total{outcome="stop"}'] > 0
 
 
 async def test_request_ending_at_token_one_frees_prefill_kv_at_once(

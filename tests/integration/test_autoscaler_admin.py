@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -128,5 +129,6 @@ async def test_the_front_door_exports_the_autoscaler_metrics(
     assert 'pdflow_autoscaler_pending_replicas{role="decode"} 0.0' in text
     assert 'pdflow_autoscaler_draining_replicas{role="decode"} 0.0' in text
     assert 'pdflow_autoscaler_metric{role="decode"}' in text
-    assert "pdflow_autoscaler_decisions_total{reason=" in text
+    assert re.search(r'pdflow_autoscaler_decisions_total\{reason="\w+"\} [1-9]', text)  # the tick's decision
+    assert 'pdflow_autoscaler_decisions_total{reason="scale_in"} 0.0' in text  # every reason, from the start
     assert "pdflow_autoscaler_paused 1.0" in text
