@@ -13,12 +13,14 @@ from typing import Any
 
 from controller.admin_service import start_admin_server
 from controller.autoscaling import AutoscalerLoop
+from controller.draining import drain_instance
 from controller.migrations import DrainResult, MigrationCoordinator, MigrationEntry
 from controller.registry import InstanceRegistry
 from controller.request_log import RequestLog
 from policy.migration import MigrationTrigger
 from protocol.actuation import Actuator
 from protocol.config import ClusterConfig
+from protocol.errors import InvalidRequest
 from protocol.lifecycle import RequestState
 from protocol.messages import MigrationTarget
 from protocol.migrations import MigrationReport
@@ -185,7 +187,19 @@ class Controller:
         return self.migrations.uncordon(instance_id)
 
     async def drain(self, instance_id: str, timeout_s: float) -> DrainResult:
-        return await self.migrations.drain(instance_id, timeout_s)
+        """Empty one worker of either role as a scale-in does (``controller.draining``); it stays cordoned."""
+        inst = self.registry.snapshot(time.time()).by_id(instance_id)
+        if inst is None:
+            raise InvalidRequest(f"no instance {instance_id!r}", param="instance_id")
+        return await drain_instance(
+            instance_id,
+            inst.role,
+            registry=self.registry,
+            migrations=self.migrations,
+            frontdoors=_RayFrontDoors(self),
+            timeout_s=timeout_s or self.config.migration.timeout_s * 4,
+            clock=time.monotonic,
+        )
 
     def _decoding_on(self, request_id: str) -> str | None:
         record = self.requests.get(request_id)

@@ -19,10 +19,11 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 
+from controller.draining import FrontDoors
 from controller.migrations import MigrationCoordinator
 from controller.registry import InstanceRegistry
 from controller.request_log import RequestLog
-from controller.scale_actions import ROLES, FrontDoors, ScaleActions, missing
+from controller.scale_actions import ROLES, ScaleActions, missing
 from policy.scaling import (
     InstanceView,
     ScaleDecision,

@@ -2,9 +2,10 @@
 instances taken out of service (``protocol.instances``), which the registry's cordon keeps out of dispatch.
 
 A scale-in loses nothing. The victim is cordoned and every front door is sent the snapshot that says so (and
-answers); then it is drained: its running requests move by live migration (recompute as the last resort), and
-the requests still on their way to it (prefilling for it, being handed over, migrating to it) are waited for
-and moved once they land. A prefill victim is drained by waiting for its prompts and their hand-offs. A drain
+answers); then it is drained (``controller.draining``): its running requests move by live migration
+(recompute as the last resort), and the requests still on their way to it (prefilling for it, being handed
+over, migrating to it) are waited for and moved once they land. A prefill victim is drained by waiting for
+its prompts and their hand-offs. A drain
 that does not finish puts the instance back in service; a drained instance is checked again just before it
 is removed, and put back if it holds anything."""
 
@@ -14,8 +15,9 @@ import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar, cast
 
+from controller.draining import FrontDoors, drain_instance
 from controller.migrations import MigrationCoordinator
 from controller.registry import InstanceRegistry
 from policy.scaling import ScaleDecision
@@ -30,17 +32,6 @@ T = TypeVar("T")
 ROLES = (Role.PREFILL, Role.DECODE)
 _SETTLE_POLL_S = 0.2
 ACTUATOR_CALL_S = 300.0  # one actuator call: a Kubernetes scale-in waits for the pod's deletion to start
-
-
-class FrontDoors(Protocol):
-    async def publish(self) -> None:
-        """Send every front door the current snapshot and wait until each has it (raises past a deadline)."""
-        ...
-
-    async def inbound(self, instance_id: str) -> int:
-        """Requests the front doors have planned on ``instance_id`` that still need it (see
-        ``RequestRouter.inbound``); a front door that does not answer counts as one."""
-        ...
 
 
 @dataclass
@@ -254,44 +245,29 @@ class ScaleActions:
         Returns what happened and whether it is empty."""
         self.leaving[iid] = Leaving(role, InstanceState.READY, self._clock())
         self._move(iid, InstanceState.CORDONED)
-        self._registry.cordon(iid)
-        await self._frontdoors.publish()
         self._move(iid, InstanceState.DRAINING)
-        timeout = self._config.migration.timeout_s * 4
-
-        async def inbound() -> int:
-            return await self._frontdoors.inbound(iid)
-
+        result = await drain_instance(
+            iid,
+            role,
+            registry=self._registry,
+            migrations=self._migrations,
+            frontdoors=self._frontdoors,
+            timeout_s=self._config.migration.timeout_s * 4,
+            clock=self._clock,
+        )
         if role is Role.DECODE:
-            result = await self._migrations.drain(iid, timeout, inbound)
             summary = (
                 f"drained in {result.seconds:.1f} s ({result.moved} moved, {result.finished} finished, "
                 f"{result.failed} failed attempts, {result.remaining} left)"
             )
-            empty = result.remaining == 0
+        elif result.remaining:
+            summary = f"still busy after {result.seconds:.0f} s"
         else:
-            summary, empty = await self._settle_prefill(iid, inbound, timeout)
+            summary = f"drained in {result.seconds:.1f} s"
+        empty = result.remaining == 0
         if empty:
             self._move(iid, InstanceState.DRAINED)
         return summary, empty
-
-    async def _settle_prefill(
-        self, iid: str, inbound: Callable[[], Awaitable[int]], timeout: float
-    ) -> tuple[str, bool]:
-        """A prefill worker is empty once no front door needs it and it has reported no load since."""
-        started = self._clock()
-        quiet_since: float | None = None  # since when no front door needs it
-        while self._clock() - started < timeout:
-            if await inbound() == 0:
-                quiet_since = self._clock() if quiet_since is None else quiet_since
-                heard = self._registry.heard_at(iid)
-                inst = self._registry.snapshot(0.0).by_id(iid)
-                if inst is None or (heard is not None and heard > quiet_since and inst.load == 0):
-                    return f"drained in {self._clock() - started:.1f} s", True
-            else:
-                quiet_since = None
-            await asyncio.sleep(_SETTLE_POLL_S)
-        return f"still busy after {timeout:.0f} s", False
 
     async def _holds(self, iid: str, role: Role) -> int:
         """What a drained instance still holds or has coming (0 when it can go)."""

@@ -65,7 +65,8 @@ def drain(
     admin: AdminOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Cordon a decode worker, then live-migrate every running request away; report when it is empty."""
+    """Cordon a worker and tell every front door, then empty it: a decode worker's running requests move
+    away by live migration, a prefill worker's prompts finish; report when it is empty (it stays cordoned)."""
     try:
         with AdminClient(admin_address(admin)) as client, err.status(f"draining {instance} ..."):
             result = client.drain(instance, timeout)
