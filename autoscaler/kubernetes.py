@@ -34,6 +34,7 @@ from kubernetes import client, config
 
 from autoscaler.kube_api import DECISION, REPLICAS, PoolStatus, PoolWorkload, WorkloadApi
 from protocol.actuation import Actuation, Outcome, PoolMembers
+from protocol.config import ClusterConfig
 from protocol.snapshots import Role
 
 log = logging.getLogger(__name__)
@@ -60,6 +61,8 @@ class KubernetesActuator:
     switches_in_place = False
     _calls: WorkloadApi = field(init=False)
 
+    kubeconfig: Path | None = None  # where ``api`` came from (None: the pod's service account)
+
     def __post_init__(self) -> None:
         self._calls = WorkloadApi(self.api, self.deadline_s, self.conflict_retries)
 
@@ -70,8 +73,37 @@ class KubernetesActuator:
         """From a kubeconfig file, or (``path`` None) the pod's service account inside a cluster."""
         if path is None:
             config.load_incluster_config()
-            return cls(workloads, client.ApiClient(), **settings)
-        return cls(workloads, config.new_client_from_config(config_file=str(path)), **settings)
+            return cls(workloads, client.ApiClient(), kubeconfig=None, **settings)
+        api = config.new_client_from_config(config_file=str(path))
+        return cls(workloads, api, kubeconfig=path, **settings)
+
+    @classmethod
+    def from_config(cls, cfg: ClusterConfig) -> KubernetesActuator:
+        """The pools as ``cfg.kubernetes`` names them (what the Helm chart's head runs)."""
+        k = cfg.kubernetes
+        workloads = {
+            Role.PREFILL: PoolWorkload(k.workload_kind.value, k.prefill_workload, k.namespace),
+            Role.DECODE: PoolWorkload(k.workload_kind.value, k.decode_workload, k.namespace),
+        }
+        return cls.from_kubeconfig(k.kubeconfig, workloads)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Settings only (it is handed to the controller actor): the client is made again where it lands."""
+        return {
+            "workloads": self.workloads,
+            "kubeconfig": self.kubeconfig,
+            "deadline_s": self.deadline_s,
+            "conflict_retries": self.conflict_retries,
+        }
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        made = self.from_kubeconfig(
+            state["kubeconfig"],
+            state["workloads"],
+            deadline_s=state["deadline_s"],
+            conflict_retries=state["conflict_retries"],
+        )
+        self.__dict__.update(made.__dict__)
 
     # ---- reading ----
 

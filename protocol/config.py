@@ -153,6 +153,35 @@ class MigrationConfig(_Section):
     cooldown_s: float = Field(5.0, ge=0, description="A worker's pause between two policy moves.")
 
 
+class PoolsKind(enum.StrEnum):
+    """Who starts and stops the pools' workers (what ``pdctl scale`` and the autoscaler act through)."""
+
+    RAY = "ray"  # worker actors the controller creates on the Ray cluster (pdctl up, KubeRay)
+    KUBERNETES = "kubernetes"  # one pod per worker: the pools' Deployments or StatefulSets, through /scale
+
+
+class WorkloadKind(enum.StrEnum):
+    DEPLOYMENT = "Deployment"
+    STATEFULSET = "StatefulSet"
+
+
+class KubernetesConfig(_Section):
+    pools: PoolsKind = Field(
+        PoolsKind.RAY,
+        description="Who starts the pools' workers: 'ray' (worker actors the controller creates) or "
+        "'kubernetes' (the pods of each pool's Deployment or StatefulSet; the Helm chart sets this).",
+    )
+    namespace: str = Field("default", description="Namespace of the pools' workloads.")
+    workload_kind: WorkloadKind = Field(
+        WorkloadKind.DEPLOYMENT, description="The pools' workloads: Deployment or StatefulSet."
+    )
+    prefill_workload: str = Field("pdflow-prefill", description="Name of the prefill pool's workload.")
+    decode_workload: str = Field("pdflow-decode", description="Name of the decode pool's workload.")
+    kubeconfig: Path | None = Field(
+        None, description="Kubeconfig to reach the API server; empty: the pod's service account."
+    )
+
+
 class ClusterConfig(_Section):
     model: ModelConfig = ModelConfig()
     engine: EngineConfig = EngineConfig()
@@ -164,6 +193,7 @@ class ClusterConfig(_Section):
     frontdoor: FrontDoorConfig = FrontDoorConfig()
     migration: MigrationConfig = MigrationConfig()
     autoscaler: AutoscalerConfig = AutoscalerConfig()
+    kubernetes: KubernetesConfig = KubernetesConfig()
 
     @classmethod
     def load(

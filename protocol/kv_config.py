@@ -104,6 +104,12 @@ class KVTransferConfig(BaseModel):
         description="Port of the worker's KV side channel (handshakes, push requests); 0: any free port, "
         "bound by the connector itself and reported back, so that two workers never race for one.",
     )
+    side_channel_host: str = Field(
+        "127.0.0.1",
+        description="Address the worker's KV side channel binds and advertises: loopback on one machine, the "
+        "pod's own IP in Kubernetes (the Helm chart sets it). It has no authentication yet: expose it only "
+        "to the cluster's own pods (the chart's NetworkPolicy does).",
+    )
     zero_copy: bool = Field(
         True,
         description="Migration pushes and raw hand-offs read blocks straight from the KV cache, registered "

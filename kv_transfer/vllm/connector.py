@@ -113,6 +113,7 @@ class PdflowConnector(KVConnectorBase_V1):
             zero_copy = settings.zero_copy and _register(transport, layers)
             endpoint = KVEndpoint(
                 transport,
+                host=settings.side_channel_host,
                 port=settings.side_channel_port,
                 lease_s=settings.lease_seconds,
                 timeout_s=settings.timeout_s,

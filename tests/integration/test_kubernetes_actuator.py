@@ -277,3 +277,31 @@ def test_a_victim_that_is_not_ready_itself_can_still_go(kube: FakeKube, tmp_path
 
 def _pending_names(kube: FakeKube) -> set[str]:
     return {p["metadata"]["name"] for p in kube.pods("decode") if p["status"]["phase"] == "Pending"}
+
+
+def test_from_config_names_the_charts_workloads_and_travels_to_the_controller(
+    kube: FakeKube, tmp_path: Path
+) -> None:
+    """The head builds the actuator from the config the chart writes and hands it to the controller actor
+    (pickled): the copy talks to the same API server and acts on the same workloads."""
+    import pickle
+
+    from protocol.config import ClusterConfig
+
+    kube.add_workload("Deployment", "decode", 1)
+    kube.add_workload("Deployment", "prefill", 1)
+    config = kube.kubeconfig(tmp_path / "kubeconfig")
+    cfg = ClusterConfig.load(
+        overrides={
+            "kubernetes.pools": "kubernetes",
+            "kubernetes.namespace": NS,
+            "kubernetes.prefill_workload": "prefill",
+            "kubernetes.decode_workload": "decode",
+            "kubernetes.kubeconfig": str(config),
+        }
+    )
+    moved = pickle.loads(pickle.dumps(KubernetesActuator.from_config(cfg)))
+
+    assert moved.scale("d-1", Role.DECODE, 2).outcome is Outcome.APPLIED
+    assert kube.replicas("Deployment", "decode") == 2 and kube.replicas("Deployment", "prefill") == 1
+    assert moved.members(Role.DECODE).replicas == 2
