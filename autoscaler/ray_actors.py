@@ -2,8 +2,9 @@
 the local Ray cluster or any other (KubeRay included). Scaling out creates actors and starts their engines;
 scaling in shuts exactly the named instances down (their engines' subprocesses exit) and kills the actors; a
 role switch moves a drained worker to the other pool in place (``autoscaler.switchable``), so an actor's name
-says the role it started in and its pool is the role it reports. ``spawn_worker`` is the one place worker
-actors are created (``pdctl up`` uses it too).
+says the role it started in and its pool is the role it reports. ``create_worker`` is the one place worker
+actors are created (by ``spawn_worker`` for the pools here and ``pdctl up``; by a Kubernetes pod for its
+own worker).
 
 The actuator is handed to the controller actor by whoever starts the cluster; it pickles by value (settings
 only) and looks everything else up in Ray when called."""
@@ -45,31 +46,65 @@ def spawn_worker(
 ) -> tuple[str, Any]:
     """Create worker actor ``pdflow-<role>-<index>`` (instance ``<role>-<index>``); its engine starts when
     ``start`` is called on it."""
+    name = worker_name(role, index)
+    base = config.worker.nixl_base_port
+    side_channel = base + index * 2 + (role is Role.DECODE) if base else None
+    actor = create_worker(
+        config,
+        model_path,
+        role,
+        f"{role.value}-{index}",
+        name,
+        side_channel_port=side_channel,
+        namespace=namespace,
+        controller_name=controller_name,
+    )
+    return name, actor
+
+
+def create_worker(
+    config: ClusterConfig,
+    model_path: str,
+    role: Role,
+    instance_id: str,
+    actor_name: str,
+    *,
+    side_channel_port: int | None = None,
+    node_id: str | None = None,
+    namespace: str = NAMESPACE,
+    controller_name: str = CONTROLLER_NAME,
+) -> Any:
+    """Create one worker actor (``spawn_worker``'s, or a Kubernetes pod's own, pinned to ``node_id``: the
+    pod's Ray node); its engine starts when ``start`` is called on it."""
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from autoscaler.switchable import SwitchableWorker
 
-    name = worker_name(role, index)
-    base = config.worker.nixl_base_port
-    if base:
-        side_channel = base + index * 2 + (role is Role.DECODE)
-    else:
+    if side_channel_port is None:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            side_channel = s.getsockname()[1]
+            side_channel_port = s.getsockname()[1]
     env = {
-        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel),
+        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(side_channel_port),
         "VLLM_CPU_KVCACHE_SPACE": str(config.engine.kv_cache_gib),
         "OMP_NUM_THREADS": str(config.engine.cpu_threads),
     }
-    actor = (
+    options: dict[str, Any] = {
+        "name": actor_name,
+        "namespace": namespace,
+        "num_cpus": 0,
+        "max_concurrency": 1000,
+        "runtime_env": {"env_vars": env},
+    }
+    if node_id is not None:
+        options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return (
         ray.remote(SwitchableWorker)
-        .options(
-            name=name, namespace=namespace, num_cpus=0, max_concurrency=1000, runtime_env={"env_vars": env}
-        )
+        .options(**options)
         .remote(
-            f"{role.value}-{index}",
-            name,
+            instance_id,
+            actor_name,
             model_path,
             config.model_dump(mode="json"),
             controller_name,
@@ -77,7 +112,6 @@ def spawn_worker(
             role=role.value,
         )
     )
-    return name, actor
 
 
 @dataclass

@@ -57,6 +57,7 @@ class EngineWorker(Generic[E]):
         self._clock = clock
         self._state = InstanceState.STARTING
         self._report_task: asyncio.Task[None] | None = None
+        self._reported_ok_at: float | None = None
 
     def _vllm_engine(self, model_path: Path) -> Any:
         return VllmEngine(model_path, self.config.engine, self.config.kv, engine_id=self.instance_id)
@@ -112,6 +113,16 @@ class EngineWorker(Generic[E]):
     def ping(self) -> str:
         return self.instance_id
 
+    def health(self) -> dict[str, Any]:
+        """What a pod's probes ask: the worker's state, whether its engine is alive, and how long ago the
+        controller last took its report (None: never)."""
+        ok_at = self._reported_ok_at
+        return {
+            "state": self._state.value,
+            "engine_alive": not self.engine.dead,
+            "reported_s_ago": None if ok_at is None else self._clock() - ok_at,
+        }
+
     async def shutdown(self) -> None:
         """Tell the controller first, so that no new request comes here, then stop the engine."""
         self._state = InstanceState.DEAD
@@ -139,3 +150,4 @@ class EngineWorker(Generic[E]):
     async def _report_once(self) -> None:
         assert self._report is not None
         await self._report(self.snapshot())
+        self._reported_ok_at = self._clock()

@@ -71,9 +71,13 @@ def up(
         _up_detached([a for a in sys.argv[1:] if a not in ("--detach", "-d")], cfg.worker.start_timeout_s)
         return
     from pdctl.local_cluster import LocalCluster
-    from pdctl.model_cache import prepare_model
+    from pdctl.model_cache import model_dir
 
-    cluster = LocalCluster(cfg, prepare_model())
+    try:
+        model = model_dir(cfg.model.path)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    cluster = LocalCluster(cfg, model)
     # During start, Ctrl-C (KeyboardInterrupt) or SIGTERM (Ray's handler exits) unwinds through start(),
     # which stops whatever had started. Once serving, both signals ask for a clean stop; a second one
     # while stopping falls back to Python's default and ends the process.
@@ -301,6 +305,7 @@ def demo(
 def main() -> None:
     from pdctl import (
         operations,  # noqa: F401  (adds migrate, cordon, uncordon, drain, migrations after these)
+        pod,  # noqa: F401  (adds pod: head, worker, drain)
         scaling,  # noqa: F401  (adds autoscaler, scale, set-role)
     )
 

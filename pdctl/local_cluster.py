@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, cast
 
 from autoscaler.ray_actors import RayActuator, spawn_worker
-from protocol.config import ClusterConfig
+from protocol.actuation import Actuator
+from protocol.config import ClusterConfig, PoolsKind
 from protocol.snapshots import Role
 from runtime.actors import CONTROLLER_NAME, NAMESPACE
 
@@ -65,10 +66,22 @@ class ClusterHandle:
 
 
 class LocalCluster:
-    def __init__(self, config: ClusterConfig, model_path: Path, *, log_to_driver: bool = False) -> None:
+    def __init__(
+        self,
+        config: ClusterConfig,
+        model_path: Path,
+        *,
+        log_to_driver: bool = False,
+        ray_address: str | None = None,
+    ) -> None:
+        """``ray_address``: join that Ray cluster (``auto``: the one started on this node, as in the Helm
+        chart's head pod) instead of starting one in this process. With ``kubernetes.pools: kubernetes`` the
+        workers are pods that join by themselves (``pdctl pod worker``): none is started here."""
         self.config = config
         self.model_path = model_path
         self._log_to_driver = log_to_driver
+        self._ray_address = ray_address
+        self._pods = config.kubernetes.pools is PoolsKind.KUBERNETES
         self.handle = ClusterHandle(config, model_path)
 
     def start(self, say: Callable[[str], None] = lambda _: None) -> ClusterHandle:
@@ -82,7 +95,13 @@ class LocalCluster:
 
         try:
             say("starting Ray")
-            if not ray.is_initialized():
+            if not ray.is_initialized() and self._ray_address is not None:
+                ray.init(
+                    address=self._ray_address,
+                    namespace=NAMESPACE,
+                    log_to_driver=self._log_to_driver,
+                )
+            elif not ray.is_initialized():
                 ray.init(
                     namespace=NAMESPACE,
                     include_dashboard=False,
@@ -109,15 +128,32 @@ class LocalCluster:
             cfg.controller.admin_port = free_port()
         actor = (
             ray.remote(cast(Any, Controller))
-            .options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=1000)
+            .options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=1000, **self._on_this_node())
             .remote(cfg.model_dump(mode="json"), NAMESPACE)
         )
         # the controller sizes the pools through this actuator: the autoscaler's policy when
         # autoscaler.enabled, and `pdctl scale` / `pdctl set-role` either way
-        actuator = RayActuator(cfg.model_dump(mode="json"), str(self.model_path), NAMESPACE)
+        actuator: Actuator
+        if self._pods:
+            from autoscaler.kubernetes import KubernetesActuator
+
+            actuator = KubernetesActuator.from_config(cfg)
+        else:
+            actuator = RayActuator(cfg.model_dump(mode="json"), str(self.model_path), NAMESPACE)
         port: int = ray.get(actor.start.remote(actuator), timeout=60)
         self.handle.actors[CONTROLLER_NAME] = actor
         self.handle.admin_address = f"{cfg.controller.admin_host}:{port}"
+
+    def _on_this_node(self) -> dict[str, Any]:
+        """Joined to a Ray cluster, the controller and the front door run on this node (the head pod, where
+        the Services send their traffic), not wherever Ray finds room."""
+        if self._ray_address is None:
+            return {}
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        node = ray.get_runtime_context().get_node_id()
+        return {"scheduling_strategy": NodeAffinitySchedulingStrategy(node, soft=False)}
 
     def add_worker(self, role: Role, index: int) -> tuple[str, Any]:
         """Create one worker actor (not yet started)."""
@@ -128,6 +164,8 @@ class LocalCluster:
     def _start_workers(self, say: Callable[[str], None]) -> None:
         import ray
 
+        if self._pods:
+            return
         started = []
         for role, pool in ((Role.PREFILL, self.config.prefill), (Role.DECODE, self.config.decode)):
             for index in range(pool.replicas):
@@ -147,7 +185,7 @@ class LocalCluster:
 
         actor = (
             ray.remote(cast(Any, FrontDoor))
-            .options(name=FRONTDOOR_NAME, num_cpus=0, max_concurrency=1000)
+            .options(name=FRONTDOOR_NAME, num_cpus=0, max_concurrency=1000, **self._on_this_node())
             .remote(
                 self.config.model_dump(mode="json"),
                 str(self.model_path),

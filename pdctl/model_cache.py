@@ -105,6 +105,16 @@ def prepare_model(cache_dir: Path | None = None, *, force: bool = False) -> Path
     return target
 
 
+def model_dir(path: Path | None) -> Path:
+    """The model to serve: ``model.path`` (a Hugging Face directory, such as a volume mounted in a pod) or,
+    when unset, the embedded SmolLM2 (converted the first time)."""
+    if path is None:
+        return prepare_model()
+    if not (Path(path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path {path}: not a Hugging Face model directory (no config.json)")
+    return Path(path)
+
+
 def _is_complete(marker: Path, fingerprint: str) -> bool:
     return marker.is_file() and marker.read_text().strip() == fingerprint
 
