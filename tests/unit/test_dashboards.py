@@ -34,7 +34,6 @@ ROOT = Path(__file__).resolve().parents[2]
 GRAFANA = ROOT / "deploy" / "grafana"
 RULES = ROOT / "deploy" / "prometheus" / "rules.yml"
 _NAME = re.compile(r"\bpdflow_[a-z0-9_]+\b")
-_SUFFIXES = ("_bucket", "_count", "_sum", "_total", "_created")
 _RATED = re.compile(r"\b(?:rate|irate|increase)\(\s*$")
 
 
@@ -48,7 +47,8 @@ def _build() -> Any:
 
 
 def _exported() -> dict[str, str]:
-    """Every metric family the front door exports, by name: its type. Each labelled family gets a sample."""
+    """Every series name the front door exports (``pdflow_requests_total``, ``..._bucket``: what a query
+    names, not the family name ``pdflow_requests``): its family's type. Each labelled family gets a sample."""
     instances = tuple(
         InstanceSnapshot(
             InstanceId(f"{role.value}-0"),
@@ -73,7 +73,11 @@ def _exported() -> dict[str, str]:
     declared = re.findall(r"^# TYPE (\S+)", text, re.MULTILINE)
     twice = sorted({n for n in declared if declared.count(n) > 1})
     assert twice == [], f"exported as two families under one name (a sum would count both): {twice}"
-    return {family.name: family.type for family in text_string_to_metric_families(text)}
+    return {
+        sample.name: family.type
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
 
 
 def _queries() -> list[tuple[str, str]]:
@@ -99,8 +103,7 @@ def _problems(queries: list[tuple[str, str]], exported: dict[str, str], recorded
     for where, expr in queries:
         for m in _NAME.finditer(expr):
             name = m[0]
-            family = next((name.removesuffix(s) for s in _SUFFIXES if name.endswith(s)), name)
-            kind = exported.get(family) or exported.get(name)
+            kind = exported.get(name)
             if kind is None:
                 problems.append(f"{where}: {name} is not exported")
             elif kind in ("counter", "histogram") and not _RATED.search(expr[: m.start()]):
@@ -130,12 +133,14 @@ def test_the_check_catches_what_the_peers_dashboards_get_wrong() -> None:
         ("avg", "avg(pdflow_requests_total)"),
         ("gone", "sum(rate(pdflow_kv_transfer_bytes_received_total[5m]))"),
         ("rule", "pdflow:nothing:p99 > 1"),
+        ("family", "sum(rate(pdflow_requests[5m]))"),  # the family's name: no series has it
         ("fine", "histogram_quantile(0.99, sum by (le) (rate(pdflow_prefill_seconds_bucket[5m])))"),
     ]
     assert _problems(bad, _exported(), _recorded()) == [
         "avg: counter pdflow_requests_total read without rate()/increase()",
         "gone: pdflow_kv_transfer_bytes_received_total is not exported",
         "rule: recording rule pdflow:nothing:p99 does not exist",
+        "family: pdflow_requests is not exported",
     ]
 
 
