@@ -90,6 +90,11 @@ class OutgoingTransfer:
     pulled: bool = False  # the receiver reads the registered layers (``pull_at``); nothing is posted here
     pull_rate: float | None = None
 
+    @property
+    def destination(self) -> str:
+        """The receiver's side-channel address (``peer`` is its transport's name)."""
+        return self.client.address
+
     def hold(self, index: int, key: torch.Tensor, value: torch.Tensor, *, checksum: bool) -> None:
         """Stage a layer that the caller leaves unchanged until ``finish``: kept back while it and the layers
         held before it (consecutive, alike in shape and dtype) fit a group of ``GROUP_ELEMENTS``, then

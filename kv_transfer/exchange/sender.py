@@ -50,9 +50,11 @@ class Sender:
         tokens: int,
         codec: KVCodec,
         reason: str = "",
+        record: bool = True,
     ) -> OutgoingTransfer:
         """Reserve room on ``destination`` (a side-channel address) and here. Blocks for one round trip
-        (deadline ``timeout_s``); raises ``TransferFailed`` if the peer refuses or cannot be reached."""
+        (deadline ``timeout_s``); raises ``TransferFailed`` if the peer refuses or cannot be reached (its
+        FAILED record is kept for the engine's figures unless ``record`` is off: a link probe)."""
         nbytes = wire_bound(raw_bytes, layers)
         client = self._client(destination)
         transport = self._staging.transport
@@ -66,8 +68,8 @@ class Sender:
             with self._staging.lock:
                 local = self._staging.lease(transfer_id, nbytes)
         except Exception as exc:  # unreachable peer, refused reservation, full arena, bad metadata
-            record = self._record_failed(transfer_id, request_id, codec.name, reason, exc)
-            raise TransferFailed(record) from exc
+            failed = self._record_failed(transfer_id, request_id, codec.name, reason, exc, keep=record)
+            raise TransferFailed(failed) from exc
         return OutgoingTransfer(
             transfer_id,
             request_id,
@@ -202,7 +204,14 @@ class Sender:
         nbytes = min(nbytes, self._staging.arena.capacity // 4)
         probe_id = f"probe-{time.monotonic_ns()}"
         t = self.open(
-            probe_id, probe_id, destination, layers=1, raw_bytes=nbytes, tokens=0, codec=get_codec("none")
+            probe_id,
+            probe_id,
+            destination,
+            layers=1,
+            raw_bytes=nbytes,
+            tokens=0,
+            codec=get_codec("none"),
+            record=False,  # a probe that fails is no failed transfer
         )
         clock = self._staging.clock
         started = clock()
@@ -234,6 +243,8 @@ class Sender:
         reason: str,
         exc: BaseException,
         peer: str = "",
+        *,
+        keep: bool = True,
     ) -> TransferRecord:
         error = f"KV transfer {transfer_id} failed: {exc}"
         record = TransferRecord(
@@ -245,5 +256,6 @@ class Sender:
             error=error,
             peer=peer,
         )
-        self._staging.records.append(record)
+        if keep:
+            self._staging.records.append(record)
         return record

@@ -87,7 +87,7 @@ class KVSaver:
             try:
                 record = self._endpoint.finish(transfer, compute_done_at=done_computing)
                 self._chooser.observe(
-                    transfer.peer,
+                    transfer.destination,  # the address the chooser keys links by, as in _open
                     record.wire_bytes,
                     record.wire_s,
                     codec=transfer.codec.name,

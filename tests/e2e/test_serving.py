@@ -257,6 +257,43 @@ def test_metrics_report_latencies_and_transfers(cluster: E2ECluster) -> None:
     assert values['pdflow_instance_kv_received_bytes_total{instance_id="decode-0",role="decode"}'] > 0
     assert values['pdflow_instance_kv_usage_ratio{instance_id="prefill-0",role="prefill"}'] == 0.0
     assert values['pdflow_requests_total{outcome="stop"}'] > 0
+    # the prefill worker's hand-offs here all went well (the codec chooser's link probes are no transfers)
+    assert (
+        values['pdflow_instance_kv_transfers_total{instance_id="prefill-0",outcome="failed",role="prefill"}']
+        == 0
+    )
+
+
+def test_the_codec_chooser_learns_the_link_from_each_hand_off(cluster: E2ECluster) -> None:
+    """After the probe, each hand-off's measured bandwidth moves the link estimate the next choice reads
+    (``pdctl explain`` shows it in the transfer's reason): the estimates differ from one transfer to the
+    next instead of staying at the probe's figure."""
+    import re
+    import time
+
+    import httpx
+
+    from pdctl.admin_client import AdminClient
+
+    ids = []
+    for k in range(6):
+        body = {"model": cluster.model, "prompt": f"Count the boats in harbour {k}: " * 20, "max_tokens": 2}
+        resp = httpx.post(f"{cluster.http_url}/v1/completions", json=body, timeout=120)
+        assert resp.status_code == 200, resp.text
+        ids.append(resp.json()["id"].removeprefix("cmpl-"))
+    reasons: dict[str, str] = {}
+    deadline = time.monotonic() + 20  # request records reach the controller in batches
+    with AdminClient(cluster.admin_address) as admin:
+        while len(reasons) < len(ids):
+            assert time.monotonic() < deadline, f"transfer records missing: {set(ids) - set(reasons)}"
+            for rid in set(ids) - set(reasons):
+                found = admin.requests(request_id=rid, limit=1).requests
+                if found and found[0].HasField("transfer"):
+                    reasons[rid] = found[0].transfer.reason
+            time.sleep(0.1)
+    links = [m[1] for rid in ids if (m := re.search(r"on a ([0-9.]+) Gbit/s link", reasons[rid]))]
+    assert len(links) >= 4, f"the link was never measured: {links}"
+    assert len(set(links)) > 1, f"the link estimate never moved from the probe's: {links}"
 
 
 async def test_request_ending_at_token_one_frees_prefill_kv_at_once(

@@ -189,6 +189,18 @@ def test_an_unreachable_receiver_fails_fast(pair) -> None:
     assert sender.held["regions"] == 0
 
 
+def test_a_link_probe_is_no_transfer_on_either_side(pair) -> None:
+    """The codec chooser's bandwidth probes leave no transfer record, measured or failed: the engines'
+    transfer figures (and the dashboards' failure lines) count hand-offs and migrations only."""
+    sender, receiver, _, _ = pair
+    assert sender.probe(receiver.address, nbytes=4096) > 0
+    with pytest.raises(TransferFailed):
+        sender.probe("127.0.0.1:9", nbytes=4096)
+    assert [r.outcome for r in sender.drain_records()] == []
+    assert TransferOutcome.FAILED not in [r.outcome for r in receiver.drain_records()]
+    assert sender.held["regions"] == 0 and receiver.held["regions"] == 0
+
+
 def test_a_receiver_knows_which_transfers_will_never_land(pair) -> None:
     """A load waiting for a part still on its way (a migration's last stage) must learn at once when the
     sender dropped it, or when it lapsed, rather than wait out its deadline; a loaded transfer is not gone."""
