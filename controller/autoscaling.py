@@ -140,6 +140,8 @@ class AutoscalerLoop:
                 self.counts["removed_dead"] += len(removed)
                 members = await self._members()
             self.actions.readmit(members)
+            for iid in self.actions.forget_departed(members):
+                log.info("%s: DEAD and in no pool any more: forgotten", iid)
             now = self._clock()
             for pool in members.values():
                 for iid in pool.instances:

@@ -238,6 +238,24 @@ class ScaleActions:
                     self._registry.admit(iid)
                     del self.removed_at[iid]
 
+    def forget_departed(self, members: dict[Role, PoolMembers]) -> list[str]:
+        """A DEAD instance that no pool has any more (its pod or actor is gone: a rolling update replaced
+        it, or it crashed and its workload started another) is forgotten once silent for three heartbeat
+        timeouts, so that status and the metrics stop listing it. Its id may serve again later (a
+        StatefulSet's ordinal): ``readmit``."""
+        present = {iid for pool in members.values() for iid in pool.instances}
+        quiet = 3 * self._config.controller.heartbeat_timeout_s
+        forgotten = []
+        for inst in self._registry.snapshot(0.0).instances:
+            iid = inst.instance_id
+            if inst.state is not InstanceState.DEAD or iid in present or iid in self.leaving:
+                continue
+            if self._registry.seconds_since_report(iid, self._clock()) > quiet:
+                self._registry.forget(iid)
+                self.removed_at[iid] = self._clock()
+                forgotten.append(iid)
+        return forgotten
+
     # ---- draining ----
 
     async def _drain(self, iid: str, role: Role) -> tuple[str, bool]:

@@ -415,6 +415,25 @@ async def test_a_dead_instance_is_removed_and_replaced() -> None:
         assert len(replacement) == 1 and replacement[0] != "decode-1"
 
 
+async def test_a_dead_instance_no_pool_has_any_more_is_forgotten() -> None:
+    """A pod deleted by a rolling update (its worker shut down, its pod gone from the workload) leaves
+    ``pdctl status`` and the metrics once it has been silent for three heartbeat timeouts."""
+    overrides = {"controller.heartbeat_timeout_s": 0.3, "worker.report_interval_s": 0.05}
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
+        loop, actuator, _ = autoscaler(cluster, enabled=False)
+        await cluster.workers["pdflow-decode-1"].shutdown()  # SIGTERM: it reports DEAD, then nothing
+        actuator.departed.add("decode-1")
+        await loop.tick()
+        assert _state(cluster, "decode-1") is InstanceState.DEAD  # not silent long enough yet
+        await _until(
+            "decode-1 silent for 3 heartbeat timeouts",
+            lambda: cluster.registry.seconds_since_report("decode-1", cluster.clock()) > 0.9,
+        )
+        await loop.tick()
+        assert cluster.registry.snapshot(0.0).by_id("decode-1") is None
+        assert _state(cluster, "decode-0") is InstanceState.READY  # the one still in its pool stays
+
+
 async def test_a_drain_that_cannot_finish_puts_the_victim_back_instead_of_removing_it() -> None:
     overrides = {**SCALE_IN, "migration.timeout_s": 0.5}  # a drain gives up after 4 x 0.5 s
     async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:

@@ -33,12 +33,12 @@ class FakeActuator:
         self._applied: set[str] = set()
         self._next = itertools.count(100)
         self.highest_only = False
+        self.departed: set[str] = set()  # workers whose pod was deleted by someone else (a rolling update)
 
     def members(self, role: Role) -> PoolMembers:
-        ids = sorted(
-            {n.removeprefix("pdflow-") for n, w in self.cluster.workers.items() if w.role is role}
-            | {i for i in (*self.starting, *self.ghosts) if i.startswith(f"{role.value}-")}
-        )
+        running = {n.removeprefix("pdflow-") for n, w in self.cluster.workers.items() if w.role is role}
+        coming = {i for i in (*self.starting, *self.ghosts) if i.startswith(f"{role.value}-")}
+        ids = sorted((running | coming) - self.departed)
         pending = tuple(
             i for i in ids if i in self.ghosts or (i in self.starting and not self.starting[i].done())
         )
