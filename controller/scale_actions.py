@@ -245,7 +245,7 @@ class ScaleActions:
         StatefulSet's ordinal): ``readmit``."""
         present = {iid for pool in members.values() for iid in pool.instances}
         quiet = 3 * self._config.controller.heartbeat_timeout_s
-        forgotten = []
+        forgotten: list[str] = []
         for inst in self._registry.snapshot(0.0).instances:
             iid = inst.instance_id
             if inst.state is not InstanceState.DEAD or iid in present or iid in self.leaving:

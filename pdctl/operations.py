@@ -9,7 +9,7 @@ import typer
 
 from pdctl.admin_client import AdminClient, AdminUnavailable
 from pdctl.options import AdminOpt, JsonOpt, admin_address, app, err, fail, message_json, out, print_json
-from pdctl.views import migration_line
+from pdctl.views import drain_summary, migration_line
 
 
 @app.command()
@@ -79,10 +79,7 @@ def drain(
         return
     for m in result.migrations:
         out.print(f"  {migration_line(m)}", highlight=False)
-    summary = (
-        f"{instance}: {result.moved} moved, {result.finished} finished there, {result.failed} failed "
-        f"attempts, in {result.seconds:.1f}s"
-    )
+    summary = drain_summary(instance, result)
     if result.remaining:
         fail(f"{summary}; {result.remaining} still running after {timeout:g}s")
     out.print(f"{summary}; it is empty and cordoned", highlight=False)

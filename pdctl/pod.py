@@ -19,6 +19,7 @@ import typer
 
 from pdctl.admin_client import AdminClient, AdminUnavailable
 from pdctl.options import ConfigOpt, SetOpt, app, build_config, err, fail, out
+from pdctl.views import drain_summary
 from protocol.instances import InstanceState
 from protocol.snapshots import Role
 
@@ -150,10 +151,7 @@ def drain(
             result = client.drain(instance_id, timeout)
     except AdminUnavailable as exc:
         fail(str(exc))
-    summary = (
-        f"{instance_id}: {result.moved} moved, {result.finished} finished there, {result.failed} failed "
-        f"attempts, in {result.seconds:.1f}s"
-    )
+    summary = drain_summary(instance_id, result)
     if result.remaining:
         fail(f"{summary}; {result.remaining} still there after {timeout:g}s")
     out.print(f"{summary}; empty", highlight=False)

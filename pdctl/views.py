@@ -115,3 +115,10 @@ def transfer_line(t: admin_pb2.TransferInfo) -> str:
     if t.retries:
         line += f"; {t.retries} layer resend(s)"
     return line + (f"; {t.error}" if t.error else "")
+
+
+def drain_summary(instance: str, result: admin_pb2.DrainResponse) -> str:
+    return (
+        f"{instance}: {result.moved} moved, {result.finished} finished there, {result.failed} failed "
+        f"attempts, in {result.seconds:.1f}s"
+    )
