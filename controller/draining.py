@@ -15,7 +15,7 @@ from typing import Protocol
 
 from controller.migrations import DrainResult, MigrationCoordinator
 from controller.registry import InstanceRegistry
-from protocol.snapshots import Role
+from protocol.snapshots import InstanceState, Role
 
 _SETTLE_POLL_S = 0.2
 
@@ -42,7 +42,11 @@ async def drain_instance(
     clock: Callable[[], float],
 ) -> DrainResult:
     """Cordon ``iid``, tell every front door, then empty it within ``timeout_s``: ``remaining`` is what it
-    still held or had coming when the time ran out (0: it is empty and stays cordoned)."""
+    still held or had coming when the time ran out (0: it is empty and stays cordoned). A DEAD instance
+    holds nothing that could move (what ran there ended with it): it returns at once, uncordoned."""
+    inst = registry.snapshot(0.0).by_id(iid)
+    if inst is None or inst.state is InstanceState.DEAD:
+        return DrainResult()
     registry.cordon(iid)
     await frontdoors.publish()
 

@@ -20,6 +20,10 @@ class InstanceRegistry:
     def report(self, snapshot: InstanceSnapshot, now: float) -> None:
         if snapshot.instance_id in self._gone:
             return
+        before = self._instances.get(snapshot.instance_id)
+        if before is not None and before.started_at != snapshot.started_at:
+            # a new start under an old id: the cordon (a preStop drain's) was the old run's
+            self._cordoned.discard(snapshot.instance_id)
         if snapshot.instance_id in self._cordoned and snapshot.state is InstanceState.READY:
             snapshot = replace(snapshot, state=InstanceState.CORDONED)
         self._instances[snapshot.instance_id] = snapshot

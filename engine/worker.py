@@ -58,6 +58,7 @@ class EngineWorker(Generic[E]):
         self._state = InstanceState.STARTING
         self._report_task: asyncio.Task[None] | None = None
         self._reported_ok_at: float | None = None
+        self._started_at = clock()  # this run of the worker (see InstanceSnapshot.started_at)
 
     def _vllm_engine(self, model_path: Path) -> Any:
         return VllmEngine(model_path, self.config.engine, self.config.kv, engine_id=self.instance_id)
@@ -91,6 +92,7 @@ class EngineWorker(Generic[E]):
             reported_at=self._clock(),
             kv_endpoint=self.engine.kv_endpoint,
             max_batch=self.config.engine.max_num_seqs,
+            started_at=self._started_at,
         )
 
     async def abort(self, request_id: str) -> None:

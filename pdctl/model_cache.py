@@ -109,6 +109,13 @@ def model_dir(path: Path | None) -> Path:
     """The model to serve: ``model.path`` (a Hugging Face directory, such as a volume mounted in a pod) or,
     when unset, the embedded SmolLM2 (converted the first time)."""
     if path is None:
+        try:
+            locate_gguf()
+        except RuntimeError as exc:
+            raise FileNotFoundError(
+                f"model.path is unset and the embedded SmolLM2 is not here ({exc}). Set model.path to a "
+                "Hugging Face model directory (the Helm chart: model.volume), or use the demo image"
+            ) from None
         return prepare_model()
     if not (Path(path) / "config.json").is_file():
         raise FileNotFoundError(f"model.path {path}: not a Hugging Face model directory (no config.json)")

@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Annotated, Any
@@ -35,7 +36,8 @@ RayAddressOpt = Annotated[
 InstanceOpt = Annotated[
     str, typer.Option("--instance-id", envvar="POD_NAME", help="Instance id (default: $POD_NAME).")
 ]
-PROBE_CALL_S = 2.0  # a probe's question to the worker actor
+PROBE_CALL_S = 4.0  # a probe's question to the worker actor (the kubelet waits 5 s)
+NAME_FREED_S = 120.0  # Ray notices a dead node within about a minute
 PROBES = ("/livez", "/readyz")
 
 
@@ -94,16 +96,15 @@ def worker(
     stop = _stop_on_signals()
     ray.init(address=ray_address, namespace=NAMESPACE, log_to_driver=True)
     node = ray.get_runtime_context().get_node_id()
-    base = cfg.worker.nixl_base_port
-    actor = create_worker(
+    actor = _create(lambda: create_worker(
         cfg,
         str(model),
         role,
         instance_id,
         f"pdflow-pod-{instance_id}",
-        side_channel_port=base or None,
+        side_channel_port=cfg.worker.nixl_base_port or None,
         node_id=node,
-    )
+    ), instance_id)  # fmt: skip
     probes = None
     if probe_port:
         probes = ProbeServer(
@@ -114,7 +115,10 @@ def worker(
         probes.start()
     try:
         err.print(f"{instance_id}: starting the {role.value} engine", highlight=False)
-        ray.get(actor.start.remote(), timeout=cfg.worker.start_timeout_s)
+        try:
+            ray.get(actor.start.remote(), timeout=cfg.worker.start_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            fail(f"{instance_id}: the engine did not start within {cfg.worker.start_timeout_s:g} s")
         out.print(f"{instance_id}: serving as {role.value}", highlight=False)
         stop.wait()
         err.print(f"{instance_id}: stopping", highlight=False)
@@ -155,6 +159,20 @@ def drain(
     if result.remaining:
         fail(f"{summary}; {result.remaining} still there after {timeout:g}s")
     out.print(f"{summary}; empty", highlight=False)
+
+
+def _create(make: Callable[[], Any], instance_id: str) -> Any:
+    """The worker actor; its name may still be held by this pod's previous run (a restarted container)
+    until Ray sees that run's node gone: tried again for a while."""
+    deadline = time.monotonic() + NAME_FREED_S
+    while True:
+        try:
+            return make()
+        except ValueError as exc:  # "The name pdflow-pod-... is already taken"
+            if "already taken" not in str(exc) or time.monotonic() > deadline:
+                raise
+            err.print(f"{instance_id}: waiting for Ray to free the name of the previous run", highlight=False)
+            time.sleep(2.0)
 
 
 def _stop_on_signals() -> threading.Event:

@@ -56,6 +56,9 @@ class InstanceSnapshot:
     kv_endpoint: str = ""  # side-channel address where KV is pushed to this worker (pdflow connector)
     requests: tuple[RunningKV, ...] = ()  # decode workers: what runs there and the KV blocks each holds
     max_batch: int | None = None  # most requests its engine runs at once (engine.max_num_seqs), if known
+    # when this run of the worker began (its clock): another value under the same id is a new start of
+    # it (a StatefulSet's replacement pod, a restarted container), not the instance it replaces
+    started_at: float = 0.0
 
     @property
     def load(self) -> int:

@@ -23,8 +23,11 @@ SCHEMA = ROOT / "deploy" / "helm" / "pdflow" / "values.schema.json"
 CHART_OWNED = {
     "frontdoor": ("host", "http_port", "grpc_port"),
     "controller": ("admin_host", "admin_port"),
+    "worker": ("start_timeout_s",),  # pools.startupSeconds
     "model": ("path",),
-    "kubernetes": None,  # the whole section
+    "prefill": None,  # the whole section (its replicas): pools.prefill.replicas
+    "decode": None,
+    "kubernetes": None,
 }
 
 
@@ -79,8 +82,9 @@ def cluster_config_schema() -> tuple[dict[str, Any], dict[str, Any]]:
         defs.pop(name)
     schema["description"] = (
         "pdflow's ClusterConfig (as `pdctl up -c` takes it), less what the chart sets itself: "
-        "frontdoor.host/http_port/grpc_port and controller.admin_host/admin_port (head.*), model.path "
-        "(model.*), the kubernetes section (this release's workloads)."
+        "frontdoor.host/http_port/grpc_port and controller.admin_host/admin_port (head.*), "
+        "worker.start_timeout_s (pools.startupSeconds), model.path (model.*), the prefill and decode "
+        "sections (pools.*.replicas), the kubernetes section (this release's workloads)."
     )
     return schema, defs
 
@@ -126,6 +130,7 @@ def chart_schema() -> dict[str, Any]:
                     "volume": _map("Volume source holding the model directory; {}: the image's own model."),
                     "mountPath": _str("Where the model volume is mounted.", pattern="^/"),
                     "subPath": _str("The model's directory inside the volume; empty: its root."),
+                    "embedded": _bool("No volume: the image carries the model (the demo image)."),
                 },
                 "The Hugging Face model directory every pod mounts.",
             ),
@@ -173,6 +178,7 @@ def chart_schema() -> dict[str, Any]:
                 {
                     "enabled": _bool("Admit only the release's pods, except to the API ports."),
                     "apiFrom": _list("NetworkPolicyPeers allowed to the API ports; empty: everyone."),
+                    "metricsFrom": _list("With apiFrom: the peers that scrape /metrics (Prometheus)."),
                 }
             ),
             "monitoring": _obj(

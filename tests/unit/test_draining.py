@@ -83,6 +83,23 @@ async def test_a_prefill_worker_still_needed_when_the_time_is_up_is_not_empty() 
     assert result.remaining == 1 and result.seconds >= 0.5
 
 
+async def test_a_dead_worker_is_not_waited_for() -> None:
+    """A pod stopped because its engine died (a liveness kill runs the preStop hook too) has nothing to
+    drain: the hook returns at once instead of holding the restart for the drain's whole deadline."""
+    from dataclasses import replace
+
+    registry = InstanceRegistry(heartbeat_timeout_s=3.0)
+    registry.report(replace(snap("prefill-0", Role.PREFILL), state=InstanceState.DEAD), time.monotonic())
+    doors = Doors(registry, coming=1, stuck=True)
+    started = time.monotonic()
+    result = await drain_instance(
+        "prefill-0", Role.PREFILL, registry=registry, migrations=Migrations(),  # type: ignore[arg-type]
+        frontdoors=doors, timeout_s=30.0, clock=time.monotonic,
+    )  # fmt: skip
+    assert result.remaining == 0 and time.monotonic() - started < 1.0
+    assert doors.events == []  # nothing cordoned, nobody told
+
+
 async def test_a_decode_worker_is_drained_by_the_migration_coordinator_with_what_is_inbound() -> None:
     registry = InstanceRegistry(heartbeat_timeout_s=3.0)
     registry.report(snap("decode-0", Role.DECODE), time.monotonic())

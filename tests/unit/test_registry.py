@@ -55,3 +55,22 @@ def test_request_log_keeps_history_and_bounds_finished_records() -> None:
     ]
     assert r11.prompt_tokens == 5 and r11.output_tokens == 3
     assert log.counts() == {"FINISHED_STOP": 7, "PREFILLING": 3}
+
+
+def test_a_new_start_under_a_drained_instances_id_takes_requests() -> None:
+    """A StatefulSet's replacement pod keeps the name of the one its preStop drain cordoned: the new run
+    serves; the same run coming back after a silence stays cordoned."""
+    from dataclasses import replace
+
+    reg = InstanceRegistry(heartbeat_timeout_s=3.0)
+    first = replace(snap("decode-0"), started_at=100.0)
+    reg.report(first, now=100.0)
+    reg.cordon("decode-0")
+    reg.report(replace(first, state=InstanceState.DEAD), now=101.0)  # SIGTERM after the drain
+    reg.report(replace(first, started_at=200.0), now=200.0)  # the replacement pod, same name
+    assert reg.snapshot(200.0).by_id("decode-0").state is InstanceState.READY  # type: ignore[union-attr]
+
+    reg.cordon("decode-0")
+    reg.expire(now=210.0)  # silent: marked DEAD
+    reg.report(replace(first, started_at=200.0), now=211.0)  # the same run, heard again
+    assert reg.snapshot(211.0).by_id("decode-0").state is InstanceState.CORDONED  # type: ignore[union-attr]

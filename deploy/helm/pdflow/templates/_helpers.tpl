@@ -48,6 +48,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- $owned := dict
   "frontdoor" (dict "host" "0.0.0.0" "http_port" .Values.head.service.httpPort "grpc_port" .Values.head.service.grpcPort)
   "controller" (dict "admin_host" "0.0.0.0" "admin_port" .Values.head.adminPort)
+  "worker" (dict "start_timeout_s" .Values.pools.startupSeconds)
   "kubernetes" (dict
     "pools" "kubernetes"
     "namespace" .Release.Namespace
@@ -57,6 +58,11 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 -}}
 {{- if .Values.model.volume -}}
 {{- $_ := set $owned "model" (dict "path" (printf "%s/%s" .Values.model.mountPath .Values.model.subPath | trimSuffix "/")) -}}
+{{- else if not .Values.model.embedded -}}
+{{- fail "model.volume is empty: mount the model directory (e.g. --set model.volume.persistentVolumeClaim.claimName=models), or set model.embedded=true with the demo image, which carries SmolLM2" -}}
+{{- end -}}
+{{- if lt (int .Values.pools.terminationGracePeriodSeconds) (add (int .Values.pools.drainTimeoutSeconds) 60 | int) -}}
+{{- fail (printf "pools.terminationGracePeriodSeconds (%v) must be at least pools.drainTimeoutSeconds (%v) + 60: the preStop drain, then the worker's own stop" .Values.pools.terminationGracePeriodSeconds .Values.pools.drainTimeoutSeconds) -}}
 {{- end -}}
 {{- $config := mergeOverwrite (deepCopy .Values.config) $owned -}}
 {{- toYaml $config -}}
