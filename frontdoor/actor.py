@@ -60,7 +60,11 @@ class FrontDoor:
             default_max_tokens=fd.default_max_tokens,
         )
         app = build_http_app(
-            textgen, model_name=self.config.model.name, metrics_text=self._metrics_text, health=self.health
+            textgen,
+            model_name=self.config.model.name,
+            metrics_text=self._metrics_text,
+            health=self.health,
+            max_body_bytes=fd.max_body_bytes,
         )
         self._http = uvicorn.Server(
             uvicorn.Config(

@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from frontdoor.textgen import TextDelta, TextGenerator, TextRequest
 from protocol.errors import InvalidRequest, PdflowError
-from protocol.ids import RequestId, new_request_id
+from protocol.ids import RequestId, check_request_id, new_request_id
 from protocol.proto import router_pb2, router_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -33,6 +33,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     async def Generate(self, request: router_pb2.GenerateRequest, context: grpc.aio.ServicerContext) -> None:
         # Written with context.write rather than as an async generator so that the finally below closes the
         # generation deterministically, also when the call is cancelled while a write is pending.
+        if request.request_id and (why := check_request_id(request.request_id)):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
         request_id = RequestId(request.request_id or new_request_id())
         deltas = None
         try:
@@ -53,6 +55,8 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
     ) -> router_pb2.AbortResponse:
         if not request.request_id:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "request_id is required")
+        if why := check_request_id(request.request_id):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, why)
         found = await self._textgen.abort(RequestId(request.request_id))
         return router_pb2.AbortResponse(found=found)
 

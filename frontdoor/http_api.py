@@ -35,7 +35,7 @@ from frontdoor.openai_schema import (
     validation_to_invalid,
 )
 from frontdoor.textgen import TextDelta, TextGenerator, TextRequest, Usage
-from protocol.errors import InvalidRequest, ModelNotFound, PdflowError
+from protocol.errors import InvalidRequest, ModelNotFound, PdflowError, RequestTooLarge
 from protocol.ids import new_request_id
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,7 @@ def build_http_app(
     metrics_text: Callable[[], tuple[bytes, str]],
     health: Callable[[], dict[str, Any]],
     wall_clock: Callable[[], float] = time.time,
+    max_body_bytes: int = 1 << 20,
 ) -> FastAPI:
     """The FastAPI app of one front door. ``metrics_text()`` returns (Prometheus exposition bytes, content
     type); ``health()`` returns a JSON-able dict whose ``ok`` says whether this front door can serve (200)
@@ -111,14 +112,14 @@ def build_http_app(
 
     @app.post("/v1/completions")
     async def _completions(request: Request) -> Response:
-        body = await _parse(request, CompletionBody)
+        body = await _parse(request, CompletionBody, max_body_bytes)
         reject_unsupported(body)
         prompt: dict[str, Any] = completion_prompt(body.prompt)
         return await _serve(request, textgen, body, prompt, _Render("text_completion", body, wall_clock))
 
     @app.post("/v1/chat/completions")
     async def _chat(request: Request) -> Response:
-        body = await _parse(request, ChatBody)
+        body = await _parse(request, ChatBody, max_body_bytes)
         reject_unsupported(body)
         messages = [m.model_dump() for m in body.messages]
         return await _serve(request, textgen, body, {"messages": messages}, _Render("chat", body, wall_clock))
@@ -327,14 +328,41 @@ async def _unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     return task.result()
 
 
-async def _parse(request: Request, model: type[BaseModel]) -> Any:
-    raw = await request.body()
+async def _read(request: Request, limit: int) -> bytes:
+    """The body, read no further than ``limit`` bytes (413 past it, before the rest is even received)."""
+    too_large = RequestTooLarge(
+        f"The request body is larger than this server accepts ({limit} bytes). Send a shorter prompt."
+    )
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
+    raw = await _read(request, limit)
     try:
         data = json.loads(raw)
+        json.dumps(data, ensure_ascii=False).encode()  # a lone surrogate ("\ud800") is no text
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest(
             f"We could not parse the JSON body of your request: {exc}. The API expects a JSON object."
         ) from exc
+    except UnicodeEncodeError:
+        raise InvalidRequest(
+            "The request body holds a lone UTF-16 surrogate (an escape in \\ud800-\\udfff without its "
+            "pair), which is not text. Send valid Unicode."
+        ) from None
+    except RecursionError:
+        raise InvalidRequest("The JSON body of your request nests too deeply to be a request.") from None
+    except ValueError as exc:  # an integer of more digits than Python converts
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}.") from None
     if not isinstance(data, dict):
         raise InvalidRequest(f"The request body must be a JSON object, not {type(data).__name__}.")
     try:

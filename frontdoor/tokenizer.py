@@ -29,6 +29,9 @@ class ModelTokenizer:
     def __init__(self, model_dir: str | Path) -> None:
         self.model_dir = Path(model_dir)
         self._hf: Any = AutoTokenizer.from_pretrained(str(self.model_dir))
+        # the most characters one token stands for: a byte-level token's string has one character per
+        # byte, and a character is at least a byte, so no text of more than n x this is n tokens or fewer
+        self.max_token_chars = max((len(t) for t in self._hf.get_vocab()), default=1)
 
     @property
     def eos_token_id(self) -> int | None:

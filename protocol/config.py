@@ -103,6 +103,12 @@ class FrontDoorConfig(_Section):
     prefill_timeout_s: float = Field(120.0, gt=0, description="Deadline for a prefill (queueing included).")
     token_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the next token from decode.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the client gives none.")
+    max_body_bytes: int = Field(
+        1 << 20,
+        ge=1024,
+        description="Largest HTTP request body read (bytes); a larger one is answered 413 before it is "
+        "parsed. 1 MiB holds far more than any prompt a 2048-token context takes.",
+    )
 
 
 class MigrationConfig(_Section):

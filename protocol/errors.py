@@ -29,6 +29,13 @@ class ModelNotFound(InvalidRequest):
     grpc_code = "NOT_FOUND"
 
 
+class RequestTooLarge(InvalidRequest):
+    """The body (or an input in it) is larger than the server reads."""
+
+    http_status = 413
+    grpc_code = "RESOURCE_EXHAUSTED"
+
+
 class PoolEmpty(PdflowError):
     """No live worker of a role: the cluster cannot serve now, but may once workers come back."""
 

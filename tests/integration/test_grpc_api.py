@@ -126,6 +126,23 @@ async def test_grpc_generate(
             grpc.StatusCode.INVALID_ARGUMENT,
             "messages[0].role must be one of assistant, developer, system, tool, user; got 'bot'.",
         ),
+        # a client-chosen id names transfers, log lines and the controller's request log: kept short, plain
+        (
+            {"prompt": "hi", "request_id": "r" * 4_000_000},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request_id is 4000000 characters long; at most 128 are accepted",
+        ),
+        (
+            {"prompt": "hi", "request_id": "req/../../etc\n"},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "request_id may hold only letters, digits and . _ : - (it names transfers and log lines)",
+        ),
+        (  # 81: the most characters a SmolLM2 token stands for (ModelTokenizer.max_token_chars)
+            {"prompt": "a" * (CONTEXT * 81 + 1)},
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"This model's maximum context length is {CONTEXT} tokens, which no text of more than "
+            f"{CONTEXT * 81} characters fits; your prompt has {CONTEXT * 81 + 1}. Please reduce its length.",
+        ),
     ],
 )
 async def test_grpc_bad_request(
@@ -179,6 +196,11 @@ async def test_grpc_abort(make_stack: Callable[..., Stack]) -> None:
     assert [(r.text, r.finish_reason) for r in rest] == [("", "abort")]
     assert rest[-1].usage.completion_tokens == 1
     assert no_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    async with grpc_channel(stack) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as long_id:
+            stub = router_pb2_grpc.RouterStub(channel)
+            await stub.Abort(router_pb2.AbortRequest(request_id="x" * 200), timeout=DEADLINE_S)
+    assert long_id.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_grpc_health_and_reflection(make_stack: Callable[..., Stack]) -> None:

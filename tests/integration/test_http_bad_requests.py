@@ -31,6 +31,43 @@ BAD_REQUESTS: list[tuple[str, Any, int, str, str | None]] = [
         None,
     ),
     (COMPLETIONS, b"[1, 2]", 400, "The request body must be a JSON object, not list.", None),
+    # hostile bodies that used to get a 500 or no answer at all
+    (
+        COMPLETIONS,
+        b"[" * 100_000 + b"]" * 100_000,
+        400,
+        "The JSON body of your request nests too deeply",
+        None,
+    ),
+    (
+        COMPLETIONS,
+        b'{"model": "M", "prompt": "hi", "max_tokens": ' + b"9" * 5000 + b"}",
+        400,
+        "We could not parse the JSON body of your request: Exceeds the limit (4300 digits)",
+        None,
+    ),
+    (
+        COMPLETIONS,
+        b'{"model": "M", "prompt": "\\ud800"}',
+        400,
+        "The request body holds a lone UTF-16 surrogate",
+        None,
+    ),
+    (
+        CHAT,
+        b'{"model": "\\udfff", "messages": []}',
+        400,
+        "The request body holds a lone UTF-16 surrogate",
+        None,
+    ),
+    (COMPLETIONS, b'{"model": "M", "prompt": "\xff\xfe"}', 400, "We could not parse the JSON body", None),
+    (
+        COMPLETIONS,
+        {"model": M, "prompt": "a" * (1 << 20)},
+        413,
+        "The request body is larger than this server accepts (1048576 bytes)",
+        None,
+    ),
     (COMPLETIONS, {"prompt": "hi"}, 400, "Missing required parameter: 'model'.", "model"),
     (CHAT, {"model": M}, 400, "Missing required parameter: 'messages'.", "messages"),
     (
@@ -190,5 +227,36 @@ async def test_bad_request(
     assert error["message"].startswith(message), error["message"]
     assert error["type"] == "invalid_request_error"
     assert error["param"] == param
-    assert error["code"] == ("model_not_found" if status == 404 else "invalid_request")
+    assert error["code"] == {404: "model_not_found", 413: "request_too_large"}.get(status, "invalid_request")
     assert stack.router.calls == []
+
+
+async def test_a_large_body_sent_without_its_length_is_cut_off_at_the_limit(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """Chunked, with no Content-Length: the server stops reading at the limit and answers 413."""
+    sent = 0
+
+    async def chunks() -> Any:
+        nonlocal sent
+        yield b'{"model": "m", "prompt": "'
+        for _ in range(64):  # 4 MiB in all
+            sent += 1
+            yield b"a" * (64 << 10)
+        yield b'"}'
+
+    stack = make_stack()
+    async with asgi_client(stack) as client:
+        response = await client.post(
+            COMPLETIONS, content=chunks(), headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 413, response.text
+    assert response.json()["error"]["code"] == "request_too_large"
+    assert stack.router.calls == []
+
+
+async def test_a_model_path_that_is_not_text_is_a_404_not_a_500(make_stack: Callable[..., Stack]) -> None:
+    async with asgi_client(make_stack()) as client:
+        response = await client.get("/v1/models/%ED%A0%80")
+    assert response.status_code == 404, response.text
+    assert response.json()["error"]["code"] == "model_not_found"

@@ -220,3 +220,46 @@ async def test_tokenizer_without_chat_template_refuses_messages(model_dir: Path,
     err = refuse(textgen, request(model_name, messages=[{"role": "user", "content": "hi"}]))
     assert err.param == "messages"
     assert err.message.startswith("This model's tokenizer has no chat template")
+
+
+def test_a_text_no_tokenization_could_fit_is_refused_before_tokenizing(
+    textgen: TextGenerator, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 50 MB prompt used to be tokenized on the event loop for a minute and a half before its 400."""
+
+    def tokenized(*_: Any) -> list[int]:
+        raise AssertionError("the text was tokenized")
+
+    monkeypatch.setattr(textgen.tokenizer, "encode", tokenized)
+    monkeypatch.setattr(textgen.tokenizer, "apply_chat_template", tokenized)
+    limit = CONTEXT * textgen.tokenizer.max_token_chars
+    err = refuse(textgen, request(model_name, prompt="a" * (limit + 1)))
+    assert err.param == "prompt"
+    assert err.message == (
+        f"This model's maximum context length is {CONTEXT} tokens, which no text of more than {limit} "
+        f"characters fits; your prompt has {limit + 1}. Please reduce its length."
+    )
+    long_chat = [{"role": "user", "content": "a" * limit}, {"role": "user", "content": "b"}]
+    assert refuse(textgen, request(model_name, messages=long_chat)).param == "messages"
+
+
+async def test_a_long_text_is_tokenized_off_the_event_loop(
+    model_tokenizer: ModelTokenizer, model_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While a long prompt is tokenized, every other stream of the front door goes on."""
+    import threading
+
+    textgen = TextGenerator(UnreachableRouter(), model_tokenizer, model_name, 4096, DEFAULT_MAX_TOKENS)
+    threads: list[int] = []
+
+    def encode(text: str) -> list[int]:
+        threads.append(threading.get_ident())
+        return [1] * 8
+
+    monkeypatch.setattr(model_tokenizer, "encode", encode)
+    loop_thread = threading.get_ident()
+    for prompt in ("short", "x" * 20_000):  # max_tokens 4096 leaves no room: refused after tokenizing
+        with pytest.raises(InvalidRequest, match="maximum context length"):
+            await anext(textgen.stream(request(model_name, prompt=prompt, max_tokens=4096)))
+    assert threads[0] == loop_thread  # a short prompt: inline, it costs microseconds
+    assert threads[1] != loop_thread
