@@ -50,13 +50,20 @@ class SideChannelServer:
         while not self._stop.is_set():
             if not poller.poll(100):
                 continue
-            ident, _, body = self._sock.recv_multipart()
+            frames = self._sock.recv_multipart()
+            if len(frames) != 3:  # not a client of ours (ident, empty, body): nothing to answer to
+                log.warning("side channel: dropped a message of %d frames (3 expected)", len(frames))
+                continue
+            ident, _, body = frames
             try:
                 reply = {"ok": True, **self._handler(json.loads(body))}
-            except Exception as exc:
+            except Exception as exc:  # a bad request is answered, never the end of this thread
                 log.debug("side-channel request failed: %s", exc)
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
-            self._sock.send_multipart([ident, b"", json.dumps(reply).encode()])
+            try:
+                self._sock.send_multipart([ident, b"", json.dumps(reply, default=str).encode()])
+            except zmq.ZMQError as exc:  # the asker is gone
+                log.warning("side channel: reply not sent: %s", exc)
 
     def close(self) -> None:
         self._stop.set()

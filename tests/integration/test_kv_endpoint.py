@@ -216,3 +216,38 @@ def test_a_receiver_knows_which_transfers_will_never_land(pair) -> None:
     assert receiver.take(lapsing) is None
     assert "lease expired" in (receiver.gone(lapsing) or "")
     assert receiver.gone(loaded) is None
+
+
+def test_malformed_side_channel_messages_are_answered_or_dropped_and_transfers_go_on(pair) -> None:
+    """One bad frame used to end the receiver's side-channel thread: the worker still said READY and every
+    hand-off to it then timed out."""
+    import json as _json
+
+    import zmq
+
+    sender, receiver, _, _ = pair
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.connect(f"tcp://{receiver.address}")
+    try:
+        bad = [
+            [b"only one frame"],
+            [b"", b"x", b"three frames after the identity"],
+            [b"", b"not json"],
+            [b"", b"[1, 2, 3]"],
+            [b"", _json.dumps({"op": "reserve"}).encode()],  # fields missing
+            [b"", _json.dumps({"op": "teleport", "x": 1}).encode()],
+            [b"", b"\xff\xfe\x00"],
+        ]
+        answered = 0
+        for frames in bad:
+            sock.send_multipart(frames)
+        while sock.poll(500):  # the well-formed envelopes get an error reply; the others are dropped
+            (_, reply) = sock.recv_multipart()
+            assert _json.loads(reply)["ok"] is False
+            answered += 1
+        assert answered == 5
+    finally:
+        sock.close()
+    tid = send(sender, receiver, "int8", make_layers())  # the receiver still serves
+    assert receiver.take(tid) is not None
