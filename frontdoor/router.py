@@ -104,6 +104,11 @@ class RequestRouter:
         flight.abort_requested.set()
         return True
 
+    def stopped(self, request_id: RequestId) -> None:
+        flight = self._active.get(request_id)
+        if flight is not None:
+            flight.stopped = True
+
     async def generate(
         self,
         request_id: RequestId,
@@ -136,8 +141,10 @@ class RequestRouter:
                         outcome = _FINAL_STATE[chunk.finish_reason]
                     yield chunk
         except (GeneratorExit, asyncio.CancelledError):
-            # The consumer stopped listening: after the last chunk that is just the end of the stream.
-            outcome = outcome or RequestState.FINISHED_ABORTED
+            # The consumer stopped listening: after the last chunk that is just the end of the stream; at a
+            # stop string of the client's, the request finished
+            stop = RequestState.FINISHED_STOP if flight.stopped else RequestState.FINISHED_ABORTED
+            outcome = outcome or stop
             raise
         except PdflowError as err:
             flight.detail = err.message
@@ -346,6 +353,7 @@ class _Flight:
         self.decode_instance = plan.decode.instance_id  # where it decodes now (it may migrate)
         self.migrations = 0
         self.abort_requested = asyncio.Event()
+        self.stopped = False  # the client's stop string ended it (``RequestRouter.stopped``)
         self._events = events
         self._emit()
 

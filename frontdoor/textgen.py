@@ -47,6 +47,11 @@ class TokenRouter(Protocol):
         """Abort a running request; True if it was running. Idempotent."""
         ...
 
+    def stopped(self, request_id: RequestId) -> None:
+        """The caller is about to close the request's iterator because one of its stop strings matched: the
+        request finished (``FINISHED_STOP``, in the latency figures), it was not aborted."""
+        ...
+
 
 @dataclass(frozen=True)
 class TextRequest:
@@ -196,7 +201,9 @@ class TextGenerator:
                 if finish is None:
                     yield TextDelta(tuple(taken), "".join(text))
                     continue
-                # Before the last yield: a stop string aborts the request now, not when the caller closes us.
+                # Before the last yield: a stop string ends the request now, not when the caller closes us.
+                if finish is FinishReason.STOP and chunk.finish_reason is not FinishReason.STOP:
+                    self.router.stopped(prepared.request_id)  # ours, not the engine's: a finish, no abort
                 await _close(chunks)
                 usage = Usage(len(prepared.prompt_token_ids), n_generated)
                 yield TextDelta(tuple(taken), "".join(text), finish, usage)

@@ -55,6 +55,7 @@ class ScriptedRouter:
     error_after: int = 0
     calls: list[Call] = field(default_factory=list)
     started: asyncio.Queue[Call] = field(default_factory=asyncio.Queue)
+    stopped_ids: list[RequestId] = field(default_factory=list)
 
     @property
     def last(self) -> Call:
@@ -87,6 +88,9 @@ class ScriptedRouter:
                 yield TokenChunk(request_id, (token_id,), finish if last else None)
         finally:
             call.done.set()
+
+    def stopped(self, request_id: RequestId) -> None:
+        self.stopped_ids.append(request_id)
 
     async def abort(self, request_id: RequestId) -> bool:
         running = [c for c in self.calls if c.request_id == request_id and not c.done.is_set()]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -171,3 +172,40 @@ def test_this_tier_runs_without_vllm_or_ray() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "[]"
+
+
+async def test_a_request_that_ends_on_the_clients_stop_string_counts_as_finished(
+    model_tokenizer: Any,
+) -> None:
+    """It used to be recorded as aborted and left out of the latency histograms."""
+    from frontdoor.textgen import TextGenerator, TextRequest
+
+    async with FakeCluster(decode=1) as cluster:
+        text = model_tokenizer.decode(colocated(PROMPT, 40))
+        stop = text[len(text) // 2 : len(text) // 2 + 3]  # met about half-way through
+        textgen = TextGenerator(cluster.router, model_tokenizer, "m", 2048, 64)
+        req = TextRequest(
+            model="m",
+            request_id=RequestId("stopped"),
+            prompt_token_ids=list(PROMPT),
+            max_tokens=40,
+            stop=[stop],
+        )
+        deltas = [d async for d in textgen.stream(req)]
+        assert deltas[-1].finish_reason is FinishReason.STOP
+        assert cluster.states("stopped")[-1] is RequestState.FINISHED_STOP
+        figures = _metrics(cluster)
+        assert figures['pdflow_requests_total{outcome="stop"}'] == 1
+        assert figures['pdflow_requests_total{outcome="aborted"}'] == 0
+        assert figures["pdflow_time_to_first_token_seconds_count"] == 1  # in the latency figures
+        await cluster.wait_idle()  # the workers were still told to stop: nothing held
+
+
+def _metrics(cluster: FakeCluster) -> dict[str, float]:
+    """The front door's /metrics page as {series: value}."""
+    values = {}
+    for line in cluster.metrics.exposition()[0].decode().splitlines():
+        if line.startswith("pdflow_"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values

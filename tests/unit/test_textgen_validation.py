@@ -35,6 +35,9 @@ class UnreachableRouter:
     async def abort(self, request_id: RequestId) -> bool:
         return False
 
+    def stopped(self, request_id: RequestId) -> None:
+        raise AssertionError(f"an invalid request reached the router: {request_id}")
+
 
 @pytest.fixture
 def textgen(model_tokenizer: ModelTokenizer, model_name: str) -> TextGenerator:
