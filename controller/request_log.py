@@ -1,19 +1,29 @@
 """Request records as the controller keeps them: every state change the front doors report, the latest
-state of each request, and a bounded history of finished ones (for ``ListRequests`` and ``pdctl explain``)."""
+state of each request, and a bounded history of finished ones (for ``ListRequests`` and ``pdctl explain``).
+A record no event has touched for ``stale_s`` is a request whose front door died before it finished: past
+the bound it goes too, so that the log stays bounded whatever the front doors do."""
 
 from __future__ import annotations
 
+import time
 from collections import Counter, OrderedDict
+from collections.abc import Callable
 from dataclasses import replace
 
 from protocol.lifecycle import RequestState
 from protocol.snapshots import RequestEvent, RequestRecord
 
+STALE_S = 3600.0  # longer than any request runs between two of its state changes
+
 
 class RequestLog:
-    def __init__(self, history: int) -> None:
+    def __init__(
+        self, history: int, *, stale_s: float = STALE_S, wall_clock: Callable[[], float] = time.time
+    ) -> None:
         self._history = history
-        self._records: OrderedDict[str, RequestRecord] = OrderedDict()
+        self._stale_s = stale_s
+        self._wall_clock = wall_clock
+        self._records: OrderedDict[str, RequestRecord] = OrderedDict()  # least recently changed first
 
     def apply(self, event: RequestEvent, prompt_tokens: int = 0, output_tokens: int = 0) -> None:
         record = self._records.get(event.request_id)
@@ -44,11 +54,19 @@ class RequestLog:
         self._trim()
 
     def _trim(self) -> None:
-        """Drop the oldest finished records beyond the bound; requests still running are always kept."""
+        """Beyond the bound, drop the least recently changed records that are finished, or stale; requests
+        still running are kept. Stops at the first ``excess`` found, oldest first."""
         excess = len(self._records) - self._history
         if excess <= 0:
             return
-        for rid in [rid for rid, r in self._records.items() if r.state.is_terminal][:excess]:
+        stale_before = self._wall_clock() - self._stale_s
+        gone = []
+        for rid, record in self._records.items():
+            if record.state.is_terminal or record.events[-1].at < stale_before:
+                gone.append(rid)
+                if len(gone) == excess:
+                    break
+        for rid in gone:
             del self._records[rid]
 
     def get(self, request_id: str) -> RequestRecord | None:

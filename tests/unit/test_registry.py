@@ -74,3 +74,19 @@ def test_a_new_start_under_a_drained_instances_id_takes_requests() -> None:
     reg.expire(now=210.0)  # silent: marked DEAD
     reg.report(replace(first, started_at=200.0), now=211.0)  # the same run, heard again
     assert reg.snapshot(211.0).by_id("decode-0").state is InstanceState.CORDONED  # type: ignore[union-attr]
+
+
+def test_request_log_drops_requests_a_dead_front_door_left_unfinished() -> None:
+    """They used to stay "active" for good: 10,000 of them and the controller's log grew without bound."""
+    now = [10_000.0]
+    log = RequestLog(history=10, stale_s=3600, wall_clock=lambda: now[0])
+    for n in range(8):  # a front door died with these in flight
+        log.apply(RequestEvent(RequestId(f"ghost{n}"), RequestState.DECODING, at=now[0]))
+    now[0] += 3601
+    log.apply(RequestEvent(RequestId("live"), RequestState.DECODING, at=now[0]))  # running, recent
+    for n in range(30):
+        rid = RequestId(f"r{n}")
+        log.apply(RequestEvent(rid, RequestState.QUEUED, at=now[0]))
+        log.apply(RequestEvent(rid, RequestState.FINISHED_STOP, at=now[0]))
+    assert len(log.list(limit=0)) == 10
+    assert [r.request_id for r in log.list("active")] == ["live"]
