@@ -142,5 +142,7 @@ def error_fields(err: PdflowError) -> dict[str, Any]:
 
 
 def error_response(err: PdflowError) -> JSONResponse:
-    """The OpenAI error body and status of a ``PdflowError``."""
-    return JSONResponse({"error": error_fields(err)}, status_code=err.http_status)
+    """The OpenAI error body and status of a ``PdflowError`` (and ``Retry-After`` when it says when)."""
+    retry_after = getattr(err, "retry_after_s", None)
+    headers = {"Retry-After": str(retry_after)} if retry_after is not None else None
+    return JSONResponse({"error": error_fields(err)}, status_code=err.http_status, headers=headers)

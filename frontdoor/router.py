@@ -18,7 +18,7 @@ from frontdoor.metrics import FrontDoorMetrics
 from frontdoor.workers import WorkerCallFailed, WorkerClient
 from policy.dispatch import DispatchPlan, DispatchState, decide
 from protocol.config import FrontDoorConfig
-from protocol.errors import DeadlineExceeded, InvalidRequest, PdflowError, WorkerFailed
+from protocol.errors import DeadlineExceeded, InvalidRequest, Overloaded, PdflowError, WorkerFailed
 from protocol.ids import InstanceId, RequestId
 from protocol.lifecycle import RequestState, advance
 from protocol.messages import (
@@ -31,7 +31,7 @@ from protocol.messages import (
     SamplingSpec,
     TokenChunk,
 )
-from protocol.snapshots import ClusterSnapshot, RequestEvent
+from protocol.snapshots import ClusterSnapshot, RequestEvent, Role
 from protocol.transfers import TransferRecord
 
 log = logging.getLogger(__name__)
@@ -40,6 +40,7 @@ EventSink = Callable[[RequestEvent, int, int], None]
 _CANCEL_WAIT_S = 5.0  # how long a cancelled call to a worker may take to leave (a Ray call: at once)
 _NEEDS_PREFILL = (RequestState.QUEUED, RequestState.PREFILLING, RequestState.TRANSFERRING)
 _NEEDS_DECODE = (*_NEEDS_PREFILL, RequestState.MIGRATING)
+_WAITING = (RequestState.QUEUED, RequestState.PREFILLING)  # no first token yet
 _FINAL_STATE = {
     FinishReason.STOP: RequestState.FINISHED_STOP,
     FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
@@ -85,6 +86,18 @@ class RequestRouter:
             counts[flight.state.value] = counts.get(flight.state.value, 0) + 1
         return counts
 
+    def _admit(self) -> None:
+        """Refuse a request (``Overloaded``) while ``max_waiting`` per live prefill worker already wait for
+        their first token: past that, a new one would only queue until its prefill deadline."""
+        waiting = sum(1 for f in self._active.values() if f.state in _WAITING)
+        bound = self._config.max_waiting * max(1, len(self._snapshot.live(Role.PREFILL)))
+        if waiting >= bound:
+            raise Overloaded(
+                f"The server is overloaded: {waiting} requests already wait for their first token on this "
+                f"front door. Please retry after a short wait.",
+                retry_after_s=1,
+            )
+
     def inbound(self, instance_id: str) -> int:
         """Requests this front door has planned on ``instance_id`` that still need it but may not show in
         its engine: on a prefill worker, those not yet decoding elsewhere (its KV may still be on its way);
@@ -119,6 +132,7 @@ class RequestRouter:
         if request_id in self._active:
             raise InvalidRequest(f"request id {request_id!r} is already in flight", param="request_id")
         try:
+            self._admit()
             now = self._wall_clock()
             plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch, now)
         except PdflowError:

@@ -103,6 +103,13 @@ class FrontDoorConfig(_Section):
     prefill_timeout_s: float = Field(120.0, gt=0, description="Deadline for a prefill (queueing included).")
     token_timeout_s: float = Field(60.0, gt=0, description="Longest wait for the next token from decode.")
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when the client gives none.")
+    max_waiting: int = Field(
+        64,
+        ge=1,
+        description="Requests this front door holds waiting for their first token (queued or prefilling), "
+        "per live prefill worker; one more is answered 429 with Retry-After before any compute is spent, "
+        "instead of a 504 once prefill_timeout_s has passed.",
+    )
     max_body_bytes: int = Field(
         1 << 20,
         ge=1024,

@@ -45,6 +45,20 @@ class PoolEmpty(PdflowError):
     error_type = "service_unavailable"
 
 
+class Overloaded(PdflowError):
+    """Too many requests wait for their first token already: refused before any compute is spent, with
+    the seconds after which trying again is worth it."""
+
+    retryable = True
+    http_status = 429
+    grpc_code = "RESOURCE_EXHAUSTED"
+    error_type = "rate_limit_error"
+
+    def __init__(self, message: str, *, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class WorkerFailed(PdflowError):
     """A worker died or returned an error while it held the request."""
 

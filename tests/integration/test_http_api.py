@@ -10,7 +10,7 @@ import pytest
 
 from frontdoor.textgen import TextRequest, Usage
 from frontdoor.tokenizer import ModelTokenizer
-from protocol.errors import PoolEmpty, WorkerFailed
+from protocol.errors import Overloaded, PoolEmpty, WorkerFailed
 from protocol.ids import RequestId
 from protocol.messages import SamplingSpec
 from tests.integration.api_harness import (
@@ -145,6 +145,19 @@ async def test_router_error_before_first_token_has_its_status(
             "code": "pool_empty",
         }
     }
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_an_overloaded_server_answers_429_with_retry_after(
+    make_stack: Callable[..., Stack], model_name: str, stream: bool
+) -> None:
+    stack = make_stack(error=Overloaded("The server is overloaded", retry_after_s=1))
+    async with asgi_client(stack) as client:
+        response = await client.post(COMPLETIONS, json={"model": model_name, "prompt": "x", "stream": stream})
+    assert response.status_code == 429
+    assert response.headers["retry-after"] == "1"
+    assert response.json()["error"]["type"] == "rate_limit_error"
+    assert response.json()["error"]["code"] == "overloaded"
 
 
 async def test_router_error_mid_stream(make_stack: Callable[..., Stack], model_name: str) -> None:

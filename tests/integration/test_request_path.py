@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 
 from engine.fake_engine import FakeEngine
-from engine.fake_model import next_token
-from protocol.errors import PoolEmpty, WorkerFailed
+from engine.fake_model import LatencyModel, next_token
+from protocol.errors import Overloaded, PoolEmpty, WorkerFailed
 from protocol.ids import RequestId
 from protocol.lifecycle import RequestState
 from protocol.messages import FinishReason, TokenChunk
@@ -199,6 +199,26 @@ async def test_a_request_that_ends_on_the_clients_stop_string_counts_as_finished
         assert figures['pdflow_requests_total{outcome="aborted"}'] == 0
         assert figures["pdflow_time_to_first_token_seconds_count"] == 1  # in the latency figures
         await cluster.wait_idle()  # the workers were still told to stop: nothing held
+
+
+async def test_past_max_waiting_a_request_is_refused_at_once_and_served_once_there_is_room() -> None:
+    """At overload a request used to queue until its prefill deadline (a 504 after 120 s, the compute
+    spent); now the front door answers at once, 429 with Retry-After, and takes it again once prefills end."""
+    slow_prefill = LatencyModel(prefill=((1, 0.4), (2048, 0.4)))
+    overrides = {"frontdoor.max_waiting": 2}
+    async with FakeCluster(prefill=1, decode=1, latency=slow_prefill, overrides=overrides) as cluster:
+        first = [asyncio.create_task(cluster.generate(PROMPT, 4, request_id=f"w{i}")) for i in range(2)]
+        await cluster.wait_for("two waiting", lambda: sum(cluster.router.in_flight().values()) == 2)
+        with pytest.raises(Overloaded, match="2 requests already wait for their first token") as refused:
+            await cluster.generate(PROMPT, 4, request_id="third")
+        assert refused.value.http_status == 429 and refused.value.retry_after_s == 1
+        assert cluster.states("third") == []  # refused before anything was spent on it
+        for _, finish in await asyncio.gather(*first):
+            assert finish == "length"
+        tokens, finish = await cluster.generate(PROMPT, 4, request_id="later")
+        assert tokens == colocated(PROMPT, 4) and finish == "length"
+        assert _metrics(cluster)['pdflow_requests_total{outcome="rejected"}'] == 1
+        await cluster.wait_idle()
 
 
 def _metrics(cluster: FakeCluster) -> dict[str, float]:
