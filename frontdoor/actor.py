@@ -83,7 +83,9 @@ class FrontDoor:
                 raise RuntimeError(f"HTTP server could not bind {fd.host}:{fd.http_port}")
             await asyncio.sleep(0.05)
         http_port = self._http.servers[0].sockets[0].getsockname()[1]
-        self._grpc, grpc_port = await start_grpc_server(textgen, fd.host, fd.grpc_port)
+        self._grpc, grpc_port = await start_grpc_server(
+            textgen, fd.host, fd.grpc_port, health_check=self.health
+        )
         self.addresses = {"http": f"http://{fd.host}:{http_port}", "grpc": f"{fd.host}:{grpc_port}"}
         snapshot: ClusterSnapshot = await self._actors.call(
             self._controller_name,

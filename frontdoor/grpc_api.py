@@ -8,7 +8,10 @@ the workers. The server also answers the standard health check and server reflec
 
 from __future__ import annotations
 
+import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -61,6 +64,24 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         return router_pb2.AbortResponse(found=found)
 
 
+async def _follow(servicer: Any, check: Callable[[], dict[str, Any]], period_s: float) -> None:
+    serving = True
+    while True:
+        try:
+            ok = check().get("ok") is True
+        except Exception:  # a health check that fails says: not serving
+            log.exception("front door health check failed")
+            ok = False
+        if ok != serving:
+            status = (
+                health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+            )
+            for service in ("", ROUTER_SERVICE):
+                await servicer.set(service, status)
+            serving = ok
+        await asyncio.sleep(period_s)
+
+
 def _text_request(request: router_pb2.GenerateRequest, request_id: RequestId, served: str) -> TextRequest:
     """The ``TextRequest`` of a ``GenerateRequest``; proto3 zero values mean "not given"."""
     which = request.WhichOneof("input")
@@ -104,10 +125,18 @@ def _response(request_id: RequestId, delta: TextDelta) -> router_pb2.GenerateRes
     return response
 
 
-async def start_grpc_server(textgen: TextGenerator, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    """Start a ``grpc.aio`` server with the Router service, health checking (SERVING for "" and
-    ``pdflow.v1.Router``) and reflection, on ``host:port`` (0: a free port). Returns the server and its
-    bound port; the caller stops it with ``await server.stop(grace)``."""
+async def start_grpc_server(
+    textgen: TextGenerator,
+    host: str,
+    port: int,
+    health_check: Callable[[], dict[str, Any]] | None = None,
+    health_period_s: float = 1.0,
+) -> tuple[grpc.aio.Server, int]:
+    """Start a ``grpc.aio`` server with the Router service, health checking and reflection, on
+    ``host:port`` (0: a free port). Health ("" and ``pdflow.v1.Router``) follows ``health_check()["ok"]``,
+    read every ``health_period_s`` (SERVING or NOT_SERVING, as HTTP's /health answers 200 or 503); without
+    ``health_check``, SERVING. Returns the server and its bound port; the caller stops it with
+    ``await server.stop(grace)``, which also ends the health follower."""
     server = grpc.aio.server()
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(textgen), server)
     health_servicer = health.aio.HealthServicer()
@@ -122,5 +151,14 @@ async def start_grpc_server(textgen: TextGenerator, host: str, port: int) -> tup
     for service in ("", ROUTER_SERVICE):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     await server.start()
+    if health_check is not None:
+        follower = asyncio.create_task(_follow(health_servicer, health_check, health_period_s))
+        stop = server.stop
+
+        async def stop_both(grace: float | None) -> None:
+            follower.cancel()
+            await stop(grace)
+
+        server.stop = stop_both  # type: ignore[method-assign]
     log.info("gRPC pdflow.v1.Router listening on %s:%d", host, bound)
     return server, bound

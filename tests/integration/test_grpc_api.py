@@ -227,3 +227,34 @@ async def test_grpc_health_and_reflection(make_stack: Callable[..., Stack]) -> N
         "grpc.reflection.v1alpha.ServerReflection",
     }
     assert answers[1].file_descriptor_response.file_descriptor_proto  # the router.proto descriptor itself
+
+
+async def test_grpc_health_follows_the_front_doors_health(make_stack: Callable[..., Stack]) -> None:
+    """A load balancer that checks gRPC health sees what /health says: it used to say SERVING for good."""
+    import asyncio
+
+    from frontdoor.grpc_api import start_grpc_server
+
+    stack = make_stack()
+    server, port = await start_grpc_server(
+        stack.textgen, "127.0.0.1", 0, health_check=lambda: stack.health, health_period_s=0.02
+    )
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+
+            async def status_becomes(wanted: int) -> None:
+                async def check() -> int:
+                    request = health_pb2.HealthCheckRequest(service="pdflow.v1.Router")
+                    return (await health.Check(request, timeout=DEADLINE_S)).status
+
+                while await check() != wanted:
+                    await asyncio.sleep(0.01)
+
+            await asyncio.wait_for(status_becomes(health_pb2.HealthCheckResponse.SERVING), DEADLINE_S)
+            stack.health["ok"] = False  # e.g. the decode pool is empty
+            await asyncio.wait_for(status_becomes(health_pb2.HealthCheckResponse.NOT_SERVING), DEADLINE_S)
+            stack.health["ok"] = True
+            await asyncio.wait_for(status_becomes(health_pb2.HealthCheckResponse.SERVING), DEADLINE_S)
+    finally:
+        await server.stop(None)
