@@ -46,7 +46,7 @@ class FrontDoor:
         import uvicorn
 
         from frontdoor.grpc_api import start_grpc_server
-        from frontdoor.http_api import build_http_app
+        from frontdoor.http_api import build_http_app, local_names
         from frontdoor.textgen import TextGenerator
         from frontdoor.tokenizer import ModelTokenizer
 
@@ -65,6 +65,7 @@ class FrontDoor:
             metrics_text=self._metrics_text,
             health=self.health,
             max_body_bytes=fd.max_body_bytes,
+            allowed_hosts=local_names(fd.host),
         )
         self._http = uvicorn.Server(
             uvicorn.Config(

@@ -11,6 +11,7 @@ so the router's clean-up can still await.
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
 import time
@@ -51,12 +52,30 @@ def build_http_app(
     health: Callable[[], dict[str, Any]],
     wall_clock: Callable[[], float] = time.time,
     max_body_bytes: int = 1 << 20,
+    allowed_hosts: frozenset[str] | None = None,
 ) -> FastAPI:
     """The FastAPI app of one front door. ``metrics_text()`` returns (Prometheus exposition bytes, content
     type); ``health()`` returns a JSON-able dict whose ``ok`` says whether this front door can serve (200)
     or not (503). Both are called on every scrape/probe from the event loop and must not block."""
     app = FastAPI(title="pdflow", description="OpenAI-compatible API of the pdflow front door")
     started = int(wall_clock())
+
+    @app.middleware("http")
+    async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        """A web page the user visits can send simple requests (text/plain, forms) to a server on their
+        machine, and DNS rebinding can give it a name of its own: on loopback only local names are served,
+        and a POST must say it carries JSON (or say nothing)."""
+        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]").lower()
+        if allowed_hosts is not None and host not in allowed_hosts:
+            message = f"This server answers to {', '.join(sorted(allowed_hosts))}, not {host!r}."
+            return JSONResponse(error_body(message, "invalid_request_error", None, "misdirected"), 421)
+        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if request.method == "POST" and kind and kind != "application/json" and not kind.endswith("+json"):
+            message = f"The request body must be JSON (content-type: application/json), not {kind}."
+            return JSONResponse(
+                error_body(message, "invalid_request_error", None, "unsupported_media_type"), 415
+            )
+        return await call_next(request)
 
     @app.exception_handler(PdflowError)
     async def _pdflow_error(_: Request, err: PdflowError) -> Response:
@@ -326,6 +345,16 @@ async def _unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     if task.cancelled() and watcher.done() and not watcher.cancelled():
         raise _ClientGone()
     return task.result()
+
+
+def local_names(bind_host: str) -> frozenset[str] | None:
+    """The Host names a server bound to ``bind_host`` answers to: on loopback the local ones only (no other
+    name can reach it but a rebound one); elsewhere any (None)."""
+    try:
+        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host).is_loopback
+    except ValueError:
+        loopback = False
+    return frozenset({"localhost", "127.0.0.1", "::1", bind_host.lower()}) if loopback else None
 
 
 async def _read(request: Request, limit: int) -> bytes:

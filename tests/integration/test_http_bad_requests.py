@@ -260,3 +260,55 @@ async def test_a_model_path_that_is_not_text_is_a_404_not_a_500(make_stack: Call
         response = await client.get("/v1/models/%ED%A0%80")
     assert response.status_code == 404, response.text
     assert response.json()["error"]["code"] == "model_not_found"
+
+
+async def test_a_page_cannot_post_to_a_local_server_as_a_simple_request(
+    make_stack: Callable[..., Stack],
+) -> None:
+    """A browser sends text/plain and form posts cross-origin without asking: they get 415, not a
+    completion spent on someone else's behalf."""
+    stack = make_stack()
+    async with asgi_client(stack) as client:
+        for kind in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            response = await client.post(
+                COMPLETIONS, content=b'{"model": "m"}', headers={"content-type": kind}
+            )
+            assert response.status_code == 415, (kind, response.text)
+            assert response.json()["error"]["code"] == "unsupported_media_type"
+        ok = await client.post(
+            COMPLETIONS, content=b"{}", headers={"content-type": "application/json; charset=utf-8"}
+        )
+        assert ok.status_code == 400  # through to the JSON checks
+    assert stack.router.calls == []
+
+
+async def test_on_loopback_only_local_names_are_served(model_tokenizer: Any, model_name: str) -> None:
+    """DNS rebinding gives a page a name of its own for 127.0.0.1: that name gets 421."""
+    import httpx
+
+    from frontdoor.http_api import build_http_app, local_names
+    from frontdoor.textgen import TextGenerator
+    from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter
+
+    router = ScriptedRouter(model_tokenizer.encode(REPLY))
+    textgen = TextGenerator(router, model_tokenizer, model_name, CONTEXT, DEFAULT_MAX_TOKENS)
+    app = build_http_app(
+        textgen,
+        model_name=model_name,
+        health=lambda: {"ok": True},
+        metrics_text=lambda: (b"", "text/plain"),
+        allowed_hosts=local_names("127.0.0.1"),
+    )
+    assert local_names("0.0.0.0") is None and local_names("10.1.2.3") is None  # a pod's address: any name
+    transport = httpx.ASGITransport(app=app)
+    for base, status in (
+        ("http://127.0.0.1:8000", 200),
+        ("http://localhost", 200),
+        ("http://evil.example", 421),
+    ):
+        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
+            response = await client.get("/v1/models")
+        assert response.status_code == status, (base, response.text)
+    assert response.json()["error"]["message"] == (
+        "This server answers to 127.0.0.1, ::1, localhost, not 'evil.example'."
+    )
