@@ -65,20 +65,25 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
 
 
 async def _follow(servicer: Any, check: Callable[[], dict[str, Any]], period_s: float) -> None:
-    serving = True
+    serving, failing = True, False
     while True:
         try:
             ok = check().get("ok") is True
-        except Exception:  # a health check that fails says: not serving
-            log.exception("front door health check failed")
-            ok = False
+            failing = False
+        except Exception:  # a health check that fails says: not serving (logged once per streak)
+            if not failing:
+                log.exception("front door health check failed")
+            ok, failing = False, True
         if ok != serving:
             status = (
                 health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
             )
-            for service in ("", ROUTER_SERVICE):
-                await servicer.set(service, status)
-            serving = ok
+            try:
+                for service in ("", ROUTER_SERVICE):
+                    await servicer.set(service, status)
+                serving = ok
+            except Exception:  # tried again next round
+                log.exception("setting the gRPC health status failed")
         await asyncio.sleep(period_s)
 
 

@@ -60,22 +60,7 @@ def build_http_app(
     app = FastAPI(title="pdflow", description="OpenAI-compatible API of the pdflow front door")
     started = int(wall_clock())
 
-    @app.middleware("http")
-    async def _guard(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        """A web page the user visits can send simple requests (text/plain, forms) to a server on their
-        machine, and DNS rebinding can give it a name of its own: on loopback only local names are served,
-        and a POST must say it carries JSON (or say nothing)."""
-        host = (request.headers.get("host") or "").rsplit(":", 1)[0].strip("[]").lower()
-        if allowed_hosts is not None and host not in allowed_hosts:
-            message = f"This server answers to {', '.join(sorted(allowed_hosts))}, not {host!r}."
-            return JSONResponse(error_body(message, "invalid_request_error", None, "misdirected"), 421)
-        kind = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if request.method == "POST" and kind and kind != "application/json" and not kind.endswith("+json"):
-            message = f"The request body must be JSON (content-type: application/json), not {kind}."
-            return JSONResponse(
-                error_body(message, "invalid_request_error", None, "unsupported_media_type"), 415
-            )
-        return await call_next(request)
+    app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
 
     @app.exception_handler(PdflowError)
     async def _pdflow_error(_: Request, err: PdflowError) -> Response:
@@ -347,6 +332,65 @@ async def _unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
     return task.result()
 
 
+class _Guard:
+    """A web page the user visits can send requests to a server on their machine without asking (text/plain
+    or form posts, a fetch with no content type, a beacon), and DNS rebinding can give it a name of its own.
+    So a POST must carry JSON (415), and on loopback (``allowed_hosts``) only local Host names are served
+    (421) and requests a browser marks as coming from another site are refused (403). A plain ASGI
+    middleware: the streams pass through untouched."""
+
+    def __init__(self, app: Any, allowed_hosts: frozenset[str] | None) -> None:
+        self.app = app
+        self.allowed_hosts = allowed_hosts
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and (refusal := self._refusal(scope)) is not None:
+            status, code, message = refusal
+            await JSONResponse(error_body(message, "invalid_request_error", None, code), status)(
+                scope, receive, send
+            )
+            return
+        await self.app(scope, receive, send)
+
+    def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
+        if (
+            scope.get("method") == "POST"
+            and kind
+            and kind != "application/json"
+            and not kind.endswith("+json")
+        ):
+            return (
+                415,
+                "unsupported_media_type",
+                (
+                    "The request body must be JSON (send the header content-type: application/json), "
+                    f"not {kind}."
+                ),
+            )
+        if self.allowed_hosts is None:
+            return None
+        host = _hostname(headers.get("host", ""))
+        if host and host not in self.allowed_hosts:  # HTTP/1.0 tools send none; browsers always do
+            names = ", ".join(sorted(self.allowed_hosts))
+            return 421, "misdirected", f"This server answers to {names}, not {host!r}."
+        origin = headers.get("origin", "")
+        if (origin and _hostname(origin.split("://", 1)[-1]) not in self.allowed_hosts) or (
+            headers.get("sec-fetch-site") == "cross-site"
+        ):
+            return 403, "cross_site", "Requests from another site's web page are refused by a local server."
+        return None
+
+
+def _hostname(authority: str) -> str:
+    """The host of ``host[:port]`` or ``[v6]:port``, lower case, without a trailing dot."""
+    authority = authority.strip().lower()
+    if authority.startswith("["):
+        return authority[1 : authority.find("]")] if "]" in authority else authority
+    return authority.split("/", 1)[0].rsplit(":", 1)[0].rstrip(".")
+
+
 def local_names(bind_host: str) -> frozenset[str] | None:
     """The Host names a server bound to ``bind_host`` answers to: on loopback the local ones only (no other
     name can reach it but a rebound one); elsewhere any (None)."""
@@ -363,7 +407,7 @@ async def _read(request: Request, limit: int) -> bytes:
         f"The request body is larger than this server accepts ({limit} bytes). Send a shorter prompt."
     )
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
     async for chunk in request.stream():

@@ -132,9 +132,10 @@ class RequestRouter:
         if request_id in self._active:
             raise InvalidRequest(f"request id {request_id!r} is already in flight", param="request_id")
         try:
-            self._admit()
             now = self._wall_clock()
-            plan, self._dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch, now)
+            plan, dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch, now)  # 503 first
+            self._admit()
+            self._dispatch = dispatch
         except PdflowError:
             self._metrics.requests.labels(outcome="rejected").inc()
             raise
@@ -157,8 +158,9 @@ class RequestRouter:
         except (GeneratorExit, asyncio.CancelledError):
             # The consumer stopped listening: after the last chunk that is just the end of the stream; at a
             # stop string of the client's, the request finished
-            stop = RequestState.FINISHED_STOP if flight.stopped else RequestState.FINISHED_ABORTED
-            outcome = outcome or stop
+            if flight.stopped:  # even if the engine's own finish came in the same chunk
+                outcome = RequestState.FINISHED_STOP
+            outcome = outcome or RequestState.FINISHED_ABORTED
             raise
         except PdflowError as err:
             flight.detail = err.message

@@ -265,11 +265,26 @@ class TextGenerator:
             )
 
 
+_MESSAGE_CHARS = 32  # what the chat template writes around each message (role, markers), at least
+
+
 def _text_chars(req: TextRequest) -> int:
-    """Characters of text the request asks to tokenize."""
+    """Characters of text the request asks to tokenize: the prompt, or each message's text and what the
+    chat template writes around it."""
     if req.prompt is not None:
         return len(req.prompt)
-    return sum(len(str(m.get("content") or "")) for m in req.messages or () if isinstance(m, Mapping))
+    return sum(_MESSAGE_CHARS + _content_chars(m) for m in req.messages or ())
+
+
+def _content_chars(message: Any) -> int:
+    if not isinstance(message, Mapping):
+        return len(str(message))
+    content = message.get("content")
+    if isinstance(content, str):
+        return len(content)
+    if isinstance(content, Sequence):  # content parts: their text
+        return sum(len(str(p.get("text") or "")) if isinstance(p, Mapping) else len(str(p)) for p in content)
+    return 0
 
 
 async def _close(chunks: AsyncIterator[TokenChunk]) -> None:

@@ -32,6 +32,7 @@ class ModelTokenizer:
         # the most characters one token stands for: a byte-level token's string has one character per
         # byte, and a character is at least a byte, so no text of more than n x this is n tokens or fewer
         self.max_token_chars = max((len(t) for t in self._hf.get_vocab()), default=1)
+        self._hf.encode("warm")  # a tokenizer sets its state up on first use: not from two threads at once
 
     @property
     def eos_token_id(self) -> int | None:

@@ -19,6 +19,7 @@ import zmq
 from protocol.kv_ops import Op, op_to_wire, parse_reply
 
 log = logging.getLogger(__name__)
+MAX_MESSAGE_BYTES = 16 << 20  # side-channel messages are small JSON (a manifest is a few KB)
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
 
@@ -35,6 +36,7 @@ class SideChannelServer:
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_BYTES)  # a peer's huge frame: dropped, no OOM
         if port:
             self._sock.bind(f"tcp://{host}:{port}")
         else:

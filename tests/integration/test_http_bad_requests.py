@@ -282,33 +282,66 @@ async def test_a_page_cannot_post_to_a_local_server_as_a_simple_request(
     assert stack.router.calls == []
 
 
-async def test_on_loopback_only_local_names_are_served(model_tokenizer: Any, model_name: str) -> None:
-    """DNS rebinding gives a page a name of its own for 127.0.0.1: that name gets 421."""
-    import httpx
-
+def _loopback_app(model_tokenizer: Any, model_name: str) -> Any:
     from frontdoor.http_api import build_http_app, local_names
     from frontdoor.textgen import TextGenerator
     from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter
 
     router = ScriptedRouter(model_tokenizer.encode(REPLY))
     textgen = TextGenerator(router, model_tokenizer, model_name, CONTEXT, DEFAULT_MAX_TOKENS)
-    app = build_http_app(
+    return build_http_app(
         textgen,
         model_name=model_name,
         health=lambda: {"ok": True},
         metrics_text=lambda: (b"", "text/plain"),
         allowed_hosts=local_names("127.0.0.1"),
     )
+
+
+async def test_on_loopback_only_local_names_are_served(model_tokenizer: Any, model_name: str) -> None:
+    """DNS rebinding gives a page a name of its own for 127.0.0.1: that name gets 421."""
+    import httpx
+
+    from frontdoor.http_api import local_names
+
     assert local_names("0.0.0.0") is None and local_names("10.1.2.3") is None  # a pod's address: any name
-    transport = httpx.ASGITransport(app=app)
-    for base, status in (
-        ("http://127.0.0.1:8000", 200),
-        ("http://localhost", 200),
-        ("http://evil.example", 421),
-    ):
-        async with httpx.AsyncClient(transport=transport, base_url=base) as client:
-            response = await client.get("/v1/models")
-        assert response.status_code == status, (base, response.text)
+    transport = httpx.ASGITransport(app=_loopback_app(model_tokenizer, model_name))
+    cases = [
+        ({"host": "127.0.0.1:8000"}, 200),
+        ({"host": "LOCALHOST"}, 200),
+        ({"host": "[::1]"}, 200),
+        ({"host": "[::1]:8000"}, 200),
+        ({"host": "localhost."}, 200),
+        ({"host": "evil.example"}, 421),
+        ({"host": "evil.example:8000"}, 421),
+    ]
+    async with httpx.AsyncClient(transport=transport, base_url="http://127.0.0.1") as client:
+        for headers, status in cases:
+            response = await client.get("/v1/models", headers=headers)
+            assert response.status_code == status, (headers, response.text)
     assert response.json()["error"]["message"] == (
         "This server answers to 127.0.0.1, ::1, localhost, not 'evil.example'."
     )
+
+
+async def test_a_local_server_refuses_what_another_sites_page_sends(
+    model_tokenizer: Any, model_name: str
+) -> None:
+    """A fetch with no content type, or a beacon, needs no permission from the browser: its Origin (or
+    Sec-Fetch-Site) gives it away."""
+    import httpx
+
+    transport = httpx.ASGITransport(app=_loopback_app(model_tokenizer, model_name))
+    body = json.dumps({"model": model_name, "prompt": "hi", "max_tokens": 2}).encode()
+    async with httpx.AsyncClient(transport=transport, base_url="http://localhost:8000") as client:
+        for headers in (
+            {"origin": "https://evil.example"},
+            {"origin": "null"},
+            {"sec-fetch-site": "cross-site"},
+        ):
+            response = await client.post(COMPLETIONS, content=body, headers=headers)
+            assert response.status_code == 403, (headers, response.text)
+            assert response.json()["error"]["code"] == "cross_site"
+        for headers in ({"origin": "http://localhost:3000"}, {"sec-fetch-site": "same-origin"}, {}):
+            response = await client.post(COMPLETIONS, content=body, headers=headers)
+            assert response.status_code == 200, (headers, response.text)

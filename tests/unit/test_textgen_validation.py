@@ -244,6 +244,9 @@ def test_a_text_no_tokenization_could_fit_is_refused_before_tokenizing(
     )
     long_chat = [{"role": "user", "content": "a" * limit}, {"role": "user", "content": "b"}]
     assert refuse(textgen, request(model_name, messages=long_chat)).param == "messages"
+    # thousands of empty messages: the template's own text around each counts
+    empty = [{"role": "user", "content": ""}] * (limit // 32 + 1)
+    assert refuse(textgen, request(model_name, messages=empty)).param == "messages"
 
 
 async def test_a_long_text_is_tokenized_off_the_event_loop(
@@ -266,3 +269,10 @@ async def test_a_long_text_is_tokenized_off_the_event_loop(
             await anext(textgen.stream(request(model_name, prompt=prompt, max_tokens=4096)))
     assert threads[0] == loop_thread  # a short prompt: inline, it costs microseconds
     assert threads[1] != loop_thread
+
+
+def test_content_parts_count_by_their_text(textgen: TextGenerator, model_name: str) -> None:
+    """Not by the length of their repr: short parts are tokenized, and refused by their tokens only."""
+    parts = [{"role": "user", "content": [{"type": "text", "text": "hi"}] * 3}] * 3
+    err = refuse(textgen, request(model_name, messages=parts, max_tokens=CONTEXT))
+    assert err.message.startswith(f"This model's maximum context length is {CONTEXT} tokens. However")
