@@ -12,6 +12,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from dataclasses import replace
 from typing import Any
 
 from frontdoor.metrics import FrontDoorMetrics
@@ -41,6 +42,7 @@ _CANCEL_WAIT_S = 5.0  # how long a cancelled call to a worker may take to leave 
 _NEEDS_PREFILL = (RequestState.QUEUED, RequestState.PREFILLING, RequestState.TRANSFERRING)
 _NEEDS_DECODE = (*_NEEDS_PREFILL, RequestState.MIGRATING)
 _WAITING = (RequestState.QUEUED, RequestState.PREFILLING)  # no first token yet
+_PREFILL_RETRIES = 1  # another prefill worker after a failed one: the client has received nothing yet
 _FINAL_STATE = {
     FinishReason.STOP: RequestState.FINISHED_STOP,
     FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
@@ -214,20 +216,33 @@ class RequestRouter:
 
     async def _prefill(self, flight: _Flight, request: PrefillRequest) -> PrefillResult | None:
         """Run prefill with a deadline; None if the client aborted first. Every way out but success aborts
-        the prefill on the worker (the worker client does, when its call is cancelled)."""
-        instance = flight.plan.prefill
-        call = self._workers.prefill(instance.actor_name, request)
-        try:
-            result: PrefillResult = await self._until_aborted(flight, call, self._config.prefill_timeout_s)
-            return result
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"prefill on {instance.instance_id} took longer than {self._config.prefill_timeout_s:.0f}s"
-            ) from None
-        except _Aborted:
-            return None
-        except WorkerCallFailed as err:
-            raise _worker_failed("prefill", instance.instance_id, err) from err
+        the prefill on the worker (the worker client does, when its call is cancelled). A prefill worker
+        that fails is replaced once by another live one: the client has received nothing yet."""
+        tried: set[str] = set()
+        while True:
+            instance = flight.plan.prefill
+            tried.add(instance.instance_id)
+            call = self._workers.prefill(instance.actor_name, request)
+            try:
+                result: PrefillResult = await self._until_aborted(
+                    flight, call, self._config.prefill_timeout_s
+                )
+                return result
+            except TimeoutError:
+                deadline = self._config.prefill_timeout_s
+                raise DeadlineExceeded(
+                    f"prefill on {instance.instance_id} took longer than {deadline:.0f}s"
+                ) from None
+            except _Aborted:
+                return None
+            except WorkerCallFailed as err:
+                failed = _worker_failed("prefill", instance.instance_id, err)
+                others = [i for i in self._snapshot.live(Role.PREFILL) if i.instance_id not in tried]
+                if len(tried) > _PREFILL_RETRIES or not others:
+                    raise failed from err
+                other = min(others, key=lambda i: (i.load, i.instance_id))
+                log.warning("%s; %s retried on %s", failed.message, flight.request_id, other.instance_id)
+                flight.plan = replace(flight.plan, prefill=other)
 
     async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncGenerator[TokenChunk, None]:
         """Relay the decode worker's tokens; when it hands the request over (live migration), go on with the

@@ -157,6 +157,20 @@ async def test_a_prefill_engine_that_dies_gives_a_clear_error_before_any_token()
             await cluster.generate(PROMPT, 8)
 
 
+async def test_a_prefill_worker_that_fails_is_replaced_once_and_the_client_never_knows() -> None:
+    async with FakeCluster(prefill=3, decode=1) as cluster:
+        cluster.client.fail("pdflow-prefill-0")  # the least loaded by name: dispatch picks it
+        tokens, finish = await cluster.generate(PROMPT, 8, request_id="retried")
+        assert tokens == colocated(PROMPT, 8) and finish == "length"
+        record = cluster.requests.get("retried")
+        assert record is not None and record.prefill_instance == "prefill-1"
+        # one retry: a second failure is the client's error, naming the worker that failed last
+        cluster.client.fail("pdflow-prefill-1")
+        with pytest.raises(WorkerFailed, match="prefill worker prefill-1 failed"):
+            await cluster.generate(PROMPT, 8, request_id="twice")
+        await cluster.wait_idle()
+
+
 def test_this_tier_runs_without_vllm_or_ray() -> None:
     """Everything these tests run (the router, the workers, the fake engines, the exchange, the coordinator)
     imports neither vLLM nor Ray: they run anywhere, in seconds."""
