@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Annotated
@@ -33,6 +32,7 @@ from pdctl.options import (
     message_json,
     out,
     print_json,
+    stop_on_signals,
 )
 from pdctl.runstate import RunState, run_dir
 from pdctl.views import render_requests, render_status, status_dict
@@ -83,14 +83,7 @@ def up(
     # while stopping falls back to Python's default and ends the process.
     with err.status("starting pdflow...") as spinner:
         handle = cluster.start(lambda msg: spinner.update(msg))
-    stop = threading.Event()
-
-    def _request_stop(signum: int, _frame: object) -> None:
-        stop.set()
-        signal.signal(signum, signal.SIG_DFL)
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _request_stop)
+    stop = stop_on_signals()
     try:
         cluster.wait_until_serving()
         RunState(os.getpid(), handle.http_url, handle.grpc_address, handle.admin_address).write()

@@ -5,7 +5,9 @@ APIs are."""
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -90,3 +92,17 @@ AdminOpt = Annotated[
     str | None, typer.Option(help="Admin API address HOST:PORT (default: the local cluster).")
 ]
 UrlOpt = Annotated[str | None, typer.Option(help="HTTP base URL (default: the local cluster).")]
+
+
+def stop_on_signals() -> threading.Event:
+    """An event set by SIGINT or SIGTERM (what Kubernetes sends, after a pod's preStop hook): the caller
+    stops cleanly. A second signal falls back to the default and ends the process at once."""
+    stop = threading.Event()
+
+    def _request_stop(signum: int, _frame: object) -> None:
+        stop.set()
+        signal.signal(signum, signal.SIG_DFL)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _request_stop)
+    return stop

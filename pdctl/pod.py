@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
 import threading
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from typing import Annotated, Any
 import typer
 
 from pdctl.admin_client import AdminClient, AdminUnavailable
-from pdctl.options import ConfigOpt, SetOpt, app, build_config, err, fail, out
+from pdctl.options import ConfigOpt, SetOpt, app, build_config, err, fail, out, stop_on_signals
 from pdctl.views import drain_summary
 from protocol.instances import InstanceState
 from protocol.snapshots import Role
@@ -54,7 +53,7 @@ def head(ray_address: RayAddressOpt = "auto", config: ConfigOpt = None, set_: Se
     except FileNotFoundError as exc:
         fail(str(exc))
     cluster = LocalCluster(cfg, model, ray_address=ray_address, log_to_driver=True)
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     handle = cluster.start(lambda msg: err.print(msg, highlight=False))
     try:
         out.print(
@@ -93,7 +92,7 @@ def worker(
         model = model_dir(cfg.model.path)
     except FileNotFoundError as exc:
         fail(str(exc))
-    stop = _stop_on_signals()
+    stop = stop_on_signals()
     ray.init(address=ray_address, namespace=NAMESPACE, log_to_driver=True)
     node = ray.get_runtime_context().get_node_id()
     actor = _create(lambda: create_worker(
@@ -173,19 +172,6 @@ def _create(make: Callable[[], Any], instance_id: str) -> Any:
                 raise
             err.print(f"{instance_id}: waiting for Ray to free the name of the previous run", highlight=False)
             time.sleep(2.0)
-
-
-def _stop_on_signals() -> threading.Event:
-    """An event set by SIGTERM (what Kubernetes sends, after the preStop hook) or SIGINT."""
-    stop = threading.Event()
-
-    def _request_stop(signum: int, _frame: object) -> None:
-        stop.set()
-        signal.signal(signum, signal.SIG_DFL)  # a second signal ends the process at once
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _request_stop)
-    return stop
 
 
 class ProbeServer:

@@ -55,7 +55,6 @@ class ScriptedRouter:
     error_after: int = 0
     calls: list[Call] = field(default_factory=list)
     started: asyncio.Queue[Call] = field(default_factory=asyncio.Queue)
-    stopped_ids: list[RequestId] = field(default_factory=list)
 
     @property
     def last(self) -> Call:
@@ -90,7 +89,7 @@ class ScriptedRouter:
             call.done.set()
 
     def stopped(self, request_id: RequestId) -> None:
-        self.stopped_ids.append(request_id)
+        pass  # a stop string's finish: nothing to record here
 
     async def abort(self, request_id: RequestId) -> bool:
         running = [c for c in self.calls if c.request_id == request_id and not c.done.is_set()]
