@@ -164,9 +164,10 @@ async def test_a_prefill_worker_that_fails_is_replaced_once_and_the_client_never
         assert tokens == colocated(PROMPT, 8) and finish == "length"
         record = cluster.requests.get("retried")
         assert record is not None and record.prefill_instance == "prefill-1"
-        # one retry: a second failure is the client's error, naming the worker that failed last
+        # one retry: a second failure is the client's error, naming the worker that failed last (dispatch
+        # may try either failing worker first, by the load each last reported)
         cluster.client.fail("pdflow-prefill-1")
-        with pytest.raises(WorkerFailed, match="prefill worker prefill-1 failed"):
+        with pytest.raises(WorkerFailed, match=r"prefill worker prefill-[01] failed"):
             await cluster.generate(PROMPT, 8, request_id="twice")
         await cluster.wait_idle()
 
