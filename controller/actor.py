@@ -19,6 +19,7 @@ from controller.registry import InstanceRegistry
 from controller.request_log import RequestLog
 from policy.migration import MigrationTrigger
 from protocol.actuation import Actuator
+from protocol.auth import Credentials
 from protocol.config import ClusterConfig
 from protocol.errors import InvalidRequest
 from protocol.lifecycle import RequestState
@@ -109,8 +110,11 @@ class Controller:
         """Start the admin server and the snapshot loop (and, given the actuator that sizes the pools, the
         autoscaler: it acts when ``autoscaler.enabled``, and takes manual targets either way); return the
         admin port."""
+        host = self.config.controller.admin_host
+        credentials = Credentials.from_env()
+        credentials.require_admin_token_for(host)
         self._admin, self.admin_port = await start_admin_server(
-            self, self.config.controller.admin_host, self.config.controller.admin_port
+            self, host, self.config.controller.admin_port, credentials
         )
         self._tasks.append(asyncio.create_task(self._snapshot_loop()))
         if self.config.migration.auto:

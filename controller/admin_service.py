@@ -13,11 +13,13 @@ from grpc_reflection.v1alpha import reflection
 from controller.admin_autoscaler import decision_message, status_message
 from controller.autoscaling import AutoscalerLoop
 from controller.migrations import DrainResult, MigrationEntry
+from protocol.auth import Credentials
 from protocol.config import MigrationMode
 from protocol.errors import InvalidRequest
 from protocol.proto import admin_pb2, admin_pb2_grpc
 from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestRecord, Role
 from protocol.transfers import TransferRecord
+from runtime.grpc_auth import BearerInterceptor
 
 
 class AdminBackend(Protocol):
@@ -310,8 +312,13 @@ def migration_message(entry: MigrationEntry) -> admin_pb2.MigrationInfo:
     return info
 
 
-async def start_admin_server(backend: AdminBackend, host: str, port: int) -> tuple[grpc.aio.Server, int]:
-    server = grpc.aio.server()
+async def start_admin_server(
+    backend: AdminBackend, host: str, port: int, credentials: Credentials | None = None
+) -> tuple[grpc.aio.Server, int]:
+    """Serve pdflow.v1.Admin on ``host:port`` (0: a free one); with an admin token in ``credentials``, every
+    call but health checks needs it. Returns the server and its bound port."""
+    allows = (credentials or Credentials()).allows_admin
+    server = grpc.aio.server(interceptors=[BearerInterceptor(allows, "the admin token")])
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -19,6 +19,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
+from protocol.auth import Credentials
 from protocol.errors import WorkerFailed
 from protocol.kv_ops import Abort, Op, Push, PushStarted, PushState, PushStatus
 
@@ -33,6 +34,7 @@ class ConnectorControl:
         """``rpc(method, args)``: vLLM's ``collective_rpc`` to the worker extension, with a deadline."""
         self._rpc = rpc
         self._lease_s = lease_s
+        self._secret = Credentials.from_env().cluster_secret  # the connector's side channel wants it
         self.address = ""  # the connector's side channel, once attached
         # this host's own side-channel calls: one thread, one client
         self._side_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdflow-side-call")
@@ -99,7 +101,7 @@ class ConnectorControl:
 
         def call() -> Any:
             if self._side_client is None:
-                self._side_client = SideChannelClient(self.address)
+                self._side_client = SideChannelClient(self.address, self._secret)
             return self._side_client.ask(op, timeout_s=_SIDE_CALL_DEADLINE_S)
 
         try:

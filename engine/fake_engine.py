@@ -29,6 +29,7 @@ from engine.stats import rate
 from kv_transfer.codec import get_codec
 from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
 from kv_transfer.transport.base import Transport
+from protocol.auth import Credentials
 from protocol.engine import EngineLoad
 from protocol.errors import WorkerFailed
 from protocol.ids import RequestId
@@ -115,7 +116,11 @@ class FakeEngine:
         if self._transport is not None:
             s = self.settings
             self._endpoint = KVEndpoint(
-                self._transport, lease_s=s.lease_seconds, timeout_s=s.timeout_s, checksum=s.checksum
+                self._transport,
+                lease_s=s.lease_seconds,
+                timeout_s=s.timeout_s,
+                checksum=s.checksum,
+                secret=Credentials.from_env().cluster_secret,
             )
             self.kv_endpoint = self._endpoint.address
         self._loop_task = asyncio.create_task(self._step_loop())

@@ -12,6 +12,7 @@ from typing import Any
 from frontdoor.metrics import FrontDoorMetrics
 from frontdoor.router import RequestRouter
 from frontdoor.workers import RayWorkerClient
+from protocol.auth import Credentials
 from protocol.config import ClusterConfig
 from protocol.lifecycle import RequestState
 from protocol.snapshots import ClusterSnapshot, RequestEvent, Role
@@ -51,6 +52,8 @@ class FrontDoor:
         from frontdoor.tokenizer import ModelTokenizer
 
         fd = self.config.frontdoor
+        credentials = Credentials.from_env()
+        credentials.require_api_keys_for(fd.host)
         tokenizer = ModelTokenizer(self._model_path)
         textgen = TextGenerator(
             self.router,
@@ -66,6 +69,7 @@ class FrontDoor:
             health=self.health,
             max_body_bytes=fd.max_body_bytes,
             allowed_hosts=local_names(fd.host),
+            credentials=credentials,
         )
         self._http = uvicorn.Server(
             uvicorn.Config(
@@ -85,7 +89,7 @@ class FrontDoor:
             await asyncio.sleep(0.05)
         http_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._grpc, grpc_port = await start_grpc_server(
-            textgen, fd.host, fd.grpc_port, health_check=self.health
+            textgen, fd.host, fd.grpc_port, health_check=self.health, credentials=credentials
         )
         self.addresses = {"http": f"http://{fd.host}:{http_port}", "grpc": f"{fd.host}:{grpc_port}"}
         snapshot: ClusterSnapshot = await self._actors.call(

@@ -18,9 +18,11 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from frontdoor.textgen import TextDelta, TextGenerator, TextRequest
+from protocol.auth import Credentials
 from protocol.errors import InvalidRequest, PdflowError
 from protocol.ids import RequestId, check_request_id, new_request_id
 from protocol.proto import router_pb2, router_pb2_grpc
+from runtime.grpc_auth import BearerInterceptor
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name  # "pdflow.v1.Router"
@@ -136,13 +138,16 @@ async def start_grpc_server(
     port: int,
     health_check: Callable[[], dict[str, Any]] | None = None,
     health_period_s: float = 1.0,
+    credentials: Credentials | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a ``grpc.aio`` server with the Router service, health checking and reflection, on
     ``host:port`` (0: a free port). Health ("" and ``pdflow.v1.Router``) follows ``health_check()["ok"]``,
     read every ``health_period_s`` (SERVING or NOT_SERVING, as HTTP's /health answers 200 or 503); without
-    ``health_check``, SERVING. Returns the server and its bound port; the caller stops it with
+    ``health_check``, SERVING. With API keys in ``credentials``, every call but health checks needs one.
+    Returns the server and its bound port; the caller stops it with
     ``await server.stop(grace)``, which also ends the health follower."""
-    server = grpc.aio.server()
+    allows = (credentials or Credentials()).allows_api
+    server = grpc.aio.server(interceptors=[BearerInterceptor(allows, "an API key")])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(textgen), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

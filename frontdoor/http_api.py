@@ -11,7 +11,6 @@ so the router's clean-up can still await.
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import json
 import logging
 import time
@@ -36,6 +35,7 @@ from frontdoor.openai_schema import (
     validation_to_invalid,
 )
 from frontdoor.textgen import TextDelta, TextGenerator, TextRequest, Usage
+from protocol.auth import Credentials, is_loopback
 from protocol.errors import InvalidRequest, ModelNotFound, PdflowError, RequestTooLarge
 from protocol.ids import new_request_id
 
@@ -53,14 +53,16 @@ def build_http_app(
     wall_clock: Callable[[], float] = time.time,
     max_body_bytes: int = 1 << 20,
     allowed_hosts: frozenset[str] | None = None,
+    credentials: Credentials | None = None,
 ) -> FastAPI:
     """The FastAPI app of one front door. ``metrics_text()`` returns (Prometheus exposition bytes, content
     type); ``health()`` returns a JSON-able dict whose ``ok`` says whether this front door can serve (200)
-    or not (503). Both are called on every scrape/probe from the event loop and must not block."""
+    or not (503). Both are called on every scrape/probe from the event loop and must not block. With API keys
+    in ``credentials``, every path but ``/health`` needs one (``/metrics`` also takes the admin token)."""
     app = FastAPI(title="pdflow", description="OpenAI-compatible API of the pdflow front door")
     started = int(wall_clock())
 
-    app.add_middleware(_Guard, allowed_hosts=allowed_hosts)
+    app.add_middleware(_Guard, allowed_hosts=allowed_hosts, credentials=credentials or Credentials())
 
     @app.exception_handler(PdflowError)
     async def _pdflow_error(_: Request, err: PdflowError) -> Response:
@@ -333,27 +335,43 @@ async def _unless_disconnected(receive: Receive, work: Awaitable[T]) -> T:
 
 
 class _Guard:
-    """A web page the user visits can send requests to a server on their machine without asking (text/plain
-    or form posts, a fetch with no content type, a beacon), and DNS rebinding can give it a name of its own.
-    So a POST must carry JSON (415), and on loopback (``allowed_hosts``) only local Host names are served
-    (421) and requests a browser marks as coming from another site are refused (403). A plain ASGI
-    middleware: the streams pass through untouched."""
+    """Every path but ``/health`` needs an accepted ``Authorization: Bearer`` key when keys are configured
+    (401 with ``WWW-Authenticate``). And a web page the user visits can send requests to a server on their
+    machine without asking (text/plain or form posts, a fetch with no content type, a beacon), and DNS
+    rebinding can give it a name of its own. So a POST must carry JSON (415), and on loopback
+    (``allowed_hosts``) only local Host names are served (421) and requests a browser marks as coming from
+    another site are refused (403). A plain ASGI middleware: the streams pass through untouched."""
 
-    def __init__(self, app: Any, allowed_hosts: frozenset[str] | None) -> None:
+    def __init__(self, app: Any, allowed_hosts: frozenset[str] | None, credentials: Credentials) -> None:
         self.app = app
         self.allowed_hosts = allowed_hosts
+        self.credentials = credentials
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and (refusal := self._refusal(scope)) is not None:
             status, code, message = refusal
-            await JSONResponse(error_body(message, "invalid_request_error", None, code), status)(
-                scope, receive, send
-            )
+            headers = {"WWW-Authenticate": 'Bearer realm="pdflow"'} if status == 401 else None
+            body = error_body(message, "invalid_request_error", None, code)
+            await JSONResponse(body, status, headers=headers)(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
     def _refusal(self, scope: Scope) -> tuple[int, str, str] | None:
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        path = scope.get("path", "")
+        allows = self.credentials.allows_metrics if path == "/metrics" else self.credentials.allows_api
+        if path != "/health" and not allows(headers.get("authorization")):
+            given = (
+                "An API key that this server does not accept was"
+                if headers.get("authorization")
+                else ("No API key was")
+            )
+            return (
+                401,
+                "invalid_api_key",
+                f"{given} provided. Send it in the header 'Authorization: Bearer <key>' (the OpenAI "
+                "client's api_key).",
+            )
         kind = headers.get("content-type", "").split(";", 1)[0].strip().lower()
         if (
             scope.get("method") == "POST"
@@ -394,10 +412,7 @@ def _hostname(authority: str) -> str:
 def local_names(bind_host: str) -> frozenset[str] | None:
     """The Host names a server bound to ``bind_host`` answers to: on loopback the local ones only (no other
     name can reach it but a rebound one); elsewhere any (None)."""
-    try:
-        loopback = bind_host == "localhost" or ipaddress.ip_address(bind_host).is_loopback
-    except ValueError:
-        loopback = False
+    loopback = is_loopback(bind_host)
     return frozenset({"localhost", "127.0.0.1", "::1", bind_host.lower()}) if loopback else None
 
 

@@ -1,10 +1,12 @@
-"""A small client of pdflow.v1.Admin. Every call has a deadline; failures become ``AdminUnavailable`` with a
-message a person can act on."""
+"""A small client of pdflow.v1.Admin. Every call has a deadline and carries the admin token (by default from
+``PDFLOW_ADMIN_TOKEN`` or ``PDFLOW_ADMIN_TOKEN_FILE``); failures become ``AdminUnavailable`` with a message a
+person can act on."""
 
 from __future__ import annotations
 
 import grpc
 
+from protocol.auth import ADMIN_TOKEN_ENV, admin_token_from_env
 from protocol.proto import admin_pb2, admin_pb2_grpc
 
 DEADLINE_S = 5.0
@@ -16,8 +18,10 @@ class AdminUnavailable(RuntimeError):
 
 
 class AdminClient:
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, token: str | None = None) -> None:
         self.address = address
+        token = token if token is not None else admin_token_from_env()
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self._channel = grpc.insecure_channel(address)
         self._stub = admin_pb2_grpc.AdminStub(self._channel)
 
@@ -81,12 +85,21 @@ class AdminClient:
 
     def _call(self, method, request, deadline_s: float = DEADLINE_S):  # type: ignore[no-untyped-def]
         try:
-            return method(request, timeout=deadline_s)
+            return method(request, timeout=deadline_s, metadata=self._metadata)
         except grpc.RpcError as err:
             code = err.code()  # type: ignore[attr-defined]
             if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 raise AdminUnavailable(
                     f"no pdflow controller answers at {self.address} ({code.name}); is the cluster up? "
                     "Start one with `pdctl up`."
+                ) from None
+            if code is grpc.StatusCode.UNAUTHENTICATED:
+                raise AdminUnavailable(
+                    f"the controller at {self.address} refused the call: "
+                    + (
+                        f"{ADMIN_TOKEN_ENV} is not the cluster's admin token."
+                        if self._metadata
+                        else f"it needs the admin token; set {ADMIN_TOKEN_ENV} (or {ADMIN_TOKEN_ENV}_FILE)."
+                    )
                 ) from None
             raise AdminUnavailable(f"{code.name}: {err.details()}") from None  # type: ignore[attr-defined]

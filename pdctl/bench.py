@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from protocol.auth import api_key_headers
 from simulator.traces import TraceRequest
 
 DEFAULT_VOCAB_SIZE = 49152  # SmolLM2
@@ -331,7 +332,10 @@ async def run_bench(
         bar.update(task_id, advance=1, errors=errors)
 
     timeout = httpx.Timeout(request_timeout_s)
-    async with httpx.AsyncClient(base_url=base_url, timeout=timeout, limits=limits) as client:
+    headers = api_key_headers()
+    async with httpx.AsyncClient(
+        base_url=base_url, timeout=timeout, limits=limits, headers=headers
+    ) as client:
         with bar:
             start = clock.time()
             async with asyncio.TaskGroup() as group:

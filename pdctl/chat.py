@@ -7,15 +7,18 @@ from collections.abc import Callable
 
 import httpx
 
+from protocol.auth import api_key_headers
+
 DEADLINE_S = 120.0
 
 
 def served_model(base_url: str) -> str:
     try:
-        resp = httpx.get(f"{base_url}/v1/models", timeout=10)
+        resp = httpx.get(f"{base_url}/v1/models", headers=api_key_headers(), timeout=10)
     except httpx.HTTPError as exc:
         raise RuntimeError(f"no pdflow front door answers at {base_url}: {exc}") from None
-    resp.raise_for_status()
+    if resp.status_code != 200:
+        raise RuntimeError(_error_message(resp))
     return str(resp.json()["data"][0]["id"])
 
 
@@ -31,7 +34,8 @@ def stream_chat(
         "stream": True,
     }
     text = []
-    with httpx.stream("POST", f"{base_url}/v1/chat/completions", json=body, timeout=DEADLINE_S) as resp:
+    url = f"{base_url}/v1/chat/completions"
+    with httpx.stream("POST", url, json=body, headers=api_key_headers(), timeout=DEADLINE_S) as resp:
         if resp.status_code != 200:
             resp.read()
             raise RuntimeError(_error_message(resp))

@@ -26,6 +26,7 @@ from pdctl.options import (
     admin_address,
     app,
     build_config,
+    check_credentials,
     err,
     fail,
     http_url,
@@ -65,6 +66,7 @@ def up(
             "controller.admin_port": admin_port,
         },
     )
+    check_credentials(cfg)
     if (running := RunState.read()) is not None:
         fail(f"a cluster is already running (pid {running.pid}, {running.http_url}); `pdctl down` first")
     if detach:

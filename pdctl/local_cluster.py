@@ -14,6 +14,7 @@ from typing import Any, cast
 
 from autoscaler.ray_actors import RayActuator, spawn_worker
 from protocol.actuation import Actuator
+from protocol.auth import Credentials
 from protocol.config import ClusterConfig, PoolsKind
 from protocol.snapshots import Role
 from runtime.actors import CONTROLLER_NAME, NAMESPACE
@@ -27,7 +28,6 @@ ENV_DEFAULTS = {
     "HF_HUB_OFFLINE": "1",
     "RAY_USAGE_STATS_ENABLED": "0",
     "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "RAY_AUTH_MODE": "disabled",
     "RAY_DEDUP_LOGS": "0",
     "UCX_NET_DEVICES": "lo",
     "NIXL_LOG_LEVEL": "WARN",
@@ -45,8 +45,17 @@ def free_port() -> int:
 
 
 def apply_env_defaults(cache_dir: Path) -> None:
+    """Set ``ENV_DEFAULTS`` and Ray's authentication: with a cluster secret, Ray's token auth under a token
+    derived from it (so that only this cluster's processes join or run code on it); without one, none (a
+    cluster on loopback, as in the tests). The Ray actors started here inherit all of it."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    ray_token = Credentials.from_env().ray_token()
+    if ray_token is None:
+        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    else:
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
+        os.environ.setdefault("RAY_AUTH_TOKEN", ray_token)
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
 
 

@@ -68,6 +68,20 @@ def build_config(config: Path | None, sets: list[str] | None, **named: Any) -> A
         fail(f"invalid configuration: {exc}")
 
 
+def check_credentials(cfg: Any) -> None:
+    """Before anything starts: refuse to serve a surface on an address other machines reach without its
+    credential (``protocol.auth``), with the message that says how to set it."""
+    from protocol.auth import CredentialError, Credentials
+
+    try:
+        credentials = Credentials.from_env()
+        credentials.require_api_keys_for(cfg.frontdoor.host)
+        credentials.require_admin_token_for(cfg.controller.admin_host)
+        credentials.require_cluster_secret_for(cfg.kv.side_channel_host)
+    except CredentialError as exc:
+        fail(str(exc))
+
+
 def admin_address(admin: str | None) -> str:
     if admin:
         return admin

@@ -18,7 +18,17 @@ from typing import Annotated, Any
 import typer
 
 from pdctl.admin_client import AdminClient, AdminUnavailable
-from pdctl.options import ConfigOpt, SetOpt, app, build_config, err, fail, out, stop_on_signals
+from pdctl.options import (
+    ConfigOpt,
+    SetOpt,
+    app,
+    build_config,
+    check_credentials,
+    err,
+    fail,
+    out,
+    stop_on_signals,
+)
 from pdctl.views import drain_summary
 from protocol.instances import InstanceState
 from protocol.snapshots import Role
@@ -48,6 +58,7 @@ def head(ray_address: RayAddressOpt = "auto", config: ConfigOpt = None, set_: Se
     from pdctl.model_cache import model_dir
 
     cfg = build_config(config, set_)
+    check_credentials(cfg)
     try:
         model = model_dir(cfg.model.path)
     except FileNotFoundError as exc:
@@ -86,6 +97,7 @@ def worker(
     from runtime.actors import NAMESPACE
 
     cfg = build_config(config, set_)
+    check_credentials(cfg)
     if not instance_id:
         fail("no instance id: pass --instance-id or set POD_NAME (the chart sets it from the pod's name)")
     try:

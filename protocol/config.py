@@ -89,14 +89,20 @@ class ControllerConfig(_Section):
     heartbeat_timeout_s: float = Field(3.0, gt=0, description="A worker silent this long is marked dead.")
     snapshot_interval_s: float = Field(0.2, gt=0, description="How often snapshots go to the front doors.")
     admin_host: str = Field(
-        "127.0.0.1", description="Address the admin gRPC server binds (it has no authentication)."
+        "127.0.0.1",
+        description="Address the admin gRPC server binds. Any but loopback needs the admin token "
+        "(PDFLOW_ADMIN_TOKEN or PDFLOW_ADMIN_TOKEN_FILE), which every admin call must then carry.",
     )
     admin_port: int = Field(50052, ge=0, description="gRPC pdflow.v1.Admin port (0: a free port).")
     request_history: int = Field(10000, ge=10, description="Finished requests kept for ListRequests.")
 
 
 class FrontDoorConfig(_Section):
-    host: str = Field("127.0.0.1", description="Address the HTTP and gRPC servers bind.")
+    host: str = Field(
+        "127.0.0.1",
+        description="Address the HTTP and gRPC servers bind. Any but loopback needs API keys "
+        "(PDFLOW_API_KEYS or PDFLOW_API_KEYS_FILE), which every call but /health must then carry.",
+    )
     http_port: int = Field(8000, ge=0, description="OpenAI-compatible HTTP port (0: a free port).")
     grpc_port: int = Field(50051, ge=0, description="gRPC pdflow.v1.Router port (0: a free port).")
     dispatch: DispatchPolicyKind = Field(DispatchPolicyKind.LEAST_LOADED, description="Dispatch policy.")

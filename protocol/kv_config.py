@@ -107,8 +107,9 @@ class KVTransferConfig(BaseModel):
     side_channel_host: str = Field(
         "127.0.0.1",
         description="Address the worker's KV side channel binds and advertises: loopback on one machine, the "
-        "pod's own IP in Kubernetes (the Helm chart sets it). It has no authentication yet: expose it only "
-        "to the cluster's own pods (the chart's NetworkPolicy does).",
+        "pod's own IP in Kubernetes (the Helm chart sets it). Any but loopback needs the cluster secret "
+        "(PDFLOW_CLUSTER_SECRET or PDFLOW_CLUSTER_SECRET_FILE, the same in every process), which signs "
+        "every side-channel message.",
     )
     zero_copy: bool = Field(
         True,

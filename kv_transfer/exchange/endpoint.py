@@ -56,14 +56,16 @@ class KVEndpoint:
         timeout_s: float = 30.0,
         checksum: bool = True,
         predecode_bytes: int | None = None,
+        secret: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """``predecode_bytes``: decoded layers held ahead of their load, at most (default: the staging
-        buffer's size; 0 turns early decoding off)."""
+        buffer's size; 0 turns early decoding off). ``secret``: the cluster secret, which signs the side
+        channel's messages both ways (None: unsigned, loopback only)."""
         self._staging = Staging(transport, clock, lease_s)
         budget = transport.buffer.numel() if predecode_bytes is None else predecode_bytes
         self._receiver = Receiver(self._staging, predecode_bytes=budget)
-        self._sender = Sender(self._staging, timeout_s=timeout_s, checksum=checksum)
+        self._sender = Sender(self._staging, timeout_s=timeout_s, checksum=checksum, secret=secret)
         self._puller = Puller(
             transport, self._receiver.hold, timeout_s=timeout_s
         )  # transfers this side reads
@@ -74,7 +76,7 @@ class KVEndpoint:
             Pull: self._puller.start,
             PullStatus: self._puller.status,
         }
-        self._server = SideChannelServer(self._handle, host=host, port=port)
+        self._server = SideChannelServer(self._handle, host=host, port=port, secret=secret)
         self.address = self._server.address
 
     @property

@@ -33,8 +33,11 @@ class TransferFailed(Exception):
 
 
 class Sender:
-    def __init__(self, staging: Staging, *, timeout_s: float, checksum: bool) -> None:
+    def __init__(
+        self, staging: Staging, *, timeout_s: float, checksum: bool, secret: bytes | None = None
+    ) -> None:
         self._staging = staging
+        self._secret = secret  # signs the side-channel requests (the cluster secret)
         self._timeout_s = timeout_s
         self._checksum = checksum
         self._clients: dict[tuple[int, str], SideChannelClient] = {}  # per sending thread and peer
@@ -232,7 +235,7 @@ class Sender:
         key = (threading.get_ident(), destination)
         client = self._clients.get(key)
         if client is None:
-            client = self._clients[key] = SideChannelClient(destination)
+            client = self._clients[key] = SideChannelClient(destination, self._secret)
         return client
 
     def _record_failed(

@@ -4,10 +4,16 @@ never travel here; they go through the transport.
 
 Every call has a deadline; a server handler's exception comes back to the caller as ``SideChannelError`` with
 the handler's message.
+
+With the cluster secret (``protocol.auth``), each message and each reply travels as two frames, the JSON and
+its HMAC-SHA256 under the secret: a server refuses a request that is not signed with it (so only the
+cluster's own processes can reserve, pull or push KV), and a client refuses a reply that is not.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import logging
 import threading
@@ -28,11 +34,33 @@ class SideChannelError(Exception):
     """The peer is unreachable, missed the deadline, or refused the request (its message says why)."""
 
 
-class SideChannelServer:
-    """Serves ``handler`` on ``tcp://host:port`` (port 0: a free one) from a daemon thread."""
+def _tag(secret: bytes, body: bytes) -> bytes:
+    return hmac.new(secret, body, hashlib.sha256).digest()
 
-    def __init__(self, handler: Handler, host: str = "127.0.0.1", port: int = 0) -> None:
+
+def _signed(secret: bytes | None, body: bytes) -> list[bytes]:
+    return [body] if secret is None else [body, _tag(secret, body)]
+
+
+def _verified(secret: bytes | None, frames: list[bytes]) -> bytes | None:
+    """The body of ``[body]`` or ``[body, tag]``; None if the secret is set and the tag is missing or
+    wrong."""
+    if secret is None:
+        return frames[0]
+    if len(frames) != 2 or not hmac.compare_digest(frames[1], _tag(secret, frames[0])):
+        return None
+    return frames[0]
+
+
+class SideChannelServer:
+    """Serves ``handler`` on ``tcp://host:port`` (port 0: a free one) from a daemon thread; with ``secret``,
+    only requests signed with it."""
+
+    def __init__(
+        self, handler: Handler, host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None
+    ) -> None:
         self._handler = handler
+        self._secret = secret
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
@@ -53,17 +81,23 @@ class SideChannelServer:
             if not poller.poll(100):
                 continue
             frames = self._sock.recv_multipart()
-            if len(frames) != 3:  # not a client of ours (ident, empty, body): nothing to answer to
-                log.warning("side channel: dropped a message of %d frames (3 expected)", len(frames))
+            if len(frames) not in (3, 4) or frames[1]:  # not a REQ client (ident, empty, body[, tag])
+                log.warning("side channel: dropped a message of %d frames (3 or 4 expected)", len(frames))
                 continue
-            ident, _, body = frames
+            ident, body = frames[0], _verified(self._secret, frames[2:])
             try:
+                if body is None:
+                    raise PermissionError(
+                        "the request is not signed with this cluster's secret (every worker needs the same "
+                        "PDFLOW_CLUSTER_SECRET)"
+                    )
                 reply = {"ok": True, **self._handler(json.loads(body))}
             except Exception as exc:  # a bad request is answered, never the end of this thread
                 log.debug("side-channel request failed: %s", exc)
                 reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
             try:
-                self._sock.send_multipart([ident, b"", json.dumps(reply, default=str).encode()])
+                answer = json.dumps(reply, default=str).encode()
+                self._sock.send_multipart([ident, b"", *_signed(self._secret, answer)])
             except zmq.ZMQError as exc:  # the asker is gone
                 log.warning("side channel: reply not sent: %s", exc)
 
@@ -74,11 +108,12 @@ class SideChannelServer:
 
 
 class SideChannelClient:
-    """Request/reply to one peer. One socket per peer; a timed-out socket is rebuilt so that a late reply
-    never answers the next request. Not thread-safe: one caller thread."""
+    """Request/reply to one peer, signed with ``secret`` when given. One socket per peer; a timed-out socket
+    is rebuilt so that a late reply never answers the next request. Not thread-safe: one caller thread."""
 
-    def __init__(self, address: str) -> None:
+    def __init__(self, address: str, secret: bytes | None = None) -> None:
         self.address = address
+        self._secret = secret
         self._sock: zmq.Socket[bytes] | None = None
 
     def ask(self, op: Op, *, timeout_s: float) -> Any:
@@ -92,11 +127,17 @@ class SideChannelClient:
 
     def call(self, message: dict[str, Any], *, timeout_s: float) -> dict[str, Any]:
         sock = self._socket()
-        sock.send(json.dumps(message).encode())
+        sock.send_multipart(_signed(self._secret, json.dumps(message).encode()))
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             self.close()
             raise SideChannelError(f"{message.get('op')} to {self.address}: no reply within {timeout_s:g} s")
-        reply = json.loads(sock.recv())
+        body = _verified(self._secret, sock.recv_multipart())
+        if body is None:
+            raise SideChannelError(
+                f"{message.get('op')} to {self.address}: the reply is not signed with this cluster's secret "
+                "(every worker needs the same PDFLOW_CLUSTER_SECRET)"
+            )
+        reply = json.loads(body)
         if not reply.get("ok"):
             raise SideChannelError(f"{message.get('op')} refused by {self.address}: {reply.get('error')}")
         return dict(reply)

@@ -39,6 +39,7 @@ from kv_transfer.vllm.meta import PdflowConnectorMetadata, PdflowTransferStats
 from kv_transfer.vllm.paged import PagedLayout, probe_block_order
 from kv_transfer.vllm.saver import KVSaver
 from kv_transfer.vllm.scheduler import PdflowScheduler
+from protocol.auth import Credentials
 from protocol.kv_config import KVTransferConfig
 from protocol.kv_ops import Push, PushStatus
 
@@ -111,6 +112,8 @@ class PdflowConnector(KVConnectorBase_V1):
         )
         try:
             zero_copy = settings.zero_copy and _register(transport, layers)
+            credentials = Credentials.from_env()
+            credentials.require_cluster_secret_for(settings.side_channel_host)
             endpoint = KVEndpoint(
                 transport,
                 host=settings.side_channel_host,
@@ -118,6 +121,7 @@ class PdflowConnector(KVConnectorBase_V1):
                 lease_s=settings.lease_seconds,
                 timeout_s=settings.timeout_s,
                 checksum=settings.checksum,
+                secret=credentials.cluster_secret,
             )
         except BaseException:
             transport.close()  # now, not in a garbage collection during the engine's shutdown

@@ -232,7 +232,8 @@ def test_malformed_side_channel_messages_are_answered_or_dropped_and_transfers_g
     try:
         bad = [
             [b"only one frame"],
-            [b"", b"x", b"three frames after the identity"],
+            [b"", b"x", b"a tag", b"four frames after the identity"],
+            [b"not empty", b"{}"],  # no REQ envelope
             [b"", b"not json"],
             [b"", b"[1, 2, 3]"],
             [b"", _json.dumps({"op": "reserve"}).encode()],  # fields missing
@@ -246,7 +247,7 @@ def test_malformed_side_channel_messages_are_answered_or_dropped_and_transfers_g
             (_, reply) = sock.recv_multipart()
             assert _json.loads(reply)["ok"] is False
             answered += 1
-        assert answered == 5
+        assert answered == 5, answered
     finally:
         sock.close()
     tid = send(sender, receiver, "int8", make_layers())  # the receiver still serves
