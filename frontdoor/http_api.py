@@ -58,7 +58,7 @@ def build_http_app(
     """The FastAPI app of one front door. ``metrics_text()`` returns (Prometheus exposition bytes, content
     type); ``health()`` returns a JSON-able dict whose ``ok`` says whether this front door can serve (200)
     or not (503). Both are called on every scrape/probe from the event loop and must not block. With API keys
-    in ``credentials``, every path but ``/health`` needs one (``/metrics`` also takes the admin token)."""
+    in ``credentials``, every path but ``/health`` needs one (``/metrics`` also takes the metrics token)."""
     app = FastAPI(title="pdflow", description="OpenAI-compatible API of the pdflow front door")
     started = int(wall_clock())
 

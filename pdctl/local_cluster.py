@@ -45,17 +45,20 @@ def free_port() -> int:
 
 
 def apply_env_defaults(cache_dir: Path) -> None:
-    """Set ``ENV_DEFAULTS`` and Ray's authentication: with a cluster secret, Ray's token auth under a token
-    derived from it (so that only this cluster's processes join or run code on it); without one, none (a
-    cluster on loopback, as in the tests). The Ray actors started here inherit all of it."""
+    """Set ``ENV_DEFAULTS`` and, unless ``RAY_AUTH_MODE`` is set already (the Helm chart sets it and Ray's
+    token), Ray's authentication: with a cluster secret, Ray's token auth under a token derived from it (so
+    that only this cluster's processes join or run code on it); without one, none (a cluster on loopback,
+    as in the tests). The Ray actors started here inherit all of it."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    if "RAY_AUTH_MODE" in os.environ:
+        return
     ray_token = Credentials.from_env().ray_token()
     if ray_token is None:
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+        os.environ["RAY_AUTH_MODE"] = "disabled"
     else:
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
-        os.environ.setdefault("RAY_AUTH_TOKEN", ray_token)
+        os.environ["RAY_AUTH_MODE"] = "token"
+        os.environ["RAY_AUTH_TOKEN"] = ray_token
     os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
 
 

@@ -68,16 +68,20 @@ def build_config(config: Path | None, sets: list[str] | None, **named: Any) -> A
         fail(f"invalid configuration: {exc}")
 
 
-def check_credentials(cfg: Any) -> None:
-    """Before anything starts: refuse to serve a surface on an address other machines reach without its
-    credential (``protocol.auth``), with the message that says how to set it."""
+def check_credentials(cfg: Any, *, api: bool = True, admin: bool = True, kv: bool = True) -> None:
+    """Before anything starts: refuse to serve a surface this process serves (the API, the admin API, KV
+    side channels) on an address other machines reach without its credential (``protocol.auth``), with the
+    message that says how to set it."""
     from protocol.auth import CredentialError, Credentials
 
     try:
         credentials = Credentials.from_env()
-        credentials.require_api_keys_for(cfg.frontdoor.host)
-        credentials.require_admin_token_for(cfg.controller.admin_host)
-        credentials.require_cluster_secret_for(cfg.kv.side_channel_host)
+        if api:
+            credentials.require_api_keys_for(cfg.frontdoor.host)
+        if admin:
+            credentials.require_admin_token_for(cfg.controller.admin_host)
+        if kv:
+            credentials.require_cluster_secret_for(cfg.kv.side_channel_host)
     except CredentialError as exc:
         fail(str(exc))
 

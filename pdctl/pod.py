@@ -58,7 +58,7 @@ def head(ray_address: RayAddressOpt = "auto", config: ConfigOpt = None, set_: Se
     from pdctl.model_cache import model_dir
 
     cfg = build_config(config, set_)
-    check_credentials(cfg)
+    check_credentials(cfg, kv=False)  # the workers' pods serve the KV side channels
     try:
         model = model_dir(cfg.model.path)
     except FileNotFoundError as exc:
@@ -97,7 +97,7 @@ def worker(
     from runtime.actors import NAMESPACE
 
     cfg = build_config(config, set_)
-    check_credentials(cfg)
+    check_credentials(cfg, api=False, admin=False)  # the head's pod serves those
     if not instance_id:
         fail("no instance id: pass --instance-id or set POD_NAME (the chart sets it from the pod's name)")
     try:

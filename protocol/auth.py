@@ -3,7 +3,7 @@ server other hosts can reach has them.
 
 - **API keys**: the OpenAI HTTP API (``Authorization: Bearer <key>``) and the gRPC Router (the same in the
   ``authorization`` metadata). ``/health`` stays open for probes and load balancers; ``/metrics`` takes an
-  API key or the admin token.
+  API key or the metrics token (``PDFLOW_METRICS_TOKEN``: what a scraper holds, good for nothing else).
 - **The admin token**: the admin gRPC API (migrate, cordon, drain, scale), which ``pdctl`` and the pods'
   preStop hook call.
 - **The cluster secret**: shared by every process of one cluster. The KV side channel signs each message
@@ -30,6 +30,7 @@ from pathlib import Path
 
 API_KEYS_ENV = "PDFLOW_API_KEYS"
 ADMIN_TOKEN_ENV = "PDFLOW_ADMIN_TOKEN"
+METRICS_TOKEN_ENV = "PDFLOW_METRICS_TOKEN"
 CLUSTER_SECRET_ENV = "PDFLOW_CLUSTER_SECRET"
 CLIENT_API_KEY_ENV = "PDFLOW_API_KEY"  # the key pdctl sends, as a client
 _DIGEST_PREFIX = "sha256:"
@@ -69,6 +70,7 @@ class Credentials:
 
     api_keys: frozenset[bytes] = frozenset()  # SHA-256 digests
     admin_token: bytes | None = None  # its SHA-256 digest
+    metrics_token: bytes | None = None  # its SHA-256 digest
     cluster_secret: bytes | None = None  # the HMAC key itself (signing needs it)
 
     @classmethod
@@ -76,8 +78,13 @@ class Credentials:
         env = os.environ if environ is None else environ
         keys = [_key_digest(k, API_KEYS_ENV) for k in _values(env, API_KEYS_ENV, split=True)]
         admin = _single(env, ADMIN_TOKEN_ENV)
+        metrics = _single(env, METRICS_TOKEN_ENV)
         secret = _single(env, CLUSTER_SECRET_ENV)
-        for name, value in ((ADMIN_TOKEN_ENV, admin), (CLUSTER_SECRET_ENV, secret)):
+        for name, value in (
+            (ADMIN_TOKEN_ENV, admin),
+            (METRICS_TOKEN_ENV, metrics),
+            (CLUSTER_SECRET_ENV, secret),
+        ):
             if value is not None and len(value) < MIN_SECRET_CHARS:
                 raise CredentialError(
                     f"{name} is {len(value)} characters; use at least {MIN_SECRET_CHARS} random ones "
@@ -86,6 +93,7 @@ class Credentials:
         return cls(
             api_keys=frozenset(keys),
             admin_token=_digest(admin) if admin is not None else None,
+            metrics_token=_digest(metrics) if metrics is not None else None,
             cluster_secret=secret.encode() if secret is not None else None,
         )
 
@@ -102,10 +110,10 @@ class Credentials:
         return _matches(bearer(authorization), frozenset({self.admin_token}))
 
     def allows_metrics(self, authorization: str | None) -> bool:
-        """``/metrics``: an API key or the admin token (a scraper holds one of them)."""
-        if not self.api_keys and self.admin_token is None:
+        """``/metrics``: an API key or the metrics token (open when neither is configured)."""
+        if not self.api_keys and self.metrics_token is None:
             return True
-        digests = self.api_keys | ({self.admin_token} if self.admin_token is not None else set())
+        digests = self.api_keys | ({self.metrics_token} if self.metrics_token is not None else set())
         return _matches(bearer(authorization), frozenset(digests))
 
     # A server other machines can reach needs its credential; each refusal says how to set it.

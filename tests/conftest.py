@@ -4,6 +4,7 @@ ids. Loading the tokenizer takes a few seconds, so it happens once per session."
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,12 @@ from frontdoor.tokenizer import ModelTokenizer
 from pdctl.local_cluster import apply_env_defaults
 from pdctl.model_cache import MODEL_NAME, default_cache_dir, prepare_model
 
-# Loopback-only Ray, no model hub, quiet NIXL: set before any test module imports Ray.
+# The tests' clusters run as a deployment does, with the cluster secret and the admin token (protocol/auth):
+# every KV side-channel message is signed, Ray runs with token auth, pdctl and the tests' admin clients send
+# the token. The API keys stay unset, so that the tests' HTTP clients need none (test_auth_surfaces.py sets
+# them). Then loopback-only Ray, no model hub, quiet NIXL: all set before any test module imports Ray.
+os.environ.setdefault("PDFLOW_CLUSTER_SECRET", "cluster-secret-of-the-pdflow-tests")
+os.environ.setdefault("PDFLOW_ADMIN_TOKEN", "admin-token-of-the-pdflow-tests")
 apply_env_defaults(default_cache_dir().parents[1])
 
 

@@ -170,6 +170,15 @@ def chart_schema() -> dict[str, Any]:
                 },
                 "The prefill and decode pools.",
             ),
+            "auth": _obj(
+                {
+                    "existingSecret": _str(
+                        "A Secret of yours with the keys api-keys, admin-token, metrics-token, "
+                        "cluster-secret and ray-token; empty: the chart makes one with random values."
+                    ),
+                },
+                "The credentials every pod needs (pdflow refuses to serve a pod address without them).",
+            ),
             "serviceAccount": _obj(
                 {"create": _bool("Create the pods' service account."), "name": _str("Its name.")}
             ),

@@ -20,6 +20,7 @@ import ray
 
 from kv_transfer.transport.side_channel import SideChannelClient
 from pdctl.admin_client import AdminClient
+from protocol.auth import Credentials
 from protocol.ids import RequestId
 from protocol.kv_handle import KVHandle, KVPart
 from protocol.kv_ops import Abort
@@ -234,7 +235,7 @@ async def test_a_migration_whose_last_stage_never_lands_is_recomputed_on_the_des
     last = f"{rid}/m/0"
     destination = cluster.handle.workers(Role.DECODE)["pdflow-decode-2"]
     address = (await destination.snapshot.remote()).kv_endpoint
-    client = SideChannelClient(address)
+    client = SideChannelClient(address, Credentials.from_env().cluster_secret)  # signed, as a worker's
     try:  # what the source sends when its last push fails after the hand-over
         client.ask(Abort(last, "the source failed"), timeout_s=10)
     finally:

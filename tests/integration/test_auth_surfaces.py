@@ -32,8 +32,14 @@ from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, Sc
 from tests.support.kv import NOTHING_HELD, make_layers, send
 
 API_KEY, ADMIN, SECRET = "sk-test-key-1", "admin-token-0123456789", "cluster-secret-0123456789"
+SCRAPER = "metrics-token-0123456789"
 CREDENTIALS = Credentials.from_env(
-    {"PDFLOW_API_KEYS": f"{API_KEY},sk-other", "PDFLOW_ADMIN_TOKEN": ADMIN, "PDFLOW_CLUSTER_SECRET": SECRET}
+    {
+        "PDFLOW_API_KEYS": f"{API_KEY},sk-other",
+        "PDFLOW_ADMIN_TOKEN": ADMIN,
+        "PDFLOW_METRICS_TOKEN": SCRAPER,
+        "PDFLOW_CLUSTER_SECRET": SECRET,
+    }
 )
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
@@ -76,12 +82,10 @@ async def test_every_http_path_but_health_needs_an_api_key(app: Any) -> None:
     transport = httpx.ASGITransport(app=app)
     async with httpx.AsyncClient(transport=transport, base_url="http://pdflow") as client:
         for method, path in requests:
-            for auth in (
-                None,
-                "Bearer sk-wrong",
-                f"Bearer {ADMIN}" if path != "/metrics" else "Bearer x",
-                API_KEY,
-            ):
+            # no key, a wrong one, the admin token (no API key), the scraper's token off /metrics, a key
+            # without its scheme
+            scraper = f"Bearer {SCRAPER}" if path != "/metrics" else "Bearer x"
+            for auth in (None, "Bearer sk-wrong", f"Bearer {ADMIN}", scraper, API_KEY):
                 headers = {"authorization": auth} if auth else {}
                 body = {"model": "m", "prompt": "hi"} if method == "POST" else None
                 response = await client.request(method, path, json=body, headers=headers)
@@ -94,7 +98,7 @@ async def test_every_http_path_but_health_needs_an_api_key(app: Any) -> None:
                 assert error["code"] == "invalid_api_key" and "Authorization: Bearer" in error["message"]
         served = await client.get("/v1/models", headers={"authorization": f"Bearer {API_KEY}"})
         assert served.status_code == 200
-        for token in (API_KEY, "sk-other", ADMIN):  # a scraper holds an API key or the admin token
+        for token in (API_KEY, "sk-other", SCRAPER):  # a scraper holds an API key or the metrics token
             metrics = await client.get("/metrics", headers={"authorization": f"bearer {token}"})
             assert metrics.status_code == 200 and b"pdflow_up" in metrics.content
 

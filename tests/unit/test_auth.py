@@ -59,13 +59,21 @@ def test_without_credentials_every_surface_is_open_and_only_loopback_may_bind() 
 
 
 def test_each_credential_opens_its_own_surface_only() -> None:
+    scraper = "a-metrics-token-for-prometheus"
     creds = Credentials.from_env(
-        {"PDFLOW_API_KEYS": "api-key", "PDFLOW_ADMIN_TOKEN": ADMIN, "PDFLOW_CLUSTER_SECRET": SECRET}
+        {
+            "PDFLOW_API_KEYS": "api-key",
+            "PDFLOW_ADMIN_TOKEN": ADMIN,
+            "PDFLOW_METRICS_TOKEN": scraper,
+            "PDFLOW_CLUSTER_SECRET": SECRET,
+        }
     )
     assert creds.allows_api("Bearer api-key") and not creds.allows_api(f"Bearer {ADMIN}")
+    assert not creds.allows_api(f"Bearer {scraper}")
     assert creds.allows_admin(f"Bearer {ADMIN}") and not creds.allows_admin("Bearer api-key")
-    assert creds.allows_metrics("Bearer api-key") and creds.allows_metrics(f"Bearer {ADMIN}")
-    assert not creds.allows_metrics(None)
+    assert not creds.allows_admin(f"Bearer {scraper}")
+    assert creds.allows_metrics("Bearer api-key") and creds.allows_metrics(f"Bearer {scraper}")
+    assert not creds.allows_metrics(None) and not creds.allows_metrics(f"Bearer {ADMIN}")
     creds.require_api_keys_for("0.0.0.0")
     creds.require_admin_token_for("0.0.0.0")
     creds.require_cluster_secret_for("0.0.0.0")

@@ -91,6 +91,7 @@ def test_lint_render_validate_and_golden(helm: Any, values: Path | None) -> None
     # the golden render leaves the dashboards out (test_dashboards_are_provisioned checks them): a review
     # sees the chart's own changes, not 1,800 lines of dashboard JSON
     text = helm("template", "pdflow", str(CHART), "--namespace", "serving", *args, *NO_DASHBOARDS).stdout
+    text = _masked_secrets(text)
     golden = GOLDEN / f"{values.stem if values else 'defaults'}.yaml"
     if os.environ.get("PDFLOW_UPDATE_GOLDEN"):
         golden.parent.mkdir(parents=True, exist_ok=True)
@@ -99,6 +100,18 @@ def test_lint_render_validate_and_golden(helm: Any, values: Path | None) -> None
     assert text == golden.read_text(), (
         f"the chart renders differently from {golden.relative_to(ROOT)}: review the change, then "
         f"PDFLOW_UPDATE_GOLDEN=1 pytest tests/unit/test_helm_chart.py"
+    )
+
+
+def _masked_secrets(text: str) -> str:
+    """The render with the auth Secret's random values replaced (they differ on every render)."""
+    import re
+
+    return re.sub(
+        r"^(  (?:api-keys|admin-token|metrics-token|cluster-secret|ray-token): )\S+$",
+        r"\1<random>",
+        text,
+        flags=re.MULTILINE,
     )
 
 
@@ -311,3 +324,84 @@ def test_only_the_head_gets_an_api_token_and_metrics_stay_scrapable_behind_apifr
     assert scrapers and scrapers[0]["from"][0]["namespaceSelector"]["matchLabels"] == {
         "kubernetes.io/metadata.name": "monitoring"
     }
+
+
+def _pod_environment(
+    spec: dict[str, Any], secret: dict[str, str], mounted_at: Path
+) -> tuple[dict[str, str], set[str]]:
+    """A pod's environment as its container sees it, with the auth Secret's files written under
+    ``mounted_at``: the variables, and the Secret keys the pod mounts."""
+    import base64
+
+    (container,) = spec["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "auth"]
+    (volume,) = [v for v in spec["volumes"] if v["name"] == "auth"]
+    keys = {item["key"] for item in volume["secret"]["items"]}
+    for item in volume["secret"]["items"]:
+        (mounted_at / item["path"]).write_bytes(base64.b64decode(secret[item["key"]]))
+    env = {
+        e["name"]: e["value"].replace(mount["mountPath"], str(mounted_at))
+        for e in container["env"]
+        if "value" in e
+    }
+    return env, keys
+
+
+def test_each_pod_gets_its_own_credentials_and_would_start_with_them(
+    helm: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pdflow refuses to serve a pod's address without its credentials: the chart's Secret must give each
+    pod what its command checks, and no more (a worker never holds an API key)."""
+    from typer.testing import CliRunner
+
+    from pdctl import cli, pod  # noqa: F401  (registers the commands)
+    from pdctl.options import app
+    from protocol.auth import Credentials
+
+    docs = render(helm, "--set", "monitoring.serviceMonitor.enabled=true")
+    (secret,) = by_kind(docs, "Secret").values()
+    assert set(secret["data"]) == {"api-keys", "admin-token", "metrics-token", "cluster-secret", "ray-token"}
+    assert len(set(secret["data"].values())) == 5  # each its own random value
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    (config_file := tmp_path / "cluster.yaml").write_text(cm["data"]["cluster.yaml"])
+    workloads = {"head": by_kind(docs, "Deployment")["pdflow-head"], **pools(docs)}
+    for role, workload in workloads.items():
+        spec = workload["spec"]["template"]["spec"]
+        (mounted := tmp_path / role).mkdir()
+        env, keys = _pod_environment(spec, secret["data"], mounted)
+        if role == "head":
+            assert keys == {"api-keys", "metrics-token", "admin-token", "ray-token"}
+        else:
+            assert keys == {"cluster-secret", "admin-token", "ray-token"}
+        assert env["RAY_AUTH_MODE"] == "token" and Path(env["RAY_AUTH_TOKEN_PATH"]).is_file()
+        credentials = Credentials.from_env(env)
+        assert bool(credentials.api_keys) == (role == "head")
+        assert (credentials.cluster_secret is not None) == (role != "head")
+        assert (
+            credentials.admin_token is not None
+        )  # the head serves the admin API; the pools' preStop calls it
+        # the pod's own command gets past its credential check, to the next one (a model it cannot find)
+        for name in [k for k in os.environ if k.startswith("PDFLOW_")]:
+            monkeypatch.delenv(name)
+        args = ["pod", "head"] if role == "head" else ["pod", "worker", "--role", role]
+        env |= {"POD_NAME": f"pdflow-{role}-0", "PDFLOW__KV__SIDE_CHANNEL_HOST": "10.0.0.7", "COLUMNS": "300"}
+        args += ["-c", str(config_file), "--set", "model.path=/no/model"]
+        result = CliRunner().invoke(app, args, env=env)
+        assert result.exit_code == 1 and "/no/model" in result.output, (role, result.output)
+        without = CliRunner().invoke(
+            app, args, env={k: env[k] for k in env if "AUTH" not in k and "FILE" not in k}
+        )
+        assert without.exit_code == 1 and "will not serve" in without.output, (
+            role,
+            without.output,
+        )  # control
+    (monitor,) = by_kind(docs, "ServiceMonitor").values()
+    assert monitor["spec"]["endpoints"][0]["authorization"]["credentials"] == {
+        "name": secret["metadata"]["name"],
+        "key": "metrics-token",
+    }
+    theirs = render(helm, "--set", "auth.existingSecret=team-credentials")
+    assert not by_kind(theirs, "Secret")
+    for workload in [by_kind(theirs, "Deployment")["pdflow-head"], *pools(theirs).values()]:
+        (volume,) = [v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth"]
+        assert volume["secret"]["secretName"] == "team-credentials"

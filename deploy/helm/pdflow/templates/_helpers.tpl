@@ -68,9 +68,12 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- toYaml $config -}}
 {{- end -}}
 
-{{- define "pdflow.modelMount" -}}
+{{- define "pdflow.mounts" -}}
 - name: config
   mountPath: /etc/pdflow
+  readOnly: true
+- name: auth
+  mountPath: /etc/pdflow-auth
   readOnly: true
 {{- if .Values.model.volume }}
 - name: model
@@ -87,6 +90,39 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 - name: model
   {{- toYaml .Values.model.volume | nindent 2 }}
 {{- end }}
+{{- end -}}
+
+{{- define "pdflow.authSecretName" -}}
+{{ .Values.auth.existingSecret | default (printf "%s-auth" (include "pdflow.fullname" .)) }}
+{{- end -}}
+
+{{/* The credentials a pod needs, by role (protocol/auth.py): the head serves the APIs and the admin API; a
+pool pod serves a KV side channel and calls the admin API from its preStop hook; both run Ray. Files, from
+the auth Secret: `pdflow.authEnv` names them, `pdflow.authVolume` mounts only the role's own. */}}
+{{- define "pdflow.authKeys" -}}
+{{- if eq .role "head" -}}
+api-keys metrics-token admin-token ray-token
+{{- else -}}
+cluster-secret admin-token ray-token
+{{- end -}}
+{{- end -}}
+
+{{- define "pdflow.authEnv" -}}
+- {name: RAY_AUTH_MODE, value: token}
+{{- range $key := splitList " " (include "pdflow.authKeys" .) }}
+- name: {{ if eq $key "ray-token" }}RAY_AUTH_TOKEN_PATH{{ else }}PDFLOW_{{ $key | upper | replace "-" "_" }}_FILE{{ end }}
+  value: /etc/pdflow-auth/{{ $key }}
+{{- end }}
+{{- end -}}
+
+{{- define "pdflow.authVolume" -}}
+- name: auth
+  secret:
+    secretName: {{ include "pdflow.authSecretName" .root }}
+    items:
+      {{- range $key := splitList " " (include "pdflow.authKeys" .) }}
+      - {key: {{ $key }}, path: {{ $key }}}
+      {{- end }}
 {{- end -}}
 
 {{/* Every pdflow container's environment. Ray's own processes inherit it (`ray start` runs first). */}}
