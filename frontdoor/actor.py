@@ -54,6 +54,7 @@ class FrontDoor:
         fd = self.config.frontdoor
         credentials = Credentials.from_env()
         credentials.require_api_keys_for(fd.host)
+        tls = fd.tls_pair()
         tokenizer = ModelTokenizer(self._model_path)
         textgen = TextGenerator(
             self.router,
@@ -79,6 +80,8 @@ class FrontDoor:
                 log_level="warning",
                 lifespan="off",
                 timeout_graceful_shutdown=2,
+                ssl_certfile=fd.tls_cert_file,
+                ssl_keyfile=fd.tls_key_file,
             )
         )
         self._tasks.append(asyncio.create_task(self._http.serve()))
@@ -89,9 +92,10 @@ class FrontDoor:
             await asyncio.sleep(0.05)
         http_port = self._http.servers[0].sockets[0].getsockname()[1]
         self._grpc, grpc_port = await start_grpc_server(
-            textgen, fd.host, fd.grpc_port, health_check=self.health, credentials=credentials
+            textgen, fd.host, fd.grpc_port, health_check=self.health, credentials=credentials, tls=tls
         )
-        self.addresses = {"http": f"http://{fd.host}:{http_port}", "grpc": f"{fd.host}:{grpc_port}"}
+        scheme = "https" if tls else "http"
+        self.addresses = {"http": f"{scheme}://{fd.host}:{http_port}", "grpc": f"{fd.host}:{grpc_port}"}
         snapshot: ClusterSnapshot = await self._actors.call(
             self._controller_name,
             "subscribe",

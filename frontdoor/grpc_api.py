@@ -139,11 +139,13 @@ async def start_grpc_server(
     health_check: Callable[[], dict[str, Any]] | None = None,
     health_period_s: float = 1.0,
     credentials: Credentials | None = None,
+    tls: tuple[bytes, bytes] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a ``grpc.aio`` server with the Router service, health checking and reflection, on
     ``host:port`` (0: a free port). Health ("" and ``pdflow.v1.Router``) follows ``health_check()["ok"]``,
     read every ``health_period_s`` (SERVING or NOT_SERVING, as HTTP's /health answers 200 or 503); without
-    ``health_check``, SERVING. With API keys in ``credentials``, every call but health checks needs one.
+    ``health_check``, SERVING. With API keys in ``credentials``, every call but health checks needs one. With
+    ``tls`` (PEM certificate chain, private key), the port speaks TLS only.
     Returns the server and its bound port; the caller stops it with
     ``await server.stop(grace)``, which also ends the health follower."""
     allows = (credentials or Credentials()).allows_api
@@ -155,7 +157,11 @@ async def start_grpc_server(
         (ROUTER_SERVICE, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
         server,
     )
-    bound = server.add_insecure_port(f"{host}:{port}")
+    if tls is None:
+        bound = server.add_insecure_port(f"{host}:{port}")
+    else:
+        chain, key = tls
+        bound = server.add_secure_port(f"{host}:{port}", grpc.ssl_server_credentials([(key, chain)]))
     if bound == 0:
         raise OSError(f"cannot bind the gRPC Router server to {host}:{port}")
     for service in ("", ROUTER_SERVICE):

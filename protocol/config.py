@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from protocol.kv_config import KVTransferConfig
 from protocol.scaling_config import AutoscalerConfig
@@ -122,6 +122,26 @@ class FrontDoorConfig(_Section):
         description="Largest HTTP request body read (bytes); a larger one is answered 413 before it is "
         "parsed. 1 MiB holds far more than any prompt a 2048-token context takes.",
     )
+    tls_cert_file: Path | None = Field(
+        None,
+        description="PEM certificate chain: with tls_key_file, the HTTP API is served over HTTPS and the "
+        "gRPC Router over TLS. Unset: plain text (behind a TLS-terminating proxy, or on loopback).",
+    )
+    tls_key_file: Path | None = Field(None, description="PEM private key of tls_cert_file.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> FrontDoorConfig:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "frontdoor.tls_cert_file and frontdoor.tls_key_file go together: set both or none"
+            )
+        return self
+
+    def tls_pair(self) -> tuple[bytes, bytes] | None:
+        """(certificate chain, private key) PEM bytes, read now; None without TLS."""
+        if self.tls_cert_file is None or self.tls_key_file is None:
+            return None
+        return self.tls_cert_file.read_bytes(), self.tls_key_file.read_bytes()
 
 
 class MigrationConfig(_Section):

@@ -124,11 +124,18 @@ class _Server(uvicorn.Server):
 
 
 @contextlib.asynccontextmanager
-async def uvicorn_server(app: FastAPI) -> AsyncIterator[str]:
-    """A real uvicorn server on 127.0.0.1 and a free port; yields its base URL."""
+async def uvicorn_server(app: FastAPI, **options: Any) -> AsyncIterator[str]:
+    """A real uvicorn server on 127.0.0.1 and a free port (``options``: more of ``uvicorn.Config``, such as
+    TLS files); yields its base URL."""
     server = _Server(
         uvicorn.Config(
-            app, host="127.0.0.1", port=0, log_level="warning", lifespan="off", timeout_graceful_shutdown=2
+            app,
+            host="127.0.0.1",
+            port=0,
+            log_level="warning",
+            lifespan="off",
+            timeout_graceful_shutdown=2,
+            **options,
         )
     )
     serving = asyncio.create_task(server.serve())
@@ -136,7 +143,8 @@ async def uvicorn_server(app: FastAPI) -> AsyncIterator[str]:
     await asyncio.wait((serving, ready), timeout=DEADLINE_S, return_when=asyncio.FIRST_COMPLETED)
     assert server.ready.is_set(), "uvicorn did not start"
     try:
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+        scheme = "https" if options.get("ssl_certfile") else "http"
+        yield f"{scheme}://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
     finally:
         server.should_exit = True
         await asyncio.wait_for(serving, DEADLINE_S)

@@ -405,3 +405,25 @@ def test_each_pod_gets_its_own_credentials_and_would_start_with_them(
     for workload in [by_kind(theirs, "Deployment")["pdflow-head"], *pools(theirs).values()]:
         (volume,) = [v for v in workload["spec"]["template"]["spec"]["volumes"] if v["name"] == "auth"]
         assert volume["secret"]["secretName"] == "team-credentials"
+
+
+def test_a_tls_secret_turns_the_front_door_and_its_probes_to_tls(helm: Any) -> None:
+    from protocol.config import ClusterConfig
+
+    docs = render(
+        helm, "--set", "head.tlsSecret=pdflow-tls", "--set", "monitoring.serviceMonitor.enabled=true"
+    )
+    (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
+    fd = ClusterConfig.model_validate(yaml.safe_load(cm["data"]["cluster.yaml"])).frontdoor
+    head = by_kind(docs, "Deployment")["pdflow-head"]["spec"]["template"]["spec"]
+    (container,) = head["containers"]
+    (mount,) = [m for m in container["volumeMounts"] if m["name"] == "tls"]
+    (volume,) = [v for v in head["volumes"] if v["name"] == "tls"]
+    assert volume["secret"]["secretName"] == "pdflow-tls"
+    assert str(fd.tls_cert_file) == f"{mount['mountPath']}/tls.crt"  # the keys of a kubernetes.io/tls Secret
+    assert str(fd.tls_key_file) == f"{mount['mountPath']}/tls.key"
+    assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    (monitor,) = by_kind(docs, "ServiceMonitor").values()
+    assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    plain = by_kind(render(helm), "Deployment")["pdflow-head"]["spec"]["template"]["spec"]
+    assert plain["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"

@@ -56,6 +56,10 @@ app.kubernetes.io/instance: {{ .Release.Name }}
     "prefill_workload" (include "pdflow.poolName" (dict "root" . "role" "prefill"))
     "decode_workload" (include "pdflow.poolName" (dict "root" . "role" "decode")))
 -}}
+{{- if .Values.head.tlsSecret -}}
+{{- $_ := set $owned.frontdoor "tls_cert_file" "/etc/pdflow-tls/tls.crt" -}}
+{{- $_ := set $owned.frontdoor "tls_key_file" "/etc/pdflow-tls/tls.key" -}}
+{{- end -}}
 {{- if .Values.model.volume -}}
 {{- $_ := set $owned "model" (dict "path" (printf "%s/%s" .Values.model.mountPath .Values.model.subPath | trimSuffix "/")) -}}
 {{- else if not .Values.model.embedded -}}
