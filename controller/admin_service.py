@@ -19,7 +19,7 @@ from protocol.errors import InvalidRequest
 from protocol.proto import admin_pb2, admin_pb2_grpc
 from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, RequestRecord, Role
 from protocol.transfers import TransferRecord
-from runtime.grpc_auth import BearerInterceptor
+from runtime.grpc_guard import GrpcGuard
 
 
 class AdminBackend(Protocol):
@@ -318,7 +318,7 @@ async def start_admin_server(
     """Serve pdflow.v1.Admin on ``host:port`` (0: a free one); with an admin token in ``credentials``, every
     call but health checks needs it. Returns the server and its bound port."""
     allows = (credentials or Credentials()).allows_admin
-    server = grpc.aio.server(interceptors=[BearerInterceptor(allows, "the admin token")])
+    server = grpc.aio.server(interceptors=[GrpcGuard(allows, "the admin token")])
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -22,7 +22,7 @@ from protocol.auth import Credentials
 from protocol.errors import InvalidRequest, PdflowError
 from protocol.ids import RequestId, check_request_id, new_request_id
 from protocol.proto import router_pb2, router_pb2_grpc
-from runtime.grpc_auth import BearerInterceptor
+from runtime.grpc_guard import GrpcGuard
 
 log = logging.getLogger(__name__)
 ROUTER_SERVICE = router_pb2.DESCRIPTOR.services_by_name["Router"].full_name  # "pdflow.v1.Router"
@@ -149,7 +149,7 @@ async def start_grpc_server(
     Returns the server and its bound port; the caller stops it with
     ``await server.stop(grace)``, which also ends the health follower."""
     allows = (credentials or Credentials()).allows_api
-    server = grpc.aio.server(interceptors=[BearerInterceptor(allows, "an API key")])
+    server = grpc.aio.server(interceptors=[GrpcGuard(allows, "an API key")])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(textgen), server)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
