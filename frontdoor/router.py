@@ -17,6 +17,7 @@ from typing import Any
 
 from frontdoor.metrics import FrontDoorMetrics
 from frontdoor.workers import WorkerCallFailed, WorkerClient
+from policy.admission import AdmissionState, admit, observe
 from policy.dispatch import DispatchPlan, DispatchState, decide
 from protocol.config import FrontDoorConfig
 from protocol.errors import DeadlineExceeded, InvalidRequest, Overloaded, PdflowError, WorkerFailed
@@ -72,6 +73,7 @@ class RequestRouter:
         self._wall_clock = wall_clock
         self._snapshot = ClusterSnapshot(version=-1)
         self._dispatch = DispatchState()
+        self._admission = AdmissionState()
         self._active: dict[str, _Flight] = {}
 
     @property
@@ -88,17 +90,27 @@ class RequestRouter:
             counts[flight.state.value] = counts.get(flight.state.value, 0) + 1
         return counts
 
-    def _admit(self) -> None:
-        """Refuse a request (``Overloaded``) while ``max_waiting`` per live prefill worker already wait for
-        their first token: past that, a new one would only queue until its prefill deadline."""
-        waiting = sum(1 for f in self._active.values() if f.state in _WAITING)
-        bound = self._config.max_waiting * max(1, len(self._snapshot.live(Role.PREFILL)))
-        if waiting >= bound:
+    def _admit(self, prompt_tokens: int) -> int:
+        """Refuse a request (``Overloaded``) that would wait too long for its first token
+        (``policy.admission``); else return the prompt tokens it waits behind, its own included."""
+        waiting = [f for f in self._active.values() if f.state in _WAITING]
+        ahead = sum(f.prompt_tokens for f in waiting) + prompt_tokens
+        decision = admit(
+            self._admission,
+            waiting_requests=len(waiting),
+            waiting_tokens=ahead - prompt_tokens,
+            prompt_tokens=prompt_tokens,
+            live_prefill=len(self._snapshot.live(Role.PREFILL)),
+            max_waiting=self._config.max_waiting,
+            max_ttft_s=self._config.max_predicted_ttft_s,
+        )
+        if not decision.admitted:
             raise Overloaded(
-                f"The server is overloaded: {waiting} requests already wait for their first token on this "
-                f"front door. Please retry after a short wait.",
-                retry_after_s=1,
+                f"The server is overloaded: {decision.reason}. Please retry after "
+                f"{decision.retry_after_s} s.",
+                retry_after_s=decision.retry_after_s,
             )
+        return ahead
 
     def inbound(self, instance_id: str) -> int:
         """Requests this front door has planned on ``instance_id`` that still need it but may not show in
@@ -136,12 +148,13 @@ class RequestRouter:
         try:
             now = self._wall_clock()
             plan, dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch, now)  # 503 first
-            self._admit()
+            ahead = self._admit(len(prompt_token_ids))
             self._dispatch = dispatch
         except PdflowError:
             self._metrics.requests.labels(outcome="rejected").inc()
             raise
         flight = _Flight(request_id, plan, len(prompt_token_ids), self._events, self._clock, self._wall_clock)
+        flight.tokens_ahead = ahead
         self._active[request_id] = flight
         self._metrics.prompt_tokens.inc(len(prompt_token_ids))
         outcome: RequestState | None = None
@@ -190,6 +203,12 @@ class RequestRouter:
             yield TokenChunk(rid, (), FinishReason.ABORT)
             return
         flight.ttft = self._clock() - flight.started
+        self._admission = observe(
+            self._admission,
+            tokens_served=flight.tokens_ahead,
+            waited_s=flight.ttft,
+            live_prefill=len(self._snapshot.live(Role.PREFILL)),
+        )
         self._metrics.prefill_seconds.observe(result.prefill_seconds)
         handoff = DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle, priority)
         handed_off = False
@@ -374,6 +393,7 @@ class _Flight:
         self.request_id = request_id
         self.plan = plan
         self.prompt_tokens = prompt_tokens
+        self.tokens_ahead = prompt_tokens  # prompt tokens waiting at its admission, its own included
         self.output_tokens = 0
         self._wall_clock = wall_clock
         self.started = clock()

@@ -116,6 +116,15 @@ class FrontDoorConfig(_Section):
         "per live prefill worker; one more is answered 429 with Retry-After before any compute is spent, "
         "instead of a 504 once prefill_timeout_s has passed.",
     )
+    max_predicted_ttft_s: float | None = Field(
+        4.0,
+        gt=0,
+        description="Refuse (429, Retry-After) a request whose first token would come later than this: the "
+        "prompt tokens waiting ahead of it on this front door, plus its own, over the rate the prefill pool "
+        "has been serving them (learned from the first tokens). Twice the TTFT SLO (autoscaler.ttft_slo_s) "
+        "is a fair choice: it sheds the excess of an overload, and lets short bursts queue. Unset: only "
+        "max_waiting bounds the queue.",
+    )
     max_body_bytes: int = Field(
         1 << 20,
         ge=1024,
