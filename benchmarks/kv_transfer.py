@@ -54,12 +54,16 @@ def _endpoint(name: str, host: str, arena_mib: int) -> tuple[Any, Any]:
     from kv_transfer.exchange.allocator import keep_freed_memory
     from kv_transfer.exchange.endpoint import KVEndpoint
     from kv_transfer.transport.nixl import NixlTransport
+    from protocol.auth import Credentials
     from protocol.kv_config import KVTransferConfig
 
     keep_freed_memory(KVTransferConfig().keep_freed_mib)  # as the connector does in an engine's process
     early = None if os.environ.get(_EARLY_ENV, "1") == "1" else 0
     transport = NixlTransport(name, arena_mib << 20)
-    endpoint = KVEndpoint(transport, host=host, timeout_s=120, lease_s=300, predecode_bytes=early)
+    secret = Credentials.from_env().cluster_secret  # needed to bind an address other than loopback
+    endpoint = KVEndpoint(
+        transport, host=host, timeout_s=120, lease_s=300, predecode_bytes=early, secret=secret
+    )
     return endpoint, transport
 
 

@@ -232,7 +232,13 @@ def main() -> int:
 
     prepare_model()
     workdir = Path(tempfile.mkdtemp(prefix="pdflow-rolling-"))
-    env = {**ENV_DEFAULTS, **os.environ, "VLLM_CACHE_ROOT": str(default_cache_dir().parents[1] / "vllm")}
+    # on loopback, Ray without auth (unless the environment says otherwise) for `ray start` and the pods alike
+    env = {
+        **ENV_DEFAULTS,
+        "RAY_AUTH_MODE": "disabled",
+        **os.environ,
+        "VLLM_CACHE_ROOT": str(default_cache_dir().parents[1] / "vllm"),
+    }
     env["PYTHONPATH"] = str(ROOT)
     ray_port, http_port, admin_port = free_port(), free_port(), free_port()
     config = workdir / "cluster.yaml"

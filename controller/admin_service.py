@@ -316,8 +316,11 @@ async def start_admin_server(
     backend: AdminBackend, host: str, port: int, credentials: Credentials | None = None
 ) -> tuple[grpc.aio.Server, int]:
     """Serve pdflow.v1.Admin on ``host:port`` (0: a free one); with an admin token in ``credentials``, every
-    call but health checks needs it. Returns the server and its bound port."""
-    allows = (credentials or Credentials()).allows_admin
+    call but health checks needs it (and without one, only loopback may be bound). Returns the server and its
+    bound port."""
+    credentials = credentials or Credentials()
+    credentials.require_admin_token_for(host)  # CredentialError on an address others reach, without it
+    allows = credentials.allows_admin
     server = grpc.aio.server(interceptors=[GrpcGuard(allows, "the admin token")])
     admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(backend), server)
     health_servicer = health.aio.HealthServicer()

@@ -35,7 +35,11 @@ class FrontDoor:
         self._actors = ActorDirectory(namespace)
         self.metrics = FrontDoorMetrics(lambda: self.router.snapshot)
         self.router = RequestRouter(
-            self.config.frontdoor, RayWorkerClient(self._actors), self.metrics, self._queue_event
+            self.config.frontdoor,
+            RayWorkerClient(self._actors),
+            self.metrics,
+            self._queue_event,
+            max_predicted_ttft_s=self.config.max_predicted_ttft_s,
         )
         self._http: Any = None
         self._grpc: Any = None

@@ -148,7 +148,9 @@ async def start_grpc_server(
     ``tls`` (PEM certificate chain, private key), the port speaks TLS only.
     Returns the server and its bound port; the caller stops it with
     ``await server.stop(grace)``, which also ends the health follower."""
-    allows = (credentials or Credentials()).allows_api
+    credentials = credentials or Credentials()
+    credentials.require_api_keys_for(host)  # CredentialError on an address others reach, without keys
+    allows = credentials.allows_api
     server = grpc.aio.server(interceptors=[GrpcGuard(allows, "an API key")])
     router_pb2_grpc.add_RouterServicer_to_server(RouterServicer(textgen), server)
     health_servicer = health.aio.HealthServicer()

@@ -60,11 +60,14 @@ class RequestRouter:
         metrics: FrontDoorMetrics,
         events: EventSink,
         *,
+        max_predicted_ttft_s: float | None = None,
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
     ) -> None:
-        """``clock`` times requests (latency metrics); ``wall_clock`` is the clock of the instances'
-        ``reported_at`` (dispatch compares the two) and of the request events."""
+        """``max_predicted_ttft_s``: refuse a request predicted to wait longer for its first token
+        (``ClusterConfig.max_predicted_ttft_s``; None: only ``max_waiting`` bounds the queue). ``clock`` times
+        requests (latency metrics); ``wall_clock`` is the clock of the instances' ``reported_at`` (dispatch
+        compares the two) and of the request events."""
         self._config = config
         self._workers = workers
         self._metrics = metrics
@@ -74,6 +77,7 @@ class RequestRouter:
         self._snapshot = ClusterSnapshot(version=-1)
         self._dispatch = DispatchState()
         self._admission = AdmissionState()
+        self._max_predicted_ttft_s = max_predicted_ttft_s
         self._active: dict[str, _Flight] = {}
 
     @property
@@ -102,7 +106,7 @@ class RequestRouter:
             prompt_tokens=prompt_tokens,
             live_prefill=len(self._snapshot.live(Role.PREFILL)),
             max_waiting=self._config.max_waiting,
-            max_ttft_s=self._config.max_predicted_ttft_s,
+            max_ttft_s=self._max_predicted_ttft_s,
         )
         if not decision.admitted:
             raise Overloaded(

@@ -299,6 +299,7 @@ def demo(
 
 def main() -> None:
     from pdctl import (
+        auth,  # noqa: F401  (adds auth: new-key, hash-key)
         operations,  # noqa: F401  (adds migrate, cordon, uncordon, drain, migrations after these)
         pod,  # noqa: F401  (adds pod: head, worker, drain)
         scaling,  # noqa: F401  (adds autoscaler, scale, set-role)

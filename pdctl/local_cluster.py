@@ -51,6 +51,7 @@ def apply_env_defaults(cache_dir: Path) -> None:
     as in the tests). The Ray actors started here inherit all of it."""
     for key, value in ENV_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
     if "RAY_AUTH_MODE" in os.environ:
         return
     ray_token = Credentials.from_env().ray_token()
@@ -59,7 +60,6 @@ def apply_env_defaults(cache_dir: Path) -> None:
     else:
         os.environ["RAY_AUTH_MODE"] = "token"
         os.environ["RAY_AUTH_TOKEN"] = ray_token
-    os.environ.setdefault("VLLM_CACHE_ROOT", str(cache_dir / "vllm"))
 
 
 @dataclass

@@ -72,7 +72,7 @@ def check_credentials(cfg: Any, *, api: bool = True, admin: bool = True, kv: boo
     """Before anything starts: refuse to serve a surface this process serves (the API, the admin API, KV
     side channels) on an address other machines reach without its credential (``protocol.auth``), with the
     message that says how to set it."""
-    from protocol.auth import CredentialError, Credentials
+    from protocol.auth import CredentialError, Credentials, is_loopback
 
     try:
         credentials = Credentials.from_env()
@@ -82,6 +82,11 @@ def check_credentials(cfg: Any, *, api: bool = True, admin: bool = True, kv: boo
             credentials.require_admin_token_for(cfg.controller.admin_host)
         if kv:
             credentials.require_cluster_secret_for(cfg.kv.side_channel_host)
+            if cfg.kv.connector.value == "nixl" and not is_loopback(cfg.kv.side_channel_host):
+                raise CredentialError(
+                    "kv.connector: nixl (vLLM's NixlConnector, a baseline) serves its own side channel, "
+                    "which has no authentication: use it on one machine only, or kv.connector: pdflow."
+                )
     except CredentialError as exc:
         fail(str(exc))
 

@@ -6,8 +6,13 @@ on this front door. And a prediction: the prompt tokens waiting ahead of the new
 divided by the rate at which the prefill pool has been serving this front door's prompts, is the time to its
 first token; past ``max_ttft_s`` it is refused. The rate is learned from the requests themselves: each first
 token says how many prompt tokens (its own and those ahead of it at its admission) the pool served in the
-time it waited, per live prefill worker, and an exponential average keeps it. Until a first token has come,
-only the count applies.
+time it waited, per live prefill worker, and an exponential average keeps it. A first token that came after
+fewer than ``MIN_LEARNING_TOKENS`` is not learned from: its time is the fixed cost of a request (dispatch,
+one engine step, the hand-off), not prefill work, and would make the pool look slow. Until a first token has
+taught the rate, only the count applies.
+
+A prompt too long to meet the limit even alone is refused only while the queue ahead of it alone would
+take longer than the limit: it is never refused for good, and it waits behind no more than others do.
 
 Pure: the front door passes the figures in and keeps the state it gets back.
 """
@@ -18,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 SMOOTHING = 0.2  # weight of the newest observation in the average rate
+MIN_LEARNING_TOKENS = 256  # prompt tokens served before a first token for it to teach the rate
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,8 +53,14 @@ def admit(
     prompt tokens) that wait for their first token, with ``live_prefill`` prefill workers serving them."""
     workers = max(1, live_prefill)
     predicted = None
+    too_late = False
     if state.tokens_per_s:
-        predicted = (waiting_tokens + prompt_tokens) / (state.tokens_per_s * workers)
+        ahead = waiting_tokens / (state.tokens_per_s * workers)
+        own = prompt_tokens / (state.tokens_per_s * workers)
+        predicted = ahead + own
+        if max_ttft_s is not None:
+            # a prompt too long for the limit alone: only its wait ahead is bounded
+            too_late = (ahead if own > max_ttft_s else predicted) > max_ttft_s
     if waiting_requests >= max_waiting * workers:
         return Admission(
             False,
@@ -56,8 +68,7 @@ def admit(
             f"{waiting_requests} requests already wait for their first token on this front door",
             1,
         )
-    if predicted is not None and max_ttft_s is not None and predicted > max_ttft_s and waiting_requests:
-        # at least one ahead: a prompt too long for the limit alone is still served when the queue is empty
+    if too_late and predicted is not None and max_ttft_s is not None:
         return Admission(
             False,
             predicted,
@@ -73,7 +84,7 @@ def observe(
 ) -> AdmissionState:
     """A request's first token came ``waited_s`` after its admission, and the pool served ``tokens_served``
     prompt tokens in that time (its own and those waiting ahead of it)."""
-    if waited_s <= 0 or tokens_served <= 0:
+    if waited_s <= 0 or tokens_served < MIN_LEARNING_TOKENS:
         return state
     rate = tokens_served / waited_s / max(1, live_prefill)
     if state.tokens_per_s is None:

@@ -7,7 +7,8 @@ server other hosts can reach has them.
 - **The admin token**: the admin gRPC API (migrate, cordon, drain, scale), which ``pdctl`` and the pods'
   preStop hook call.
 - **The cluster secret**: shared by every process of one cluster. The KV side channel signs each message
-  with it (HMAC-SHA256) and refuses one that is not signed with it; Ray's own token is derived from it.
+  with it (HMAC-SHA256) and refuses one that is not signed with it; ``pdctl up`` derives Ray's token from it
+  (the Helm chart gives Ray a token of its own).
 
 Each comes from an environment variable holding the value (``PDFLOW_API_KEYS``: comma-separated) or from a
 file it names (``PDFLOW_API_KEYS_FILE``: one key per line, ``#`` comments): a Kubernetes Secret is mounted as
@@ -25,7 +26,7 @@ import hmac
 import ipaddress
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 API_KEYS_ENV = "PDFLOW_API_KEYS"
@@ -68,10 +69,11 @@ def _digest(secret: str) -> bytes:
 class Credentials:
     """What this process accepts. Empty: that surface is open (and so may bind loopback only)."""
 
-    api_keys: frozenset[bytes] = frozenset()  # SHA-256 digests
-    admin_token: bytes | None = None  # its SHA-256 digest
-    metrics_token: bytes | None = None  # its SHA-256 digest
-    cluster_secret: bytes | None = None  # the HMAC key itself (signing needs it)
+    # never in a repr (a traceback, a log line): the digests would do for a guessing attack offline
+    api_keys: frozenset[bytes] = field(default=frozenset(), repr=False)  # SHA-256 digests
+    admin_token: bytes | None = field(default=None, repr=False)  # its SHA-256 digest
+    metrics_token: bytes | None = field(default=None, repr=False)  # its SHA-256 digest
+    cluster_secret: bytes | None = field(default=None, repr=False)  # the HMAC key itself (signing needs it)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Credentials:
@@ -186,6 +188,8 @@ def _values(env: Mapping[str, str], name: str, *, split: bool) -> list[str]:
             raise CredentialError(f"{name}_FILE={path}: cannot read it ({exc.strerror}).") from None
         if split:
             lines = [line.split("#", 1)[0].strip() for line in text.splitlines()]
+            if not any(lines):
+                raise CredentialError(f"{name}_FILE={path} holds no key (one per line).")
             values += [line for line in lines if line]
         elif text.strip():
             values.append(text.strip())

@@ -116,14 +116,14 @@ class FrontDoorConfig(_Section):
         "per live prefill worker; one more is answered 429 with Retry-After before any compute is spent, "
         "instead of a 504 once prefill_timeout_s has passed.",
     )
-    max_predicted_ttft_s: float | None = Field(
-        4.0,
+    admission_slo_factor: float | None = Field(
+        1.0,
         gt=0,
-        description="Refuse (429, Retry-After) a request whose first token would come later than this: the "
-        "prompt tokens waiting ahead of it on this front door, plus its own, over the rate the prefill pool "
-        "has been serving them (learned from the first tokens). Twice the TTFT SLO (autoscaler.ttft_slo_s) "
-        "is a fair choice: it sheds the excess of an overload, and lets short bursts queue. Unset: only "
-        "max_waiting bounds the queue.",
+        description="Refuse (429, Retry-After) a request whose first token would come later than the TTFT "
+        "SLO (autoscaler.ttft_slo_s) times this: predicted from the prompt tokens waiting ahead of it on "
+        "this front door, plus its own, over the rate the prefill pool has been serving them (learned from "
+        "the first tokens). 1: what is admitted meets the SLO, the excess of an overload is refused at once. "
+        "Larger: bursts queue longer. Unset: only max_waiting bounds the queue.",
     )
     max_body_bytes: int = Field(
         1 << 20,
@@ -242,6 +242,12 @@ class ClusterConfig(_Section):
     migration: MigrationConfig = MigrationConfig()
     autoscaler: AutoscalerConfig = AutoscalerConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
+
+    @property
+    def max_predicted_ttft_s(self) -> float | None:
+        """The front door's admission limit (``frontdoor.admission_slo_factor`` x the TTFT SLO), if any."""
+        factor = self.frontdoor.admission_slo_factor
+        return None if factor is None else factor * self.autoscaler.ttft_slo_s
 
     @classmethod
     def load(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,6 +21,16 @@ from pdctl.model_cache import MODEL_NAME, default_cache_dir, prepare_model
 os.environ.setdefault("PDFLOW_CLUSTER_SECRET", "cluster-secret-of-the-pdflow-tests")
 os.environ.setdefault("PDFLOW_ADMIN_TOKEN", "admin-token-of-the-pdflow-tests")
 apply_env_defaults(default_cache_dir().parents[1])
+
+
+@pytest.fixture
+def textgen(model_tokenizer: ModelTokenizer, model_name: str) -> Any:
+    """The front door's text layer on a scripted token router (no workers): what the API tests serve."""
+    from frontdoor.textgen import TextGenerator
+    from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter
+
+    router = ScriptedRouter(model_tokenizer.encode(REPLY))
+    return TextGenerator(router, model_tokenizer, model_name, CONTEXT, DEFAULT_MAX_TOKENS)
 
 
 @pytest.fixture(scope="session")

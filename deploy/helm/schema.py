@@ -200,6 +200,7 @@ def chart_schema() -> dict[str, Any]:
                             "enabled": _bool("Render a ServiceMonitor (Prometheus Operator)."),
                             "interval": _str("Scrape interval.", pattern="^[0-9]+(ms|s|m)$"),
                             "labels": _map("Extra labels (to match the operator's selector)."),
+                            "tlsConfig": _map("With head.tlsSecret: how Prometheus checks the certificate."),
                         }
                     ),
                     "prometheusRule": _obj(

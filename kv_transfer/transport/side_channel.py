@@ -22,6 +22,7 @@ from typing import Any
 
 import zmq
 
+from protocol.auth import Credentials
 from protocol.kv_ops import Op, op_to_wire, parse_reply
 
 log = logging.getLogger(__name__)
@@ -54,11 +55,12 @@ def _verified(secret: bytes | None, frames: list[bytes]) -> bytes | None:
 
 class SideChannelServer:
     """Serves ``handler`` on ``tcp://host:port`` (port 0: a free one) from a daemon thread; with ``secret``,
-    only requests signed with it."""
+    only requests signed with it (without, it binds loopback only: ``CredentialError``)."""
 
     def __init__(
         self, handler: Handler, host: str = "127.0.0.1", port: int = 0, secret: bytes | None = None
     ) -> None:
+        Credentials(cluster_secret=secret).require_cluster_secret_for(host)  # unsigned: loopback only
         self._handler = handler
         self._secret = secret
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context.instance()

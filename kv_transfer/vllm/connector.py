@@ -112,8 +112,6 @@ class PdflowConnector(KVConnectorBase_V1):
         )
         try:
             zero_copy = settings.zero_copy and _register(transport, layers)
-            credentials = Credentials.from_env()
-            credentials.require_cluster_secret_for(settings.side_channel_host)
             endpoint = KVEndpoint(
                 transport,
                 host=settings.side_channel_host,
@@ -121,7 +119,7 @@ class PdflowConnector(KVConnectorBase_V1):
                 lease_s=settings.lease_seconds,
                 timeout_s=settings.timeout_s,
                 checksum=settings.checksum,
-                secret=credentials.cluster_secret,
+                secret=Credentials.from_env().cluster_secret,
             )
         except BaseException:
             transport.close()  # now, not in a garbage collection during the engine's shutdown

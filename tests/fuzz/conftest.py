@@ -9,18 +9,10 @@ import pytest
 
 from frontdoor.http_api import build_http_app, local_names
 from frontdoor.textgen import TextGenerator
-from frontdoor.tokenizer import ModelTokenizer
 from protocol.auth import Credentials
-from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter
 
 API_KEY = "sk-fuzz-key"
 CREDENTIALS = Credentials.from_env({"PDFLOW_API_KEYS": API_KEY})
-
-
-@pytest.fixture
-def textgen(model_tokenizer: ModelTokenizer, model_name: str) -> TextGenerator:
-    router = ScriptedRouter(model_tokenizer.encode(REPLY))
-    return TextGenerator(router, model_tokenizer, model_name, CONTEXT, DEFAULT_MAX_TOKENS)
 
 
 @pytest.fixture

@@ -19,10 +19,9 @@ import pytest
 import zmq
 
 from kv_transfer.exchange.endpoint import KVEndpoint
-from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from protocol.kv_ops import OPS
 from tests.fuzz.cases import json_value
-from tests.support.kv import NOTHING_HELD, make_layers, send
+from tests.support.kv import NOTHING_HELD, endpoint_pair, make_layers, send
 
 pytestmark = pytest.mark.integration
 CASES = 2_000
@@ -32,12 +31,8 @@ HOSTILE = [None, -1, -(2**63), 2**80, 1e308, float("nan"), "", "x" * 5000, [], {
 
 @pytest.fixture
 def endpoints() -> Iterator[tuple[KVEndpoint, KVEndpoint]]:
-    fabric = FakeFabric()
-    sender = KVEndpoint(InProcessTransport("p", 1 << 20, fabric), secret=SECRET)
-    receiver = KVEndpoint(InProcessTransport("d", 1 << 20, fabric), secret=SECRET)
-    yield sender, receiver
-    sender.close()
-    receiver.close()
+    with endpoint_pair(SECRET) as pair:
+        yield pair
 
 
 def _sign(body: bytes) -> list[bytes]:

@@ -20,7 +20,6 @@ from controller.admin_service import start_admin_server
 from frontdoor.grpc_api import start_grpc_server
 from frontdoor.http_api import build_http_app
 from frontdoor.textgen import TextGenerator
-from frontdoor.tokenizer import ModelTokenizer
 from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
 from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
@@ -28,8 +27,8 @@ from pdctl.admin_client import AdminClient, AdminUnavailable
 from protocol.auth import Credentials
 from protocol.kv_ops import Reserve, op_to_wire
 from protocol.proto import admin_pb2, router_pb2
-from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter, uvicorn_server
-from tests.support.kv import NOTHING_HELD, make_layers, send
+from tests.integration.api_harness import uvicorn_server
+from tests.support.kv import NOTHING_HELD, endpoint_pair, make_layers, send
 
 API_KEY, ADMIN, SECRET = "sk-test-key-1", "admin-token-0123456789", "cluster-secret-0123456789"
 SCRAPER = "metrics-token-0123456789"
@@ -44,12 +43,6 @@ CREDENTIALS = Credentials.from_env(
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 REFLECTION = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
 DEADLINE_S = 10.0
-
-
-@pytest.fixture
-def textgen(model_tokenizer: ModelTokenizer, model_name: str) -> TextGenerator:
-    router = ScriptedRouter(model_tokenizer.encode(REPLY))
-    return TextGenerator(router, model_tokenizer, model_name, CONTEXT, DEFAULT_MAX_TOKENS)
 
 
 @pytest.fixture
@@ -217,13 +210,8 @@ async def test_every_admin_method_needs_the_admin_token_and_pdctl_sends_it(
 
 @pytest.fixture
 def signed_pair() -> Iterator[tuple[KVEndpoint, KVEndpoint]]:
-    fabric = FakeFabric()
-    secret = CREDENTIALS.cluster_secret
-    sender = KVEndpoint(InProcessTransport("p", 1 << 20, fabric), secret=secret)
-    receiver = KVEndpoint(InProcessTransport("d", 1 << 20, fabric), secret=secret)
-    yield sender, receiver
-    sender.close()
-    receiver.close()
+    with endpoint_pair(CREDENTIALS.cluster_secret) as pair:
+        yield pair
 
 
 def test_the_side_channel_serves_only_messages_signed_with_the_cluster_secret(signed_pair) -> None:

@@ -13,10 +13,9 @@ from pydantic import ValidationError
 from frontdoor.grpc_api import start_grpc_server
 from frontdoor.http_api import build_http_app
 from frontdoor.textgen import TextGenerator
-from frontdoor.tokenizer import ModelTokenizer
 from protocol.config import FrontDoorConfig
 from protocol.proto import router_pb2, router_pb2_grpc
-from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter, uvicorn_server
+from tests.integration.api_harness import uvicorn_server
 from tests.support.tls import CertificateFiles, make_certificates
 
 DEADLINE_S = 10.0
@@ -25,12 +24,6 @@ DEADLINE_S = 10.0
 @pytest.fixture(scope="module")
 def certificates(tmp_path_factory: pytest.TempPathFactory) -> CertificateFiles:
     return make_certificates(tmp_path_factory.mktemp("tls"))
-
-
-@pytest.fixture
-def textgen(model_tokenizer: ModelTokenizer, model_name: str) -> TextGenerator:
-    router = ScriptedRouter(model_tokenizer.encode(REPLY))
-    return TextGenerator(router, model_tokenizer, model_name, CONTEXT, DEFAULT_MAX_TOKENS)
 
 
 async def test_https_serves_a_client_that_trusts_the_ca_and_nothing_in_plain_text(

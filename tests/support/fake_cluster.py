@@ -90,7 +90,13 @@ class FakeCluster:
         # reports, the registry (monotonic), and the request events and snapshots (wall)
         self.clock, self.wall_clock = clock, wall_clock
         self.router = RequestRouter(
-            self.config.frontdoor, self.client, self.metrics, self._event, clock=clock, wall_clock=wall_clock
+            self.config.frontdoor,
+            self.client,
+            self.metrics,
+            self._event,
+            max_predicted_ttft_s=self.config.max_predicted_ttft_s,
+            clock=clock,
+            wall_clock=wall_clock,
         )
         self.coordinator = MigrationCoordinator(
             self.registry,

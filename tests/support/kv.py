@@ -3,8 +3,10 @@ that they landed bit for bit and left nothing held."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -18,6 +20,20 @@ from protocol.transfers import TransferOutcome
 LAYERS, TOKENS, HEADS, DIM = 4, 70, 3, 64
 NOTHING_HELD = {"regions": 0, "landed": 0, "reserved": 0, "predecoded": 0, "pulls": 0}
 _ids = itertools.count()
+
+
+@contextlib.contextmanager
+def endpoint_pair(secret: bytes | None = None) -> Iterator[tuple[KVEndpoint, KVEndpoint]]:
+    """A sending and a receiving endpoint on one in-process fabric, their side channels signed with
+    ``secret`` (None: unsigned, on loopback)."""
+    fabric = FakeFabric()
+    sender = KVEndpoint(InProcessTransport("p", 1 << 20, fabric), secret=secret)
+    receiver = KVEndpoint(InProcessTransport("d", 1 << 20, fabric), secret=secret)
+    try:
+        yield sender, receiver
+    finally:
+        sender.close()
+        receiver.close()
 
 
 def make_layers(seed: int = 0, count: int = LAYERS) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -35,10 +35,12 @@ def test_keys_from_the_variable_and_the_file_with_digests_comments_and_blank_lin
     assert creds.allows_api("bearer   file-key  ")  # the scheme in any case, spaces around
 
 
-def test_keys_are_kept_only_as_digests() -> None:
-    creds = Credentials.from_env({"PDFLOW_API_KEYS": "plain-key", "PDFLOW_ADMIN_TOKEN": ADMIN})
-    assert b"plain-key" not in repr(creds).encode() and ADMIN not in repr(creds)
+def test_keys_are_kept_only_as_digests_and_nothing_shows_in_a_repr() -> None:
+    creds = Credentials.from_env(
+        {"PDFLOW_API_KEYS": "plain-key", "PDFLOW_ADMIN_TOKEN": ADMIN, "PDFLOW_CLUSTER_SECRET": SECRET}
+    )
     assert all(len(d) == 32 for d in creds.api_keys)
+    assert repr(creds) == "Credentials()"  # no key, digest or secret in a traceback or a log line
 
 
 def test_without_credentials_every_surface_is_open_and_only_loopback_may_bind() -> None:
@@ -100,6 +102,7 @@ def test_a_secret_from_a_file_is_taken_whole(tmp_path: Path) -> None:
         ({"PDFLOW_API_KEYS": "sha256:" + "zz" * 32}, "not a SHA-256 digest"),
         ({"PDFLOW_API_KEYS_FILE": "/nonexistent/keys"}, "cannot read"),
         ({"PDFLOW_ADMIN_TOKEN_FILE": "/dev/null"}, "is empty"),
+        ({"PDFLOW_API_KEYS_FILE": "/dev/null"}, "holds no key"),
         ({"PDFLOW_ADMIN_TOKEN": "x" + ADMIN, "PDFLOW_ADMIN_TOKEN_FILE": "TOKEN_FILE"}, "both set and differ"),
     ],
 )
@@ -129,6 +132,10 @@ def test_clients_send_what_is_in_their_environment() -> None:
             "PDFLOW_CLUSTER_SECRET",
         ),
         (["pod", "head", "--set", "frontdoor.host=0.0.0.0"], "PDFLOW_API_KEYS"),
+        (
+            ["up", "--set", "kv.connector=nixl", "--set", "kv.side_channel_host=10.1.2.3"],
+            "PDFLOW_CLUSTER_SECRET",
+        ),
     ],
 )
 def test_pdctl_refuses_to_start_open_to_other_machines(
@@ -145,3 +152,38 @@ def test_pdctl_refuses_to_start_open_to_other_machines(
     result = CliRunner().invoke(app, args, env={"POD_NAME": "pdflow-decode-0", "COLUMNS": "400"})
     assert result.exit_code == 1, result.output
     assert "will not serve" in result.output and needs in result.output
+
+
+def test_pdctl_auth_makes_keys_and_the_digest_lines_that_stand_for_them(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from pdctl import auth  # noqa: F401  (registers the commands)
+    from pdctl.options import app
+
+    runner = CliRunner()
+    keys = [runner.invoke(app, ["auth", "new-key"]).output.strip() for _ in range(2)]
+    assert keys[0] != keys[1] and all(k.startswith("sk-") and len(k) > 40 for k in keys)
+    hashed = runner.invoke(app, ["auth", "hash-key"], input="\n".join(keys) + "\n")
+    assert hashed.exit_code == 0 and all(k not in hashed.output for k in keys)
+    (tmp_path / "keys").write_text(hashed.output)
+    creds = Credentials.from_env({"PDFLOW_API_KEYS_FILE": str(tmp_path / "keys")})
+    assert all(creds.allows_api(f"Bearer {k}") for k in keys) and not creds.allows_api("Bearer sk-other")
+    assert runner.invoke(app, ["auth", "hash-key"], input="").exit_code == 1
+
+
+def test_vllms_nixl_connector_is_refused_off_loopback_even_with_the_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from typer.testing import CliRunner
+
+    from pdctl import cli  # noqa: F401  (registers the commands)
+    from pdctl.options import app
+
+    monkeypatch.setenv("PDFLOW_CLUSTER_SECRET", SECRET)
+    args = ["up", "--set", "kv.connector=nixl", "--set", "kv.side_channel_host=10.1.2.3"]
+    result = CliRunner().invoke(app, args, env={"COLUMNS": "400"})
+    assert (
+        result.exit_code == 1
+        and "no authentication" in result.output
+        and "kv.connector: pdflow" in result.output
+    )

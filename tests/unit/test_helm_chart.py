@@ -411,7 +411,9 @@ def test_a_tls_secret_turns_the_front_door_and_its_probes_to_tls(helm: Any) -> N
     from protocol.config import ClusterConfig
 
     docs = render(
-        helm, "--set", "head.tlsSecret=pdflow-tls", "--set", "monitoring.serviceMonitor.enabled=true"
+        helm,
+        *("--set", "head.tlsSecret=pdflow-tls", "--set", "monitoring.serviceMonitor.enabled=true"),
+        *("--set", "monitoring.serviceMonitor.tlsConfig.serverName=pdflow.serving.svc"),
     )
     (cm,) = [d for d in docs if d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-config")]
     fd = ClusterConfig.model_validate(yaml.safe_load(cm["data"]["cluster.yaml"])).frontdoor
@@ -425,5 +427,6 @@ def test_a_tls_secret_turns_the_front_door_and_its_probes_to_tls(helm: Any) -> N
     assert container["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
     (monitor,) = by_kind(docs, "ServiceMonitor").values()
     assert monitor["spec"]["endpoints"][0]["scheme"] == "https"
+    assert monitor["spec"]["endpoints"][0]["tlsConfig"] == {"serverName": "pdflow.serving.svc"}
     plain = by_kind(render(helm), "Deployment")["pdflow-head"]["spec"]["template"]["spec"]
     assert plain["containers"][0]["readinessProbe"]["httpGet"]["scheme"] == "HTTP"
