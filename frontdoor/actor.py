@@ -51,7 +51,7 @@ class FrontDoor:
         import uvicorn
 
         from frontdoor.grpc_api import start_grpc_server
-        from frontdoor.http_api import build_http_app, local_names
+        from frontdoor.http_api import build_http_app, http_protocol, local_names
         from frontdoor.textgen import TextGenerator
         from frontdoor.tokenizer import ModelTokenizer
 
@@ -84,6 +84,7 @@ class FrontDoor:
                 log_level="warning",
                 lifespan="off",
                 timeout_graceful_shutdown=2,
+                http=http_protocol(),
                 ssl_certfile=fd.tls_cert_file,
                 ssl_keyfile=fd.tls_key_file,
             )

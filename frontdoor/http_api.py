@@ -457,3 +457,24 @@ async def _parse(request: Request, model: type[BaseModel], limit: int) -> Any:
         return model.model_validate(data)
     except ValidationError as exc:
         raise validation_to_invalid(exc.errors()) from exc
+
+
+def http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol (the one ``http="auto"`` picks) answering a request it cannot parse (a bad
+    request line, a malformed header, an invalid ``Content-Length``) with an OpenAI error body, as the app
+    answers everything else, instead of uvicorn's plain-text 400."""
+    from uvicorn.protocols.http.auto import AutoHTTPProtocol
+
+    class OpenAIErrorsProtocol(AutoHTTPProtocol):  # type: ignore[misc,valid-type]
+        def send_400_response(self, msg: str) -> None:
+            body = json.dumps(
+                error_body(f"The HTTP request is malformed: {msg}", "invalid_request_error", None, "bad_http")
+            ).encode()
+            head = (
+                "HTTP/1.1 400 Bad Request\r\ncontent-type: application/json\r\n"
+                f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+            )
+            self.transport.write(head.encode() + body)
+            self.transport.close()
+
+    return OpenAIErrorsProtocol
