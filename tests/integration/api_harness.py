@@ -161,6 +161,20 @@ async def grpc_channel(stack: Stack) -> AsyncIterator[grpc.aio.Channel]:
         await server.stop(None)
 
 
+def api_app(textgen: TextGenerator, **options: Any) -> FastAPI:
+    """The front door's HTTP app on ``textgen``, healthy, with a one-line /metrics page; ``options``: more
+    of ``build_http_app``'s (credentials, allowed hosts)."""
+    from frontdoor.http_api import build_http_app
+
+    return build_http_app(
+        textgen,
+        model_name=textgen.model_name,
+        health=lambda: {"ok": True},
+        metrics_text=lambda: (b"pdflow_up 1\n", "text/plain"),
+        **options,
+    )
+
+
 def sse_events(body: str) -> list[Any]:
     """Parse an SSE body strictly: only ``data: ...`` events separated by blank lines, ending with [DONE]."""
     assert body.endswith("\n\n")

@@ -18,7 +18,6 @@ from starlette.routing import Route
 
 from controller.admin_service import start_admin_server
 from frontdoor.grpc_api import start_grpc_server
-from frontdoor.http_api import build_http_app
 from frontdoor.textgen import TextGenerator
 from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
 from kv_transfer.transport.fake import FakeFabric, InProcessTransport
@@ -27,7 +26,7 @@ from pdctl.admin_client import AdminClient, AdminUnavailable
 from protocol.auth import Credentials
 from protocol.kv_ops import Reserve, op_to_wire
 from protocol.proto import admin_pb2, router_pb2
-from tests.integration.api_harness import uvicorn_server
+from tests.integration.api_harness import api_app, uvicorn_server
 from tests.support.kv import NOTHING_HELD, endpoint_pair, make_layers, send
 
 API_KEY, ADMIN, SECRET = "sk-test-key-1", "admin-token-0123456789", "cluster-secret-0123456789"
@@ -47,13 +46,7 @@ DEADLINE_S = 10.0
 
 @pytest.fixture
 def app(textgen: TextGenerator) -> Any:
-    return build_http_app(
-        textgen,
-        model_name=textgen.model_name,
-        health=lambda: {"ok": True},
-        metrics_text=lambda: (b"pdflow_up 1\n", "text/plain"),
-        credentials=CREDENTIALS,
-    )
+    return api_app(textgen, credentials=CREDENTIALS)
 
 
 def _requests(app: Any) -> Iterator[tuple[str, str]]:

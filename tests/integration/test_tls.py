@@ -11,11 +11,10 @@ import pytest
 from pydantic import ValidationError
 
 from frontdoor.grpc_api import start_grpc_server
-from frontdoor.http_api import build_http_app
 from frontdoor.textgen import TextGenerator
 from protocol.config import FrontDoorConfig
 from protocol.proto import router_pb2, router_pb2_grpc
-from tests.integration.api_harness import uvicorn_server
+from tests.integration.api_harness import api_app, uvicorn_server
 from tests.support.tls import CertificateFiles, make_certificates
 
 DEADLINE_S = 10.0
@@ -30,9 +29,7 @@ async def test_https_serves_a_client_that_trusts_the_ca_and_nothing_in_plain_tex
     textgen: TextGenerator, certificates: CertificateFiles
 ) -> None:
     fd = FrontDoorConfig(tls_cert_file=certificates.cert, tls_key_file=certificates.key)
-    app = build_http_app(
-        textgen, model_name=textgen.model_name, health=lambda: {"ok": True}, metrics_text=lambda: (b"", "")
-    )
+    app = api_app(textgen)
     async with uvicorn_server(app, ssl_certfile=fd.tls_cert_file, ssl_keyfile=fd.tls_key_file) as url:
         assert url.startswith("https://")
         trusting = ssl.create_default_context(cafile=str(certificates.ca))
