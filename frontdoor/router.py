@@ -44,6 +44,7 @@ _NEEDS_PREFILL = (RequestState.QUEUED, RequestState.PREFILLING, RequestState.TRA
 _NEEDS_DECODE = (*_NEEDS_PREFILL, RequestState.MIGRATING)
 _WAITING = (RequestState.QUEUED, RequestState.PREFILLING)  # no first token yet
 _PREFILL_RETRIES = 1  # another prefill worker after a failed one: the client has received nothing yet
+_DECODE_RESUMES = 1  # another decode worker after a lost one, recomputing prompt and tokens so far
 _FINAL_STATE = {
     FinishReason.STOP: RequestState.FINISHED_STOP,
     FinishReason.LENGTH: RequestState.FINISHED_LENGTH,
@@ -269,26 +270,70 @@ class RequestRouter:
 
     async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncGenerator[TokenChunk, None]:
         """Relay the decode worker's tokens; when it hands the request over (live migration), go on with the
-        destination's stream: the client sees one stream with no gap in its tokens."""
+        destination's stream: the client sees one stream with no gap in its tokens. A decode worker that is
+        lost (during the hand-off or mid-stream) is replaced once by another live one, which recomputes the
+        prompt and the tokens sent so far and goes on after them: again one stream, no gap, no repeat."""
         hop: tuple[str, str, DecodeRequest] | None = (
             flight.plan.decode.instance_id,
             flight.plan.decode.actor_name,
             request,
         )
+        sent = [request.first_token_id]  # every token the client has, across hops
+        lost: set[str] = set()
         while hop is not None:
-            instance_id, actor_name, request = hop
+            instance_id, actor_name, hop_request = hop
             flight.decode_instance = InstanceId(instance_id)
             hop = None
-            async with contextlib.aclosing(
-                self._decode_on(flight, instance_id, actor_name, request)
-            ) as items:
-                async for item in items:
-                    if isinstance(item, Handover):
-                        flight.migrations += 1
-                        flight.move(RequestState.MIGRATING)
-                        hop = (item.target.instance_id, item.target.actor_name, item.continuation)
-                        break
-                    yield item
+            try:
+                async with contextlib.aclosing(
+                    self._decode_on(flight, instance_id, actor_name, hop_request)
+                ) as items:
+                    async for item in items:
+                        if isinstance(item, Handover):
+                            flight.migrations += 1
+                            flight.move(RequestState.MIGRATING)
+                            hop = (item.target.instance_id, item.target.actor_name, item.continuation)
+                            break
+                        sent.extend(item.token_ids)
+                        yield item
+            except _DecodeWorkerLost as gone:
+                lost.add(instance_id)
+                if flight.state is RequestState.TRANSFERRING:
+                    self._drop_handoff(flight)  # the KV pushed to the lost worker is nobody's now
+                hop = self._resume_elsewhere(flight, request, sent, lost, gone.error)
+                if hop is None:  # the budget was spent when it failed: the request is complete
+                    yield TokenChunk(flight.request_id, (), FinishReason.LENGTH)
+
+    def _resume_elsewhere(
+        self, flight: _Flight, request: DecodeRequest, sent: list[int], lost: set[str], error: WorkerFailed
+    ) -> tuple[str, str, DecodeRequest] | None:
+        """Where and how the request goes on after its decode worker was lost: the least loaded other live
+        decode worker, recomputing ``request``'s prompt and the ``sent`` tokens (None: nothing is left to
+        generate). Raises ``error`` when no other worker may take it."""
+        others = [i for i in self._snapshot.live(Role.DECODE) if i.instance_id not in lost]
+        if len(lost) > _DECODE_RESUMES or not others:
+            raise error
+        left = request.sampling.max_tokens - len(sent)
+        if left < 1:
+            return None
+        tokens = (*request.prompt_token_ids, *sent)
+        continuation = DecodeRequest(
+            flight.request_id,
+            tokens[:-1],
+            tokens[-1],
+            replace(request.sampling, max_tokens=left + 1),  # the decode worker counts the token it is given
+            None,  # no KV: recomputed
+            request.priority,
+        )
+        other = min(others, key=lambda i: (i.load, i.instance_id))
+        log.warning(
+            "%s; %s resumed on %s after %d tokens",
+            error.message,
+            flight.request_id,
+            other.instance_id,
+            len(sent),
+        )
+        return other.instance_id, other.actor_name, continuation
 
     async def _decode_on(
         self, flight: _Flight, instance_id: str, actor_name: str, request: DecodeRequest
@@ -313,7 +358,7 @@ class RequestRouter:
                     yield TokenChunk(rid, (), FinishReason.ABORT)
                     return
                 except WorkerCallFailed as err:
-                    raise _worker_failed("decode", instance_id, err) from err
+                    raise _DecodeWorkerLost(_worker_failed("decode", instance_id, err)) from err
                 if isinstance(item, Handover):
                     yield item  # the source ended its side; the request lives on the destination
                     return
@@ -375,6 +420,14 @@ class RequestRouter:
 
 class _Aborted(Exception):
     pass
+
+
+class _DecodeWorkerLost(Exception):
+    """A decode worker's call failed (it died, or its stream broke): the request may go on elsewhere."""
+
+    def __init__(self, error: WorkerFailed) -> None:
+        super().__init__(error.message)
+        self.error = error
 
 
 def _worker_failed(role: str, instance_id: str, err: BaseException) -> WorkerFailed:

@@ -131,7 +131,7 @@ async def test_a_client_that_stops_reading_mid_stream_frees_both_workers() -> No
         await cluster.wait_idle()
 
 
-async def test_a_decode_worker_that_dies_mid_stream_gives_the_client_a_clear_error() -> None:
+async def test_a_decode_worker_that_dies_mid_stream_with_no_other_gives_the_client_a_clear_error() -> None:
     async with FakeCluster(decode=1) as cluster:
         tokens = []
         with pytest.raises(WorkerFailed, match="decode worker decode-0 failed"):
@@ -141,6 +141,46 @@ async def test_a_decode_worker_that_dies_mid_stream_gives_the_client_a_clear_err
                     cluster.client.fail("pdflow-decode-0")
         assert tokens == colocated(PROMPT, len(tokens))  # what it got before is right
         assert cluster.states("dies")[-1] is RequestState.FINISHED_ERROR
+
+
+@pytest.mark.parametrize("after", [0, 5], ids=["during the hand-off", "mid-stream"])
+async def test_a_lost_decode_worker_is_replaced_and_the_stream_goes_on_with_no_gap_or_repeat(
+    after: int,
+) -> None:
+    """The router holds the prompt and every token sent: another decode worker recomputes them and goes on
+    after the last one. The client sees the colocated tokens, once each, and never knows."""
+    slow_prefill = LatencyModel(prefill=((1, 0.3), (2048, 0.3)))  # time to fail its decode worker before
+    async with FakeCluster(decode=2, latency=slow_prefill) as cluster:
+
+        def planned_on() -> str:
+            record = cluster.requests.get("resumed")
+            assert record is not None and record.decode_instance is not None
+            return record.decode_instance
+
+        tokens: list[int] = []
+        async with contextlib.aclosing(cluster.stream(PROMPT, 40, request_id="resumed")) as stream:
+            if after == 0:  # lost before it decodes a token: while its prompt is still prefilling
+                first = asyncio.ensure_future(anext(stream))
+                await cluster.wait_for("planned", lambda: cluster.requests.get("resumed") is not None)
+                lost = planned_on()
+                cluster.client.fail(f"pdflow-{lost}")
+                tokens.extend((await first).token_ids)
+            async for chunk in stream:
+                tokens.extend(chunk.token_ids)
+                if after and len(tokens) == after:
+                    lost = planned_on()
+                    cluster.client.fail(f"pdflow-{lost}")
+        assert tokens == colocated(PROMPT, 40)
+        assert cluster.states("resumed")[-1] is RequestState.FINISHED_LENGTH
+        assert planned_on() != lost  # it finished on the other one
+        # once: a second lost worker is the client's error, with the tokens so far right
+        cluster.client.fail(f"pdflow-{planned_on()}")
+        got: list[int] = []
+        with pytest.raises(WorkerFailed, match=r"decode worker decode-[01] failed"):
+            async for chunk in cluster.stream(PROMPT, 40, request_id="twice"):
+                got.extend(chunk.token_ids)
+        assert got == colocated(PROMPT, len(got))
+        await cluster.wait_idle()
 
 
 async def test_a_prefill_engine_that_dies_gives_a_clear_error_before_any_token() -> None:
