@@ -5,6 +5,7 @@ end-to-end modules: it adds a second decode worker to the shared cluster and kil
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import time
@@ -17,6 +18,7 @@ import ray
 
 from pdctl.admin_client import AdminClient
 from pdctl.local_cluster import NAMESPACE
+from protocol.messages import SamplingSpec
 from protocol.snapshots import Role
 from tests.e2e.conftest import E2ECluster
 
@@ -56,57 +58,77 @@ def _stream_text(cluster: E2ECluster, body: dict[str, Any], on_event: Any = None
     return "".join(text), events
 
 
-def test_decode_worker_death_mid_stream_is_resumed_on_another_with_the_same_tokens(
-    e2e_cluster: E2ECluster,
+def _grpc_stream(
+    cluster: E2ECluster, prompt: str, max_tokens: int, on_response: Any
+) -> tuple[list[int], str]:
+    """Stream a greedy completion over gRPC: its token ids and finish reason; ``on_response(n, ids)`` after
+    the n-th response."""
+    import grpc
+
+    from protocol.proto import router_pb2, router_pb2_grpc
+
+    request = router_pb2.GenerateRequest(
+        prompt=prompt,
+        sampling=router_pb2.SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True),
+    )
+    ids: list[int] = []
+    finish = ""
+    with grpc.insecure_channel(cluster.grpc_address) as channel:
+        for n, response in enumerate(router_pb2_grpc.RouterStub(channel).Generate(request, timeout=120), 1):
+            ids.extend(response.token_ids)
+            finish = response.finish_reason or finish
+            on_response(n, ids)
+    return ids, finish
+
+
+async def test_decode_worker_death_mid_stream_is_resumed_on_another_with_no_gap_or_repeat(
+    e2e_cluster: E2ECluster, model_tokenizer: Any
 ) -> None:
-    """The front door holds the prompt and the tokens sent: decode-0 recomputes them and goes on, and the
-    client's greedy text is the text of an undisturbed run, with no gap or repeat."""
+    """The front door holds the prompt and the tokens sent: decode-0 recomputes them and goes on. The client
+    gets every token once: those before the cut, then exactly what the model gives after them (the colocated
+    reference engine, prompted with the prompt and the tokens up to the cut). The cut is where the front door
+    stood when the worker died: at least the tokens the client had, at most a few more in flight."""
     cluster = e2e_cluster
     name, victim = cluster.cluster.add_worker(Role.DECODE, 1)
-    ray.get(victim.start.remote(), timeout=300)
+    await asyncio.to_thread(ray.get, victim.start.remote(), timeout=300)
     deadline = time.monotonic() + 30
     while httpx.get(f"{cluster.http_url}/health", timeout=10).json()["decode_workers"] != 2:
         assert time.monotonic() < deadline, "the front door never saw decode-1"
-        time.sleep(0.05)
-
-    body = {
-        "model": cluster.model,
-        "prompt": "Write a long poem about the moon.",
-        "max_tokens": 48,
-        "temperature": 0,
-        "ignore_eos": True,
-        "stream": True,
-    }
-    reference, _ = _stream_text(cluster, body)  # undisturbed (on either worker)
-    # Both decode workers idle again, as the front door sees them: least-loaded dispatch breaks the tie
-    # towards decode-1.
-    deadline = time.monotonic() + 30
-    while _frontdoor_sees_load(cluster, "decode-0") or _frontdoor_sees_load(cluster, "decode-1"):
-        assert time.monotonic() < deadline, "the decode workers never showed idle"
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
+    prompt, budget = "Write a long poem about the moon.", 48
+    # Both decode workers are idle: least-loaded dispatch breaks the tie towards decode-1.
+    had = 0
     killed = 0.0
 
-    def kill_at_five(n: int) -> None:
-        nonlocal killed
+    def kill_at_five(n: int, ids: list[int]) -> None:
+        nonlocal had, killed
         if n == 5:
             assert ray.get(victim.snapshot.remote(), timeout=10).num_running == 1, "not on decode-1"
             ray.kill(victim)
-            killed = time.monotonic()
+            had, killed = len(ids), time.monotonic()
 
-    text, events = _stream_text(cluster, body, kill_at_five)
+    ids, finish = await asyncio.to_thread(_grpc_stream, cluster, prompt, budget, kill_at_five)
     assert killed, "the stream ended before the kill"
-    assert events[-1] == "data: [DONE]" and not any('"error"' in e for e in events), events[-3:]
-    assert text == reference  # the same greedy tokens, none missing, none twice
+    assert finish == "length" and len(ids) == budget  # no token lost, none twice
     assert time.monotonic() - killed < 60
+    prompt_ids = model_tokenizer.encode(prompt)
+    continuations = []
+    for cut in range(had, min(had + 4, budget)):
+        left = SamplingSpec(max_tokens=budget - cut, temperature=0.0, ignore_eos=True)
+        continuations.append(await cluster.reference_tokens([*prompt_ids, *ids[:cut]], left))
+        if continuations[-1] == ids[cut:]:
+            break
+    else:
+        pytest.fail(f"after the cut the tokens are not the model's: got {ids[had:]}, model {continuations}")
 
     # The controller marks it dead once it stops reporting; new requests then go to decode-0 and succeed.
     deadline = time.monotonic() + 20
     while _decode_states(cluster).get("decode-1") != "DEAD":
         assert time.monotonic() < deadline, f"decode-1 not marked DEAD: {_decode_states(cluster)}"
-        time.sleep(0.1)
+        await asyncio.sleep(0.1)
     while httpx.get(f"{cluster.http_url}/health", timeout=10).json()["decode_workers"] != 1:
         assert time.monotonic() < deadline, "the front door still routes to decode-1"
-        time.sleep(0.05)
+        await asyncio.sleep(0.05)
     ok = httpx.post(
         f"{cluster.http_url}/v1/completions",
         json={"model": cluster.model, "prompt": "Hello", "max_tokens": 4, "temperature": 0},
