@@ -109,6 +109,9 @@ class FakeEngine:
         self._tokens: deque[tuple[float, int]] = deque()
         self._prompt_tokens: deque[tuple[float, int]] = deque()
         self._dead = False
+        self._stepping = asyncio.Event()  # cleared by ``hang``: no step, no prefill until ``resume``
+        self._stepping.set()
+        self._progress_at = clock()
 
     # ---- lifecycle ----
 
@@ -131,6 +134,13 @@ class FakeEngine:
         for running in self._running.values():
             running.aborted = True
         self._wake.set()
+
+    def hang(self) -> None:
+        """The engine stops making progress and says nothing, as a stopped or deadlocked engine core does."""
+        self._stepping.clear()
+
+    def resume(self) -> None:
+        self._stepping.set()
 
     @property
     def dead(self) -> bool:
@@ -156,7 +166,9 @@ class FakeEngine:
         try:
             async with self._prefill_lock:
                 await self._sleep(self.latency.prefill_s(len(prompt)))
+                await self._stepping.wait()
             self._check_alive()
+            self._progress_at = self._clock()
             self._prompt_tokens.append((self._clock(), len(prompt)))
             first = next_token(prompt)
             if request.hand_off:
@@ -282,8 +294,15 @@ class FakeEngine:
                 bytes=sum(r.wire_bytes for r in done),
                 seconds=sum(r.wire_s + r.decode_s for r in done),
             ),
-            in_flight=len(self._running) + len(self._prefilling),
+            in_flight=self._in_flight(now),
+            stalled_s=now - self._progress_at,
         )
+
+    def _in_flight(self, now: float) -> int:
+        count = len(self._running) + len(self._prefilling)
+        if not count:
+            self._progress_at = now  # idle: a stall can only start from here
+        return count
 
     async def kv_held(self) -> dict[str, int]:
         figures = dict(self._endpoint.held) if self._endpoint is not None else {}
@@ -341,7 +360,8 @@ class FakeEngine:
                 continue
             batch = list(self._running.values())
             await self._sleep(self.latency.step_s(len(batch)))
-            now = self._clock()
+            await self._stepping.wait()
+            now = self._progress_at = self._clock()
             for running in batch:
                 if running.aborted:
                     running.tokens.put_nowait(-1)

@@ -58,6 +58,7 @@ class VllmEngine:
             ConnectorControl(self._rpc, lease_s=kv.lease_seconds) if self._handoff.migratable else None
         )
         self._live: set[str] = set()
+        self._progress_at = time.monotonic()  # the last output of any request, or the last idle moment
         self.kv_endpoint = ""  # where other workers push KV to this one (pdflow connector)
         self.block_size = 0  # tokens per KV block, once started
 
@@ -278,7 +279,10 @@ class VllmEngine:
             await self._llm.abort(request_id)
 
     def load(self) -> EngineLoad:
-        return replace(self._stats.load(), in_flight=len(self._live))
+        now = time.monotonic()
+        if not self._live:
+            self._progress_at = now  # idle: a stall can only start from here
+        return replace(self._stats.load(), in_flight=len(self._live), stalled_s=now - self._progress_at)
 
     @property
     def dead(self) -> bool:
@@ -313,6 +317,7 @@ class VllmEngine:
         finished = False
         try:
             async for out in self._llm.generate({"prompt_token_ids": list(prompt)}, params, request_id):
+                self._progress_at = time.monotonic()
                 finished = out.finished
                 yield out
         finally:

@@ -72,10 +72,19 @@ class EngineWorker(Generic[E]):
             await self._report_once()
 
     def snapshot(self) -> InstanceSnapshot:
+        load = self.engine.load()
         if self.engine.dead and self._state is not InstanceState.DEAD:
             log.error("%s: the engine died; reporting DEAD so that it gets no new work", self.instance_id)
             self._state = InstanceState.DEAD
-        load = self.engine.load()
+        if load.stalled_s > self.config.worker.hung_timeout_s and self._state is not InstanceState.DEAD:
+            log.error(
+                "%s: the engine is hung (%d requests, no output for %.0f s); reporting DEAD so that it gets "
+                "no new work",
+                self.instance_id,
+                load.in_flight,
+                load.stalled_s,
+            )
+            self._state = InstanceState.DEAD
         return InstanceSnapshot(
             instance_id=self.instance_id,
             role=self.role,

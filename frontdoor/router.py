@@ -271,8 +271,9 @@ class RequestRouter:
     async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncGenerator[TokenChunk, None]:
         """Relay the decode worker's tokens; when it hands the request over (live migration), go on with the
         destination's stream: the client sees one stream with no gap in its tokens. A decode worker that is
-        lost (during the hand-off or mid-stream) is replaced once by another live one, which recomputes the
-        prompt and the tokens sent so far and goes on after them: again one stream, no gap, no repeat."""
+        lost (during the hand-off or mid-stream), or silent past the token deadline, is replaced once by
+        another live one, which recomputes the prompt and the tokens sent so far and goes on after them:
+        again one stream, no gap, no repeat."""
         hop: tuple[str, str, DecodeRequest] | None = (
             flight.plan.decode.instance_id,
             flight.plan.decode.actor_name,
@@ -305,7 +306,7 @@ class RequestRouter:
                     yield TokenChunk(flight.request_id, (), FinishReason.LENGTH)
 
     def _resume_elsewhere(
-        self, flight: _Flight, request: DecodeRequest, sent: list[int], lost: set[str], error: WorkerFailed
+        self, flight: _Flight, request: DecodeRequest, sent: list[int], lost: set[str], error: PdflowError
     ) -> tuple[str, str, DecodeRequest] | None:
         """Where and how the request goes on after its decode worker was lost: the least loaded other live
         decode worker, recomputing ``request``'s prompt and the ``sent`` tokens (None: nothing is left to
@@ -350,9 +351,10 @@ class RequestRouter:
                     raise WorkerFailed(
                         f"decode worker {instance_id} ended request {rid} without a finish reason"
                     ) from None
-                except TimeoutError:
-                    raise DeadlineExceeded(
-                        f"decode worker {instance_id} sent no token for {self._config.token_timeout_s:.0f}s"
+                except TimeoutError:  # a hung engine: the request may go on elsewhere
+                    silent = f"sent no token for {self._config.token_timeout_s:.0f}s"
+                    raise _DecodeWorkerLost(
+                        DeadlineExceeded(f"decode worker {instance_id} {silent}")
                     ) from None
                 except _Aborted:
                     yield TokenChunk(rid, (), FinishReason.ABORT)
@@ -423,9 +425,10 @@ class _Aborted(Exception):
 
 
 class _DecodeWorkerLost(Exception):
-    """A decode worker's call failed (it died, or its stream broke): the request may go on elsewhere."""
+    """A decode worker's call failed (it died, its stream broke) or it sent nothing for the token deadline
+    (its engine hung): the request may go on elsewhere. ``error`` is the client's if it cannot."""
 
-    def __init__(self, error: WorkerFailed) -> None:
+    def __init__(self, error: PdflowError) -> None:
         super().__init__(error.message)
         self.error = error
 

@@ -83,6 +83,13 @@ class WorkerConfig(_Section):
     report_interval_s: float = Field(0.25, gt=0, description="How often a worker pushes its load snapshot.")
     nixl_base_port: int = Field(0, ge=0, description="First NIXL side-channel port; 0 picks free ports.")
     start_timeout_s: float = Field(300.0, gt=0, description="Deadline for an engine to start.")
+    hung_timeout_s: float = Field(
+        90.0,
+        gt=0,
+        description="An engine with requests in flight and no output from any of them for this long is hung "
+        "(a stopped or deadlocked engine core): its worker reports DEAD and gets no new work. Longer than "
+        "the longest prefill and KV wait (kv.timeout_s).",
+    )
 
 
 class ControllerConfig(_Section):

@@ -27,6 +27,9 @@ class EngineLoad:
     # Requests admitted by the worker and not yet returned. vLLM's running/waiting figures come with engine
     # steps, so a prefill that is one long step never shows in them; this count moves at once.
     in_flight: int = 0
+    # Seconds the engine has had requests in flight without a sign of progress (an output of any of them);
+    # 0 while idle. A hung engine core (stopped, deadlocked) grows it without bound.
+    stalled_s: float = 0.0
 
 
 class ServingEngine(Protocol):

@@ -183,6 +183,30 @@ async def test_a_lost_decode_worker_is_replaced_and_the_stream_goes_on_with_no_g
         await cluster.wait_idle()
 
 
+async def test_a_hung_decode_engine_is_left_behind_and_reported_dead() -> None:
+    """A decode engine that stops making progress (a stopped engine core) says nothing: past the token
+    deadline the request goes on elsewhere, recomputed, and past worker.hung_timeout_s the worker reports
+    DEAD, so that nothing new goes its way."""
+    overrides = {"frontdoor.token_timeout_s": 1.0, "worker.hung_timeout_s": 0.5}
+    async with FakeCluster(decode=2, overrides=overrides) as cluster:
+        tokens: list[int] = []
+        hung = ""
+        async for chunk in cluster.stream(PROMPT, 40, request_id="stalled"):
+            tokens.extend(chunk.token_ids)
+            if len(tokens) == 5:
+                record = cluster.requests.get("stalled")
+                assert record is not None and record.decode_instance is not None
+                hung = record.decode_instance
+                cluster.engines[f"pdflow-{hung}"].hang()
+        assert tokens == colocated(PROMPT, 40)
+        await cluster.wait_for(
+            f"{hung} reported DEAD",
+            lambda: hung not in {i.instance_id for i in cluster.router.snapshot.live(Role.DECODE)},
+        )
+        cluster.engines[f"pdflow-{hung}"].resume()  # let it finish what it holds, for the leak check
+        await cluster.wait_idle()
+
+
 async def test_a_prefill_engine_that_dies_gives_a_clear_error_before_any_token() -> None:
     async with FakeCluster(decode=1) as cluster:
         cluster.engines["pdflow-prefill-0"].kill()
