@@ -59,6 +59,7 @@ class EngineWorker(Generic[E]):
         self._report_task: asyncio.Task[None] | None = None
         self._reported_ok_at: float | None = None
         self._started_at = clock()  # this run of the worker (see InstanceSnapshot.started_at)
+        self._hung = False  # its engine made no progress for worker.hung_timeout_s with work in flight
 
     def _vllm_engine(self, model_path: Path) -> Any:
         return VllmEngine(model_path, self.config.engine, self.config.kv, engine_id=self.instance_id)
@@ -76,7 +77,8 @@ class EngineWorker(Generic[E]):
         if self.engine.dead and self._state is not InstanceState.DEAD:
             log.error("%s: the engine died; reporting DEAD so that it gets no new work", self.instance_id)
             self._state = InstanceState.DEAD
-        if load.stalled_s > self.config.worker.hung_timeout_s and self._state is not InstanceState.DEAD:
+        if load.stalled_s > self.config.worker.hung_timeout_s and not self._hung:
+            self._hung = True  # for good: the pod's liveness probe fails, and the kubelet restarts it
             log.error(
                 "%s: the engine is hung (%d requests, no output for %.0f s); reporting DEAD so that it gets "
                 "no new work",
@@ -130,7 +132,7 @@ class EngineWorker(Generic[E]):
         ok_at = self._reported_ok_at
         return {
             "state": self._state.value,
-            "engine_alive": not self.engine.dead,
+            "engine_alive": not self.engine.dead and not self._hung,
             "reported_s_ago": None if ok_at is None else self._clock() - ok_at,
         }
 

@@ -203,6 +203,8 @@ async def test_a_hung_decode_engine_is_left_behind_and_reported_dead() -> None:
             f"{hung} reported DEAD",
             lambda: hung not in {i.instance_id for i in cluster.router.snapshot.live(Role.DECODE)},
         )
+        # and its pod's liveness probe fails: the kubelet restarts it
+        assert cluster.workers[f"pdflow-{hung}"].health()["engine_alive"] is False
         cluster.engines[f"pdflow-{hung}"].resume()  # let it finish what it holds, for the leak check
         await cluster.wait_idle()
 
