@@ -230,10 +230,11 @@ async def test_a_prefill_worker_that_fails_is_replaced_once_and_the_client_never
         assert tokens == colocated(PROMPT, 8) and finish == "length"
         record = cluster.requests.get("retried")
         assert record is not None and record.prefill_instance == "prefill-1"
-        # one retry: a second failure is the client's error, naming the worker that failed last (dispatch
-        # may try either failing worker first, by the load each last reported)
+        # one retry: a second failure is the client's error, naming the worker that failed last (every
+        # worker fails now: which two it tries depends on the loads they last reported)
         cluster.client.fail("pdflow-prefill-1")
-        with pytest.raises(WorkerFailed, match=r"prefill worker prefill-[01] failed"):
+        cluster.client.fail("pdflow-prefill-2")
+        with pytest.raises(WorkerFailed, match=r"prefill worker prefill-[012] failed"):
             await cluster.generate(PROMPT, 8, request_id="twice")
         await cluster.wait_idle()
 
