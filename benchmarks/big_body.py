@@ -27,7 +27,8 @@ import uvicorn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from frontdoor.http_api import build_http_app, http_protocol  # noqa: E402
+from frontdoor.http_api import build_http_app  # noqa: E402
+from frontdoor.http_guard import http_protocol  # noqa: E402
 from frontdoor.textgen import TextGenerator  # noqa: E402
 from frontdoor.tokenizer import ModelTokenizer  # noqa: E402
 from pdctl.local_cluster import free_port  # noqa: E402

@@ -51,7 +51,8 @@ class FrontDoor:
         import uvicorn
 
         from frontdoor.grpc_api import start_grpc_server
-        from frontdoor.http_api import build_http_app, http_protocol, local_names
+        from frontdoor.http_api import build_http_app
+        from frontdoor.http_guard import http_protocol, local_names
         from frontdoor.textgen import TextGenerator
         from frontdoor.tokenizer import ModelTokenizer
 

@@ -15,14 +15,15 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import replace
 from typing import Any
 
+from frontdoor.flight import EventSink, Flight
 from frontdoor.metrics import FrontDoorMetrics
 from frontdoor.workers import WorkerCallFailed, WorkerClient
 from policy.admission import AdmissionState, admit, observe
-from policy.dispatch import DispatchPlan, DispatchState, decide
+from policy.dispatch import DispatchState, decide
 from protocol.config import FrontDoorConfig
 from protocol.errors import DeadlineExceeded, InvalidRequest, Overloaded, PdflowError, WorkerFailed
 from protocol.ids import InstanceId, RequestId
-from protocol.lifecycle import RequestState, advance
+from protocol.lifecycle import RequestState
 from protocol.messages import (
     DecodeItem,
     DecodeRequest,
@@ -33,12 +34,10 @@ from protocol.messages import (
     SamplingSpec,
     TokenChunk,
 )
-from protocol.snapshots import ClusterSnapshot, RequestEvent, Role
-from protocol.transfers import TransferRecord
+from protocol.snapshots import ClusterSnapshot, Role
 
 log = logging.getLogger(__name__)
 
-EventSink = Callable[[RequestEvent, int, int], None]
 _CANCEL_WAIT_S = 5.0  # how long a cancelled call to a worker may take to leave (a Ray call: at once)
 _NEEDS_PREFILL = (RequestState.QUEUED, RequestState.PREFILLING, RequestState.TRANSFERRING)
 _NEEDS_DECODE = (*_NEEDS_PREFILL, RequestState.MIGRATING)
@@ -79,7 +78,7 @@ class RequestRouter:
         self._dispatch = DispatchState()
         self._admission = AdmissionState()
         self._max_predicted_ttft_s = max_predicted_ttft_s
-        self._active: dict[str, _Flight] = {}
+        self._active: dict[str, Flight] = {}
 
     @property
     def snapshot(self) -> ClusterSnapshot:
@@ -158,7 +157,7 @@ class RequestRouter:
         except PdflowError:
             self._metrics.requests.labels(outcome="rejected").inc()
             raise
-        flight = _Flight(request_id, plan, len(prompt_token_ids), self._events, self._clock, self._wall_clock)
+        flight = Flight(request_id, plan, len(prompt_token_ids), self._events, self._clock, self._wall_clock)
         flight.tokens_ahead = ahead
         self._active[request_id] = flight
         self._metrics.prompt_tokens.inc(len(prompt_token_ids))
@@ -193,7 +192,7 @@ class RequestRouter:
             self._observe(flight, outcome)
 
     async def _serve(
-        self, flight: _Flight, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
+        self, flight: Flight, prompt: tuple[int, ...], sampling: SamplingSpec, priority: int
     ) -> AsyncGenerator[TokenChunk, None]:
         rid = flight.request_id
         flight.move(RequestState.PREFILLING)
@@ -238,7 +237,7 @@ class RequestRouter:
                 # worker even started on it: have the prefill worker drop the KV it pushed there.
                 self._drop_handoff(flight)
 
-    async def _prefill(self, flight: _Flight, request: PrefillRequest) -> PrefillResult | None:
+    async def _prefill(self, flight: Flight, request: PrefillRequest) -> PrefillResult | None:
         """Run prefill with a deadline; None if the client aborted first. Every way out but success aborts
         the prefill on the worker (the worker client does, when its call is cancelled). A prefill worker
         that fails is replaced once by another live one: the client has received nothing yet."""
@@ -268,7 +267,7 @@ class RequestRouter:
                 log.warning("%s; %s retried on %s", failed.message, flight.request_id, other.instance_id)
                 flight.plan = replace(flight.plan, prefill=other)
 
-    async def _decode(self, flight: _Flight, request: DecodeRequest) -> AsyncGenerator[TokenChunk, None]:
+    async def _decode(self, flight: Flight, request: DecodeRequest) -> AsyncGenerator[TokenChunk, None]:
         """Relay the decode worker's tokens; when it hands the request over (live migration), go on with the
         destination's stream: the client sees one stream with no gap in its tokens. A decode worker that is
         lost (during the hand-off or mid-stream), or silent past the token deadline, is replaced once by
@@ -306,7 +305,7 @@ class RequestRouter:
                     yield TokenChunk(flight.request_id, (), FinishReason.LENGTH)
 
     def _resume_elsewhere(
-        self, flight: _Flight, request: DecodeRequest, sent: list[int], lost: set[str], error: PdflowError
+        self, flight: Flight, request: DecodeRequest, sent: list[int], lost: set[str], error: PdflowError
     ) -> tuple[str, str, DecodeRequest] | None:
         """Where and how the request goes on after its decode worker was lost: the least loaded other live
         decode worker, recomputing ``request``'s prompt and the ``sent`` tokens (None: nothing is left to
@@ -337,7 +336,7 @@ class RequestRouter:
         return other.instance_id, other.actor_name, continuation
 
     async def _decode_on(
-        self, flight: _Flight, instance_id: str, actor_name: str, request: DecodeRequest
+        self, flight: Flight, instance_id: str, actor_name: str, request: DecodeRequest
     ) -> AsyncGenerator[DecodeItem, None]:
         """One decode worker's stream, with a deadline on each item. Leaving early (the client aborted, a
         deadline passed, the consumer closed) closes the worker client's stream, which aborts the request
@@ -382,7 +381,7 @@ class RequestRouter:
                 if chunk.finish_reason is not None:
                     return
 
-    async def _until_aborted(self, flight: _Flight, awaitable: Any, timeout: float) -> Any:
+    async def _until_aborted(self, flight: Flight, awaitable: Any, timeout: float) -> Any:
         """Await ``awaitable`` with a deadline; raise ``_Aborted`` if the client aborts first. Work that did
         not finish is cancelled, and waited for: a worker's stream must have left its step before it is
         closed."""
@@ -401,14 +400,14 @@ class RequestRouter:
             raise _Aborted
         raise TimeoutError
 
-    def _release(self, flight: _Flight, handoff: DecodeRequest) -> None:
+    def _release(self, flight: Flight, handoff: DecodeRequest) -> None:
         self._workers.release(flight.plan.decode.actor_name, handoff)
 
-    def _drop_handoff(self, flight: _Flight) -> None:
+    def _drop_handoff(self, flight: Flight) -> None:
         prefill, decode = flight.plan.prefill, flight.plan.decode
         self._workers.drop_handoff(prefill.actor_name, flight.request_id, decode.kv_endpoint)
 
-    def _observe(self, flight: _Flight, outcome: RequestState) -> None:
+    def _observe(self, flight: Flight, outcome: RequestState) -> None:
         m = self._metrics
         e2e = self._clock() - flight.started
         m.requests.labels(outcome=outcome.value.removeprefix("FINISHED_").lower()).inc()
@@ -436,54 +435,3 @@ class _DecodeWorkerLost(Exception):
 def _worker_failed(role: str, instance_id: str, err: BaseException) -> WorkerFailed:
     cause = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
     return WorkerFailed(f"{role} worker {instance_id} failed: {cause[:300]}")
-
-
-class _Flight:
-    """One request in this front door: its lifecycle state and the figures the metrics need."""
-
-    def __init__(
-        self,
-        request_id: RequestId,
-        plan: DispatchPlan,
-        prompt_tokens: int,
-        events: EventSink,
-        clock: Callable[[], float],
-        wall_clock: Callable[[], float],
-    ) -> None:
-        self.request_id = request_id
-        self.plan = plan
-        self.prompt_tokens = prompt_tokens
-        self.tokens_ahead = prompt_tokens  # prompt tokens waiting at its admission, its own included
-        self.output_tokens = 0
-        self._wall_clock = wall_clock
-        self.started = clock()
-        self.ttft: float | None = None
-        self.state = RequestState.QUEUED
-        self.detail = ""
-        self.transfer: TransferRecord | None = None
-        self.decode_instance = plan.decode.instance_id  # where it decodes now (it may migrate)
-        self.migrations = 0
-        self.abort_requested = asyncio.Event()
-        self.stopped = False  # the client's stop string ended it (``RequestRouter.stopped``)
-        self._events = events
-        self._emit()
-
-    def move(self, target: RequestState) -> None:
-        self.state = advance(self.state, target)
-        self._emit()
-
-    def finish(self, outcome: RequestState) -> None:
-        if not self.state.is_terminal:
-            self.move(outcome)
-
-    def _emit(self) -> None:
-        event = RequestEvent(
-            self.request_id,
-            self.state,
-            self._wall_clock(),
-            self.plan.prefill.instance_id,
-            self.decode_instance,
-            self.detail,
-            self.transfer,
-        )
-        self._events(event, self.prompt_tokens, self.output_tokens)

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from frontdoor.http_api import local_names
+from frontdoor.http_guard import local_names
 from frontdoor.textgen import TextGenerator
 from protocol.auth import Credentials
 from tests.integration.api_harness import api_app

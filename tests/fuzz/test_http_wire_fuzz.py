@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from frontdoor.http_api import http_protocol
+from frontdoor.http_guard import http_protocol
 from tests.fuzz.cases import http_cases
 from tests.fuzz.conftest import API_KEY
 from tests.integration.api_harness import uvicorn_server

@@ -283,7 +283,8 @@ async def test_a_page_cannot_post_to_a_local_server_as_a_simple_request(
 
 
 def _loopback_app(model_tokenizer: Any, model_name: str) -> Any:
-    from frontdoor.http_api import build_http_app, local_names
+    from frontdoor.http_api import build_http_app
+    from frontdoor.http_guard import local_names
     from frontdoor.textgen import TextGenerator
     from tests.integration.api_harness import CONTEXT, DEFAULT_MAX_TOKENS, REPLY, ScriptedRouter
 
@@ -302,7 +303,7 @@ async def test_on_loopback_only_local_names_are_served(model_tokenizer: Any, mod
     """DNS rebinding gives a page a name of its own for 127.0.0.1: that name gets 421."""
     import httpx
 
-    from frontdoor.http_api import local_names
+    from frontdoor.http_guard import local_names
 
     assert local_names("0.0.0.0") is None and local_names("10.1.2.3") is None  # a pod's address: any name
     transport = httpx.ASGITransport(app=_loopback_app(model_tokenizer, model_name))
