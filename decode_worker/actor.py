@@ -102,6 +102,10 @@ class DecodeWorker(EngineWorker[MigratableEngine]):
     def running_requests(self) -> list[str]:
         return self.streams.running()
 
+    def migration_phases(self) -> dict[str, str]:
+        """The migrations this worker runs as their source, by request: ``MigrationSource.phases``."""
+        return self.migrations.phases()
+
     def snapshot(self) -> InstanceSnapshot:
         running = self.streams.kv_of_running(self.engine.block_size)
         return replace(

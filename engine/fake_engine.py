@@ -298,6 +298,9 @@ class FakeEngine:
             stalled_s=now - self._progress_at,
         )
 
+    def request_ids(self) -> tuple[str, ...]:
+        return (*self._prefilling, *self._running)
+
     def _in_flight(self, now: float) -> int:
         count = len(self._running) + len(self._prefilling)
         if not count:

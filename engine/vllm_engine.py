@@ -284,6 +284,9 @@ class VllmEngine:
             self._progress_at = now  # idle: a stall can only start from here
         return replace(self._stats.load(), in_flight=len(self._live), stalled_s=now - self._progress_at)
 
+    def request_ids(self) -> tuple[str, ...]:
+        return tuple(self._live)
+
     @property
     def dead(self) -> bool:
         """True once the engine core has died; every request on it fails from then on."""

@@ -119,6 +119,10 @@ class EngineWorker(Generic[E]):
         }
         return figures | await self.engine.kv_held()
 
+    def requests(self) -> list[str]:
+        """The ids of the requests in this worker's engine (``EngineLoad.in_flight`` counts them)."""
+        return list(self.engine.request_ids())
+
     async def kv_settings(self) -> dict[str, Any]:
         """The KV transfer settings the engine's connector runs with, as it reports them."""
         return await self.engine.kv_settings()

@@ -63,6 +63,9 @@ class ServingEngine(Protocol):
     def load(self) -> EngineLoad:
         """The latest load figures. Never blocks."""
 
+    def request_ids(self) -> tuple[str, ...]:
+        """The requests in flight here (those ``EngineLoad.in_flight`` counts). Never blocks."""
+
     async def kv_held(self) -> dict[str, int]:
         """Leak-check figures of the engine's KV exchange (regions, landed and reserved transfers, pulls,
         pushes, loads waiting): all zero when idle."""

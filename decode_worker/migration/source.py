@@ -67,20 +67,26 @@ class MigrationSource:
         self._primer = primer
         self._instance_id = instance_id
         self._config = config
-        self._moves: dict[str, tuple[str, asyncio.Future[None]]] = {}  # request -> (migration id, its move)
+        self._moves: dict[str, tuple[_Migration, asyncio.Future[None]]] = {}  # request -> (it, its move)
         self._background: set[asyncio.Future[None]] = set()
 
     def cancel(self, request_id: str) -> bool:
         """Abort the migration of ``request_id`` wherever it is; before the hand-over the request goes on
         here (the stream thaws, the parts pushed so far are dropped). False if none is in flight."""
-        _, move = self._moves.get(request_id, ("", None))
+        move = self._moves[request_id][1] if request_id in self._moves else None
         if move is None or move.done():
             return False
         move.cancel()
         return True
 
     def migrating(self) -> dict[str, str]:
-        return {rid: migration_id for rid, (migration_id, _) in self._moves.items()}
+        return {rid: moving.migration_id for rid, (moving, _) in self._moves.items()}
+
+    def phases(self) -> dict[str, str]:
+        """Where each migration in flight stands, by request: ``precopy`` (stages pushed while the stream
+        flows), ``frozen`` (the client's stream is paused for the last push) or ``handed_over`` (the
+        destination serves the request; the last push may still be landing)."""
+        return {rid: moving.phase for rid, (moving, _) in self._moves.items()}
 
     @property
     def cleanups(self) -> int:
@@ -99,14 +105,13 @@ class MigrationSource:
         if stream is None or stream.finished:
             return replace(report, error=f"request {request_id} is not running on {self._instance_id}")
         if request_id in self._moves:
-            return replace(
-                report, error=f"request {request_id} is already migrating ({self._moves[request_id][0]})"
-            )
+            running = self._moves[request_id][0].migration_id
+            return replace(report, error=f"request {request_id} is already migrating ({running})")
         if target.instance_id == self._instance_id:
             return replace(report, error="the destination is the source")
         moving = _Migration(stream, migration_id, target)
         move = asyncio.ensure_future(self._move(moving, mode))
-        self._moves[request_id] = (migration_id, move)
+        self._moves[request_id] = (moving, move)
         try:
             await asyncio.wait({move}, timeout=self._config.timeout_s)
             if not move.done():
@@ -289,6 +294,12 @@ class _Migration:
         transfer_id = f"{self.stream.request_id}/{self.migration_id}/{len(self.parts)}"
         self.parts.append(KVPart(transfer_id, first_block))
         return transfer_id
+
+    @property
+    def phase(self) -> str:
+        if self.handed_at is not None:
+            return "handed_over"
+        return "frozen" if self.frozen_at is not None else "precopy"
 
     def part_ids(self) -> list[str]:
         return [p.transfer_id for p in self.parts]

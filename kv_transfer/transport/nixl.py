@@ -134,8 +134,16 @@ class NixlTransport:
 
     def add_peer(self, peer: PeerInfo) -> None:
         with self._lock:
-            if peer.name in self._peers:
+            known = self._peers.get(peer.name)
+            if known == peer:
                 return
+            if known is not None:  # restarted under the same name: its old agent's metadata is stale
+                log.info("NIXL peer %s has new metadata (restarted): replacing the old", peer.name)
+                self._peers.pop(peer.name)
+                try:
+                    self._agent.remove_remote_agent(peer.name)
+                except Exception as exc:
+                    log.debug("removing NIXL peer %s: %s", peer.name, exc)
             added = self._agent.add_remote_agent(peer.metadata)
             name = added.decode() if isinstance(added, bytes) else str(added)
             if name != peer.name:

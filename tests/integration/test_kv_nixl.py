@@ -51,6 +51,31 @@ def test_over_real_nixl_layers_are_decoded_as_they_land() -> None:
         receiver.close()
 
 
+def test_a_receiver_restarted_under_the_same_name_gets_kv_again() -> None:
+    """A decode worker restarted under its old name has a new NIXL agent: the sender replaces the metadata it
+    kept for that name (it once kept the old, and every write to the new agent failed)."""
+    from kv_transfer.transport.nixl import NixlTransport
+
+    sender = KVEndpoint(NixlTransport("it-rp", 4 << 20), timeout_s=10)
+    for run in range(2):
+        receiver = KVEndpoint(NixlTransport("it-rd", 4 << 20), timeout_s=10)
+        try:
+            layers = make_layers(run)
+            out = open_transfer(sender, receiver, f"restart-{run}", "lossless")
+            for i, (k, v) in enumerate(layers):
+                sender.send_layer(out, i, k, v)
+            sender.finish(out)
+            wait_early(receiver, f"restart-{run}", LAYERS)
+            landed = receiver.take(f"restart-{run}")
+            assert landed is not None, f"run {run}: nothing landed"
+            for (_, k, v), (k0, v0) in zip(receiver.decode_layers(landed), layers, strict=True):
+                assert torch.equal(k, k0) and torch.equal(v, v0)
+            receiver.release(f"restart-{run}", decode_s=0.0)
+        finally:
+            receiver.close()
+    sender.close()
+
+
 def test_over_real_nixl_raw_layers_from_several_registered_tensors_land_in_one_write() -> None:
     """One NIXL write may read from several registered tensors (vLLM keeps one per layer), so the layers
     merged into one land bit-exact, through the transport and through the endpoints. Spans the transport
