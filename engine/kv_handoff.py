@@ -3,14 +3,15 @@ behind one interface (``kv.connector`` picks one).
 
 - ``PdflowHandoff``: pdflow's connector. The prefill engine pushes the prompt's KV layer by layer to the
   decode worker named in the request, compressed as the codec policy says; the prefill returns once it
-  landed, with the transfer's record. The decode engine loads the landed parts; live migration and priming
-  work.
+  landed (or failed: the decode worker then recomputes the prompt), with the transfer's record. The decode
+  engine loads the landed parts; live migration and priming work.
 - ``NixlHandoff``: vLLM's NixlConnector, the baseline. The prefill engine keeps the KV and hands back vLLM's
   own parameters; the decode engine pulls it. No migration.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -21,6 +22,7 @@ from protocol.kv_handle import KVHandle, LoadParams, SaveParams, handoff_transfe
 from protocol.messages import PrefillRequest
 from protocol.transfers import TransferOutcome, TransferRecord
 
+log = logging.getLogger(__name__)
 _RECORD_WAIT_S = 2.0
 
 
@@ -45,7 +47,7 @@ class KVHandoff(Protocol):
 
     async def prefill_done(self, request: PrefillRequest, vllm_params: dict[str, Any] | None) -> PrefillDone:
         """After a completed prefill that hands off (``vllm_params``: what vLLM's connector returned): where
-        its KV is, and the transfer's record. Raises ``WorkerFailed`` if the transfer failed."""
+        its KV is (None if the transfer failed: the decode worker recomputes), and the transfer's record."""
 
     def load_params(self, handle: KVHandle, remote_tokens: int, *, keep: bool = False) -> dict[str, Any]:
         """A decode's ``kv_transfer_params``: load the first ``remote_tokens`` tokens from ``handle``."""
@@ -86,9 +88,11 @@ class PdflowHandoff:
         # The record comes back through vLLM's connector stats, handled just after the request's output.
         record = await self._stats.wait_record(transfer_id, _RECORD_WAIT_S)
         if record is None:
-            raise WorkerFailed(f"prefill of {request.request_id}: the KV transfer left no record")
+            log.warning("prefill of %s: the KV transfer left no record; it is recomputed", request.request_id)
+            return PrefillDone(None)
         if record.outcome is not TransferOutcome.SUCCESS:
-            raise WorkerFailed(record.error or f"KV transfer of {request.request_id} {record.outcome}")
+            log.warning("prefill of %s: %s; it is recomputed", request.request_id, record.error)
+            return PrefillDone(None, record)
         # raw block images (codec none from the registered cache): the decode side copies them in as they are
         return PrefillDone(KVHandle.handoff(transfer_id, record.block_format), record)
 

@@ -19,7 +19,7 @@ from frontdoor.flight import EventSink, Flight
 from frontdoor.metrics import FrontDoorMetrics
 from frontdoor.workers import WorkerCallFailed, WorkerClient
 from policy.admission import AdmissionState, admit, observe
-from policy.dispatch import DispatchState, decide
+from policy.dispatch import DispatchState, decide, replacement
 from protocol.config import FrontDoorConfig
 from protocol.errors import DeadlineExceeded, InvalidRequest, Overloaded, PdflowError, WorkerFailed
 from protocol.ids import InstanceId, RequestId
@@ -214,6 +214,8 @@ class RequestRouter:
             live_prefill=len(self._snapshot.live(Role.PREFILL)),
         )
         self._metrics.prefill_seconds.observe(result.prefill_seconds)
+        if hand_off and result.kv_handle is None and result.finish_reason is None:
+            self._after_a_failed_handoff(flight, result)
         handoff = DecodeRequest(rid, prompt, result.first_token_id, sampling, result.kv_handle, priority)
         handed_off = False
         try:
@@ -236,6 +238,21 @@ class RequestRouter:
                 # It ended (aborted, failed) before its decode worker produced a token, maybe before that
                 # worker even started on it: have the prefill worker drop the KV it pushed there.
                 self._drop_handoff(flight)
+
+    def _after_a_failed_handoff(self, flight: Flight, result: PrefillResult) -> None:
+        """The prompt's KV did not reach the planned decode worker (stopped, gone, unreachable): the request
+        goes to the least loaded other live decode worker if there is one, which recomputes the prompt."""
+        planned = flight.plan.decode
+        chosen = replacement(self._snapshot, Role.DECODE, {planned.instance_id}) or planned
+        flight.plan = replace(flight.plan, decode=chosen)
+        why = result.transfer.error if result.transfer is not None else "no transfer record"
+        log.warning(
+            "%s: its KV did not reach %s (%s); %s recomputes its prompt",
+            flight.request_id,
+            planned.instance_id,
+            why,
+            chosen.instance_id,
+        )
 
     async def _prefill(self, flight: Flight, request: PrefillRequest) -> PrefillResult | None:
         """Run prefill with a deadline; None if the client aborted first. Every way out but success aborts
@@ -260,10 +277,9 @@ class RequestRouter:
                 return None
             except WorkerCallFailed as err:
                 failed = _worker_failed("prefill", instance.instance_id, err)
-                others = [i for i in self._snapshot.live(Role.PREFILL) if i.instance_id not in tried]
-                if len(tried) > _PREFILL_RETRIES or not others:
+                other = replacement(self._snapshot, Role.PREFILL, tried)
+                if len(tried) > _PREFILL_RETRIES or other is None:
                     raise failed from err
-                other = min(others, key=lambda i: (i.load, i.instance_id))
                 log.warning("%s; %s retried on %s", failed.message, flight.request_id, other.instance_id)
                 flight.plan = replace(flight.plan, prefill=other)
 
@@ -310,8 +326,8 @@ class RequestRouter:
         """Where and how the request goes on after its decode worker was lost: the least loaded other live
         decode worker, recomputing ``request``'s prompt and the ``sent`` tokens (None: nothing is left to
         generate). Raises ``error`` when no other worker may take it."""
-        others = [i for i in self._snapshot.live(Role.DECODE) if i.instance_id not in lost]
-        if len(lost) > _DECODE_RESUMES or not others:
+        other = replacement(self._snapshot, Role.DECODE, lost)
+        if len(lost) > _DECODE_RESUMES or other is None:
             raise error
         left = request.sampling.max_tokens - len(sent)
         if left < 1:
@@ -325,7 +341,6 @@ class RequestRouter:
             None,  # no KV: recomputed
             request.priority,
         )
-        other = min(others, key=lambda i: (i.load, i.instance_id))
         log.warning(
             "%s; %s resumed on %s after %d tokens",
             error.message,

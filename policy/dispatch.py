@@ -72,3 +72,10 @@ def decide(
         placements=(*pending, (prefill.instance_id, now), (decode.instance_id, now)),
     )
     return DispatchPlan(prefill, decode), new_state
+
+
+def replacement(snapshot: ClusterSnapshot, role: Role, excluded: set[str]) -> InstanceSnapshot | None:
+    """The live worker of ``role`` that takes over a request from a failed one (a prefill retried, a hand-off
+    that did not land, a decode resumed): the least loaded outside ``excluded``; None if there is none."""
+    others = [i for i in snapshot.live(role) if i.instance_id not in excluded]
+    return min(others, key=lambda i: (i.load, i.instance_id)) if others else None

@@ -41,7 +41,8 @@ class ServingEngine(Protocol):
     async def prefill(self, request: PrefillRequest) -> PrefillResult:
         """Compute the prompt and one token. When the request goes on to a decode worker, its KV is pushed
         to ``request.kv_destination`` before this returns (or held here for that worker to pull, with
-        vLLM's NixlConnector); ``kv_handle`` says where it is. A failed transfer raises ``WorkerFailed``."""
+        vLLM's NixlConnector); ``kv_handle`` says where it is. A failed transfer does not fail the prefill:
+        ``kv_handle`` is None, ``transfer`` says what failed, and the decode worker recomputes the prompt."""
 
     def decode(self, request: DecodeRequest) -> AsyncIterator[TokenChunk]:
         """Load the prompt's KV through ``request.kv_handle`` (None: recompute it), then stream the tokens

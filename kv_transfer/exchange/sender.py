@@ -16,12 +16,16 @@ from kv_transfer.codec import KVCodec, get_codec
 from kv_transfer.exchange.outgoing import OutgoingTransfer, RegisteredKV, wire_bound
 from kv_transfer.exchange.staging import Staging
 from kv_transfer.exchange.wire import peer_from_wire, peer_to_wire, slot_layers
-from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError
+from kv_transfer.transport.side_channel import SideChannelClient, SideChannelError, SideChannelTimeout
 from protocol.kv_config import KVCodecKind
 from protocol.kv_ops import Abort, Commit, Reserve
 from protocol.transfers import TransferOutcome, TransferRecord
 
 log = logging.getLogger(__name__)
+# A peer that missed a deadline is not asked again for this long: every transfer to it fails at once rather
+# than each waiting out its own deadline inside the engine's step, holding up the requests batched with it.
+# By then the controller has marked a stopped peer DEAD (heartbeat timeout) and routes nothing to it.
+STALLED_PEER_S = 5.0
 
 
 class TransferFailed(Exception):
@@ -41,6 +45,7 @@ class Sender:
         self._timeout_s = timeout_s
         self._checksum = checksum
         self._clients: dict[tuple[int, str], SideChannelClient] = {}  # per sending thread and peer
+        self._stalled_at: dict[str, float] = {}  # peer -> when it last missed a deadline
 
     def open(
         self,
@@ -63,6 +68,7 @@ class Sender:
         transport = self._staging.transport
         mine = transport.peer_info()
         try:
+            self._not_stalled(destination)
             # only a compressed layer's write notifies its landing
             ask = Reserve(transfer_id, request_id, nbytes, peer_to_wire(mine), notes=codec.compresses)
             reply = client.ask(ask, timeout_s=min(self._timeout_s, 5.0))
@@ -71,6 +77,7 @@ class Sender:
             with self._staging.lock:
                 local = self._staging.lease(transfer_id, nbytes)
         except Exception as exc:  # unreachable peer, refused reservation, full arena, bad metadata
+            self._note_stall(destination, exc)
             failed = self._record_failed(transfer_id, request_id, codec.name, reason, exc, keep=record)
             raise TransferFailed(failed) from exc
         return OutgoingTransfer(
@@ -145,6 +152,7 @@ class Sender:
         done_computing = compute_done_at if compute_done_at is not None else clock()
         retries = 0
         try:
+            self._not_stalled(t.destination)
             t.flush(checksum=self._checksum)
             if t.layers_staged != t.layers:
                 raise ValueError(f"{t.layers_staged} of {t.layers} layers were sent")
@@ -172,6 +180,7 @@ class Sender:
                 t.drain()
                 landed_at = clock()
         except Exception as exc:
+            self._note_stall(t.destination, exc)
             self.abort(t, str(exc))
             failed = self._record_failed(t.transfer_id, t.request_id, t.codec.name, t.reason, exc, t.peer)
             raise TransferFailed(failed) from exc
@@ -187,9 +196,23 @@ class Sender:
         with self._staging.lock:
             self._staging.arena.release(t.transfer_id)
         try:
+            self._not_stalled(t.destination)
             t.client.ask(Abort(t.transfer_id, why), timeout_s=1.0)
         except SideChannelError as exc:
+            self._note_stall(t.destination, exc)
             log.info("abort of transfer %s not delivered: %s", t.transfer_id, exc)
+
+    def _not_stalled(self, destination: str) -> None:
+        """``SideChannelError`` at once if ``destination`` missed a deadline within ``STALLED_PEER_S``."""
+        since = self._staging.clock() - self._stalled_at.get(destination, -STALLED_PEER_S)
+        if since < STALLED_PEER_S:
+            raise SideChannelError(
+                f"{destination} missed a deadline {since:.1f} s ago: not asked again for {STALLED_PEER_S:g} s"
+            )
+
+    def _note_stall(self, destination: str, exc: BaseException) -> None:
+        if isinstance(exc, SideChannelTimeout):
+            self._stalled_at[destination] = self._staging.clock()
 
     def drop_remote(self, destination: str, transfer_ids: list[str], why: str) -> None:
         """Best effort: free transfers this side pushed to ``destination`` that nobody will load (a migration

@@ -35,6 +35,10 @@ class SideChannelError(Exception):
     """The peer is unreachable, missed the deadline, or refused the request (its message says why)."""
 
 
+class SideChannelTimeout(SideChannelError):
+    """The peer did not answer within the deadline: stopped, hung, or starved."""
+
+
 def _tag(secret: bytes, body: bytes) -> bytes:
     return hmac.new(secret, body, hashlib.sha256).digest()
 
@@ -132,7 +136,9 @@ class SideChannelClient:
         sock.send_multipart(_signed(self._secret, json.dumps(message).encode()))
         if not sock.poll(int(timeout_s * 1000), zmq.POLLIN):
             self.close()
-            raise SideChannelError(f"{message.get('op')} to {self.address}: no reply within {timeout_s:g} s")
+            raise SideChannelTimeout(
+                f"{message.get('op')} to {self.address}: no reply within {timeout_s:g} s"
+            )
         body = _verified(self._secret, sock.recv_multipart())
         if body is None:
             raise SideChannelError(

@@ -4,11 +4,14 @@ early decoding, checksum retry, failure and lease paths. (Raw layers sent from r
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 
 from kv_transfer.codec import get_codec
 from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
+from kv_transfer.exchange.sender import STALLED_PEER_S
 from kv_transfer.transport.fake import InProcessTransport
 from protocol.transfers import TransferOutcome
 from tests.support.kv import (
@@ -187,6 +190,33 @@ def test_an_unreachable_receiver_fails_fast(pair) -> None:
     with pytest.raises(TransferFailed, match="no reply"):
         sender.open("x", "req", "127.0.0.1:9", layers=1, raw_bytes=100, tokens=1, codec=get_codec("none"))
     assert sender.held["regions"] == 0
+
+
+def test_a_receiver_that_missed_a_deadline_is_not_waited_for_again_for_a_while(pair) -> None:
+    """A stopped decode worker once held up every prefill step with a hand-off to it for a whole deadline
+    each (and every request batched with them). After one miss, transfers to it fail at once for
+    ``STALLED_PEER_S``; other receivers are not affected."""
+    _, receiver, fabric, clock = pair
+    sender = KVEndpoint(InProcessTransport("p2", 1 << 20, fabric), clock=clock, timeout_s=0.3)
+
+    def attempt() -> tuple[float, str]:
+        started = time.monotonic()
+        with pytest.raises(TransferFailed) as failed:
+            sender.open("x", "req", "127.0.0.1:9", layers=1, raw_bytes=100, tokens=1, codec=get_codec("none"))
+        return time.monotonic() - started, str(failed.value)
+
+    try:
+        waited, why = attempt()
+        assert waited >= 0.3 and "no reply" in why
+        waited, why = attempt()
+        assert waited < 0.1 and "missed a deadline" in why
+        tid = send(sender, receiver, "none", make_layers(3))  # another receiver: as ever
+        assert receiver.take(tid) is not None
+        clock.now += STALLED_PEER_S
+        waited, why = attempt()
+        assert waited >= 0.3 and "no reply" in why, "asked again once the pause is over"
+    finally:
+        sender.close()
 
 
 def test_a_link_probe_is_no_transfer_on_either_side(pair) -> None:

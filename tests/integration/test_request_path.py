@@ -183,6 +183,21 @@ async def test_a_lost_decode_worker_is_replaced_and_the_stream_goes_on_with_no_g
         await cluster.wait_idle()
 
 
+async def test_a_hand_off_whose_kv_does_not_land_is_recomputed_on_another_decode_worker() -> None:
+    """The planned decode worker cannot take the prompt's KV (stopped, gone: here every write fails): the
+    prefill still returns its token, and another decode worker recomputes the prompt. It used to fail the
+    prefill, and the client got an error for a worker it never needed."""
+    async with FakeCluster(decode=2) as cluster:
+        cluster.fabric.fail_writes = 10**6
+        tokens, finish = await cluster.generate(PROMPT, 20, request_id="unlanded")
+        assert (tokens, finish) == (colocated(PROMPT, 20), "length")
+        record = cluster.requests.get("unlanded")
+        assert record is not None and record.transfer is not None
+        assert record.transfer.outcome.value == "failed"
+        cluster.fabric.fail_writes = 0
+        await cluster.wait_idle()
+
+
 async def test_a_hung_decode_engine_is_left_behind_and_reported_dead() -> None:
     """A decode engine that stops making progress (a stopped engine core) says nothing: past the token
     deadline the request goes on elsewhere, recomputed, and past worker.hung_timeout_s the worker reports
