@@ -43,9 +43,11 @@ def spawn_worker(
     *,
     namespace: str = NAMESPACE,
     controller_name: str = CONTROLLER_NAME,
+    detached: bool = False,
 ) -> tuple[str, Any]:
     """Create worker actor ``pdflow-<role>-<index>`` (instance ``<role>-<index>``); its engine starts when
-    ``start`` is called on it."""
+    ``start`` is called on it. ``detached``: it outlives the process that creates it (Ray otherwise ends an
+    actor with its owner), as the controller's workers must outlive a controller that dies."""
     name = worker_name(role, index)
     base = config.worker.nixl_base_port
     side_channel = base + index * 2 + (role is Role.DECODE) if base else None
@@ -58,6 +60,7 @@ def spawn_worker(
         side_channel_port=side_channel,
         namespace=namespace,
         controller_name=controller_name,
+        detached=detached,
     )
     return name, actor
 
@@ -73,6 +76,7 @@ def create_worker(
     node_id: str | None = None,
     namespace: str = NAMESPACE,
     controller_name: str = CONTROLLER_NAME,
+    detached: bool = False,
 ) -> Any:
     """Create one worker actor (``spawn_worker``'s, or a Kubernetes pod's own, pinned to ``node_id``: the
     pod's Ray node); its engine starts when ``start`` is called on it."""
@@ -99,6 +103,8 @@ def create_worker(
     }
     if node_id is not None:
         options["scheduling_strategy"] = NodeAffinitySchedulingStrategy(node_id, soft=False)
+    if detached:
+        options["lifetime"] = "detached"
     return (
         ray.remote(SwitchableWorker)
         .options(**options)
@@ -125,7 +131,7 @@ class RayActuator:
     kind = "ray"
     switches_in_place = True
     _starting: dict[str, Any] = field(default_factory=dict, init=False, repr=False)  # instance -> start ref
-    # the handles of the actors this actuator created: Ray ends an actor once no handle to it is left
+    # the handles of the actors this actuator created (detached: they outlive a controller that dies)
     _handles: dict[str, Any] = field(default_factory=dict, init=False, repr=False)
     # ids are never reused (front doors, NIXL agents and actor lookups cache by name): the highest index seen
     _highest: int = field(default=-1, init=False, repr=False)
@@ -272,6 +278,7 @@ class RayActuator:
                     role,
                     index,
                     namespace=self.namespace,
+                    detached=True,  # a controller that dies and restarts finds its workers still serving
                 )
                 instance_id = f"{role.value}-{index}"
                 self._handles[instance_id] = actor

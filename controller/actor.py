@@ -93,7 +93,9 @@ class _RayFrontDoors:
 class Controller:
     def __init__(self, config: dict[str, Any], namespace: str) -> None:
         self.config = ClusterConfig.model_validate(config)
-        self.registry = InstanceRegistry(self.config.controller.heartbeat_timeout_s)
+        self.registry = InstanceRegistry(
+            self.config.controller.heartbeat_timeout_s, self.config.worker.start_timeout_s
+        )
         self.requests = RequestLog(self.config.controller.request_history)
         self.actors = ActorDirectory(namespace)
         self.frontdoors: dict[str, dict[str, str]] = {}
@@ -132,6 +134,8 @@ class Controller:
 
     def subscribe(self, actor_name: str, http_address: str, grpc_address: str) -> ClusterSnapshot:
         self.frontdoors[actor_name] = {"http": http_address, "grpc": grpc_address}
+        self.actors.forget(actor_name)  # it may be a new actor under an old name (a restarted front door)
+        self._pushes.pop(actor_name, None)
         return self.cluster_snapshot()
 
     def cluster_snapshot(self) -> ClusterSnapshot:
@@ -232,9 +236,22 @@ class Controller:
             pending = self._pushes.get(name)
             if pending is not None and not ray.wait([pending], timeout=0)[0]:
                 continue  # that front door has not taken the last one yet: send no backlog
+            if pending is not None and _failed(pending):  # its actor died: look the name up again
+                self.actors.forget(name)
             try:
                 handle = await self.actors.handle(name)
             except (ActorGone, TimeoutError):  # that front door is gone
                 self.frontdoors.pop(name, None)
                 continue
             self._pushes[name] = handle.update_snapshot.remote(snapshot)
+
+
+def _failed(ref: Any) -> bool:
+    """Whether a finished call failed (its actor died)."""
+    import ray
+
+    try:
+        ray.get(ref, timeout=0)
+    except Exception:
+        return True
+    return False

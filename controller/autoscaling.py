@@ -135,7 +135,7 @@ class AutoscalerLoop:
         handed_over = False
         try:
             members = await self._members()
-            removed = await self.actions.remove_dead(members)
+            removed = await self.actions.remove_dead(members, replace=bool(self.paused))
             if removed:
                 self.counts["removed_dead"] += len(removed)
                 members = await self._members()

@@ -1,5 +1,7 @@
 """The instance registry: the controller's one copy of what each worker last reported. A worker silent for
-longer than the heartbeat timeout is marked DEAD and drops out of dispatch. Time is passed in."""
+longer than the heartbeat timeout is marked DEAD and drops out of dispatch; one that last said it was
+STARTING gets the engine's start deadline instead (loading an engine may starve its reports). Time is passed
+in."""
 
 from __future__ import annotations
 
@@ -9,8 +11,9 @@ from protocol.snapshots import ClusterSnapshot, InstanceSnapshot, InstanceState
 
 
 class InstanceRegistry:
-    def __init__(self, heartbeat_timeout_s: float) -> None:
+    def __init__(self, heartbeat_timeout_s: float, start_timeout_s: float = 300.0) -> None:
         self._timeout = heartbeat_timeout_s
+        self._start_timeout = max(start_timeout_s, heartbeat_timeout_s)
         self._instances: dict[str, InstanceSnapshot] = {}
         self._heard_at: dict[str, float] = {}
         self._cordoned: set[str] = set()
@@ -70,11 +73,15 @@ class InstanceRegistry:
         newly = [
             iid
             for iid, heard in self._heard_at.items()
-            if now - heard > self._timeout and self._instances[iid].state is not InstanceState.DEAD
+            if now - heard > self._silence_allowed(self._instances[iid].state)
+            and self._instances[iid].state is not InstanceState.DEAD
         ]
         for iid in newly:
             self.mark_dead(iid)
         return newly
+
+    def _silence_allowed(self, state: InstanceState) -> float:
+        return self._start_timeout if state is InstanceState.STARTING else self._timeout
 
     def heard_at(self, instance_id: str) -> float | None:
         """When (on the clock ``report`` is given) ``instance_id`` last reported; None if never."""

@@ -207,14 +207,16 @@ class ScaleActions:
         back = self.restore(iid)  # either role's calls work on it: its engine is the same
         return f"{role.value} -> {to.value} in place in {self._clock() - started:.1f} s{late}; {back}"
 
-    async def remove_dead(self, members: dict[Role, PoolMembers]) -> list[str]:
-        """Instances the actuator still runs whose worker is DEAD are removed, so that the policy's scale-out
-        replaces them: at once if the worker said so (its engine failed), after three heartbeat timeouts of
-        silence otherwise (a starved worker may be late, not dead)."""
+    async def remove_dead(self, members: dict[Role, PoolMembers], *, replace: bool) -> list[str]:
+        """Instances the actuator still runs whose worker is DEAD are removed: at once if the worker said so
+        (its engine failed), after three heartbeat timeouts of silence otherwise (a starved worker may be
+        late, not dead). The policy's scale-out replaces them; with ``replace`` (no policy decides: the
+        autoscaler is off or paused) a new instance replaces each here, so that the pool keeps its size."""
         snapshot = self._registry.snapshot(0.0)
         timeout = self._config.controller.heartbeat_timeout_s
-        removed = []
+        removed: list[str] = []
         for role, pool in members.items():
+            lost = len(removed)
             for iid in pool.instances:
                 inst = snapshot.by_id(iid)
                 if inst is None or inst.state is not InstanceState.DEAD:  # warm ones that died too
@@ -225,6 +227,9 @@ class ScaleActions:
                 log.warning("%s is DEAD: %s", iid, text)
                 if done.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
                     removed.append(iid)
+            if replace and (lost := len(removed) - lost):
+                text, _ = await self.scale(f"replace-{'+'.join(removed[-lost:])}", role, lost)
+                log.warning("replacing %d dead %s worker(s): %s", lost, role.value, text)
         return removed
 
     def readmit(self, members: dict[Role, PoolMembers]) -> None:

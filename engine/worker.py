@@ -65,11 +65,24 @@ class EngineWorker(Generic[E]):
         return VllmEngine(model_path, self.config.engine, self.config.kv, engine_id=self.instance_id)
 
     async def start(self) -> None:
-        """Start the engine (tens of seconds on CPU), then begin reporting. Returns once the worker serves."""
-        await asyncio.wait_for(self.engine.start(), self.config.worker.start_timeout_s)
+        """Report STARTING, start the engine (tens of seconds on CPU), report READY. Returns once the worker
+        serves. Reporting from the first moment tells the controller the instance is coming: one restarted
+        under the name of a dead one takes the name over at once, instead of being removed as the dead one
+        (three heartbeat timeouts of silence) while its engine starts. A failed start reports DEAD."""
+        if self._report is not None:
+            with contextlib.suppress(Exception):  # the controller may be starting too: the loop tries again
+                await self._report_once()
+            self._report_task = asyncio.create_task(self._report_loop())
+        try:
+            await asyncio.wait_for(self.engine.start(), self.config.worker.start_timeout_s)
+        except BaseException:
+            self._state = InstanceState.DEAD
+            if self._report is not None:
+                with contextlib.suppress(Exception):
+                    await self._report_once()
+            raise
         self._state = InstanceState.READY
         if self._report is not None:
-            self._report_task = asyncio.create_task(self._report_loop())
             await self._report_once()
 
     def snapshot(self) -> InstanceSnapshot:

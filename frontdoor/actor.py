@@ -102,6 +102,12 @@ class FrontDoor:
         )
         scheme = "https" if tls else "http"
         self.addresses = {"http": f"{scheme}://{fd.host}:{http_port}", "grpc": f"{fd.host}:{grpc_port}"}
+        await self._subscribe()
+        self._tasks.append(asyncio.create_task(self._flush_loop()))
+        self._tasks.append(asyncio.create_task(self._resubscribe_loop()))
+        return self.addresses
+
+    async def _subscribe(self) -> None:
         snapshot: ClusterSnapshot = await self._actors.call(
             self._controller_name,
             "subscribe",
@@ -111,8 +117,22 @@ class FrontDoor:
             timeout_s=_CONTROLLER_CALL_S,
         )
         self.router.update_snapshot(snapshot)
-        self._tasks.append(asyncio.create_task(self._flush_loop()))
-        return self.addresses
+
+    async def _resubscribe_loop(self) -> None:
+        """A controller that stops pushing snapshots may have been restarted, knowing no front door: once the
+        snapshot is older than the heartbeat timeout, subscribe again (to whichever actor has the name now),
+        and keep trying while it is gone. Meanwhile ``health`` says the snapshot is stale."""
+        stale_after = self.config.controller.heartbeat_timeout_s
+        while True:
+            await asyncio.sleep(stale_after / 2)
+            taken_at = self.router.snapshot.taken_at
+            if taken_at and time.time() - taken_at <= stale_after:
+                continue
+            try:
+                await self._subscribe()
+                log.warning("the controller's snapshots had stopped; subscribed again")
+            except Exception as exc:
+                log.warning("the controller's snapshots stopped and it cannot be reached: %s", exc)
 
     def update_snapshot(self, snapshot: ClusterSnapshot) -> None:
         self.router.update_snapshot(snapshot)
@@ -120,6 +140,9 @@ class FrontDoor:
     def inbound(self, instance_id: str) -> int:
         """Requests planned on ``instance_id`` that still need it before it can go (a drain waits)."""
         return self.router.inbound(instance_id)
+
+    def ping(self) -> str:
+        return self._actor_name
 
     def snapshot_version(self) -> int:
         return self.router.snapshot.version

@@ -96,8 +96,9 @@ def up(
             "Ctrl-C (or `pdctl down`) stops it.",
             highlight=False,
         )
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(1.0):
+            for name in cluster.supervise():
+                err.print(f"{name} was gone: restarted it", highlight=False)
         err.print("stopping...")
     finally:
         RunState.clear()

@@ -4,6 +4,7 @@ decode workers and one front door, all as Ray actors. ``pdctl up`` and the end-t
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import socket
 import time
@@ -19,8 +20,23 @@ from protocol.config import ClusterConfig, PoolsKind
 from protocol.snapshots import Role
 from runtime.actors import CONTROLLER_NAME, NAMESPACE
 
-__all__ = ["CONTROLLER_NAME", "FRONTDOOR_NAME", "NAMESPACE", "ClusterHandle", "LocalCluster", "free_port"]
-FRONTDOOR_NAME = "pdflow-frontdoor-0"
+__all__ = [
+    "CONTROLLER_NAME",
+    "FRONTDOOR_NAME",
+    "NAMESPACE",
+    "REFERENCE_NAME",
+    "ClusterHandle",
+    "LocalCluster",
+    "free_port",
+]
+REFERENCE_NAME = "pdflow-reference"
+
+
+def frontdoor_name(index: int) -> str:
+    return f"pdflow-frontdoor-{index}"
+
+
+FRONTDOOR_NAME = frontdoor_name(0)
 
 # Process-wide defaults for a laptop cluster: keep every socket on loopback, no telemetry, quiet NIXL, no
 # model hub. An explicit setting in the environment wins.
@@ -70,6 +86,7 @@ class ClusterHandle:
     grpc_address: str = ""
     admin_address: str = ""
     actors: dict[str, Any] = field(default_factory=dict)
+    frontdoors: dict[str, dict[str, str]] = field(default_factory=dict)  # by actor name: their addresses
 
     def workers(self, role: Role) -> dict[str, Any]:
         """The workers this process started as ``role``, by actor name (a worker switched to the other role
@@ -95,6 +112,7 @@ class LocalCluster:
         self._ray_address = ray_address
         self._pods = config.kubernetes.pools is PoolsKind.KUBERNETES
         self.handle = ClusterHandle(config, model_path)
+        self._frontdoor_ports: dict[int, tuple[int, int]] = {}  # (HTTP, gRPC) of each front door started
 
     def start(self, say: Callable[[str], None] = lambda _: None) -> ClusterHandle:
         """Start Ray, the controller, the workers (in parallel) and the front door. Raises on any failure,
@@ -124,7 +142,7 @@ class LocalCluster:
                 )
             self._start_controller()
             self._start_workers(say)
-            self._start_frontdoor()
+            self._start_frontdoors()
         except BaseException:
             self.stop()
             raise
@@ -137,7 +155,8 @@ class LocalCluster:
 
         cfg = self.config.model_copy(deep=True)
         if cfg.controller.admin_port == 0:
-            cfg.controller.admin_port = free_port()
+            # chosen once: a restarted controller serves the same address
+            self.config.controller.admin_port = cfg.controller.admin_port = free_port()
         actor = (
             ray.remote(cast(Any, Controller))
             .options(name=CONTROLLER_NAME, num_cpus=0, max_concurrency=1000, **self._on_this_node())
@@ -173,6 +192,34 @@ class LocalCluster:
         self.handle.actors[name] = actor
         return name, actor
 
+    def add_reference(self) -> Any:
+        """Start a colocated engine that reports to no controller, so it never takes routed traffic: the
+        reference for greedy outputs in tests and benchmarks (``REFERENCE_NAME``). Blocks until it serves."""
+        import ray
+
+        from decode_worker.actor import DecodeWorker
+
+        env = {
+            "VLLM_CPU_KVCACHE_SPACE": "1",
+            "OMP_NUM_THREADS": "1",
+            "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
+        }
+        actor = (
+            ray.remote(cast(Any, DecodeWorker))
+            .options(name=REFERENCE_NAME, num_cpus=0, max_concurrency=100, runtime_env={"env_vars": env})
+            .remote(
+                "reference-0",
+                REFERENCE_NAME,
+                str(self.model_path),
+                self.config.model_dump(mode="json"),
+                "",
+                NAMESPACE,
+            )
+        )
+        self.handle.actors[REFERENCE_NAME] = actor
+        ray.get(actor.start.remote(), timeout=self.config.worker.start_timeout_s)
+        return actor
+
     def _start_workers(self, say: Callable[[str], None]) -> None:
         import ray
 
@@ -190,26 +237,57 @@ class LocalCluster:
         ray.get([ref for _, ref in started], timeout=self.config.worker.start_timeout_s)
         say(f"engines ready in {time.monotonic() - t0:.0f}s")
 
-    def _start_frontdoor(self) -> None:
+    def _start_frontdoors(self) -> None:
+        for index in range(self.config.frontdoor.replicas):
+            self._start_frontdoor(index)
+
+    def _start_frontdoor(self, index: int) -> None:
+        """Front door ``index`` (``frontdoor_name``): on the configured ports plus ``index`` (0: free ports),
+        kept for its restarts. The handle's addresses are front door 0's."""
         import ray
 
         from frontdoor.actor import FrontDoor
 
+        name = frontdoor_name(index)
+        cfg = self.config.model_copy(deep=True)
+        fd = self.config.frontdoor
+        cfg.frontdoor.http_port, cfg.frontdoor.grpc_port = self._frontdoor_ports.get(
+            index, (fd.http_port + index if fd.http_port else 0, fd.grpc_port + index if fd.grpc_port else 0)
+        )
         actor = (
             ray.remote(cast(Any, FrontDoor))
-            .options(name=FRONTDOOR_NAME, num_cpus=0, max_concurrency=1000, **self._on_this_node())
-            .remote(
-                self.config.model_dump(mode="json"),
-                str(self.model_path),
-                NAMESPACE,
-                CONTROLLER_NAME,
-                FRONTDOOR_NAME,
-            )
+            .options(name=name, num_cpus=0, max_concurrency=1000, **self._on_this_node())
+            .remote(cfg.model_dump(mode="json"), str(self.model_path), NAMESPACE, CONTROLLER_NAME, name)
         )
         addresses: dict[str, str] = ray.get(actor.start.remote(), timeout=120)
-        self.handle.actors[FRONTDOOR_NAME] = actor
-        self.handle.http_url = addresses["http"]
-        self.handle.grpc_address = addresses["grpc"]
+        self.handle.actors[name] = actor
+        self.handle.frontdoors[name] = addresses
+        if index == 0:
+            self.handle.http_url = addresses["http"]
+            self.handle.grpc_address = addresses["grpc"]
+        self._frontdoor_ports[index] = (_port(addresses["http"]), _port(addresses["grpc"]))
+
+    def supervise(self) -> list[str]:
+        """Restart the controller or a front door if its actor is gone (killed, its process crashed, or no
+        answer to a ping within 5 s), under the same name and on the same ports: the workers report to the
+        new controller by themselves, and the front doors subscribe again. Returns what it restarted; call it
+        every second or so (``pdctl up`` does). The workers are the controller's to replace, not this."""
+        import ray
+
+        restarted = []
+        control_plane: list[tuple[str, Callable[[], None]]] = [(CONTROLLER_NAME, self._start_controller)]
+        for index in range(self.config.frontdoor.replicas):
+            control_plane.append((frontdoor_name(index), functools.partial(self._start_frontdoor, index)))
+        for name, start in control_plane:
+            actor = self.handle.actors.get(name)
+            if actor is not None and _alive(actor):
+                continue
+            with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                if actor is not None:
+                    ray.kill(actor)  # a hung one: it answered no ping
+            _when_the_name_is_free(start)
+            restarted.append(name)
+        return restarted
 
     def wait_until_serving(self, timeout_s: float = 30.0) -> None:
         """Block until the front door's snapshot shows every configured worker alive."""
@@ -249,10 +327,11 @@ class LocalCluster:
         if not ray.is_initialized():
             return
         actors = self.handle.actors
-        workers = [a for n, a in actors.items() if n not in (FRONTDOOR_NAME, CONTROLLER_NAME)]
+        frontdoors = [a for n, a in actors.items() if n in self.handle.frontdoors]
+        workers = [a for n, a in actors.items() if n not in self.handle.frontdoors and n != CONTROLLER_NAME]
         workers += self._workers_started_by_the_autoscaler()
         tiers = [
-            [a for n, a in actors.items() if n == FRONTDOOR_NAME],
+            frontdoors,
             workers,
             [a for n, a in actors.items() if n == CONTROLLER_NAME],
         ]
@@ -265,3 +344,29 @@ class LocalCluster:
                     ray.kill(actor)
         actors.clear()
         ray.shutdown()
+
+
+def _port(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+def _alive(actor: Any, deadline_s: float = 5.0) -> bool:
+    import ray
+
+    try:
+        ray.get(actor.ping.remote(), timeout=deadline_s)
+    except (ray.exceptions.RayError, TimeoutError):
+        return False
+    return True
+
+
+def _when_the_name_is_free(start: Callable[[], None], deadline_s: float = 30.0) -> None:
+    """``start()``, tried again while Ray still holds the dead actor's name."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        try:
+            return start()
+        except ValueError as exc:
+            if "already taken" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

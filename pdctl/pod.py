@@ -72,7 +72,9 @@ def head(ray_address: RayAddressOpt = "auto", config: ConfigOpt = None, set_: Se
             f"admin {handle.admin_address}; pools: {cfg.kubernetes.pools.value}",
             highlight=False,
         )
-        stop.wait()
+        while not stop.wait(1.0):
+            for name in cluster.supervise():
+                err.print(f"{name} was gone: restarted it", highlight=False)
         err.print("stopping...")
     finally:
         cluster.stop()

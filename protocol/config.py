@@ -110,6 +110,12 @@ class FrontDoorConfig(_Section):
         description="Address the HTTP and gRPC servers bind. Any but loopback needs API keys "
         "(PDFLOW_API_KEYS or PDFLOW_API_KEYS_FILE), which every call but /health must then carry.",
     )
+    replicas: int = Field(
+        1,
+        ge=1,
+        description="Front doors serving the cluster at once (pdctl up): the n-th (from 0) on http_port + n "
+        "and grpc_port + n. Each admits and dispatches on its own; a load balancer spreads clients.",
+    )
     http_port: int = Field(8000, ge=0, description="OpenAI-compatible HTTP port (0: a free port).")
     grpc_port: int = Field(50051, ge=0, description="gRPC pdflow.v1.Router port (0: a free port).")
     dispatch: DispatchPolicyKind = Field(DispatchPolicyKind.LEAST_LOADED, description="Dispatch policy.")

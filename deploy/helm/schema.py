@@ -21,7 +21,14 @@ SCHEMA = ROOT / "deploy" / "helm" / "pdflow" / "values.schema.json"
 # ClusterConfig fields the chart sets from its own values (where the pods listen, where the model is
 # mounted, which workloads are the pools): set in `config`, they would be overwritten, so they are refused.
 CHART_OWNED = {
-    "frontdoor": ("host", "http_port", "grpc_port", "tls_cert_file", "tls_key_file"),  # tls: head.tlsSecret
+    "frontdoor": (
+        "host",
+        "http_port",
+        "grpc_port",
+        "tls_cert_file",
+        "tls_key_file",
+        "replicas",
+    ),  # tls: head.tlsSecret
     "controller": ("admin_host", "admin_port"),
     "worker": ("start_timeout_s",),  # pools.startupSeconds
     "model": ("path",),
@@ -82,7 +89,8 @@ def cluster_config_schema() -> tuple[dict[str, Any], dict[str, Any]]:
         defs.pop(name)
     schema["description"] = (
         "pdflow's ClusterConfig (as `pdctl up -c` takes it), less what the chart sets itself: "
-        "frontdoor.host/http_port/grpc_port/tls_* and controller.admin_host/admin_port (head.*), "
+        "frontdoor.host/http_port/grpc_port/tls_*/replicas (one front door in the head pod) and "
+        "controller.admin_host/admin_port (head.*), "
         "worker.start_timeout_s (pools.startupSeconds), model.path (model.*), the prefill and decode "
         "sections (pools.*.replicas), the kubernetes section (this release's workloads)."
     )

@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 
-from pdctl.local_cluster import FRONTDOOR_NAME, NAMESPACE, ClusterHandle, LocalCluster, free_port
+from pdctl.local_cluster import FRONTDOOR_NAME, REFERENCE_NAME, ClusterHandle, LocalCluster
 from protocol.config import ClusterConfig
 from protocol.messages import SamplingSpec
 from protocol.snapshots import InstanceSnapshot, Role
 
-REFERENCE_NAME = "pdflow-reference"
 _LAST = "test_dashboards_live"  # reshapes the pools and reads what every scenario before it left
 
 
@@ -93,10 +92,6 @@ class E2ECluster:
 
 @pytest.fixture(scope="session")
 def e2e_cluster(model_dir: Any) -> Iterator[E2ECluster]:
-    import ray
-
-    from decode_worker.actor import DecodeWorker
-
     config = ClusterConfig.load(
         overrides={
             "frontdoor.http_port": 0,
@@ -111,27 +106,7 @@ def e2e_cluster(model_dir: Any) -> Iterator[E2ECluster]:
     cluster = LocalCluster(config, model_dir)
     cluster.start()
     try:
-        # The reference: a colocated engine that reports to no controller, so it never takes routed traffic.
-        reference = (
-            ray.remote(DecodeWorker)
-            .options(
-                name=REFERENCE_NAME,
-                num_cpus=0,
-                max_concurrency=100,
-                runtime_env={
-                    "env_vars": {
-                        "VLLM_CPU_KVCACHE_SPACE": "1",
-                        "OMP_NUM_THREADS": "1",
-                        "VLLM_NIXL_SIDE_CHANNEL_PORT": str(free_port()),
-                    }
-                },
-            )
-            .remote(
-                "reference-0", REFERENCE_NAME, str(model_dir), config.model_dump(mode="json"), "", NAMESPACE
-            )
-        )
-        cluster.handle.actors[REFERENCE_NAME] = reference
-        ray.get(reference.start.remote(), timeout=config.worker.start_timeout_s)
+        reference = cluster.add_reference()
         cluster.wait_until_serving()
         yield E2ECluster(cluster, cluster.handle, reference)
     finally:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from typing import Any
 
 import pytest
@@ -114,9 +115,13 @@ async def test_a_decode_scale_in_under_load_drains_the_victim_and_loses_no_reque
         await cluster.wait_idle()
 
 
-async def test_without_waiting_for_requests_on_their_way_a_scale_in_fails_them() -> None:
+async def test_without_waiting_for_requests_on_their_way_a_scale_in_costs_them_a_recompute(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
     """The control case: a drain that sees only what already runs on the victim removes it while requests
-    are still prefilling for it, and those requests fail."""
+    are still prefilling for it. They used to fail; now their KV hand-off is lost and another decode worker
+    recomputes them (work the drain that waits does not waste)."""
+    caplog.set_level(logging.WARNING, logger="frontdoor.router")
     async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=SCALE_IN) as cluster:
         loop, _, _ = autoscaler(cluster, blind=True)
         async with Load(cluster, clients=6) as load:
@@ -128,7 +133,11 @@ async def test_without_waiting_for_requests_on_their_way_a_scale_in_fails_them()
             assert record is not None and record.decision.victims
             await loop.settle(30)
             await load.finish()
-        assert load.failures, "removing a victim with requests on their way to it should fail them"
+        assert load.failures == []
+        recovered = [
+            r for r in caplog.records if "recomputes its prompt" in r.message or "resumed on" in r.message
+        ]
+        assert recovered, "removing a victim with requests on their way to it should lose their KV"
 
 
 async def test_a_prefill_scale_in_waits_for_the_prompts_and_hand_offs_in_flight() -> None:
@@ -413,6 +422,18 @@ async def test_a_dead_instance_is_removed_and_replaced() -> None:
         await loop.settle(10)
         replacement = [i for i in actuator.members(Role.DECODE).instances if i != "decode-0"]
         assert len(replacement) == 1 and replacement[0] != "decode-1"
+
+
+async def test_with_the_autoscaler_off_a_dead_instance_is_replaced_and_the_pool_keeps_its_size() -> None:
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY) as cluster:
+        loop, actuator, _ = autoscaler(cluster, enabled=False)
+        cluster.engines["pdflow-decode-1"].kill()
+        await _until("decode-1 reported DEAD", lambda: _state(cluster, "decode-1") is InstanceState.DEAD)
+        assert await loop.tick() is None  # no decision: the policy is off
+        assert actuator.removed == ["decode-1"]
+        await loop.settle(10)
+        decode = actuator.members(Role.DECODE).instances
+        assert len(decode) == 2 and "decode-1" not in decode, decode
 
 
 async def test_a_dead_instance_no_pool_has_any_more_is_forgotten() -> None:

@@ -80,7 +80,9 @@ class FakeCluster:
         )
         self.fabric = FakeFabric()
         self.latency = latency or LatencyModel()
-        self.registry = InstanceRegistry(self.config.controller.heartbeat_timeout_s)
+        self.registry = InstanceRegistry(
+            self.config.controller.heartbeat_timeout_s, self.config.worker.start_timeout_s
+        )
         self.requests = RequestLog(self.config.controller.request_history)
         self.workers: dict[str, Any] = {}
         self.engines: dict[str, FakeEngine] = {}

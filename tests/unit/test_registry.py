@@ -27,6 +27,19 @@ def test_a_silent_worker_is_marked_dead_and_comes_back_when_it_reports() -> None
     assert reg.snapshot(now=105.0).by_id("decode-0").state is InstanceState.READY  # type: ignore[union-attr]
 
 
+def test_a_starting_worker_has_its_engine_s_start_deadline_to_report_again() -> None:
+    """Loading an engine may starve a worker's reports for longer than a heartbeat timeout; it was marked
+    DEAD, and the controller removed (killed) it while it started."""
+    from dataclasses import replace
+
+    reg = InstanceRegistry(heartbeat_timeout_s=3.0, start_timeout_s=60.0)
+    reg.report(replace(snap("decode-0"), state=InstanceState.STARTING), now=100.0)
+    reg.report(snap("decode-1"), now=100.0)
+    assert reg.expire(now=130.0) == ["decode-1"]
+    reg.report(snap("decode-0"), now=131.0)  # started: the heartbeat timeout again
+    assert reg.expire(now=135.0) == ["decode-0"]
+
+
 def test_snapshot_versions_grow_with_every_change() -> None:
     reg = InstanceRegistry(heartbeat_timeout_s=1.0)
     v0 = reg.snapshot(0.0).version
