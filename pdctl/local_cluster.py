@@ -28,6 +28,7 @@ __all__ = [
     "ClusterHandle",
     "LocalCluster",
     "free_port",
+    "frontdoor_name",
 ]
 REFERENCE_NAME = "pdflow-reference"
 
@@ -266,6 +267,13 @@ class LocalCluster:
             self.handle.http_url = addresses["http"]
             self.handle.grpc_address = addresses["grpc"]
         self._frontdoor_ports[index] = (_port(addresses["http"]), _port(addresses["grpc"]))
+
+    def add_frontdoor(self) -> dict[str, str]:
+        """Start one more front door (``frontdoor.replicas`` grows by one); return its addresses."""
+        index = self.config.frontdoor.replicas
+        self.config.frontdoor.replicas += 1
+        self._start_frontdoor(index)
+        return self.handle.frontdoors[frontdoor_name(index)]
 
     def supervise(self) -> list[str]:
         """Restart the controller or a front door if its actor is gone (killed, its process crashed, or no

@@ -100,3 +100,30 @@ async def test_a_drain_moves_every_request_off_a_decode_worker_and_loses_none() 
             assert tokens == colocated(prompt, 150) and finish == "length"
         assert cluster.registry.snapshot(0).by_id("decode-0").state is InstanceState.CORDONED  # type: ignore[union-attr]
         await cluster.wait_idle()
+
+
+async def test_a_live_migration_says_where_it_stands_and_each_worker_which_requests_it_holds() -> None:
+    """What an operator (and the chaos suite) reads while a request moves: the source's migration goes
+    from its pre-copy to its freeze, and the request is held first by the source, then by the destination."""
+    async with FakeCluster(decode=2, latency=SLOW) as cluster:
+        phases: list[str] = []
+        holders: list[str] = []
+
+        async def watch() -> None:
+            while True:
+                for name in ("decode-0", "decode-1"):
+                    worker = cluster.worker(name)
+                    phase = worker.migration_phases().get("watched")
+                    if phase and phase not in phases:
+                        phases.append(phase)
+                    if "watched" in worker.requests() and name not in holders:
+                        holders.append(name)
+                await asyncio.sleep(0)
+
+        watcher = asyncio.create_task(watch())
+        tokens, _ = await _stream_with_moves(cluster, "watched", 120, [10], MigrationMode.LIVE)
+        watcher.cancel()
+        assert tokens == colocated(PROMPT, 120)
+        assert phases[:2] == ["precopy", "frozen"], phases
+        assert len(holders) == 2, f"held by {holders}: the source, then the destination"
+        await cluster.wait_idle()
