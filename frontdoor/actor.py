@@ -11,6 +11,7 @@ from typing import Any
 
 from frontdoor.metrics import FrontDoorMetrics
 from frontdoor.router import RequestRouter
+from frontdoor.tracing import RequestTracer
 from frontdoor.workers import RayWorkerClient
 from protocol.auth import Credentials
 from protocol.config import ClusterConfig
@@ -41,6 +42,7 @@ class FrontDoor:
             self._queue_event,
             max_predicted_ttft_s=self.config.max_predicted_ttft_s,
         )
+        self._tracer = RequestTracer.from_config(self.config.tracing)  # None: tracing is off
         self._http: Any = None
         self._grpc: Any = None
         self._tasks: list[asyncio.Task[Any]] = []
@@ -181,6 +183,8 @@ class FrontDoor:
 
     def _queue_event(self, event: RequestEvent, prompt_tokens: int, output_tokens: int) -> None:
         self._pending.append((event, prompt_tokens, output_tokens))
+        if self._tracer is not None:
+            self._tracer.on_event(event, prompt_tokens, output_tokens)
 
     async def _flush_loop(self) -> None:
         while True:
@@ -196,6 +200,8 @@ class FrontDoor:
                 log.warning("controller unreachable (%s); dropped %d request events", exc, len(batch))
 
     async def shutdown(self) -> None:
+        if self._tracer is not None:
+            self._tracer.shutdown()  # exports what it holds
         if self._grpc is not None:
             await self._grpc.stop(grace=1.0)
         if self._http is not None:

@@ -166,6 +166,17 @@ class FrontDoorConfig(_Section):
         return self.tls_cert_file.read_bytes(), self.tls_key_file.read_bytes()
 
 
+class TracingConfig(_Section):
+    otlp_endpoint: str = Field(
+        "",
+        description="OTLP/HTTP traces endpoint (such as http://otel-collector:4318/v1/traces): each front "
+        "door exports a span per request, with a child per stage (queue, prefill, transfer, decode, "
+        "migration), each carrying the request id. Empty: no tracing.",
+    )
+    sample_ratio: float = Field(1.0, ge=0, le=1, description="Share of requests traced.")
+    service_name: str = Field("pdflow", description="The traces' service.name.")
+
+
 class MigrationConfig(_Section):
     mode: MigrationMode = Field(
         MigrationMode.LIVE, description="How a running request moves between workers."
@@ -252,6 +263,7 @@ class ClusterConfig(_Section):
     worker: WorkerConfig = WorkerConfig()
     controller: ControllerConfig = ControllerConfig()
     frontdoor: FrontDoorConfig = FrontDoorConfig()
+    tracing: TracingConfig = TracingConfig()
     migration: MigrationConfig = MigrationConfig()
     autoscaler: AutoscalerConfig = AutoscalerConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
