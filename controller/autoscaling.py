@@ -135,20 +135,24 @@ class AutoscalerLoop:
         handed_over = False
         try:
             members = await self._members()
-            removed = await self.actions.remove_dead(members, replace=bool(self.paused))
+            removed = await self.actions.remove_dead(members)
             if removed:
                 self.counts["removed_dead"] += len(removed)
+                members = await self._members()
+            now = self._clock()
+            starting = self._still_starting(members, now)
+            # not before the cluster as started has come up (its workers may not all exist yet)
+            if self.paused and not starting and await self.actions.keep_sizes(members, self._sizes()):
                 members = await self._members()
             self.actions.readmit(members)
             for iid in self.actions.forget_departed(members):
                 log.info("%s: DEAD and in no pool any more: forgotten", iid)
-            now = self._clock()
             for pool in members.values():
                 for iid in pool.instances:
                     self._first_seen.setdefault(iid, now)
             self._last_members = members
             self.hold = "; ".join(m.hold for m in members.values() if m.hold)
-            if self.paused or self.hold or self._still_starting(members, now):
+            if self.paused or self.hold or starting:
                 return None
             observation = self.observe(members)
             self._record_rates(now)
@@ -366,6 +370,15 @@ class AutoscalerLoop:
             status.draining[role] = sum(v.state.out_of_service for v in mine)
             status.desired[role] = target[k] if target else status.ready[role] + status.pending[role]
         return status
+
+    def _sizes(self) -> dict[Role, int]:
+        """The pools' sizes while no policy decides: the operator's target, else the last decision's, else
+        the configured replicas."""
+        last = self.history[-1].decision if self.history else None
+        target = self.manual_target or ((last.prefill, last.decode) if last else None)
+        if target is None:
+            target = (self._cluster.prefill.replicas, self._cluster.decode.replicas)
+        return dict(zip(ROLES, target, strict=True))
 
     def totals(self) -> AutoscalerTotals:
         """For the metrics (carried in the cluster snapshot)."""

@@ -207,16 +207,14 @@ class ScaleActions:
         back = self.restore(iid)  # either role's calls work on it: its engine is the same
         return f"{role.value} -> {to.value} in place in {self._clock() - started:.1f} s{late}; {back}"
 
-    async def remove_dead(self, members: dict[Role, PoolMembers], *, replace: bool) -> list[str]:
-        """Instances the actuator still runs whose worker is DEAD are removed: at once if the worker said so
-        (its engine failed), after three heartbeat timeouts of silence otherwise (a starved worker may be
-        late, not dead). The policy's scale-out replaces them; with ``replace`` (no policy decides: the
-        autoscaler is off or paused) a new instance replaces each here, so that the pool keeps its size."""
+    async def remove_dead(self, members: dict[Role, PoolMembers]) -> list[str]:
+        """Instances the actuator still runs whose worker is DEAD are removed, so that the policy's scale-out
+        (or ``keep_sizes``) replaces them: at once if the worker said so (its engine failed), after three
+        heartbeat timeouts of silence otherwise (a starved worker may be late, not dead)."""
         snapshot = self._registry.snapshot(0.0)
         timeout = self._config.controller.heartbeat_timeout_s
         removed: list[str] = []
         for role, pool in members.items():
-            lost = len(removed)
             for iid in pool.instances:
                 inst = snapshot.by_id(iid)
                 if inst is None or inst.state is not InstanceState.DEAD:  # warm ones that died too
@@ -227,10 +225,30 @@ class ScaleActions:
                 log.warning("%s is DEAD: %s", iid, text)
                 if done.outcome in (Outcome.APPLIED, Outcome.UNCHANGED):
                     removed.append(iid)
-            if replace and (lost := len(removed) - lost):
-                text, _ = await self.scale(f"replace-{'+'.join(removed[-lost:])}", role, lost)
-                log.warning("replacing %d dead %s worker(s): %s", lost, role.value, text)
         return removed
+
+    async def keep_sizes(self, members: dict[Role, PoolMembers], sizes: dict[Role, int]) -> bool:
+        """With no policy deciding (the autoscaler off or paused), a pool with fewer instances than its size
+        (a worker that died, was removed as dead, or never started) gets new ones. A workload controller
+        that keeps its own pods (a StatefulSet) is asked for the size it already has: nothing changes.
+        Whether it started any."""
+        started = False
+        for role, pool in members.items():
+            size = sizes[role]
+            if len(pool.instances) >= size:
+                continue
+            call_id = f"keep-{role.value}-{size}-{','.join(pool.instances)}"
+            done = await self._call(self.actuator.scale, call_id, role, size)
+            if done.outcome is Outcome.APPLIED:
+                log.warning(
+                    "the %s pool had %d of its %d instances: %s",
+                    role.value,
+                    len(pool.instances),
+                    size,
+                    done.detail,
+                )
+                started = True
+        return started
 
     def readmit(self, members: dict[Role, PoolMembers]) -> None:
         """An instance id the actuator reports again, long after it removed one of that id (a StatefulSet's

@@ -241,9 +241,18 @@ class RequestRouter:
 
     def _after_a_failed_handoff(self, flight: Flight, result: PrefillResult) -> None:
         """The prompt's KV did not reach the planned decode worker (stopped, gone, unreachable): the request
-        goes to the least loaded other live decode worker if there is one, which recomputes the prompt."""
+        goes to the least loaded other live decode worker if there is one (else to the planned one, if it is
+        still live), which recomputes the prompt. Whatever part of the KV landed there is dropped."""
         planned = flight.plan.decode
-        chosen = replacement(self._snapshot, Role.DECODE, {planned.instance_id}) or planned
+        self._drop_handoff(flight)
+        chosen = replacement(self._snapshot, Role.DECODE, {planned.instance_id})
+        if chosen is None:
+            chosen = replacement(self._snapshot, Role.DECODE, set())
+        if chosen is None:
+            raise WorkerFailed(
+                f"the KV of {flight.request_id} did not reach {planned.instance_id}, and no decode "
+                "worker is live"
+            )
         flight.plan = replace(flight.plan, decode=chosen)
         why = result.transfer.error if result.transfer is not None else "no transfer record"
         log.warning(

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import socket
 import time
@@ -30,6 +31,7 @@ __all__ = [
     "free_port",
     "frontdoor_name",
 ]
+log = logging.getLogger(__name__)
 REFERENCE_NAME = "pdflow-reference"
 
 
@@ -293,7 +295,13 @@ class LocalCluster:
             with contextlib.suppress(ValueError, ray.exceptions.RayError):
                 if actor is not None:
                     ray.kill(actor)  # a hung one: it answered no ping
-            _when_the_name_is_free(start)
+            try:
+                _when_the_name_is_free(start)
+            except Exception as exc:  # its port not free yet, the controller not back: the next call retries
+                log.error("restarting %s failed (%s); trying again", name, exc)
+                with contextlib.suppress(ValueError, ray.exceptions.RayError):  # half started: free the name
+                    ray.kill(ray.get_actor(name, namespace=NAMESPACE))
+                continue
             restarted.append(name)
         return restarted
 
@@ -328,30 +336,30 @@ class LocalCluster:
         return found
 
     def stop(self) -> None:
-        """Stop the front door (no new requests), then the workers (their engines' subprocesses exit), then
-        the controller, then Ray. Idempotent."""
+        """Stop the front doors (no new requests), then the controller (it starts no replacement for the
+        workers stopping next), then the workers (their engines' subprocesses exit), then Ray. Idempotent."""
         import ray
 
         if not ray.is_initialized():
             return
         actors = self.handle.actors
-        frontdoors = [a for n, a in actors.items() if n in self.handle.frontdoors]
+        self._stop_tier([a for n, a in actors.items() if n in self.handle.frontdoors])
+        self._stop_tier([a for n, a in actors.items() if n == CONTROLLER_NAME])
         workers = [a for n, a in actors.items() if n not in self.handle.frontdoors and n != CONTROLLER_NAME]
-        workers += self._workers_started_by_the_autoscaler()
-        tiers = [
-            frontdoors,
-            workers,
-            [a for n, a in actors.items() if n == CONTROLLER_NAME],
-        ]
-        for tier in tiers:
-            refs = [a.shutdown.remote() for a in tier]
-            if refs:  # a dead actor cannot shut down; it is killed below either way
-                ray.wait(refs, num_returns=len(refs), timeout=30)
-            for actor in tier:
-                with contextlib.suppress(ValueError, ray.exceptions.RayError):
-                    ray.kill(actor)
+        self._stop_tier(workers + self._workers_started_by_the_autoscaler())
         actors.clear()
         ray.shutdown()
+
+    @staticmethod
+    def _stop_tier(tier: list[Any]) -> None:
+        import ray
+
+        refs = [a.shutdown.remote() for a in tier]
+        if refs:  # a dead actor cannot shut down; it is killed below either way
+            ray.wait(refs, num_returns=len(refs), timeout=30)
+        for actor in tier:
+            with contextlib.suppress(ValueError, ray.exceptions.RayError):
+                ray.kill(actor)
 
 
 def _port(address: str) -> int:

@@ -268,6 +268,21 @@ class ClusterConfig(_Section):
     autoscaler: AutoscalerConfig = AutoscalerConfig()
     kubernetes: KubernetesConfig = KubernetesConfig()
 
+    @model_validator(mode="after")
+    def _ports_apart(self) -> ClusterConfig:
+        """Every server this configuration starts on its own port (0: a free one each)."""
+        fd = self.frontdoor
+        servers = {"controller.admin_port": self.controller.admin_port}
+        for n in range(fd.replicas):
+            for what, port in (("http_port", fd.http_port), ("grpc_port", fd.grpc_port)):
+                servers[f"front door {n}'s {what}" if n else f"frontdoor.{what}"] = port + n if port else 0
+        seen: dict[int, str] = {}
+        for what, port in servers.items():
+            if port and port in seen:
+                raise ValueError(f"{what} and {seen[port]} are both port {port}: give them different ports")
+            seen[port] = what
+        return self
+
     @property
     def max_predicted_ttft_s(self) -> float | None:
         """The front door's admission limit (``frontdoor.admission_slo_factor`` x the TTFT SLO), if any."""

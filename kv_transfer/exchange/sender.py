@@ -147,7 +147,8 @@ class Sender:
         """Wait for every write, call ``before_commit`` (an exception from it fails the transfer), commit
         on the receiver (one resend of any layer it finds corrupt), free the local staging. Blocks up to
         ``timeout_s``. Returns the sender's view of the record; raises ``TransferFailed`` with a FAILED
-        record on any error (the receiver's reservation is released)."""
+        record on any error (the receiver's reservation is released: by an Abort, or by its lease where the
+        receiver missed a deadline and is not asked again)."""
         clock = self._staging.clock
         done_computing = compute_done_at if compute_done_at is not None else clock()
         retries = 0

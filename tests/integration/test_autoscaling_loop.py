@@ -425,7 +425,8 @@ async def test_a_dead_instance_is_removed_and_replaced() -> None:
 
 
 async def test_with_the_autoscaler_off_a_dead_instance_is_replaced_and_the_pool_keeps_its_size() -> None:
-    async with FakeCluster(prefill=1, decode=2, latency=LATENCY) as cluster:
+    overrides = {"decode.replicas": 2}  # the size it was started with
+    async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
         loop, actuator, _ = autoscaler(cluster, enabled=False)
         cluster.engines["pdflow-decode-1"].kill()
         await _until("decode-1 reported DEAD", lambda: _state(cluster, "decode-1") is InstanceState.DEAD)

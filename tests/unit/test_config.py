@@ -101,3 +101,15 @@ def test_the_connector_reads_back_exactly_the_kv_settings_the_engine_host_hands_
 def test_the_connector_refuses_a_setting_it_does_not_know() -> None:
     with pytest.raises(ValidationError, match="transfer_niceness"):
         KVTransferConfig.from_connector({"transfer_niceness": 3})
+
+
+def test_two_servers_on_one_port_are_refused_with_both_named() -> None:
+    """A second front door on the default ports would take gRPC 50052, the admin port."""
+    with pytest.raises(
+        ValueError, match=r"front door 1's grpc_port and controller\.admin_port are both port 50052"
+    ):
+        ClusterConfig.load(None, {"frontdoor.replicas": 2})
+    assert (
+        ClusterConfig.load(None, {"frontdoor.replicas": 2, "controller.admin_port": 50060}).frontdoor.replicas
+        == 2
+    )
