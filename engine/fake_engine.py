@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 
-from engine.fake_model import LatencyModel, next_token
+from engine.fake_model import LatencyModel, PriorityTurns, next_token
 from engine.stats import rate
 from kv_transfer.codec import get_codec
 from kv_transfer.exchange.endpoint import KVEndpoint, TransferFailed
@@ -101,7 +101,7 @@ class FakeEngine:
         self._clock = clock
         self._running: dict[str, _Running] = {}
         self._prefilling: dict[str, int] = {}  # request -> blocks its prefill holds
-        self._prefill_lock = asyncio.Lock()
+        self._prefill_turns = PriorityTurns()  # one prefill at a time, the highest priority first (as vLLM's)
         self._wake = asyncio.Event()
         self._loop_task: asyncio.Task[None] | None = None
         self._pushes: dict[str, asyncio.Task[TransferRecord]] = {}
@@ -164,7 +164,7 @@ class FakeEngine:
         self._prefilling[request.request_id] = self._blocks(len(prompt))
         handle, record = None, None
         try:
-            async with self._prefill_lock:
+            async with self._prefill_turns.turn(request.priority):
                 await self._sleep(self.latency.prefill_s(len(prompt)))
                 await self._stepping.wait()
             self._check_alive()
@@ -208,10 +208,15 @@ class FakeEngine:
             yield chunk
 
     async def generate(
-        self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
+        self,
+        request_id: RequestId,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingSpec,
+        *,
+        priority: int = 0,
     ) -> AsyncIterator[TokenChunk]:
         self._check_alive()
-        async with self._prefill_lock:
+        async with self._prefill_turns.turn(priority):
             await self._sleep(self.latency.prefill_s(len(prompt_token_ids)))
         first = next_token(prompt_token_ids)
         yield TokenChunk(request_id, (first,), FinishReason.LENGTH if sampling.max_tokens <= 1 else None)

@@ -1,11 +1,16 @@
-"""What the fake engine computes, with no model and no torch: the next token of a sequence, and how long an
-engine step takes. A pure function and a table; the fake engine (``engine.fake_engine``) runs them, and the
-simulator's engine will take the same latency model."""
+"""What the fake engine computes, with no model and no torch: the next token of a sequence, how long an
+engine step takes, and in which order waiting prompts get their turn (by priority, as vLLM's scheduler). A
+pure function, a table and a queue; the fake engine (``engine.fake_engine``) runs them, and the simulator's
+engine will take the same latency model."""
 
 from __future__ import annotations
 
+import asyncio
 import bisect
-from collections.abc import Sequence
+import contextlib
+import heapq
+import itertools
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 VOCAB = 49152
@@ -43,3 +48,40 @@ def _interpolate(table: tuple[tuple[int, float], ...], x: int) -> float:
         return table[-1][1]
     (x0, y0), (x1, y1) = table[i - 1], table[i]
     return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+class PriorityTurns:
+    """One holder at a time; waiters get their turn by priority (higher first), then by arrival."""
+
+    def __init__(self) -> None:
+        self._busy = False
+        self._waiting: list[tuple[int, int, asyncio.Future[None]]] = []
+        self._arrivals = itertools.count()
+
+    @contextlib.asynccontextmanager
+    async def turn(self, priority: int) -> AsyncIterator[None]:
+        if self._busy or self._waiting:
+            entry = (-priority, next(self._arrivals), asyncio.get_running_loop().create_future())
+            heapq.heappush(self._waiting, entry)
+            try:
+                await entry[2]
+            except BaseException:
+                if entry in self._waiting:
+                    self._waiting.remove(entry)
+                    heapq.heapify(self._waiting)
+                elif entry[2].done() and not entry[2].cancelled():
+                    self._pass_on()  # it was handed the turn just as it left
+                raise
+        self._busy = True
+        try:
+            yield
+        finally:
+            self._pass_on()
+
+    def _pass_on(self) -> None:
+        while self._waiting:
+            _, _, waiter = heapq.heappop(self._waiting)
+            if not waiter.done():
+                waiter.set_result(None)  # busy stays set: the turn goes straight to it
+                return
+        self._busy = False

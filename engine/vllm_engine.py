@@ -92,6 +92,8 @@ class VllmEngine:
             enable_chunked_prefill=False,
             max_num_batched_tokens=max(cfg.max_model_len, 2048),
             enable_prefix_caching=cfg.prefix_caching,
+            # the requests' priorities order the waiting queue (ties: first come, first served)
+            scheduling_policy="priority",
             kv_transfer_config=kv_transfer,
             # vLLM mixes this into its worker so that live migration can reach the connector
             worker_extension_cls=f"{extension.__module__}.{extension.__qualname__}" if self._control else "",
@@ -118,7 +120,9 @@ class VllmEngine:
         params = self._sampling_params(request.sampling, max_tokens=1, kv_transfer_params=kv_params)
         last = None
         try:
-            async for out in self._run(request.request_id, request.prompt_token_ids, params):
+            async for out in self._run(
+                request.request_id, request.prompt_token_ids, params, request.priority
+            ):
                 last = out
         finally:
             outputs = last.outputs if last is not None and last.finished else []
@@ -155,7 +159,7 @@ class VllmEngine:
         if handle is None:  # recompute (a migration baseline, or a migrated load that failed)
             prompt = (*request.prompt_token_ids, request.first_token_id)
             sampling = replace(request.sampling, max_tokens=request.sampling.max_tokens - 1)
-            async for chunk in self.generate(request.request_id, prompt, sampling):
+            async for chunk in self.generate(request.request_id, prompt, sampling, priority=request.priority):
                 yield chunk
             return
         # The prefill worker computed the prompt's KV only; the first token is computed here, then decoding
@@ -170,7 +174,7 @@ class VllmEngine:
         if control is not None:
             control.hold_queued(request.request_id, handle.transfer_ids)
         try:
-            async for out in self._run(request.request_id, prompt, params):
+            async for out in self._run(request.request_id, prompt, params, request.priority):
                 chunk = _chunk(request.request_id, out)
                 if (
                     handle.migrated
@@ -213,7 +217,7 @@ class VllmEngine:
         finish = None
         try:
             async with asyncio.timeout(deadline_s):
-                async for out in self._run(request.request_id, prompt, params):
+                async for out in self._run(request.request_id, prompt, params, request.priority):
                     finish = _chunk(request.request_id, out).finish_reason
         except TimeoutError:
             log.info(
@@ -223,10 +227,15 @@ class VllmEngine:
         return finish is not None and finish is not FinishReason.ERROR
 
     async def generate(
-        self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
+        self,
+        request_id: RequestId,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingSpec,
+        *,
+        priority: int = 0,
     ) -> AsyncIterator[TokenChunk]:
         params = self._sampling_params(sampling, max_tokens=sampling.max_tokens, kv_transfer_params=None)
-        async for out in self._run(request_id, prompt_token_ids, params):
+        async for out in self._run(request_id, prompt_token_ids, params, priority):
             yield _chunk(request_id, out)
 
     async def push_blocks(
@@ -312,14 +321,18 @@ class VllmEngine:
         )
         return result
 
-    async def _run(self, request_id: str, prompt: tuple[int, ...], params: Any) -> AsyncIterator[Any]:
-        """One vLLM request; the request is aborted in vLLM if the caller stops iterating early."""
+    async def _run(
+        self, request_id: str, prompt: tuple[int, ...], params: Any, priority: int = 0
+    ) -> AsyncIterator[Any]:
+        """One vLLM request; the request is aborted in vLLM if the caller stops iterating early. ``priority``:
+        pdflow's (higher is more important); vLLM's scheduler takes lower values first."""
         if self._llm is None:
             raise WorkerFailed("engine is not started")
         self._live.add(request_id)
         finished = False
         try:
-            async for out in self._llm.generate({"prompt_token_ids": list(prompt)}, params, request_id):
+            prompt_input = {"prompt_token_ids": list(prompt)}
+            async for out in self._llm.generate(prompt_input, params, request_id, priority=-priority):
                 self._progress_at = time.monotonic()
                 finished = out.finished
                 yield out

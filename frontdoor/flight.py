@@ -32,6 +32,7 @@ class Flight:
         self.plan = plan
         self.prompt_tokens = prompt_tokens
         self.tokens_ahead = prompt_tokens  # prompt tokens waiting at its admission, its own included
+        self.priority = 0  # from the API: higher is served first
         self.output_tokens = 0
         self._wall_clock = wall_clock
         self.started = clock()

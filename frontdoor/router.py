@@ -94,10 +94,12 @@ class RequestRouter:
             counts[flight.state.value] = counts.get(flight.state.value, 0) + 1
         return counts
 
-    def _admit(self, prompt_tokens: int) -> int:
+    def _admit(self, prompt_tokens: int, priority: int) -> int:
         """Refuse a request (``Overloaded``) that would wait too long for its first token
-        (``policy.admission``); else return the prompt tokens it waits behind, its own included."""
-        waiting = [f for f in self._active.values() if f.state in _WAITING]
+        (``policy.admission``); else return the prompt tokens it waits behind, its own included. It waits
+        behind the requests of its priority or higher only: the prefill engine serves those first, so under
+        an overload the more important requests are still admitted while the others are refused."""
+        waiting = [f for f in self._active.values() if f.state in _WAITING and f.priority >= priority]
         ahead = sum(f.prompt_tokens for f in waiting) + prompt_tokens
         decision = admit(
             self._admission,
@@ -152,13 +154,14 @@ class RequestRouter:
         try:
             now = self._wall_clock()
             plan, dispatch = decide(self._snapshot, self._dispatch, self._config.dispatch, now)  # 503 first
-            ahead = self._admit(len(prompt_token_ids))
+            ahead = self._admit(len(prompt_token_ids), priority)
             self._dispatch = dispatch
         except PdflowError:
             self._metrics.requests.labels(outcome="rejected").inc()
             raise
         flight = Flight(request_id, plan, len(prompt_token_ids), self._events, self._clock, self._wall_clock)
         flight.tokens_ahead = ahead
+        flight.priority = priority
         self._active[request_id] = flight
         self._metrics.prompt_tokens.inc(len(prompt_token_ids))
         outcome: RequestState | None = None
@@ -200,7 +203,12 @@ class RequestRouter:
         result = await self._prefill(
             flight,
             PrefillRequest(
-                rid, prompt, sampling, hand_off=hand_off, kv_destination=flight.plan.decode.kv_endpoint
+                rid,
+                prompt,
+                sampling,
+                hand_off=hand_off,
+                kv_destination=flight.plan.decode.kv_endpoint,
+                priority=priority,
             ),
         )
         if result is None:

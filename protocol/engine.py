@@ -50,9 +50,15 @@ class ServingEngine(Protocol):
         frees its blocks and its landed KV."""
 
     def generate(
-        self, request_id: RequestId, prompt_token_ids: tuple[int, ...], sampling: SamplingSpec
+        self,
+        request_id: RequestId,
+        prompt_token_ids: tuple[int, ...],
+        sampling: SamplingSpec,
+        *,
+        priority: int = 0,
     ) -> AsyncIterator[TokenChunk]:
-        """Colocated path: prefill and decode here, streaming every token."""
+        """Colocated path: prefill and decode here, streaming every token. Every request's ``priority``
+        (higher first) orders the engine's waiting queue."""
 
     async def drop_handoff(self, destination: str, request_id: str) -> None:
         """Best effort: have ``destination`` free the KV pushed for ``request_id``, which will never be

@@ -51,6 +51,7 @@ class PrefillRequest:
     kv_destination: str = ""
     # A codec for this transfer only (benchmarks, quality studies); None: the worker's policy decides.
     kv_codec: KVCodecKind | None = None
+    priority: int = 0  # from the API; higher is served first (the prefill engine's waiting queue)
 
 
 @dataclass(frozen=True, slots=True)

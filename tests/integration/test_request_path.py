@@ -349,3 +349,26 @@ def _metrics(cluster: FakeCluster) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
+
+
+async def test_under_overload_a_more_important_request_is_admitted_and_served_before_waiting_ones() -> None:
+    """Low-priority requests fill the queue: one more of them is refused, while a request of higher priority
+    is admitted (it waits only behind its peers) and its prompt is computed before the low ones waiting."""
+    slow_prefill = LatencyModel(prefill=((1, 0.3), (2048, 0.3)))
+    overrides = {"frontdoor.max_waiting": 2}
+    async with FakeCluster(prefill=1, decode=1, latency=slow_prefill, overrides=overrides) as cluster:
+        firsts: list[str] = []
+
+        async def client(rid: str, priority: int) -> None:
+            async for chunk in cluster.stream(PROMPT, 4, request_id=rid, priority=priority):
+                if chunk.token_ids and rid not in firsts:
+                    firsts.append(rid)
+
+        low = [asyncio.create_task(client(f"low-{i}", 0)) for i in range(2)]
+        await cluster.wait_for("two waiting", lambda: sum(cluster.router.in_flight().values()) == 2)
+        with pytest.raises(Overloaded):
+            await cluster.generate(PROMPT, 4, request_id="low-refused")
+        await client("high", 1)
+        await asyncio.gather(*low)
+        assert firsts == ["low-0", "high", "low-1"]  # low-0 was already being computed
+        await cluster.wait_idle()

@@ -156,11 +156,17 @@ class FakeCluster:
         return self.workers[f"pdflow-{instance}"]
 
     async def stream(
-        self, prompt: tuple[int, ...], max_tokens: int, *, request_id: str = "", **sampling: Any
+        self,
+        prompt: tuple[int, ...],
+        max_tokens: int,
+        *,
+        request_id: str = "",
+        priority: int = 0,
+        **sampling: Any,
     ) -> AsyncIterator[TokenChunk]:
         rid = RequestId(request_id or f"r{next(self._ids)}")
         spec = SamplingSpec(max_tokens=max_tokens, temperature=0.0, **sampling)
-        async with contextlib.aclosing(self.router.generate(rid, prompt, spec)) as chunks:
+        async with contextlib.aclosing(self.router.generate(rid, prompt, spec, priority)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
