@@ -69,6 +69,7 @@ class FrontDoor:
             model_name=self.config.model.name,
             max_model_len=self.config.engine.max_model_len,
             default_max_tokens=fd.default_max_tokens,
+            max_concurrent_per_key=fd.max_concurrent_per_key,
         )
         app = build_http_app(
             textgen,

@@ -18,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from frontdoor.textgen import TextDelta, TextGenerator, TextRequest
-from protocol.auth import Credentials
+from protocol.auth import Credentials, caller_id
 from protocol.errors import InvalidRequest, PdflowError
 from protocol.ids import RequestId, check_request_id, new_request_id
 from protocol.proto import router_pb2, router_pb2_grpc
@@ -43,7 +43,11 @@ class RouterServicer(router_pb2_grpc.RouterServicer):
         request_id = RequestId(request.request_id or new_request_id())
         deltas = None
         try:
-            deltas = self._textgen.stream(_text_request(request, request_id, self._textgen.model_name))
+            authorization = dict(context.invocation_metadata() or ()).get("authorization")
+            text_request = _text_request(
+                request, request_id, self._textgen.model_name, caller_id(authorization)
+            )
+            deltas = self._textgen.stream(text_request)
             async for delta in deltas:
                 await context.write(_response(request_id, delta))
         except PdflowError as err:
@@ -89,7 +93,9 @@ async def _follow(servicer: Any, check: Callable[[], dict[str, Any]], period_s: 
         await asyncio.sleep(period_s)
 
 
-def _text_request(request: router_pb2.GenerateRequest, request_id: RequestId, served: str) -> TextRequest:
+def _text_request(
+    request: router_pb2.GenerateRequest, request_id: RequestId, served: str, caller: str = ""
+) -> TextRequest:
     """The ``TextRequest`` of a ``GenerateRequest``; proto3 zero values mean "not given"."""
     which = request.WhichOneof("input")
     if which is None:
@@ -114,6 +120,7 @@ def _text_request(request: router_pb2.GenerateRequest, request_id: RequestId, se
         stop=list(sp.stop),
         ignore_eos=sp.ignore_eos,
         priority=request.priority,
+        caller=caller,
     )
 
 

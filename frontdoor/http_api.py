@@ -36,7 +36,7 @@ from frontdoor.openai_schema import (
     validation_to_invalid,
 )
 from frontdoor.textgen import TextDelta, TextGenerator, TextRequest, Usage
-from protocol.auth import Credentials
+from protocol.auth import Credentials, caller_id
 from protocol.errors import InvalidRequest, ModelNotFound, PdflowError, RequestTooLarge
 from protocol.ids import new_request_id
 
@@ -155,6 +155,7 @@ async def _serve(
         stop=stop,
         ignore_eos=body.ignore_eos,
         priority=body.priority,
+        caller=caller_id(request.headers.get("authorization")),
     )
     deltas = textgen.stream(req)
     headers = {"X-Request-Id": str(render.request_id)}

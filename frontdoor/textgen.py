@@ -9,13 +9,14 @@ usage. It holds no per-request state outside ``stream``; closing the stream earl
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from frontdoor.tokenizer import ModelTokenizer
-from protocol.errors import InvalidRequest, ModelNotFound, WorkerFailed
+from protocol.errors import InvalidRequest, ModelNotFound, Overloaded, WorkerFailed
 from protocol.ids import RequestId
 from protocol.messages import FinishReason, SamplingSpec, TokenChunk
 
@@ -72,6 +73,7 @@ class TextRequest:
     stop: Sequence[str] = ()
     ignore_eos: bool = False
     priority: int = 0
+    caller: str = ""  # who sent it (``protocol.auth.caller_id``), for the per-key limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,12 +119,16 @@ class TextGenerator:
         model_name: str,
         max_model_len: int,
         default_max_tokens: int,
+        max_concurrent_per_key: int = 0,
     ) -> None:
+        """``max_concurrent_per_key``: requests one caller may have in flight (0: no limit)."""
         self.router = router
         self.tokenizer = tokenizer
         self.model_name = model_name
         self.max_model_len = max_model_len
         self.default_max_tokens = default_max_tokens
+        self._per_key = max_concurrent_per_key
+        self._in_flight: dict[str, int] = {}  # caller -> its requests in flight (per-key limit)
 
     async def abort(self, request_id: RequestId) -> bool:
         return await self.router.abort(request_id)
@@ -174,6 +180,33 @@ class TextGenerator:
             prepared = await asyncio.to_thread(self.prepare, req)
         else:
             prepared = self.prepare(req)
+        with self._held_for(req.caller):
+            async with contextlib.aclosing(
+                self._generate(prepared)
+            ) as deltas:  # closed now, not when collected
+                async for delta in deltas:
+                    yield delta
+
+    @contextlib.contextmanager
+    def _held_for(self, caller: str) -> Iterator[None]:
+        """Count the request against its caller's limit while it runs; ``Overloaded`` past the limit."""
+        held = self._in_flight.get(caller, 0)
+        if self._per_key and held >= self._per_key:
+            raise Overloaded(
+                f"This API key already has {held} requests in flight, the most this server takes from one "
+                "key (frontdoor.max_concurrent_per_key). Please retry after 1 s.",
+                retry_after_s=1,
+            )
+        self._in_flight[caller] = held + 1
+        try:
+            yield
+        finally:
+            if (left := self._in_flight[caller] - 1) > 0:
+                self._in_flight[caller] = left
+            else:
+                del self._in_flight[caller]
+
+    async def _generate(self, prepared: PreparedRequest) -> AsyncGenerator[TextDelta, None]:
         chunks = self.router.generate(
             prepared.request_id, prepared.prompt_token_ids, prepared.sampling, prepared.priority
         )

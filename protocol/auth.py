@@ -61,6 +61,13 @@ def bearer(header: str | None) -> str | None:
     return token.strip() or None if scheme.lower() == "bearer" else None
 
 
+def caller_id(authorization: str | None) -> str:
+    """Who a request comes from, for per-key limits: a digest of its bearer token (never the token); "" for
+    a request without one."""
+    token = bearer(authorization)
+    return _digest(token).hex()[:16] if token else ""
+
+
 def _digest(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 

@@ -138,6 +138,12 @@ class FrontDoorConfig(_Section):
         "the first tokens). 1: what is admitted meets the SLO, the excess of an overload is refused at once. "
         "Larger: bursts queue longer. Unset: only max_waiting bounds the queue.",
     )
+    max_concurrent_per_key: int = Field(
+        0,
+        ge=0,
+        description="Requests one API key may have in flight on this front door; one more is answered 429 "
+        "with Retry-After (every caller without a key counts as one key). 0: no limit.",
+    )
     max_body_bytes: int = Field(
         1 << 20,
         ge=1024,
