@@ -356,6 +356,9 @@ class Chaos:
 
     # ---- the end ----
 
+    def halt(self) -> None:
+        self._stop.set()
+
     def finish(self) -> dict[str, Any]:
         self._stop.set()
         for f in list(self._futures):
@@ -549,6 +552,7 @@ def main() -> None:
                             chaos.trial(victim, stage, fault)
         result = chaos.finish()
     finally:
+        chaos.halt()  # no load, no supervisor restarting what stop() stops
         cluster.stop()
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2, default=str))

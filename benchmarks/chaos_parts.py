@@ -45,7 +45,10 @@ class Call:
 
     @property
     def hung(self) -> bool:
-        return self.error.startswith("DEADLINE_EXCEEDED")
+        """Ended by the client's own deadline: the cluster never ended it (the front door's deadlines are
+        typed errors, well within it)."""
+        waited = (self.ended or time.monotonic()) - self.sent
+        return self.error.startswith("DEADLINE_EXCEEDED") and waited >= CLIENT_DEADLINE_S - 1
 
     @property
     def typed(self) -> bool:

@@ -188,10 +188,13 @@ class AutoscalerLoop:
         views: list[InstanceView] = []
         known = set()
         decode_tps = prefill_tps = 0.0
+        present = {iid for pool in members.values() for iid in pool.instances}
         for inst in self._registry.snapshot(self._wall_clock()).instances:
             known.add(inst.instance_id)
             if inst.state is InstanceState.DEAD:
                 continue
+            if inst.state is InstanceState.STARTING and inst.instance_id not in present:
+                continue  # it died while it started (it has the start deadline to report again): no supply
             if inst.role is Role.DECODE:
                 decode_tps += inst.decode_tps
             else:

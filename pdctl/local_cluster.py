@@ -32,6 +32,8 @@ __all__ = [
     "frontdoor_name",
 ]
 log = logging.getLogger(__name__)
+# a control-plane actor that answers no ping (5 s each) this many times in a row is restarted
+_SILENT_PINGS = 2
 REFERENCE_NAME = "pdflow-reference"
 
 
@@ -115,6 +117,7 @@ class LocalCluster:
         self._ray_address = ray_address
         self._pods = config.kubernetes.pools is PoolsKind.KUBERNETES
         self.handle = ClusterHandle(config, model_path)
+        self._silent: dict[str, int] = {}  # control-plane actor -> pings in a row it did not answer
         self._frontdoor_ports: dict[int, tuple[int, int]] = {}  # (HTTP, gRPC) of each front door started
 
     def start(self, say: Callable[[str], None] = lambda _: None) -> ClusterHandle:
@@ -278,10 +281,11 @@ class LocalCluster:
         return self.handle.frontdoors[frontdoor_name(index)]
 
     def supervise(self) -> list[str]:
-        """Restart the controller or a front door if its actor is gone (killed, its process crashed, or no
-        answer to a ping within 5 s), under the same name and on the same ports: the workers report to the
-        new controller by themselves, and the front doors subscribe again. Returns what it restarted; call it
-        every second or so (``pdctl up`` does). The workers are the controller's to replace, not this."""
+        """Restart the controller or a front door if its actor is gone (killed, its process crashed) or has
+        answered no ping (5 s each) twice in a row, under the same name and on the same ports: the workers
+        report to the new controller by themselves, and the front doors subscribe again. Returns what it
+        restarted; call it every second or so (``pdctl up`` does). The workers are the controller's to
+        replace, not this."""
         import ray
 
         restarted = []
@@ -290,8 +294,11 @@ class LocalCluster:
             control_plane.append((frontdoor_name(index), functools.partial(self._start_frontdoor, index)))
         for name, start in control_plane:
             actor = self.handle.actors.get(name)
-            if actor is not None and _alive(actor):
+            state = _liveness(actor) if actor is not None else "dead"
+            self._silent[name] = self._silent.get(name, 0) + 1 if state == "silent" else 0
+            if state == "alive" or 0 < self._silent[name] < _SILENT_PINGS:  # busy, maybe: ask again
                 continue
+            self._silent[name] = 0
             with contextlib.suppress(ValueError, ray.exceptions.RayError):
                 if actor is not None:
                     ray.kill(actor)  # a hung one: it answered no ping
@@ -366,14 +373,18 @@ def _port(address: str) -> int:
     return int(address.rsplit(":", 1)[1])
 
 
-def _alive(actor: Any, deadline_s: float = 5.0) -> bool:
+def _liveness(actor: Any, deadline_s: float = 5.0) -> str:
+    """``alive``, ``dead`` (Ray says the actor is gone) or ``silent`` (no answer to a ping within
+    ``deadline_s``: hung, stopped, or only too busy)."""
     import ray
 
     try:
         ray.get(actor.ping.remote(), timeout=deadline_s)
+    except ray.exceptions.GetTimeoutError:
+        return "silent"
     except (ray.exceptions.RayError, TimeoutError):
-        return False
-    return True
+        return "dead"
+    return "alive"
 
 
 def _when_the_name_is_free(start: Callable[[], None], deadline_s: float = 30.0) -> None:

@@ -209,7 +209,7 @@ def test_a_receiver_that_missed_a_deadline_is_not_waited_for_again_for_a_while(p
         waited, why = attempt()
         assert waited >= 0.3 and "no reply" in why
         waited, why = attempt()
-        assert waited < 0.1 and "missed a deadline" in why
+        assert waited < 0.25 and "missed a deadline" in why
         tid = send(sender, receiver, "none", make_layers(3))  # another receiver: as ever
         assert receiver.take(tid) is not None
         clock.now += STALLED_PEER_S

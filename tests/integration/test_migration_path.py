@@ -6,6 +6,7 @@ over an in-process fabric (``FakeCluster``): no Ray, no vLLM."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import pytest
 
@@ -123,6 +124,8 @@ async def test_a_live_migration_says_where_it_stands_and_each_worker_which_reque
         watcher = asyncio.create_task(watch())
         tokens, _ = await _stream_with_moves(cluster, "watched", 120, [10], MigrationMode.LIVE)
         watcher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watcher
         assert tokens == colocated(PROMPT, 120)
         assert phases[:2] == ["precopy", "frozen"], phases
         assert len(holders) == 2, f"held by {holders}: the source, then the destination"
