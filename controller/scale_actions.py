@@ -237,7 +237,8 @@ class ScaleActions:
             size = sizes[role]
             if len(pool.instances) >= size:
                 continue
-            call_id = f"keep-{role.value}-{size}-{','.join(pool.instances)}"
+            # a new id each time: the same pool may lose an instance again later, with the same ones left
+            call_id = f"keep-{role.value}-{size}-{self._clock():.6f}"
             done = await self._call(self.actuator.scale, call_id, role, size)
             if done.outcome is Outcome.APPLIED:
                 log.warning(

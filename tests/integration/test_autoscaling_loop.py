@@ -428,13 +428,17 @@ async def test_with_the_autoscaler_off_a_dead_instance_is_replaced_and_the_pool_
     overrides = {"decode.replicas": 2}  # the size it was started with
     async with FakeCluster(prefill=1, decode=2, latency=LATENCY, overrides=overrides) as cluster:
         loop, actuator, _ = autoscaler(cluster, enabled=False)
-        cluster.engines["pdflow-decode-1"].kill()
-        await _until("decode-1 reported DEAD", lambda: _state(cluster, "decode-1") is InstanceState.DEAD)
-        assert await loop.tick() is None  # no decision: the policy is off
-        assert actuator.removed == ["decode-1"]
-        await loop.settle(10)
-        decode = actuator.members(Role.DECODE).instances
-        assert len(decode) == 2 and "decode-1" not in decode, decode
+        dead: list[str] = []
+        for victim in ("decode-1", None):  # and then its replacement: the same pool, the same one left
+            victim = victim or next(i for i in actuator.members(Role.DECODE).instances if i != "decode-0")
+            cluster.engines[f"pdflow-{victim}"].kill()
+            await _until(f"{victim} reported DEAD", lambda v=victim: _state(cluster, v) is InstanceState.DEAD)
+            assert await loop.tick() is None  # no decision: the policy is off
+            dead.append(victim)
+            assert actuator.removed == dead
+            await loop.settle(10)
+            decode = actuator.members(Role.DECODE).instances
+            assert len(decode) == 2 and victim not in decode, decode
 
 
 async def test_a_dead_instance_no_pool_has_any_more_is_forgotten() -> None:
