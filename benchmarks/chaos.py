@@ -243,7 +243,10 @@ class Chaos:
             time.sleep(0.3)  # the blockers reach their engines first
         target = self.send("target", TARGET_PROMPT, MAX_OUTPUT)
         bystanders = [self.send("bystander") for _ in range(3)]
-        hit, name = self.reach(stage, victim, target)
+        try:
+            hit, name = self.reach(stage, victim, target)
+        except Exception as exc:  # a worker the trial looked at died meanwhile (an earlier fault's wake)
+            hit, name = None, f"{type(exc).__name__}: {exc}"
         if hit is None:
             record["note"] = f"missed: {name}"
         else:

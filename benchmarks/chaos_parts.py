@@ -98,9 +98,13 @@ def holder(workers: dict[str, Any], rid: str) -> str | None:
     """The name of the worker whose engine holds ``rid`` now, if any."""
     import ray
 
-    names = list(workers)
-    found = ray.get([workers[n].requests.remote() for n in names], timeout=10)
-    return next((n for n, held in zip(names, found, strict=True) if rid in held), None)
+    for name, actor in workers.items():
+        try:
+            if rid in ray.get(actor.requests.remote(), timeout=10):
+                return name
+        except ray.exceptions.RayError:  # killed since the controller last listed it
+            continue
+    return None
 
 
 def migration_phase(worker: Any, rid: str) -> str | None:
