@@ -352,6 +352,10 @@ class Chaos:
         dead); ``restart`` brings the worker back under its name here."""
         if fault == "restart":
             self.restart_under_the_same_name(name)
+        elif name.startswith(("pdflow-prefill-", "pdflow-decode-")):
+            # first out of service (DEAD, within a heartbeat timeout or two), or 2P+2D is still the old view
+            role = Role.PREFILL if name.startswith("pdflow-prefill-") else Role.DECODE
+            wait_for(lambda: name not in self.workers(role), 30, poll_s=0.2)
         if resume is not None:
             resume.join()
         if not self.wait_serving():
